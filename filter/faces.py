@@ -1,0 +1,237 @@
+"""The face adapter: detection with MTCNN and 5-point alignment.
+
+Index building, calibration and serving all go through `FaceAligner`, so a
+threshold means the same thing everywhere. It hides facenet-pytorch's quirks:
+it always feeds MTCNN the same input type (a uint8 RGB tensor, never PIL, whose
+crops differ), calls the batch detector directly so "no face" is an empty array
+rather than `None`, and does its own alignment from the landmarks.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import cv2
+import numpy as np
+import torch
+
+# The ArcFace 112x112 template (left eye, right eye, nose, left and right mouth
+# corner): the standard target for SFace and most modern embedders.
+ARCFACE_TEMPLATE_112 = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float32,
+)
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    """One face in original-image pixel coordinates."""
+
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2
+    score: float
+    landmarks: np.ndarray  # (5, 2) float32
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """Everything that changes what the detector finds; recorded in the index manifest."""
+
+    max_side: int = 640  # detect on a copy whose long side is at most this
+    min_side: int = 160  # small images (generated 64x64 crops) are upscaled to this
+    min_face_size: int = 20  # in pixels of the detection copy
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    pyramid_factor: float = 0.709
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "detector": "mtcnn-facenet-pytorch-2.5.3",
+            "max_side": self.max_side,
+            "min_side": self.min_side,
+            "min_face_size": self.min_face_size,
+            "thresholds": list(self.thresholds),
+            "pyramid_factor": self.pyramid_factor,
+        }
+
+
+class Detector(Protocol):
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
+        """Faces found in each HxWx3 uint8 RGB image, in input order."""
+        ...
+
+
+def detection_scale(height: int, width: int, settings: DetectorSettings) -> float:
+    """Factor that maps an image onto its detection copy."""
+    long_side, short_side = max(height, width), min(height, width)
+    if long_side > settings.max_side:
+        return settings.max_side / long_side
+    if short_side < settings.min_side:
+        return min(settings.min_side / short_side, settings.max_side / long_side)
+    return 1.0
+
+
+class MtcnnDetector:
+    """MTCNN from facenet-pytorch, batched over images of equal size."""
+
+    def __init__(
+        self,
+        settings: DetectorSettings | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+        self.settings = settings or DetectorSettings()
+        self.device = torch.device(device)
+        self._pnet = PNet().to(self.device).eval()
+        self._rnet = RNet().to(self.device).eval()
+        self._onet = ONet().to(self.device).eval()
+        # facenet-pytorch's detect_face is not re-entrant on shared modules under autograd
+        # state changes; a lock keeps concurrent callers (CLI threads, tests) safe.
+        self._lock = threading.Lock()
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
+        results: list[list[DetectedFace]] = [[] for _ in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        prepared: list[np.ndarray] = []
+        scales: list[float] = []
+        for i, image in enumerate(images):
+            _check_rgb(image)
+            scale = detection_scale(image.shape[0], image.shape[1], self.settings)
+            copy = _resize(image, scale)
+            prepared.append(copy)
+            scales.append(scale)
+            groups.setdefault((copy.shape[0], copy.shape[1]), []).append(i)
+        for indices in groups.values():
+            batch = np.stack([prepared[i] for i in indices])
+            per_image = self._detect_batch(batch, self.settings.min_face_size)
+            for i, faces in zip(indices, per_image, strict=True):
+                results[i] = [_rescale(face, scales[i]) for face in faces]
+        return results
+
+    def _detect_batch(self, batch: np.ndarray, min_face_size: float) -> list[list[DetectedFace]]:
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        with self._lock, torch.inference_mode():
+            batch_boxes, batch_points = detect_face(
+                torch.from_numpy(batch).to(self.device),
+                min_face_size,
+                self._pnet,
+                self._rnet,
+                self._onet,
+                list(self.settings.thresholds),
+                self.settings.pyramid_factor,
+                self.device,
+            )
+        out: list[list[DetectedFace]] = []
+        for boxes_obj, points_obj in zip(batch_boxes, batch_points, strict=True):
+            # facenet-pytorch returns object arrays whose shape depends on whether every
+            # image found the same number of faces; normalise to plain float arrays.
+            boxes = np.asarray(boxes_obj, dtype=np.float32).reshape(-1, 5)
+            points = np.asarray(points_obj, dtype=np.float32).reshape(-1, 5, 2)
+            faces = [
+                DetectedFace(
+                    box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+                    score=float(b[4]),
+                    landmarks=p.copy(),
+                )
+                for b, p in zip(boxes, points, strict=True)
+            ]
+            faces.sort(key=lambda f: -f.score)
+            out.append(faces)
+        return out
+
+
+def _check_rgb(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return np.ascontiguousarray(image)
+    height, width = image.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    return cv2.resize(image, size, interpolation=interpolation)
+
+
+def _rescale(face: DetectedFace, scale: float) -> DetectedFace:
+    if scale == 1.0:
+        return face
+    inv = 1.0 / scale
+    x1, y1, x2, y2 = face.box
+    return DetectedFace(
+        box=(x1 * inv, y1 * inv, x2 * inv, y2 * inv),
+        score=face.score,
+        landmarks=(face.landmarks * inv).astype(np.float32),
+    )
+
+
+def template_for(size: int) -> np.ndarray:
+    """The ArcFace template scaled to a square crop of `size` pixels."""
+    return ARCFACE_TEMPLATE_112 * (size / 112.0)
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """Warp a face onto the template with a similarity transform (rotation, scale, shift)."""
+    template = template_for(size)
+    matrix = similarity_transform(np.asarray(landmarks, dtype=np.float64), template)
+    return cv2.warpAffine(
+        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
+    )
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity transform (Umeyama) mapping src points onto dst; 2x3."""
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    covariance = dst_c.T @ src_c / len(src)
+    u, singular, vt = np.linalg.svd(covariance)
+    reflection = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        reflection[1, 1] = -1.0
+    rotation = u @ reflection @ vt
+    src_var = (src_c**2).sum() / len(src)
+    scale = float((singular * np.diag(reflection)).sum() / src_var) if src_var > 0 else 1.0
+    if not math.isfinite(scale) or scale <= 0:
+        scale = 1.0
+    translation = dst_mean - scale * rotation @ src_mean
+    return np.hstack([scale * rotation, translation[:, None]]).astype(np.float32)
+
+
+class FaceAligner:
+    """Detect every face in each image and return aligned crops for an embedder."""
+
+    def __init__(self, detector: Detector, crop_size: int) -> None:
+        self.detector = detector
+        self.crop_size = crop_size
+
+    def faces(
+        self, images: Sequence[np.ndarray]
+    ) -> tuple[list[list[DetectedFace]], list[np.ndarray]]:
+        """Per-image faces and per-image stacks of aligned crops (N x S x S x 3 uint8)."""
+        detected = self.detector.detect(images)
+        crops: list[np.ndarray] = []
+        for image, faces in zip(images, detected, strict=True):
+            if faces:
+                crops.append(
+                    np.stack([align_face(image, f.landmarks, self.crop_size) for f in faces])
+                )
+            else:
+                crops.append(np.zeros((0, self.crop_size, self.crop_size, 3), dtype=np.uint8))
+        return detected, crops

@@ -1,0 +1,88 @@
+"""Decode any image file or byte string to an RGB uint8 array, safely.
+
+EXIF orientation is applied, every PIL mode becomes RGB (alpha is composited on
+white, 16-bit and float images are rescaled), and size limits stop decompression
+bombs before they allocate.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from filter.errors import ImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 50 * 1024 * 1024
+    max_pixels: int = 64_000_000
+
+
+def decode_image(source: bytes | Path | str, limits: ImageLimits | None = None) -> np.ndarray:
+    """Return an HxWx3 uint8 RGB array; raise ImageError naming the problem."""
+    limits = limits or ImageLimits()
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+        if size > limits.max_bytes:
+            raise ImageError(f"file is {size} bytes, over the limit of {limits.max_bytes}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
+    else:
+        data = source
+        if len(data) > limits.max_bytes:
+            raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    if not data:
+        raise ImageError("file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > limits.max_pixels:
+                    raise ImageError(
+                        f"image is {width}x{height} pixels, over the limit of {limits.max_pixels}"
+                    )
+                img.load()
+                return _to_rgb_array(img)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("not a recognised image format, or the image is too large") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        low, high = float(arr.min()), float(arr.max())
+        scaled = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
+        img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    rgb = img.convert("RGB")
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder`, sorted for reproducible order."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )

@@ -1,0 +1,1 @@
+"""facegate service: gRPC generation server, generators, config, metrics and CLI."""

@@ -1,0 +1,96 @@
+"""Service settings from the environment (prefix FACEGATE_), built once in main()."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from filter.decide import NoFacePolicy
+
+ENV_PREFIX = "FACEGATE_"
+
+# Default cosine threshold for SFace on real photos; evidence in README "Threshold".
+DEFAULT_SFACE_THRESHOLD = 0.40
+
+# Names that the test suite and tooling read but the service does not.
+NON_SETTING_ENV = frozenset({"FACEGATE_TEST_FACES"})
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int = Field(9095, ge=0, le=65535, description="0 picks a free port")
+    metrics_enabled: bool = True
+    index_path: Path = Path("var/index")
+    threshold: float = Field(DEFAULT_SFACE_THRESHOLD, ge=-1.0, le=1.0)
+    max_attempts: int = Field(8, ge=1, le=1000)
+    no_face_policy: NoFacePolicy = NoFacePolicy.REJECT
+    generator: Literal["dcgan-digiface", "torchscript"] = "dcgan-digiface"
+    generator_path: Path | None = None
+    generator_latent_dim: int = Field(100, ge=1, description="torchscript generators only")
+    embedder: Literal["sface", "facenet"] = "sface"
+    facenet_weights: Path | None = None
+    models_dir: Path = Path("models")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_count: int = Field(64, ge=1, le=4096)
+    max_concurrent_requests: int = Field(16, ge=1)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grace_seconds: float = Field(20.0, ge=0.0)
+    audit_log: str = Field("stderr", description="'stderr', 'none', or a file path")
+    max_batch: int = Field(64, ge=1, description="candidates per filter batch")
+    max_batch_delay_ms: float = Field(5.0, ge=0.0, description="wait to fill a batch")
+    generated_fast_path: bool = True
+    torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.generator == "torchscript" and self.generator_path is None:
+            raise ValueError("FACEGATE_GENERATOR_PATH is required when FACEGATE_GENERATOR=torchscript")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("FACEGATE_TLS_CERT and FACEGATE_TLS_KEY must be set together")
+        if self.embedder == "facenet" and self.facenet_weights is None:
+            raise ValueError("FACEGATE_FACENET_WEIGHTS is required when FACEGATE_EMBEDDER=facenet")
+        return self
+
+    def effective(self) -> dict[str, str]:
+        """The values in use, as strings, for the startup log and the info metric."""
+        return {name: str(getattr(self, name)) for name in type(self).model_fields}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment; raise ConfigError naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"])
+            name = f"{ENV_PREFIX}{field.upper()}" if field else "configuration"
+            value = error.get("input")
+            shown = f" (got {value!r})" if field and not isinstance(value, dict) else ""
+            problems.append(f"{name}: {error['msg']}{shown}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def unknown_env_names(environ: dict[str, str] | None = None) -> list[str]:
+    """FACEGATE_* variables that match no setting: pydantic-settings ignores them silently."""
+    environ = dict(os.environ) if environ is None else environ
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    return sorted(
+        key
+        for key in environ
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known | NON_SETTING_ENV
+    )

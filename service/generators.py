@@ -1,0 +1,173 @@
+"""Image generators behind one interface.
+
+Contract for every generator: `generate` takes a float32 latent batch of shape
+(N, latent_dim), drawn from a standard normal, and returns (N, H, W, 3) uint8 RGB.
+Models produce NCHW float images in [-1, 1] (tanh output); the conversion to uint8
+lives here, once.
+
+- `dcgan-digiface` (embedded default): the PyTorch DCGAN tutorial generator
+  (nz=100, ngf=64, 64x64 RGB, tanh) trained on DigiFace-1M synthetic faces.
+- `torchscript`: any operator model saved with `torch.jit.save` (or `torch.export`
+  as a .pt2 file) that maps (N, latent_dim) float32 to (N, 3, H, W) in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from filter.embedders import resolve_device
+from filter.errors import ModelError
+from filter.models import DCGAN_DIGIFACE, sha256_file, verified_model_path
+
+
+class GeneratorError(Exception):
+    """A generator produced output that breaks the contract, or failed to run."""
+
+
+class Generator(Protocol):
+    name: str
+    latent_dim: int
+    model_sha256: str
+
+    def generate(self, latents: np.ndarray) -> np.ndarray:
+        """(N, latent_dim) float32 -> (N, H, W, 3) uint8 RGB."""
+        ...
+
+
+def latents_for(seed: int, slot: int, attempt: int, dim: int) -> np.ndarray:
+    """The latent of one candidate, a pure function of (seed, slot, attempt).
+
+    Each candidate has its own stream, so a slot's sequence does not depend on how
+    many other slots a request has, which of them were rejected, or how candidates
+    were batched with other requests.
+    """
+    sequence = np.random.SeedSequence(entropy=seed, spawn_key=(slot, attempt))
+    return np.random.default_rng(sequence).standard_normal(dim, dtype=np.float32)
+
+
+def to_uint8_images(batch: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, validating the contract."""
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise GeneratorError(f"generator must return (N, 3, H, W); got {tuple(batch.shape)}")
+    if not torch.isfinite(batch).all():
+        raise GeneratorError("generator returned non-finite values")
+    scaled = ((batch.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return np.ascontiguousarray(scaled.permute(0, 2, 3, 1).cpu().numpy())
+
+
+class DcganGenerator(nn.Module):
+    """The DCGAN tutorial generator; layer indices match the published checkpoint."""
+
+    def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3) -> None:
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ngf * 8),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 4),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf * 2),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False),
+            nn.Tanh(),
+        )
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.main(latents.reshape(latents.shape[0], -1, 1, 1))
+
+
+class TorchGenerator:
+    """Runs a torch module under the generator contract, one batch at a time."""
+
+    def __init__(
+        self, name: str, module: nn.Module | torch.jit.ScriptModule, latent_dim: int,
+        model_sha256: str, device: torch.device,
+    ) -> None:
+        self.name = name
+        self.latent_dim = latent_dim
+        self.model_sha256 = model_sha256
+        self.device = device
+        self._module = module
+        self._lock = threading.Lock()
+
+    def generate(self, latents: np.ndarray) -> np.ndarray:
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.ndim != 2 or latents.shape[1] != self.latent_dim:
+            raise GeneratorError(
+                f"latents must be (N, {self.latent_dim}); got {latents.shape}"
+            )
+        if len(latents) == 0:
+            return np.zeros((0, 0, 0, 3), dtype=np.uint8)
+        with self._lock, torch.inference_mode():
+            # One sample per call keeps each image independent of what it was batched
+            # with; a batched conv may pick another kernel and change the last bits,
+            # which would break byte-identical seeded output.
+            outputs = [
+                self._module(torch.from_numpy(row[None]).to(self.device)) for row in latents
+            ]
+            batch = torch.cat(outputs)
+        return to_uint8_images(batch)
+
+
+def load_dcgan_digiface(models_dir: Path, device: str = "cpu") -> TorchGenerator:
+    path = verified_model_path(models_dir, DCGAN_DIGIFACE)
+    torch_device = resolve_device(device)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        module = DcganGenerator()
+        module.load_state_dict(checkpoint["netG_state_dict"])
+    except Exception as exc:
+        raise ModelError(f"cannot load DCGAN weights {path}: {exc}") from exc
+    return TorchGenerator(
+        "dcgan-digiface", module.to(torch_device).eval(), 100, DCGAN_DIGIFACE.sha256, torch_device
+    )
+
+
+def load_torchscript(path: Path, latent_dim: int, device: str = "cpu") -> TorchGenerator:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"generator model {path} does not exist (FACEGATE_GENERATOR_PATH)")
+    torch_device = resolve_device(device)
+    module: nn.Module | torch.jit.ScriptModule
+    try:
+        if path.suffix == ".pt2":
+            module = torch.export.load(str(path)).module()
+        else:
+            module = torch.jit.load(str(path), map_location=torch_device)
+            module.eval()
+    except Exception as exc:
+        raise ModelError(f"cannot load generator model {path}: {exc}") from exc
+    generator = TorchGenerator(
+        f"torchscript:{path.name}", module, latent_dim, sha256_file(path), torch_device
+    )
+    try:
+        probe = generator.generate(np.zeros((1, latent_dim), dtype=np.float32))
+    except Exception as exc:
+        raise ModelError(f"generator model {path} breaks the contract: {exc}") from exc
+    if probe.shape[0] != 1:
+        raise ModelError(f"generator model {path} returned {probe.shape[0]} images for 1 latent")
+    return generator
+
+
+def load_generator(
+    name: str, models_dir: Path, device: str = "cpu", path: Path | None = None,
+    latent_dim: int = 100,
+) -> TorchGenerator:
+    if name == "dcgan-digiface":
+        return load_dcgan_digiface(models_dir, device)
+    if name == "torchscript":
+        if path is None:
+            raise ModelError("FACEGATE_GENERATOR_PATH is required for the torchscript generator")
+        return load_torchscript(path, latent_dim, device)
+    raise ModelError(f"unknown generator {name!r}")

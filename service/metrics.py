@@ -1,0 +1,127 @@
+"""Prometheus metrics. One registry per server instance (no module globals), served
+on its own HTTP port. Histograms are in seconds and aggregate across replicas;
+labels take values from small fixed sets only."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import start_http_server
+
+from filter.decide import ImageVerdict
+from service.pipeline import verdict_outcome
+
+CANDIDATE_OUTCOMES = ("accepted", "rejected_identity", "rejected_no_face")
+FILTER_STAGES = ("detect", "embed", "search")
+GRPC_CODES = (
+    "OK", "CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION", "INTERNAL", "UNAVAILABLE", "UNKNOWN",
+)
+METHODS = ("Generate", "GenerateStream")
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+
+def similarity_buckets(threshold: float) -> tuple[float, ...]:
+    """Coarse over [-1, 1], dense (0.01) within 0.15 of the threshold, the threshold itself
+    a bucket edge, so the share of faces at or near the threshold is readable."""
+    coarse = {round(-1.0 + 0.1 * i, 2) for i in range(21)}
+    dense = {round(threshold + 0.01 * i, 4) for i in range(-15, 16)}
+    edges = sorted(b for b in coarse | dense | {round(threshold, 4)} if -1.0 <= b <= 1.0)
+    return tuple(edges)
+
+
+class ServiceMetrics:
+    def __init__(self, threshold: float, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.candidates = Counter(
+            "facegate_candidates", "Generated candidates by filter outcome", ["outcome"], registry=r
+        )
+        for outcome in CANDIDATE_OUTCOMES:
+            self.candidates.labels(outcome)
+        self.requests = Counter(
+            "facegate_requests", "Finished RPCs by method and gRPC status code",
+            ["method", "code"], registry=r,
+        )
+        for method in METHODS:
+            for code in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE"):
+                self.requests.labels(method, code)
+        self.request_seconds = Histogram(
+            "facegate_request_seconds", "RPC latency", ["method"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.similarity = Histogram(
+            "facegate_similarity",
+            "Each checked face's maximum cosine similarity to the training identities",
+            buckets=similarity_buckets(threshold), registry=r,
+        )
+        self.filter_seconds = Histogram(
+            "facegate_filter_seconds", "Identity filter time per batch by stage", ["stage"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        for stage in FILTER_STAGES:
+            self.filter_seconds.labels(stage)
+        self.generate_seconds = Histogram(
+            "facegate_generate_seconds", "Generator time per batch", ["stage"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.generate_seconds.labels("generate")
+        self.batch_size = Histogram(
+            "facegate_batch_candidates", "Candidates per filter batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+        )
+        self.attempts = Histogram(
+            "facegate_attempts", "Candidates drawn per released image",
+            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 16, 32), registry=r,
+        )
+        self.unfilled_slots = Counter(
+            "facegate_unfilled", "Slots left unfilled after the attempt budget", registry=r
+        )
+        self.index_identities = Gauge(
+            "facegate_index_identities", "Identities in the loaded index", registry=r
+        )
+        self.index_vectors = Gauge("facegate_index_vectors", "Vectors in the loaded index", registry=r)
+        self.threshold = Gauge("facegate_threshold", "Similarity threshold in use", registry=r)
+        self.threshold.set(threshold)
+        self.inflight = Gauge("facegate_inflight_requests", "RPCs in progress", registry=r)
+        self.ready = Gauge("facegate_ready", "1 when serving, 0 while starting or draining", registry=r)
+        self.build_info = Info("facegate_build", "Build and model information", registry=r)
+        self.config_info = Info("facegate_config", "Effective configuration", registry=r)
+
+    # PipelineObserver
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        if stage == "generate":
+            self.generate_seconds.labels("generate").observe(seconds)
+        elif stage in FILTER_STAGES:
+            self.filter_seconds.labels(stage).observe(seconds)
+
+    def candidate(self, verdict: ImageVerdict) -> None:
+        self.candidates.labels(verdict_outcome(verdict)).inc()
+        for similarity in verdict.face_similarities:
+            self.similarity.observe(similarity)
+
+    def released(self, attempts: int) -> None:
+        self.attempts.observe(attempts)
+
+    def unfilled(self, slots: int) -> None:
+        self.unfilled_slots.inc(slots)
+
+    def batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def request_done(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code if code in GRPC_CODES else "UNKNOWN").inc()
+        self.request_seconds.labels(method).observe(seconds)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP server; returns the bound port (useful with port 0)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http_server = server
+        return int(server.server_port)
+
+    def stop_serving(self) -> None:
+        server = getattr(self, "_http_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()

@@ -1,0 +1,244 @@
+"""Server lifecycle: load models and index, serve gRPC with health and reflection,
+export metrics, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from filter.errors import FilterError
+from filter.faces import DetectorSettings
+from filter.runtime import build_embedding_pipeline, load_identity_filter
+from service.audit import AuditSink, JsonLinesAuditLog
+from service.config import Settings, unknown_env_names
+from service.generators import load_generator
+from service.metrics import ServiceMetrics
+from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
+from service.proto.facegate.v1 import generation_pb2 as pb
+from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+from service.servicer import Admission, GenerationServicer
+
+log = logging.getLogger("facegate.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+@dataclass
+class LoadedService:
+    pipeline: GenerationPipeline
+    batcher: DynamicBatcher
+    audit: AuditSink
+
+
+def detector_settings_for(settings: Settings) -> DetectorSettings:
+    return DetectorSettings()
+
+
+def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
+    """Load models, index and generator (blocking; run off the event loop)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    embedding = build_embedding_pipeline(
+        settings.embedder,
+        settings.models_dir,
+        device=settings.device,
+        facenet_weights=settings.facenet_weights,
+        detector_settings=detector_settings_for(settings),
+    )
+    identity_filter = load_identity_filter(
+        embedding, settings.index_path, settings.threshold, settings.no_face_policy
+    )
+    index = identity_filter.index
+    metrics.index_identities.set(index.identity_count)
+    metrics.index_vectors.set(index.vector_count)
+    generator = load_generator(
+        settings.generator, settings.models_dir, device=settings.device,
+        path=settings.generator_path, latent_dim=settings.generator_latent_dim,
+    )
+    metrics.build_info.info({
+        "version": _version(),
+        "generator": generator.name,
+        "generator_sha256": generator.model_sha256[:16],
+        "embedder": embedding.embedder.name,
+        "embedder_sha256": embedding.embedder.model_sha256[:16],
+        "index_type": str(getattr(index, "manifest", {}).get("index_type", "")),
+        "torch": torch.__version__,
+    })
+    engine = CandidateEngine(generator, identity_filter, observer=metrics)
+    batcher = DynamicBatcher(
+        engine, max_batch=settings.max_batch, max_delay=settings.max_batch_delay_ms / 1000.0
+    )
+    audit = JsonLinesAuditLog.open(settings.audit_log)
+    pipeline = GenerationPipeline(
+        batcher,
+        generator.latent_dim,
+        max_attempts=settings.max_attempts,
+        max_count=settings.max_count,
+        jpeg_quality=settings.jpeg_quality,
+        observer=metrics,
+        audit=audit,
+    )
+    return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("facegate")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def preflight(settings: Settings) -> None:
+    """Cheap checks that give a clear message before anything heavy starts."""
+    index = Path(settings.index_path)
+    if not (index / "manifest.json").is_file():
+        raise StartupError(
+            f"no identity index at {index} (FACEGATE_INDEX_PATH). A privacy filter without its "
+            "index protects no one: build one with `facegate index build GALLERY --out "
+            f"{index}` (or `make demo-index` for the demo)"
+        )
+    if settings.tls_cert is not None and not Path(settings.tls_cert).is_file():
+        raise StartupError(f"FACEGATE_TLS_CERT {settings.tls_cert} does not exist")
+    if settings.tls_key is not None and not Path(settings.tls_key).is_file():
+        raise StartupError(f"FACEGATE_TLS_KEY {settings.tls_key} does not exist")
+
+
+def log_effective_config(settings: Settings, metrics: ServiceMetrics) -> None:
+    effective = settings.effective()
+    log.info("effective configuration: %s", json.dumps(effective, sort_keys=True))
+    metrics.config_info.info(effective)
+    for name in unknown_env_names():
+        log.warning("environment variable %s matches no setting and is ignored (typo?)", name)
+
+
+class FacegateServer:
+    """A running server; `start` returns once it listens, `wait_for_stop` drains."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics(settings.threshold)
+        self.admission = Admission(settings.max_concurrent_requests, self.metrics)
+        self.servicer = GenerationServicer(None, self.admission, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.loaded: LoadedService | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        preflight(self.settings)
+        log_effective_config(self.settings, self.metrics)
+        if self.settings.metrics_enabled:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_port)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(Path(self.settings.tls_key).read_bytes(), Path(self.settings.tls_cert).read_bytes())]
+            )
+            self.grpc_port = server.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise StartupError(f"cannot bind gRPC address {address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.metrics.ready.set(0)
+        await server.start()
+        self.server = server
+        log.info("gRPC listening on %s (port %d), metrics on :%d; loading models",
+                 address, self.grpc_port, self.metrics_port)
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            self.loaded = await loop.run_in_executor(None, load_service, self.settings, self.metrics)
+        except Exception:
+            await server.stop(0)
+            self.metrics.stop_serving()
+            raise
+        self.servicer.pipeline = self.loaded.pipeline
+        self.loaded.batcher.start()
+        self.admission.ready = True
+        self.metrics.ready.set(1)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: SERVING after %.1f s", time.perf_counter() - started)
+
+    async def _set_health(self, status: int) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
+        log.info("draining: NOT_SERVING, grace period %.1f s", self.settings.grace_seconds)
+        self.admission.draining = True
+        self.metrics.ready.set(0)
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.settings.grace_seconds)
+        if self.loaded is not None:
+            await self.loaded.batcher.close()
+            self.loaded.audit.close()
+        self.metrics.stop_serving()
+        log.info("stopped")
+
+
+async def run_server(settings: Settings) -> int:
+    server = FacegateServer(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    await server.start()
+    await server.wait_for_stop()
+    return 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main_serve(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    try:
+        return asyncio.run(run_server(settings))
+    except (StartupError, FilterError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2

@@ -1,0 +1,204 @@
+"""The gRPC servicer: protobuf <-> domain objects, admission, and the one place that
+maps domain errors to status codes. Generation itself lives in service.pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from filter.errors import FilterError
+from service.errors import (
+    DeadlineExceeded,
+    FilterFailure,
+    InvalidRequest,
+    NothingPassed,
+    NotReady,
+    Overloaded,
+)
+from service.metrics import ServiceMetrics
+from service.pipeline import (
+    GenerationPipeline,
+    GenerationRequest,
+    GenerationResult,
+    GenerationSummary,
+    ImageFormat,
+    ReleasedImage,
+)
+from service.proto.facegate.v1 import generation_pb2 as pb
+from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_FORMATS = {
+    pb.IMAGE_FORMAT_UNSPECIFIED: ImageFormat.PNG,
+    pb.IMAGE_FORMAT_PNG: ImageFormat.PNG,
+    pb.IMAGE_FORMAT_JPEG: ImageFormat.JPEG,
+}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Domain error -> (status, caller-safe message). Unknown errors are INTERNAL and logged."""
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, NotReady):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    if isinstance(exc, NothingPassed):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, (FilterFailure, FilterError)):
+        # The message names only the failure class: no scores, paths or identities.
+        log.error("identity filter failure; request failed closed: %s", exc)
+        return grpc.StatusCode.INTERNAL, "identity filter failed; no image was released"
+    log.error("unexpected error in Generate", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error; no image was released"
+
+
+def to_domain(request: pb.GenerateRequest, request_id: str) -> GenerationRequest:
+    image_format = _FORMATS.get(request.format)
+    if image_format is None:
+        raise InvalidRequest(f"unknown image format {request.format}")
+    return GenerationRequest(
+        count=request.count,
+        seed=request.seed if request.HasField("seed") else None,
+        image_format=image_format,
+        jpeg_quality=request.jpeg_quality or None,
+        request_id=request_id,
+    )
+
+
+def image_to_proto(image: ReleasedImage) -> pb.GeneratedImage:
+    return pb.GeneratedImage(
+        data=image.data, media_type=image.media_type, attempts=image.attempts,
+        slot=image.slot, width=image.width, height=image.height,
+    )
+
+
+def summary_to_proto(summary: GenerationSummary) -> pb.GenerateSummary:
+    return pb.GenerateSummary(
+        requested=summary.requested,
+        released=summary.released,
+        candidates_drawn=summary.candidates_drawn,
+        candidates_rejected=summary.candidates_rejected,
+        slots_unfilled=summary.slots_unfilled,
+        seed=summary.seed,
+        request_id=summary.request_id,
+    )
+
+
+def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        images=[image_to_proto(img) for img in result.images],
+        summary=summary_to_proto(result.summary),
+    )
+
+
+class Admission:
+    """Concurrency cap without a hidden queue, and the ready/draining state."""
+
+    def __init__(self, max_concurrent: int, metrics: ServiceMetrics) -> None:
+        self.max_concurrent = max_concurrent
+        self.metrics = metrics
+        self.ready = False
+        self.draining = False
+        self.inflight = 0
+
+    def enter(self) -> None:
+        if self.draining:
+            raise NotReady("server is shutting down; retry on another replica")
+        if not self.ready:
+            raise NotReady("server is starting; models and index are not loaded yet")
+        if self.inflight >= self.max_concurrent:
+            raise Overloaded(
+                f"server is at its limit of {self.max_concurrent} concurrent requests; retry later"
+            )
+        self.inflight += 1
+        self.metrics.inflight.set(self.inflight)
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.set(self.inflight)
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self, pipeline: GenerationPipeline | None, admission: Admission, metrics: ServiceMetrics
+    ) -> None:
+        self.pipeline = pipeline
+        self.admission = admission
+        self.metrics = metrics
+
+    def _domain_request(self, request: pb.GenerateRequest, context: Any) -> GenerationRequest:
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
+        return to_domain(request, request_id)
+
+    @staticmethod
+    def _deadline(context: Any) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    async def _guarded(
+        self, method: str, context: Any, body: Callable[[GenerationPipeline], Awaitable[T]]
+    ) -> T:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        failure: tuple[grpc.StatusCode, str] | None = None
+        try:
+            self.admission.enter()
+            try:
+                if self.pipeline is None:
+                    raise NotReady("server is starting; models and index are not loaded yet")
+                return await body(self.pipeline)
+            finally:
+                self.admission.leave()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            failure = status_for(exc)
+            code = failure[0]
+            if isinstance(exc, NothingPassed) and isinstance(exc.summary, GenerationSummary):
+                s = exc.summary
+                context.set_trailing_metadata((
+                    ("facegate-candidates-drawn", str(s.candidates_drawn)),
+                    ("facegate-slots-unfilled", str(s.slots_unfilled)),
+                    ("facegate-seed", str(s.seed)),
+                ))
+        finally:
+            self.metrics.request_done(method, code.name, time.perf_counter() - start)
+        assert failure is not None
+        await context.abort(failure[0], failure[1])
+        raise AssertionError("unreachable: abort raises")
+
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
+        async def body(pipeline: GenerationPipeline) -> pb.GenerateResponse:
+            domain = self._domain_request(request, context)
+            result = await pipeline.generate(domain, deadline=self._deadline(context))
+            return result_to_proto(result)
+
+        return await self._guarded("Generate", context, body)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> None:
+        # A coroutine using context.write (not an async generator), so that images go out
+        # as they pass and errors still map through _guarded.
+        async def on_image(image: ReleasedImage) -> None:
+            await context.write(pb.GenerateStreamResponse(image=image_to_proto(image)))
+
+        async def body(pipeline: GenerationPipeline) -> None:
+            domain = self._domain_request(request, context)
+            result = await pipeline.generate(
+                domain, deadline=self._deadline(context), on_image=on_image
+            )
+            await context.write(pb.GenerateStreamResponse(summary=summary_to_proto(result.summary)))
+
+        await self._guarded("GenerateStream", context, body)
