@@ -1,0 +1,98 @@
+"""Shared fixtures: the test photos (never copied into the repo), real models, real indexes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from filter.faces import DetectorSettings
+from filter.gallery import build_gallery_index
+from filter.identity_filter import FaceEmbeddingPipeline
+from filter.images import decode_image
+from filter.index import FaissIdentityIndex
+from filter.runtime import build_embedding_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    path = Path(os.environ.get("FACEGATE_TEST_FACES", REPO.parent / "shared" / "faces"))
+    if not (path / "identities").is_dir():
+        pytest.fail(
+            f"test faces not found at {path}; set FACEGATE_TEST_FACES to the shared faces folder"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def identities_dir(faces_dir: Path) -> Path:
+    return faces_dir / "identities"
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    path = Path(os.environ.get("FACEGATE_MODELS_DIR", REPO / "models"))
+    if not path.is_absolute():
+        path = REPO / path
+    return path
+
+
+@pytest.fixture(scope="session")
+def pipeline(models_dir: Path) -> FaceEmbeddingPipeline:
+    return build_embedding_pipeline("sface", models_dir, device="cpu")
+
+
+def make_gallery(identities_dir: Path, target: Path, ids: list[str]) -> Path:
+    """A gallery of symlinks to a subset of the shared identities (no copies)."""
+    for identity in ids:
+        folder = target / identity
+        folder.mkdir(parents=True)
+        for photo in sorted((identities_dir / identity).glob("*.jpg")):
+            (folder / photo.name).symlink_to(photo)
+    return target
+
+
+@pytest.fixture(scope="session")
+def full_index(
+    tmp_path_factory: pytest.TempPathFactory, identities_dir: Path, pipeline: FaceEmbeddingPipeline
+) -> Path:
+    index, _ = build_gallery_index(
+        identities_dir, pipeline, detector_settings=DetectorSettings().as_dict()
+    )
+    out = tmp_path_factory.mktemp("index") / "full"
+    index.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded_full_index(full_index: Path) -> FaissIdentityIndex:
+    return FaissIdentityIndex.load(full_index)
+
+
+@pytest.fixture()
+def photo(identities_dir: Path) -> np.ndarray:
+    return decode_image(identities_dir / "id01" / "01.jpg")
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

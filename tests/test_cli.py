@@ -1,0 +1,104 @@
+"""The `facegate` CLI contract, run as a user would: a real subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, make_gallery
+
+CHECK_KEYS = {"path", "verdict", "reason", "faces", "max_similarity", "identity"}
+
+
+def facegate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "FACEGATE_MODELS_DIR": str(REPO / "models"), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True, text=True, cwd=REPO, env=full_env, timeout=600, check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_index(tmp_path_factory: pytest.TempPathFactory, identities_dir: Path) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    gallery = make_gallery(identities_dir, root / "gallery", ["id01", "id02", "id03", "id04"])
+    (gallery / "id04" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = facegate("index", "build", str(gallery), "--out", str(root / "index"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["identities"] == 4
+    assert summary["images_skipped"] == 1 and "broken.jpg" in summary["skipped"][0]["path"]
+    assert summary["faces"] >= summary["images"] - summary["images_no_face"]
+    assert "skipped" in result.stderr and "broken.jpg" in result.stderr
+    return root / "index"
+
+
+def test_index_info_prints_the_manifest(cli_index: Path) -> None:
+    result = facegate("index", "info", str(cli_index))
+    assert result.returncode == 0
+    manifest = json.loads(result.stdout)
+    assert manifest["embedder"]["name"] == "sface" and manifest["embedder"]["dim"] == 128
+    assert manifest["counts"]["identities"] == 4 and manifest["index_type"] == "flat"
+
+
+def test_check_emits_one_line_per_image_in_order_and_survives_a_corrupt_file(
+    cli_index: Path, identities_dir: Path, faces_dir: Path, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    images = [
+        identities_dir / "id05" / "01.jpg",
+        corrupt,
+        faces_dir / "multi" / "two-people.jpg",
+        identities_dir / "id02" / "01.jpg",
+    ]
+    result = facegate("check", "--index", str(cli_index), *map(str, images))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["path"] for line in lines] == [str(p) for p in images]
+    assert all(CHECK_KEYS <= set(line) for line in lines)
+    stranger, broken, multi, member = lines
+    assert stranger["verdict"] == "pass" and stranger["reason"] is None and stranger["faces"] == 1
+    assert isinstance(stranger["max_similarity"], float) and stranger["identity"] is None
+    assert broken == {**broken, "verdict": "reject", "reason": "unreadable", "faces": 0,
+                      "max_similarity": None, "identity": None}
+    assert str(corrupt) in result.stderr
+    assert multi["verdict"] == "reject" and multi["identity"] == "id01" and multi["faces"] == 2
+    assert member["reason"] == "identity_match" and member["identity"] == "id02"
+
+
+def test_check_threshold_flag_changes_the_decision(cli_index: Path, identities_dir: Path) -> None:
+    image = str(identities_dir / "id05" / "01.jpg")
+    base = json.loads(facegate("check", "--index", str(cli_index), image).stdout)
+    strict = facegate("check", "--index", str(cli_index), "--threshold",
+                      f"{base['max_similarity'] - 0.01:.4f}", image)
+    assert json.loads(strict.stdout)["verdict"] == "reject"
+
+
+def test_usage_errors_exit_2(cli_index: Path) -> None:
+    assert facegate("check", "--index", str(cli_index)).returncode == 2
+    assert facegate("check", "--index", str(cli_index), "--threshold", "3", "x.jpg").returncode == 2
+    missing = facegate("check", "--index", "/nonexistent/index", "x.jpg")
+    assert missing.returncode == 2 and "facegate index build" in missing.stderr
+    bad_env = facegate("index", "info", str(cli_index), env={"FACEGATE_THRESHOLD": "high"})
+    assert bad_env.returncode == 2 and "FACEGATE_THRESHOLD" in bad_env.stderr
+
+
+def test_calibrate_on_held_out_people(cli_index: Path, identities_dir: Path, tmp_path: Path) -> None:
+    held_out = make_gallery(identities_dir, tmp_path / "held_out", ["id05", "id06", "id07"])
+    result = facegate("calibrate", "--index", str(cli_index), "--non-members", str(held_out),
+                      "--target-false-reject", "0.2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["count"] + report["no_face"] == report["images"] == 7
+    q = report["quantiles"]
+    assert q["p50"] <= q["p90"] <= q["p95"] <= report["max"]
+    # The threshold rejects at most the target share of the calibration set.
+    check = facegate("check", "--index", str(cli_index), "--threshold", str(report["threshold"]),
+                     *[str(p) for p in sorted(held_out.rglob("*.jpg"))])
+    verdicts = [json.loads(line) for line in check.stdout.splitlines()]
+    rejected = sum(v["reason"] == "identity_match" for v in verdicts)
+    assert rejected <= 0.2 * report["count"]

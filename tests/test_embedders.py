@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from filter.embedders import FacenetEmbedder, SFaceEmbedder, prepare_sface_graph
+from filter.errors import ModelError
+from filter.models import SFACE
+
+
+@pytest.fixture(scope="module")
+def crops() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(5, 112, 112, 3), dtype=np.uint8)
+
+
+def test_sface_embeddings_are_unit_length_and_batch_independent(
+    models_dir: Path, crops: np.ndarray
+) -> None:
+    embedder = SFaceEmbedder(models_dir)
+    batch = embedder.embed(crops)
+    assert batch.shape == (5, 128) and batch.dtype == np.float32
+    assert np.allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    single = np.concatenate([embedder.embed(crops[i : i + 1]) for i in range(5)])
+    assert np.abs(batch - single).max() < 1e-5
+    assert embedder.embed(crops[:0]).shape == (0, 128)
+
+
+def test_dequantised_graph_matches_the_shipped_int8_graph(models_dir: Path, crops: np.ndarray) -> None:
+    raw = (models_dir / SFACE.filename).read_bytes()
+    # The shipped graph with only the stale inputs dropped, weights left quantised.
+    model = onnx.load_from_string(raw)
+    inits = {i.name for i in model.graph.initializer}
+    used = {n for node in model.graph.node for n in node.input}
+    keep = [i for i in model.graph.input if i.name not in inits and i.name in used]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    reference = ort.InferenceSession(model.SerializeToString(), options)
+    prepared = ort.InferenceSession(prepare_sface_graph(raw), options)
+    x = crops.transpose(0, 3, 1, 2).astype(np.float32)
+    expected = np.concatenate([reference.run(None, {"data": x[i : i + 1]})[0] for i in range(len(x))])
+    got = prepared.run(None, {"data": x})[0]
+    assert np.abs(expected - got).max() < 1e-4
+
+
+def test_tampered_or_missing_model_is_refused_with_the_setup_command(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="make setup"):
+        SFaceEmbedder(tmp_path)
+    (tmp_path / SFACE.filename).write_bytes(b"tampered")
+    with pytest.raises(ModelError, match="sha256"):
+        SFaceEmbedder(tmp_path)
+
+
+def test_facenet_loads_a_state_dict_in_the_published_format(tmp_path: Path) -> None:
+    from facenet_pytorch import InceptionResnetV1
+
+    torch.manual_seed(0)
+    # The published VGGFace2 file is a plain state dict including the classifier head.
+    model = InceptionResnetV1(pretrained=None, classify=True, num_classes=8631)
+    weights = tmp_path / "20180402-114759-vggface2.pt"
+    torch.save(model.state_dict(), weights)
+    embedder = FacenetEmbedder(weights, device="cpu")
+    crops = np.random.default_rng(1).integers(0, 256, size=(3, 160, 160, 3), dtype=np.uint8)
+    out = embedder.embed(crops)
+    assert out.shape == (3, 512)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert embedder.model_sha256 and len(embedder.model_sha256) == 64
+
+
+def test_facenet_refuses_missing_or_wrong_weights(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="missing"):
+        FacenetEmbedder(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    torch.save({"not": torch.zeros(1)}, bad)
+    with pytest.raises(ModelError, match="cannot load facenet weights"):
+        FacenetEmbedder(bad)

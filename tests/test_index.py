@@ -1,0 +1,92 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from filter.errors import IndexCorruptError, IndexMismatchError
+from filter.index import FaissIdentityIndex, choose_index_type
+from filter.runtime import load_index_for
+
+
+def _random_index(n: int = 50, dim: int = 16, index_type: str = "flat") -> FaissIdentityIndex:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return FaissIdentityIndex.build(
+        vectors, [f"id{i % 7}" for i in range(n)], [f"f{i}.jpg" for i in range(n)],
+        embedder_name="test", model_sha256="0" * 64, detector={"detector": "x"},
+        index_type=index_type,  # type: ignore[arg-type]
+    )
+
+
+def test_save_load_roundtrip_keeps_vectors_labels_and_manifest(tmp_path: Path) -> None:
+    index = _random_index()
+    index.save(tmp_path / "idx")
+    loaded = FaissIdentityIndex.load(tmp_path / "idx", expect_embedder="test")
+    assert loaded.vector_count == 50 and loaded.identity_count == 7
+    assert np.allclose(loaded.vectors(), index.vectors())
+    query = index.vectors()[13:14]
+    match = loaded.search(query)[0]
+    assert match.identity == "id6" and match.similarity == pytest.approx(1.0, abs=1e-5)
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"vectors.faiss", "labels.json"}
+    assert manifest["embedder"] == {"name": "test", "model_sha256": "0" * 64, "dim": 16}
+
+
+def test_rewrite_replaces_the_folder_whole(tmp_path: Path) -> None:
+    _random_index(50).save(tmp_path / "idx")
+    _random_index(20).save(tmp_path / "idx")
+    assert FaissIdentityIndex.load(tmp_path / "idx").vector_count == 20
+    assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no staging or retired folders
+
+
+def test_embedder_mismatch_is_refused(full_index: Path, pipeline) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(IndexMismatchError, match="built with embedder 'sface'.*'facenet'"):
+        FaissIdentityIndex.load(full_index, expect_embedder="facenet")
+    with pytest.raises(IndexMismatchError, match="model sha256"):
+        FaissIdentityIndex.load(full_index, expect_embedder="sface", expect_model_sha256="f" * 64)
+    assert load_index_for(pipeline, full_index).vector_count > 0
+
+
+def test_truncated_vectors_file_is_refused(full_index: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(full_index, broken)
+    data = (broken / "vectors.faiss").read_bytes()
+    (broken / "vectors.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexCorruptError, match="truncated"):
+        FaissIdentityIndex.load(broken)
+
+
+def test_altered_labels_and_bad_manifest_are_refused(full_index: Path, tmp_path: Path) -> None:
+    altered = tmp_path / "altered"
+    shutil.copytree(full_index, altered)
+    labels = (altered / "labels.json").read_text().replace("id01", "id0X")
+    (altered / "labels.json").write_text(labels)
+    with pytest.raises(IndexCorruptError, match="sha256"):
+        FaissIdentityIndex.load(altered)
+    (altered / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexCorruptError, match="not a valid manifest"):
+        FaissIdentityIndex.load(altered)
+
+
+def test_missing_index_names_the_build_command(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="facegate index build"):
+        FaissIdentityIndex.load(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
+def test_each_index_type_finds_exact_duplicates(tmp_path: Path, index_type: str) -> None:
+    index = _random_index(400, 32, index_type)
+    index.save(tmp_path / index_type)
+    loaded = FaissIdentityIndex.load(tmp_path / index_type)
+    assert loaded.manifest["index_type"] == index_type
+    queries = index.vectors()[::37]
+    matches = loaded.search(queries)
+    assert all(m.similarity == pytest.approx(1.0, abs=1e-4) for m in matches)
+
+
+def test_auto_index_type_switches_to_hnsw_for_large_galleries() -> None:
+    assert choose_index_type(1000) == "flat"
+    assert choose_index_type(5_000_000) == "hnsw"
