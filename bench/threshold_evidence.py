@@ -23,8 +23,12 @@ from filter.runtime import build_embedding_pipeline
 
 def main() -> None:
     default = Path(__file__).resolve().parents[1].parent / "shared" / "faces"
-    faces = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("FACEGATE_TEST_FACES", default))
-    pipeline = build_embedding_pipeline("sface", Path(os.environ.get("FACEGATE_MODELS_DIR", "models")))
+    faces = Path(
+        sys.argv[1] if len(sys.argv) > 1 else os.environ.get("FACEGATE_TEST_FACES", default)
+    )
+    pipeline = build_embedding_pipeline(
+        "sface", Path(os.environ.get("FACEGATE_MODELS_DIR", "models"))
+    )
     labels, vectors = [], []
     for path in sorted((faces / "identities").glob("*/*.jpg")):
         result = pipeline.embed_images([decode_image(path)])[0]
@@ -42,7 +46,8 @@ def main() -> None:
 
     def stats(values: np.ndarray) -> dict[str, float]:
         return {
-            "count": int(values.size), "min": round(float(values.min()), 4),
+            "count": int(values.size),
+            "min": round(float(values.min()), 4),
             "p5": round(float(np.quantile(values, 0.05)), 4),
             "median": round(float(np.median(values)), 4),
             "p95": round(float(np.quantile(values, 0.95)), 4),
@@ -56,8 +61,17 @@ def main() -> None:
         }
         for t in (0.30, 0.35, 0.40, 0.45, 0.50)
     }
-    print(json.dumps({"images": len(labels), "same_person": stats(same_a),
-                      "different_person": stats(diff_a), "by_threshold": table}, indent=2))
+    print(
+        json.dumps(
+            {
+                "images": len(labels),
+                "same_person": stats(same_a),
+                "different_person": stats(diff_a),
+                "by_threshold": table,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -83,6 +83,4 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside `folder`, sorted for reproducible order."""
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

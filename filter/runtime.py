@@ -22,7 +22,9 @@ def build_embedding_pipeline(
 ) -> FaceEmbeddingPipeline:
     verify_mtcnn_weights()
     torch_device = resolve_device(device)
-    model = load_embedder(embedder, models_dir, device=str(torch_device), facenet_weights=facenet_weights)
+    model = load_embedder(
+        embedder, models_dir, device=str(torch_device), facenet_weights=facenet_weights
+    )
     detector = MtcnnDetector(detector_settings or DetectorSettings(), device=torch_device)
     return FaceEmbeddingPipeline(FaceAligner(detector, model.crop_size), model)
 

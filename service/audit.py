@@ -16,8 +16,15 @@ from typing import IO, Protocol
 
 class AuditSink(Protocol):
     def rejection(
-        self, *, request_id: str, slot: int, attempt: int, reason: str,
-        similarity: float | None, identity: str | None, faces: int,
+        self,
+        *,
+        request_id: str,
+        slot: int,
+        attempt: int,
+        reason: str,
+        similarity: float | None,
+        identity: str | None,
+        faces: int,
     ) -> None: ...
 
     def close(self) -> None: ...
@@ -40,11 +47,19 @@ class JsonLinesAuditLog:
         return cls(path.open("a", buffering=1, encoding="utf-8"), owns_stream=True)
 
     def rejection(
-        self, *, request_id: str, slot: int, attempt: int, reason: str,
-        similarity: float | None, identity: str | None, faces: int,
+        self,
+        *,
+        request_id: str,
+        slot: int,
+        attempt: int,
+        reason: str,
+        similarity: float | None,
+        identity: str | None,
+        faces: int,
     ) -> None:
         record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            + f".{int(time.time() * 1000) % 1000:03d}Z",
             "event": "candidate_rejected",
             "request_id": request_id,
             "slot": slot,
@@ -66,8 +81,15 @@ class JsonLinesAuditLog:
 
 class NullAuditLog:
     def rejection(
-        self, *, request_id: str, slot: int, attempt: int, reason: str,
-        similarity: float | None, identity: str | None, faces: int,
+        self,
+        *,
+        request_id: str,
+        slot: int,
+        attempt: int,
+        reason: str,
+        similarity: float | None,
+        identity: str | None,
+        faces: int,
     ) -> None:
         return None
 

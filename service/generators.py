@@ -91,8 +91,12 @@ class TorchGenerator:
     """Runs a torch module under the generator contract, one batch at a time."""
 
     def __init__(
-        self, name: str, module: nn.Module | torch.jit.ScriptModule, latent_dim: int,
-        model_sha256: str, device: torch.device,
+        self,
+        name: str,
+        module: nn.Module | torch.jit.ScriptModule,
+        latent_dim: int,
+        model_sha256: str,
+        device: torch.device,
     ) -> None:
         self.name = name
         self.latent_dim = latent_dim
@@ -104,18 +108,14 @@ class TorchGenerator:
     def generate(self, latents: np.ndarray) -> np.ndarray:
         latents = np.asarray(latents, dtype=np.float32)
         if latents.ndim != 2 or latents.shape[1] != self.latent_dim:
-            raise GeneratorError(
-                f"latents must be (N, {self.latent_dim}); got {latents.shape}"
-            )
+            raise GeneratorError(f"latents must be (N, {self.latent_dim}); got {latents.shape}")
         if len(latents) == 0:
             return np.zeros((0, 0, 0, 3), dtype=np.uint8)
         with self._lock, torch.inference_mode():
             # One sample per call keeps each image independent of what it was batched
             # with; a batched conv may pick another kernel and change the last bits,
             # which would break byte-identical seeded output.
-            outputs = [
-                self._module(torch.from_numpy(row[None]).to(self.device)) for row in latents
-            ]
+            outputs = [self._module(torch.from_numpy(row[None]).to(self.device)) for row in latents]
             batch = torch.cat(outputs)
         return to_uint8_images(batch)
 
@@ -161,7 +161,10 @@ def load_torchscript(path: Path, latent_dim: int, device: str = "cpu") -> TorchG
 
 
 def load_generator(
-    name: str, models_dir: Path, device: str = "cpu", path: Path | None = None,
+    name: str,
+    models_dir: Path,
+    device: str = "cpu",
+    path: Path | None = None,
     latent_dim: int = 100,
 ) -> TorchGenerator:
     if name == "dcgan-digiface":

@@ -13,12 +13,31 @@ from service.pipeline import verdict_outcome
 CANDIDATE_OUTCOMES = ("accepted", "rejected_identity", "rejected_no_face")
 FILTER_STAGES = ("detect", "embed", "search")
 GRPC_CODES = (
-    "OK", "CANCELLED", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION", "INTERNAL", "UNAVAILABLE", "UNKNOWN",
+    "OK",
+    "CANCELLED",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "UNKNOWN",
 )
 METHODS = ("Generate", "GenerateStream")
 LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 
 
@@ -41,39 +60,55 @@ class ServiceMetrics:
         for outcome in CANDIDATE_OUTCOMES:
             self.candidates.labels(outcome)
         self.requests = Counter(
-            "facegate_requests", "Finished RPCs by method and gRPC status code",
-            ["method", "code"], registry=r,
+            "facegate_requests",
+            "Finished RPCs by method and gRPC status code",
+            ["method", "code"],
+            registry=r,
         )
         for method in METHODS:
             for code in ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE"):
                 self.requests.labels(method, code)
         self.request_seconds = Histogram(
-            "facegate_request_seconds", "RPC latency", ["method"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "facegate_request_seconds",
+            "RPC latency",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.similarity = Histogram(
             "facegate_similarity",
             "Each checked face's maximum cosine similarity to the training identities",
-            buckets=similarity_buckets(threshold), registry=r,
+            buckets=similarity_buckets(threshold),
+            registry=r,
         )
         self.filter_seconds = Histogram(
-            "facegate_filter_seconds", "Identity filter time per batch by stage", ["stage"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "facegate_filter_seconds",
+            "Identity filter time per batch by stage",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         for stage in FILTER_STAGES:
             self.filter_seconds.labels(stage)
         self.generate_seconds = Histogram(
-            "facegate_generate_seconds", "Generator time per batch", ["stage"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "facegate_generate_seconds",
+            "Generator time per batch",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.generate_seconds.labels("generate")
         self.batch_size = Histogram(
-            "facegate_batch_candidates", "Candidates per filter batch",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r,
+            "facegate_batch_candidates",
+            "Candidates per filter batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
         )
         self.attempts = Histogram(
-            "facegate_attempts", "Candidates drawn per released image",
-            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 16, 32), registry=r,
+            "facegate_attempts",
+            "Candidates drawn per released image",
+            buckets=(1, 2, 3, 4, 5, 6, 8, 10, 16, 32),
+            registry=r,
         )
         self.unfilled_slots = Counter(
             "facegate_unfilled", "Slots left unfilled after the attempt budget", registry=r
@@ -81,11 +116,15 @@ class ServiceMetrics:
         self.index_identities = Gauge(
             "facegate_index_identities", "Identities in the loaded index", registry=r
         )
-        self.index_vectors = Gauge("facegate_index_vectors", "Vectors in the loaded index", registry=r)
+        self.index_vectors = Gauge(
+            "facegate_index_vectors", "Vectors in the loaded index", registry=r
+        )
         self.threshold = Gauge("facegate_threshold", "Similarity threshold in use", registry=r)
         self.threshold.set(threshold)
         self.inflight = Gauge("facegate_inflight_requests", "RPCs in progress", registry=r)
-        self.ready = Gauge("facegate_ready", "1 when serving, 0 while starting or draining", registry=r)
+        self.ready = Gauge(
+            "facegate_ready", "1 when serving, 0 while starting or draining", registry=r
+        )
         self.build_info = Info("facegate_build", "Build and model information", registry=r)
         self.config_info = Info("facegate_config", "Effective configuration", registry=r)
 

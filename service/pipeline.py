@@ -10,13 +10,14 @@ that passed the filter are ever encoded or returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import io
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from filter.decide import ImageVerdict, Reason
-from filter.identity_filter import IdentityFilter
+from filter.identity_filter import StageObserver
 from service.audit import AuditSink, NullAuditLog
 from service.errors import DeadlineExceeded, FilterFailure, InvalidRequest, NothingPassed
 from service.generators import Generator, latents_for
@@ -118,11 +119,21 @@ class NullObserver:
         return None
 
 
+class ImageChecker(Protocol):
+    """What the engine needs of the identity filter (filter.IdentityFilter implements it)."""
+
+    def check(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+    ) -> list[ImageVerdict]: ...
+
+
 class CandidateEngine:
     """Generates and filters a batch of candidates, synchronously (run off the loop)."""
 
     def __init__(
-        self, generator: Generator, identity_filter: IdentityFilter,
+        self,
+        generator: Generator,
+        identity_filter: ImageChecker,
         observer: PipelineObserver | None = None,
     ) -> None:
         self.generator = generator
@@ -142,7 +153,9 @@ class CandidateEngine:
         if len(verdicts) != len(batch):
             raise FilterFailure("filter returned a verdict count that differs from its input")
         self.observer.batch(len(batch))
-        return [CandidateOutcome(image=img, verdict=v) for img, v in zip(batch, verdicts, strict=True)]
+        return [
+            CandidateOutcome(image=img, verdict=v) for img, v in zip(batch, verdicts, strict=True)
+        ]
 
 
 @dataclass
@@ -176,10 +189,8 @@ class DynamicBatcher:
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
         self._executor.shutdown(wait=True, cancel_futures=True)
 
@@ -277,11 +288,15 @@ class GenerationPipeline:
 
     def validate(self, request: GenerationRequest) -> None:
         if not 1 <= request.count <= self.max_count:
-            raise InvalidRequest(f"count must be between 1 and {self.max_count}; got {request.count}")
+            raise InvalidRequest(
+                f"count must be between 1 and {self.max_count}; got {request.count}"
+            )
         if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
             raise InvalidRequest("seed must fit in an unsigned 64-bit integer")
         if request.jpeg_quality is not None and not 1 <= request.jpeg_quality <= 100:
-            raise InvalidRequest(f"jpeg_quality must be between 1 and 100; got {request.jpeg_quality}")
+            raise InvalidRequest(
+                f"jpeg_quality must be between 1 and 100; got {request.jpeg_quality}"
+            )
 
     async def generate(
         self,
@@ -293,7 +308,9 @@ class GenerationPipeline:
         """Run the request. `deadline` is a time.monotonic() value; None means no deadline."""
         self.validate(request)
         seed = request.seed if request.seed is not None else secrets.randbits(63)
-        summary = GenerationSummary(requested=request.count, seed=seed, request_id=request.request_id)
+        summary = GenerationSummary(
+            requested=request.count, seed=seed, request_id=request.request_id
+        )
         quality = request.jpeg_quality or self.jpeg_quality
         released: list[ReleasedImage] = []
         open_slots = list(range(request.count))
@@ -302,7 +319,9 @@ class GenerationPipeline:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the slots were filled")
             candidates = [
-                Candidate(slot, attempts[slot], latents_for(seed, slot, attempts[slot], self.latent_dim))
+                Candidate(
+                    slot, attempts[slot], latents_for(seed, slot, attempts[slot], self.latent_dim)
+                )
                 for slot in open_slots
             ]
             outcomes = await self.batcher.submit(np.stack([c.latent for c in candidates]))
@@ -359,4 +378,3 @@ def verdict_outcome(verdict: ImageVerdict) -> str:
     if verdict.reason is Reason.NO_FACE:
         return "rejected_no_face"
     return "rejected_identity"
-

@@ -68,18 +68,23 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     metrics.index_identities.set(index.identity_count)
     metrics.index_vectors.set(index.vector_count)
     generator = load_generator(
-        settings.generator, settings.models_dir, device=settings.device,
-        path=settings.generator_path, latent_dim=settings.generator_latent_dim,
+        settings.generator,
+        settings.models_dir,
+        device=settings.device,
+        path=settings.generator_path,
+        latent_dim=settings.generator_latent_dim,
     )
-    metrics.build_info.info({
-        "version": _version(),
-        "generator": generator.name,
-        "generator_sha256": generator.model_sha256[:16],
-        "embedder": embedding.embedder.name,
-        "embedder_sha256": embedding.embedder.model_sha256[:16],
-        "index_type": str(getattr(index, "manifest", {}).get("index_type", "")),
-        "torch": torch.__version__,
-    })
+    metrics.build_info.info(
+        {
+            "version": _version(),
+            "generator": generator.name,
+            "generator_sha256": generator.model_sha256[:16],
+            "embedder": embedding.embedder.name,
+            "embedder_sha256": embedding.embedder.model_sha256[:16],
+            "index_type": str(getattr(index, "manifest", {}).get("index_type", "")),
+            "torch": torch.__version__,
+        }
+    )
     engine = CandidateEngine(generator, identity_filter, observer=metrics)
     batcher = DynamicBatcher(
         engine, max_batch=settings.max_batch, max_delay=settings.max_batch_delay_ms / 1000.0
@@ -157,14 +162,22 @@ class FacegateServer:
         pb_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         if self.settings.tls_cert is not None and self.settings.tls_key is not None:
             credentials = grpc.ssl_server_credentials(
-                [(Path(self.settings.tls_key).read_bytes(), Path(self.settings.tls_cert).read_bytes())]
+                [
+                    (
+                        Path(self.settings.tls_key).read_bytes(),
+                        Path(self.settings.tls_cert).read_bytes(),
+                    )
+                ]
             )
             self.grpc_port = server.add_secure_port(address, credentials)
         else:
@@ -175,12 +188,18 @@ class FacegateServer:
         self.metrics.ready.set(0)
         await server.start()
         self.server = server
-        log.info("gRPC listening on %s (port %d), metrics on :%d; loading models",
-                 address, self.grpc_port, self.metrics_port)
+        log.info(
+            "gRPC listening on %s (port %d), metrics on :%d; loading models",
+            address,
+            self.grpc_port,
+            self.metrics_port,
+        )
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            self.loaded = await loop.run_in_executor(None, load_service, self.settings, self.metrics)
+            self.loaded = await loop.run_in_executor(
+                None, load_service, self.settings, self.metrics
+            )
         except Exception:
             await server.stop(0)
             self.metrics.stop_serving()

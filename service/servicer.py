@@ -78,8 +78,12 @@ def to_domain(request: pb.GenerateRequest, request_id: str) -> GenerationRequest
 
 def image_to_proto(image: ReleasedImage) -> pb.GeneratedImage:
     return pb.GeneratedImage(
-        data=image.data, media_type=image.media_type, attempts=image.attempts,
-        slot=image.slot, width=image.width, height=image.height,
+        data=image.data,
+        media_type=image.media_type,
+        attempts=image.attempts,
+        slot=image.slot,
+        width=image.width,
+        height=image.height,
     )
 
 
@@ -129,7 +133,7 @@ class Admission:
         self.metrics.inflight.set(self.inflight)
 
 
-class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[misc]
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(
         self, pipeline: GenerationPipeline | None, admission: Admission, metrics: ServiceMetrics
     ) -> None:
@@ -169,11 +173,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):  # type: ignore[mis
             code = failure[0]
             if isinstance(exc, NothingPassed) and isinstance(exc.summary, GenerationSummary):
                 s = exc.summary
-                context.set_trailing_metadata((
-                    ("facegate-candidates-drawn", str(s.candidates_drawn)),
-                    ("facegate-slots-unfilled", str(s.slots_unfilled)),
-                    ("facegate-seed", str(s.seed)),
-                ))
+                context.set_trailing_metadata(
+                    (
+                        ("facegate-candidates-drawn", str(s.candidates_drawn)),
+                        ("facegate-slots-unfilled", str(s.slots_unfilled)),
+                        ("facegate-seed", str(s.seed)),
+                    )
+                )
         finally:
             self.metrics.request_done(method, code.name, time.perf_counter() - start)
         assert failure is not None

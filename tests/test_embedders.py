@@ -29,7 +29,9 @@ def test_sface_embeddings_are_unit_length_and_batch_independent(
     assert embedder.embed(crops[:0]).shape == (0, 128)
 
 
-def test_dequantised_graph_matches_the_shipped_int8_graph(models_dir: Path, crops: np.ndarray) -> None:
+def test_dequantised_graph_matches_the_shipped_int8_graph(
+    models_dir: Path, crops: np.ndarray
+) -> None:
     raw = (models_dir / SFACE.filename).read_bytes()
     # The shipped graph with only the stale inputs dropped, weights left quantised.
     model = onnx.load_from_string(raw)
@@ -43,7 +45,9 @@ def test_dequantised_graph_matches_the_shipped_int8_graph(models_dir: Path, crop
     reference = ort.InferenceSession(model.SerializeToString(), options)
     prepared = ort.InferenceSession(prepare_sface_graph(raw), options)
     x = crops.transpose(0, 3, 1, 2).astype(np.float32)
-    expected = np.concatenate([reference.run(None, {"data": x[i : i + 1]})[0] for i in range(len(x))])
+    expected = np.concatenate(
+        [reference.run(None, {"data": x[i : i + 1]})[0] for i in range(len(x))]
+    )
     got = prepared.run(None, {"data": x})[0]
     assert np.abs(expected - got).max() < 1e-4
 

@@ -61,7 +61,9 @@ def test_batch_of_equal_size_images_matches_single_calls(
     assert np.allclose(batched[0][0].landmarks, single[0][0].landmarks, atol=1e-3)
 
 
-def test_alignment_puts_landmarks_on_the_template(detector: MtcnnDetector, photo: np.ndarray) -> None:
+def test_alignment_puts_landmarks_on_the_template(
+    detector: MtcnnDetector, photo: np.ndarray
+) -> None:
     face = detector.detect([photo])[0][0]
     matrix = similarity_transform(face.landmarks, ARCFACE_TEMPLATE_112)
     mapped = face.landmarks @ matrix[:, :2].T + matrix[:, 2]

@@ -51,8 +51,11 @@ def test_different_people_do_not_match(
 ) -> None:
     index = _index_of(pipeline, identities_dir, tmp_path, ["id01", "id02", "id03"])
     filt = IdentityFilter(pipeline, index, THRESHOLD)
-    others = [decode_image(p) for i in ("id04", "id05", "id06", "id07")
-              for p in sorted((identities_dir / i).glob("*.jpg"))]
+    others = [
+        decode_image(p)
+        for i in ("id04", "id05", "id06", "id07")
+        for p in sorted((identities_dir / i).glob("*.jpg"))
+    ]
     verdicts = filt.check(others)
     assert all(v.faces >= 1 for v in verdicts)
     assert [v.verdict for v in verdicts] == ["pass"] * len(others)

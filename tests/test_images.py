@@ -29,8 +29,10 @@ def test_exif_orientation_is_applied() -> None:
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "I;16", "RGBA", "LA", "1"])
 def test_every_mode_becomes_rgb_uint8(mode: str) -> None:
     base = Image.linear_gradient("L").resize((32, 24))
-    img = base.convert(mode) if mode != "I;16" else Image.fromarray(
-        (np.asarray(base, dtype=np.uint16) * 257).astype(np.uint16)
+    img = (
+        base.convert(mode)
+        if mode != "I;16"
+        else Image.fromarray((np.asarray(base, dtype=np.uint16) * 257).astype(np.uint16))
     )
     fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
     decoded = decode_image(_encode(img, fmt))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from filter.errors import IndexCorruptError, IndexMismatchError
+from filter.identity_filter import FaceEmbeddingPipeline
 from filter.index import FaissIdentityIndex, choose_index_type
 from filter.runtime import load_index_for
 
@@ -15,8 +16,12 @@ def _random_index(n: int = 50, dim: int = 16, index_type: str = "flat") -> Faiss
     vectors = rng.standard_normal((n, dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return FaissIdentityIndex.build(
-        vectors, [f"id{i % 7}" for i in range(n)], [f"f{i}.jpg" for i in range(n)],
-        embedder_name="test", model_sha256="0" * 64, detector={"detector": "x"},
+        vectors,
+        [f"id{i % 7}" for i in range(n)],
+        [f"f{i}.jpg" for i in range(n)],
+        embedder_name="test",
+        model_sha256="0" * 64,
+        detector={"detector": "x"},
         index_type=index_type,  # type: ignore[arg-type]
     )
 
@@ -42,8 +47,8 @@ def test_rewrite_replaces_the_folder_whole(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no staging or retired folders
 
 
-def test_embedder_mismatch_is_refused(full_index: Path, pipeline) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(IndexMismatchError, match="built with embedder 'sface'.*'facenet'"):
+def test_embedder_mismatch_is_refused(full_index: Path, pipeline: FaceEmbeddingPipeline) -> None:
+    with pytest.raises(IndexMismatchError, match=r"built with embedder 'sface'.*'facenet'"):
         FaissIdentityIndex.load(full_index, expect_embedder="facenet")
     with pytest.raises(IndexMismatchError, match="model sha256"):
         FaissIdentityIndex.load(full_index, expect_embedder="sface", expect_model_sha256="f" * 64)

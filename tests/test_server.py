@@ -1,0 +1,403 @@
+"""The gRPC service end to end on loopback: real server, real channel, real models."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from PIL import Image
+
+from filter.faces import DetectorSettings
+from filter.gallery import build_gallery_index
+from filter.identity_filter import FaceEmbeddingPipeline
+from service.config import Settings
+from service.demo import build_demo_index
+from service.generators import load_dcgan_digiface
+from service.proto.facegate.v1 import generation_pb2 as pb
+from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+from tests.conftest import REPO
+from tests.servers import InProcessServer, SubprocessServer, metric_value, scrape
+
+DEMO_THRESHOLD = 0.56
+
+
+@pytest.fixture(scope="session")
+def demo_index(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, pipeline: FaceEmbeddingPipeline
+) -> Path:
+    index = build_demo_index(load_dcgan_digiface(models_dir), pipeline, identities=40, seed=1)
+    out = tmp_path_factory.mktemp("demo") / "index"
+    index.save(out)
+    return out
+
+
+def settings_for(index: Path, tmp_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "index_path": index,
+        "threshold": DEMO_THRESHOLD,
+        "models_dir": REPO / "models",
+        "device": "cpu",
+        "audit_log": str(tmp_path / "audit.jsonl"),
+        "grace_seconds": 10.0,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def server(demo_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    tmp = tmp_path_factory.mktemp("server")
+    running = InProcessServer(settings_for(demo_index, tmp, max_count=32))
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def stub(server: InProcessServer) -> Iterator[pb_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_generate_happy_path(stub: pb_grpc.GenerationServiceStub) -> None:
+    response = stub.Generate(pb.GenerateRequest(count=3), timeout=60)
+    assert len(response.images) == 3
+    for image in response.images:
+        assert image.media_type == "image/png" and image.attempts >= 1
+        assert _decode(image.data).shape == (64, 64, 3)
+        assert (image.width, image.height) == (64, 64)
+    s = response.summary
+    assert s.requested == 3 and s.released == 3 and s.slots_unfilled == 0
+    assert s.candidates_drawn == sum(i.attempts for i in response.images)
+    assert s.candidates_rejected == s.candidates_drawn - 3
+    assert len(s.request_id) > 0
+
+
+def test_seed_reproducibility(stub: pb_grpc.GenerationServiceStub) -> None:
+    first = stub.Generate(pb.GenerateRequest(count=4, seed=2024), timeout=60)
+    again = stub.Generate(pb.GenerateRequest(count=4, seed=2024), timeout=60)
+    other = stub.Generate(pb.GenerateRequest(count=4, seed=2025), timeout=60)
+    assert [i.data for i in first.images] == [i.data for i in again.images]
+    assert not {i.data for i in first.images} & {i.data for i in other.images}
+    unseeded = [stub.Generate(pb.GenerateRequest(count=1), timeout=60) for _ in range(2)]
+    assert unseeded[0].images[0].data != unseeded[1].images[0].data
+    assert unseeded[0].summary.seed != unseeded[1].summary.seed
+
+
+def test_jpeg_format(stub: pb_grpc.GenerationServiceStub) -> None:
+    response = stub.Generate(pb.GenerateRequest(count=1, format=pb.IMAGE_FORMAT_JPEG), timeout=60)
+    assert response.images[0].media_type == "image/jpeg"
+    assert response.images[0].data[:3] == b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "fragment"),
+    [
+        ({"count": 0}, "count must be between 1 and 32"),
+        ({"count": 33}, "count must be between 1 and 32"),
+        ({"count": 1, "format": 7}, "unknown image format"),
+        ({"count": 1, "jpeg_quality": 101}, "jpeg_quality"),
+    ],
+)
+def test_bad_inputs_are_invalid_argument(
+    stub: pb_grpc.GenerationServiceStub, request_kwargs: dict[str, int], fragment: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(**request_kwargs), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in (info.value.details() or "")
+
+
+def test_stream_sends_images_then_summary(stub: pb_grpc.GenerationServiceStub) -> None:
+    events = list(stub.GenerateStream(pb.GenerateRequest(count=3, seed=7), timeout=60))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds == ["image", "image", "image", "summary"]
+    unary = stub.Generate(pb.GenerateRequest(count=3, seed=7), timeout=60)
+    streamed = sorted(events[:3], key=lambda e: e.image.slot)
+    assert [e.image.data for e in streamed] == [i.data for i in unary.images]
+    assert events[-1].summary.released == 3
+
+
+def test_health_and_reflection(server: InProcessServer) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "facegate.v1.GenerationService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "facegate.v1.GenerationService" in services
+        assert "grpc.health.v1.Health" in services
+
+
+def test_exceeded_deadline_stops_drawing(
+    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    def drawn() -> float:
+        return metric_value(scrape(server.metrics_url), "facegate_candidates_total")
+
+    before = drawn()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(pb.GenerateRequest(count=32), timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while server.server.admission.inflight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    settled = drawn()
+    time.sleep(1.0)
+    assert drawn() == settled  # nothing is drawn for a call that is gone
+    assert settled - before < 32 * 8  # far less than the full attempt budget
+
+
+def test_metrics_are_scraped_over_http(
+    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    text_before = scrape(server.metrics_url)
+    response = stub.Generate(pb.GenerateRequest(count=5, seed=99), timeout=60)
+    text = scrape(server.metrics_url)
+    delta = metric_value(text, "facegate_candidates_total") - metric_value(
+        text_before, "facegate_candidates_total"
+    )
+    assert delta == response.summary.candidates_drawn
+    for outcome in ("accepted", "rejected_identity", "rejected_no_face"):
+        metric_value(text, "facegate_candidates_total", {"outcome": outcome})
+    assert metric_value(text, "facegate_requests_total", {"method": "Generate", "code": "OK"}) >= 1
+    assert metric_value(text, "facegate_similarity_count") > 0
+    for stage in ("detect", "embed", "search"):
+        assert metric_value(text, "facegate_filter_seconds_count", {"stage": stage}) > 0
+    assert metric_value(text, "facegate_generate_seconds_count", {"stage": "generate"}) > 0
+    assert metric_value(text, "facegate_attempts_count") >= 5
+    assert metric_value(text, "facegate_threshold") == pytest.approx(DEMO_THRESHOLD)
+    assert metric_value(text, "facegate_index_identities") > 0
+    assert metric_value(text, "facegate_config_info", {"threshold": str(DEMO_THRESHOLD)}) == 1
+    assert metric_value(text, "facegate_build_info", {"embedder": "sface"}) == 1
+
+
+def test_fail_closed_when_the_embedder_raises(
+    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    assert server.server.loaded is not None
+    engine = server.server.loaded.batcher.engine
+    embedder = engine.identity_filter.embedding.embedder  # type: ignore[attr-defined]
+
+    def explode(crops: np.ndarray) -> np.ndarray:
+        raise RuntimeError("embedder crashed")
+
+    original = embedder.embed
+    embedder.embed = explode
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(pb.GenerateRequest(count=4), timeout=60)
+    finally:
+        embedder.embed = original
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "no image was released" in (info.value.details() or "")
+    assert stub.Generate(pb.GenerateRequest(count=1), timeout=60).images  # recovers
+
+
+def test_draining_server_answers_unavailable(
+    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    server.server.admission.draining = True
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(pb.GenerateRequest(count=1), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.server.admission.draining = False
+
+
+def test_responses_carry_no_membership_oracle() -> None:
+    """No float field, and no field named like a score or identity, anywhere in the API."""
+    forbidden = ("similar", "distance", "score", "identity", "confidence", "threshold")
+    seen = set()
+
+    def walk(descriptor) -> None:  # type: ignore[no-untyped-def]
+        if descriptor.full_name in seen:
+            return
+        seen.add(descriptor.full_name)
+        for field in descriptor.fields:
+            assert field.type not in (field.TYPE_FLOAT, field.TYPE_DOUBLE), field.full_name
+            assert not any(word in field.name.lower() for word in forbidden), field.full_name
+            if field.message_type is not None:
+                walk(field.message_type)
+
+    for message in ("GenerateResponse", "GenerateStreamResponse"):
+        walk(pb.DESCRIPTOR.message_types_by_name[message])
+    assert "facegate.v1.GeneratedImage" in seen and "facegate.v1.GenerateSummary" in seen
+
+
+def test_audit_log_records_rejections_without_image_data(
+    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    # Seed 1 slot k attempt 0 is enrolled in the demo index: the first candidates are rejected.
+    response = stub.Generate(pb.GenerateRequest(count=2, seed=1), timeout=60)
+    assert response.summary.candidates_rejected >= 1
+    audit = Path(server.server.settings.audit_log).read_text().splitlines()
+    records = [json.loads(line) for line in audit]
+    mine = [r for r in records if r["request_id"] == response.summary.request_id]
+    assert len(mine) == response.summary.candidates_rejected
+    for record in mine:
+        assert set(record) == {
+            "time",
+            "event",
+            "request_id",
+            "slot",
+            "attempt",
+            "reason",
+            "similarity",
+            "identity",
+            "faces",
+        }
+        assert record["reason"] in ("identity_match", "no_face")
+    assert any(r["identity"] and r["identity"].startswith("synthetic-1-") for r in mine)
+    assert max(len(line) for line in audit) < 1000  # no image data in any line
+
+
+def test_concurrency_cap_answers_resource_exhausted_at_once(
+    demo_index: Path, tmp_path: Path
+) -> None:
+    running = InProcessServer(settings_for(demo_index, tmp_path, max_concurrent_requests=1))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            results: dict[str, object] = {}
+
+            def long_call() -> None:
+                results["long"] = stub.Generate(pb.GenerateRequest(count=48), timeout=120)
+
+            thread = threading.Thread(target=long_call)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while running.server.admission.inflight == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(pb.GenerateRequest(count=1), timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - started < 1.0  # refused at once, not queued
+            thread.join(120)
+            assert len(results["long"].images) == 48  # type: ignore[attr-defined]
+            text = scrape(running.metrics_url)
+            assert (
+                metric_value(text, "facegate_requests_total", {"code": "RESOURCE_EXHAUSTED"}) == 1
+            )
+    finally:
+        running.stop()
+
+
+def test_resample_end_to_end_after_enrolling_released_images(
+    demo_index: Path, tmp_path: Path, pipeline: FaceEmbeddingPipeline
+) -> None:
+    """Enrol what a seed produced, restart on the new index: the same seed must resample."""
+    request = pb.GenerateRequest(count=4, seed=31337)
+    first_server = InProcessServer(settings_for(demo_index, tmp_path))
+    try:
+        with grpc.insecure_channel(first_server.target) as channel:
+            first = pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=60)
+    finally:
+        first_server.stop()
+    assert len(first.images) == 4
+    gallery = tmp_path / "gallery"
+    for image in first.images:
+        folder = gallery / f"released-{image.slot}"
+        folder.mkdir(parents=True)
+        (folder / "image.png").write_bytes(image.data)
+    index, report = build_gallery_index(
+        gallery, pipeline, detector_settings=DetectorSettings().as_dict()
+    )
+    assert report.identities == 4 and not report.no_face
+    index.save(tmp_path / "enrolled")
+
+    second_server = InProcessServer(settings_for(tmp_path / "enrolled", tmp_path))
+    try:
+        with grpc.insecure_channel(second_server.target) as channel:
+            second = pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=60)
+        text = scrape(second_server.metrics_url)
+    finally:
+        second_server.stop()
+    before = {i.slot: i for i in first.images}
+    assert len(second.images) == 4
+    for image in second.images:
+        assert image.data != before[image.slot].data
+        assert image.attempts == before[image.slot].attempts + 1
+    assert second.summary.candidates_rejected >= 4
+    assert metric_value(text, "facegate_candidates_total", {"outcome": "rejected_identity"}) >= 4
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_zero(demo_index: Path, tmp_path: Path) -> None:
+    proc = SubprocessServer(
+        {
+            "FACEGATE_INDEX_PATH": str(demo_index),
+            "FACEGATE_THRESHOLD": str(DEMO_THRESHOLD),
+            "FACEGATE_GRACE_SECONDS": "60",
+            "FACEGATE_AUDIT_LOG": "none",
+        },
+        tmp_path / "server.log",
+    )
+    try:
+        proc.wait_serving()
+        results: dict[str, object] = {}
+        with grpc.insecure_channel(proc.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+
+            def in_flight() -> None:
+                try:
+                    results["response"] = stub.Generate(pb.GenerateRequest(count=48), timeout=120)
+                except grpc.RpcError as err:
+                    results["error"] = err
+
+            thread = threading.Thread(target=in_flight)
+            thread.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if metric_value(scrape(proc.metrics_url), "facegate_inflight_requests") >= 1:
+                    break
+                time.sleep(0.02)
+            proc.terminate()
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Generate(pb.GenerateRequest(count=1), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            thread.join(120)
+        assert "error" not in results, results.get("error")
+        assert len(results["response"].images) == 48  # type: ignore[attr-defined]
+        assert proc.wait(60) == 0
+        log = proc.log()
+        assert "draining" in log and "stopped" in log
+    finally:
+        proc.kill()
+
+
+def test_missing_index_stops_startup_with_a_clear_message(tmp_path: Path) -> None:
+    proc = SubprocessServer({"FACEGATE_INDEX_PATH": str(tmp_path / "no-index")}, tmp_path / "s.log")
+    try:
+        assert proc.wait(120) == 2
+        assert "no identity index" in proc.log() and "facegate index build" in proc.log()
+    finally:
+        proc.kill()
+
+
+def test_invalid_setting_stops_startup_naming_the_variable(tmp_path: Path) -> None:
+    proc = SubprocessServer({"FACEGATE_MAX_ATTEMPTS": "zero"}, tmp_path / "s.log")
+    try:
+        assert proc.wait(120) == 2
+        assert "FACEGATE_MAX_ATTEMPTS" in proc.log()
+    finally:
+        proc.kill()
