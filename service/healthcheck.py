@@ -15,7 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def main(argv: list[str]) -> int:
-    target = argv[1] if len(argv) > 1 else f"127.0.0.1:{os.environ.get('FACEGATE_GRPC_PORT', '50051')}"
+    target = (
+        argv[1] if len(argv) > 1 else f"127.0.0.1:{os.environ.get('FACEGATE_GRPC_PORT', '50051')}"
+    )
     try:
         with grpc.insecure_channel(target) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
@@ -25,7 +27,9 @@ def main(argv: list[str]) -> int:
         print(f"unhealthy: {err.code().name}", file=sys.stderr)
         return 1
     serving = response.status == health_pb2.HealthCheckResponse.SERVING
-    print("SERVING" if serving else health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    print(
+        "SERVING" if serving else health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    )
     return 0 if serving else 1
 
 

@@ -43,7 +43,9 @@ def k8s() -> dict[str, dict[str, Any]]:
     return resources
 
 
-def test_kubernetes_resources_validate_against_the_api_schemas(k8s: dict[str, dict[str, Any]]) -> None:
+def test_kubernetes_resources_validate_against_the_api_schemas(
+    k8s: dict[str, dict[str, Any]],
+) -> None:
     for kind in ("ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler"):
         kubernetes_validate.validate(k8s[kind], "1.37.0", strict=True)
     monitor = k8s["PodMonitor"]
@@ -80,7 +82,9 @@ def test_deployment_matches_the_service_config(k8s: dict[str, dict[str, Any]]) -
 
 def test_overlays_reference_existing_files_and_the_gpu_overlay_asks_for_a_gpu() -> None:
     for overlay in ("cpu", "gpu"):
-        kustomization = yaml.safe_load((DEPLOY / "k8s/overlays" / overlay / "kustomization.yaml").read_text())
+        kustomization = yaml.safe_load(
+            (DEPLOY / "k8s/overlays" / overlay / "kustomization.yaml").read_text()
+        )
         for resource in kustomization["resources"]:
             assert (DEPLOY / "k8s/overlays" / overlay / resource).resolve().is_dir()
         for patch in kustomization.get("patches", []):
@@ -145,7 +149,9 @@ def _api(base: str, path: str, **params: str) -> Any:
 def prometheus_against(tmp_path: Path) -> Iterator[Any]:
     binary = shutil.which("prometheus")
     if binary is None:
-        pytest.fail("the prometheus binary is missing: run `make tools` (Debian package prometheus)")
+        pytest.fail(
+            "the prometheus binary is missing: run `make tools` (Debian package prometheus)"
+        )
     started: list[subprocess.Popen[bytes]] = []
 
     def start(metrics_port: int) -> str:
@@ -164,11 +170,18 @@ def prometheus_against(tmp_path: Path) -> Iterator[Any]:
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         log = (tmp_path / "prometheus.log").open("w")
-        started.append(subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        ))
+        started.append(
+            subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
         return f"http://127.0.0.1:{port}"
 
     yield start
@@ -191,7 +204,8 @@ def test_real_prometheus_scrapes_counters_and_evaluates_rules(
     build_demo_index(
         load_dcgan_digiface(REPO / "models"),
         build_embedding_pipeline("sface", REPO / "models", "cpu"),
-        identities=20, seed=1,
+        identities=20,
+        seed=1,
     ).save(index)
     server = InProcessServer(settings_for(index, tmp_path))
     try:
@@ -202,9 +216,13 @@ def test_real_prometheus_scrapes_counters_and_evaluates_rules(
             stub = pb_grpc.GenerationServiceStub(channel)
             while time.monotonic() < deadline:
                 stub.Generate(pb.GenerateRequest(count=4, seed=1), timeout=60)  # seed 1 resamples
-                for query in ("facegate_candidates_total", "facegate:candidates:rate5m",
-                              "facegate:candidate_reject_ratio:rate5m",
-                              "facegate:attempts_per_image:mean5m", 'up{job="facegate"}'):
+                for query in (
+                    "facegate_candidates_total",
+                    "facegate:candidates:rate5m",
+                    "facegate:candidate_reject_ratio:rate5m",
+                    "facegate:attempts_per_image:mean5m",
+                    'up{job="facegate"}',
+                ):
                     result = _api(base, "/api/v1/query", query=f"sum({query})")["data"]["result"]
                     if result:
                         values[query] = float(result[0]["value"][1])
