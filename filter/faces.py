@@ -53,6 +53,9 @@ class DetectorSettings:
     max_side: int = 640  # detect on a copy whose long side is at most this
     min_side: int = 160  # small images (generated 64x64 crops) are upscaled to this
     min_face_size: int = 20  # in pixels of the detection copy
+    # Generated face crops fill the frame: a minimum face size relative to the image
+    # drops the small pyramid scales (most of MTCNN's work). 0 disables it.
+    min_face_fraction: float = 0.0
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     pyramid_factor: float = 0.709
 
@@ -62,9 +65,16 @@ class DetectorSettings:
             "max_side": self.max_side,
             "min_side": self.min_side,
             "min_face_size": self.min_face_size,
+            "min_face_fraction": self.min_face_fraction,
             "thresholds": list(self.thresholds),
             "pyramid_factor": self.pyramid_factor,
         }
+
+
+# Detection settings for aligned generator output (DCGAN/StyleGAN face crops): no
+# upscaling beyond 112 px and faces of at least 40 % of the short side. Enabled only for
+# generator output; bench/run.py measures its agreement with the full path.
+GENERATED_FAST_PATH = DetectorSettings(min_side=112, min_face_fraction=0.4)
 
 
 class Detector(Protocol):
@@ -98,9 +108,18 @@ class MtcnnDetector:
         self._pnet = PNet().to(self.device).eval()
         self._rnet = RNet().to(self.device).eval()
         self._onet = ONet().to(self.device).eval()
-        # facenet-pytorch's detect_face is not re-entrant on shared modules under autograd
-        # state changes; a lock keeps concurrent callers (CLI threads, tests) safe.
+        # One detection at a time per network set: concurrent callers (CLI threads, tests)
+        # would otherwise oversubscribe the cores torch already parallelises over.
         self._lock = threading.Lock()
+
+    def with_settings(self, settings: DetectorSettings) -> MtcnnDetector:
+        """A detector with other settings sharing these networks (no second load)."""
+        twin = object.__new__(MtcnnDetector)
+        twin.settings = settings
+        twin.device = self.device
+        twin._pnet, twin._rnet, twin._onet = self._pnet, self._rnet, self._onet
+        twin._lock = self._lock
+        return twin
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
         results: list[list[DetectedFace]] = [[] for _ in images]
@@ -116,7 +135,11 @@ class MtcnnDetector:
             groups.setdefault((copy.shape[0], copy.shape[1]), []).append(i)
         for indices in groups.values():
             batch = np.stack([prepared[i] for i in indices])
-            per_image = self._detect_batch(batch, self.settings.min_face_size)
+            short_side = min(batch.shape[1], batch.shape[2])
+            min_face = max(
+                float(self.settings.min_face_size), self.settings.min_face_fraction * short_side
+            )
+            per_image = self._detect_batch(batch, min_face)
             for i, faces in zip(indices, per_image, strict=True):
                 results[i] = [_rescale(face, scales[i]) for face in faces]
         return results

@@ -18,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from filter.errors import FilterError
-from filter.faces import DetectorSettings
+from filter.faces import GENERATED_FAST_PATH, FaceAligner, MtcnnDetector
+from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.runtime import build_embedding_pipeline, load_identity_filter
 from service.audit import AuditSink, JsonLinesAuditLog
 from service.config import Settings, unknown_env_names
@@ -46,8 +47,17 @@ class LoadedService:
     audit: AuditSink
 
 
-def detector_settings_for(settings: Settings) -> DetectorSettings:
-    return DetectorSettings()
+def generated_output_filter(full: IdentityFilter) -> IdentityFilter:
+    """The same filter (embedder, index, threshold, alignment) with detection tuned for
+    face-centred generator crops; see filter.faces.GENERATED_FAST_PATH."""
+    detector = full.embedding.aligner.detector
+    if not isinstance(detector, MtcnnDetector):
+        return full
+    fast = FaceEmbeddingPipeline(
+        FaceAligner(detector.with_settings(GENERATED_FAST_PATH), full.embedding.aligner.crop_size),
+        full.embedding.embedder,
+    )
+    return IdentityFilter(fast, full.index, full.threshold, full.no_face_policy)
 
 
 def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
@@ -59,12 +69,13 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         settings.models_dir,
         device=settings.device,
         facenet_weights=settings.facenet_weights,
-        detector_settings=detector_settings_for(settings),
     )
     identity_filter = load_identity_filter(
         embedding, settings.index_path, settings.threshold, settings.no_face_policy
     )
     index = identity_filter.index
+    if settings.generated_fast_path:
+        identity_filter = generated_output_filter(identity_filter)
     metrics.index_identities.set(index.identity_count)
     metrics.index_vectors.set(index.vector_count)
     generator = load_generator(

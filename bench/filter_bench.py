@@ -1,0 +1,111 @@
+"""Filter throughput (faces/s) against a naive baseline, measured side by side, and the
+fast path's agreement with the full path on generated faces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from bench.common import MODELS, device_name, emit, generated_faces, timed
+from filter.faces import GENERATED_FAST_PATH, FaceAligner, MtcnnDetector, align_face
+from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
+from filter.index import FaissIdentityIndex
+from filter.runtime import build_embedding_pipeline
+from service.demo import build_demo_index
+from service.generators import load_dcgan_digiface
+
+THRESHOLD = 0.56  # the demo's calibrated threshold (README)
+
+
+def _naive(images: list[np.ndarray], pipeline: FaceEmbeddingPipeline, index: Any) -> int:
+    """One image at a time through facenet-pytorch's MTCNN API, one face per embed call,
+    one query per search: how a first version would be written."""
+    from facenet_pytorch import MTCNN
+
+    mtcnn = MTCNN(keep_all=True, device="cpu")
+    embedder = pipeline.embedder
+    faces = 0
+    for image in images:
+        _boxes, _probs, points = mtcnn.detect(Image.fromarray(image), landmarks=True)
+        if points is None:
+            continue
+        for landmarks in points:
+            crop = align_face(image, landmarks, embedder.crop_size)
+            vector = embedder.embed(crop[None])
+            index.search(vector)
+            faces += 1
+    return faces
+
+
+def _faces_checked(filt: IdentityFilter, images: list[np.ndarray], batch: int) -> int:
+    total = 0
+    for start in range(0, len(images), batch):
+        total += sum(v.faces for v in filt.check(images[start : start + batch]))
+    return total
+
+
+def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
+    pipeline = build_embedding_pipeline("sface", MODELS, device="cpu")
+    generator = load_dcgan_digiface(MODELS)
+    index: FaissIdentityIndex = build_demo_index(generator, pipeline, identities=200, seed=1)
+    images = generated_faces(count, seed=100)
+    detector = pipeline.aligner.detector
+    assert isinstance(detector, MtcnnDetector)
+    fast_pipeline = FaceEmbeddingPipeline(
+        FaceAligner(detector.with_settings(GENERATED_FAST_PATH), pipeline.embedder.crop_size),
+        pipeline.embedder,
+    )
+    full = IdentityFilter(pipeline, index, THRESHOLD)
+    fast = IdentityFilter(fast_pipeline, index, THRESHOLD)
+
+    _faces_checked(fast, images[:16], 16)  # warm-up
+    naive_s, naive_faces = timed(lambda: _naive(images, pipeline, index))
+    full_s, full_faces = timed(lambda: _faces_checked(full, images, 64), repeat=2)
+    fast_s, fast_faces = timed(lambda: _faces_checked(fast, images, 64), repeat=2)
+    _, crops = fast_pipeline.aligner.faces(images)
+    all_crops = np.concatenate(crops)
+    embed_s, _ = timed(
+        lambda: [pipeline.embedder.embed(all_crops[i : i + 64]) for i in range(0, len(all_crops), 64)],
+        repeat=2,
+    )
+    detect_s, _ = timed(lambda: fast_pipeline.aligner.faces(images[:64]), repeat=2)
+
+    result = {
+        "bench": "filter_throughput",
+        "device": device_name(),
+        "workload": f"{count} generated 64x64 faces (dcgan-digiface), 200-identity index",
+        "naive_faces_per_s": round(naive_faces / naive_s, 1),
+        "full_path_batched_faces_per_s": round(full_faces / full_s, 1),
+        "filter_faces_per_s": round(fast_faces / fast_s, 1),
+        "embedder_alone_faces_per_s": round(len(all_crops) / embed_s, 1),
+        "detect_fast_path_images_per_s": round(64 / detect_s, 1),
+    }
+    result["speedup"] = round(result["filter_faces_per_s"] / result["naive_faces_per_s"], 2)
+    result["embedder_fraction"] = round(
+        result["filter_faces_per_s"] / result["embedder_alone_faces_per_s"], 3
+    )
+    emit(result)
+
+    # Fast path vs full path: the same verdict on each generated face?
+    sample = generated_faces(agreement_count, seed=200)
+    agree = 0
+    full_rejects = fast_rejects = 0
+    for start in range(0, len(sample), 64):
+        chunk = sample[start : start + 64]
+        a = full.check(chunk)
+        b = fast.check(chunk)
+        agree += sum((x.passed, x.reason) == (y.passed, y.reason) for x, y in zip(a, b, strict=True))
+        full_rejects += sum(not x.passed for x in a)
+        fast_rejects += sum(not y.passed for y in b)
+    agreement = {
+        "bench": "fast_path_agreement",
+        "faces": len(sample),
+        "agreement": round(agree / len(sample), 4),
+        "full_path_rejects": full_rejects,
+        "fast_path_rejects": fast_rejects,
+        "threshold": THRESHOLD,
+    }
+    emit(agreement)
+    return {**result, "fast_path_agreement": agreement["agreement"]}

@@ -1,0 +1,50 @@
+"""`make bench`: every benchmark, JSON lines, ratios measured side by side in one run.
+
+    .venv/bin/python -m bench.run [filter] [service] [index]   # default: all
+
+The last line sums up: speedup and embedder_fraction (filter), service_speedup and
+service_p99_ratio, fast_path_agreement, and the 1M-vector index result.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from bench.common import device_name, emit
+
+
+def main(argv: list[str]) -> int:
+    torch.set_num_threads(2)
+    wanted = set(argv) or {"filter", "service", "index"}
+    summary: dict[str, Any] = {"bench": "summary", "device": device_name()}
+    if "index" in wanted:
+        from bench import index_bench
+
+        rows = index_bench.run()
+        best = [r for r in rows if r["vectors"] == max(x["vectors"] for x in rows)
+                and r["index_type"] != "flat" and r["match_recall"] >= 0.99]
+        if best:
+            fastest = min(best, key=lambda r: r["query_ms"])
+            summary.update({"index_1m_type": fastest["index_type"],
+                            "index_1m_query_ms": fastest["query_ms"],
+                            "index_1m_match_recall": fastest["match_recall"]})
+    if "service" in wanted:
+        from bench import service_bench
+
+        summary.update(service_bench.run())
+    if "filter" in wanted:
+        from bench import filter_bench
+
+        result = filter_bench.run()
+        summary.update({k: result[k] for k in
+                        ("speedup", "embedder_fraction", "filter_faces_per_s",
+                         "naive_faces_per_s", "embedder_alone_faces_per_s", "fast_path_agreement")})
+    emit(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""Service throughput with concurrent callers: cross-request batching against
+per-request batches, each a real server subprocess on loopback, measured in one run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.common import MODELS, REPO, emit
+from filter.runtime import build_embedding_pipeline
+from service.demo import build_demo_index
+from service.generators import load_dcgan_digiface
+from service.proto.facegate.v1 import generation_pb2 as pb
+from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+from tests.servers import free_port
+
+THRESHOLD = "0.56"
+
+
+def _start(index: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    full = {
+        **os.environ, "FACEGATE_INDEX_PATH": str(index), "FACEGATE_THRESHOLD": THRESHOLD,
+        "FACEGATE_GRPC_HOST": "127.0.0.1", "FACEGATE_GRPC_PORT": str(port),
+        "FACEGATE_METRICS_PORT": str(free_port()), "FACEGATE_MODELS_DIR": str(MODELS),
+        "FACEGATE_AUDIT_LOG": "none", "FACEGATE_MAX_CONCURRENT_REQUESTS": "64",
+        "FACEGATE_DEVICE": "cpu", "FACEGATE_LOG_LEVEL": "WARNING", **env,
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return proc, target
+            except grpc.RpcError:
+                time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+
+
+async def _load(target: str, callers: int, count: int, seconds: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    released = 0
+    errors = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        await stub.Generate(pb.GenerateRequest(count=count), timeout=120)  # warm-up
+        stop = time.monotonic() + seconds
+
+        async def caller() -> None:
+            nonlocal released, errors
+            while time.monotonic() < stop:
+                start = time.perf_counter()
+                try:
+                    response = await stub.Generate(pb.GenerateRequest(count=count), timeout=120)
+                    released += len(response.images)
+                    latencies.append(time.perf_counter() - start)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        start = time.monotonic()
+        await asyncio.gather(*[caller() for _ in range(callers)])
+        elapsed = time.monotonic() - start
+    lat = np.array(latencies)
+    return {
+        "images_per_s": round(released / elapsed, 1),
+        "requests": len(latencies), "errors": errors,
+        "p50_s": round(float(np.percentile(lat, 50)), 3),
+        "p99_s": round(float(np.percentile(lat, 99)), 3),
+    }
+
+
+def run(callers: int = 16, count: int = 8, seconds: float = 40.0) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="facegate-bench-") as tmp:
+        index = Path(tmp) / "index"
+        build_demo_index(
+            load_dcgan_digiface(MODELS), build_embedding_pipeline("sface", MODELS, "cpu"),
+            identities=200, seed=1,
+        ).save(index)
+        modes = {
+            "per_request": {"FACEGATE_MAX_BATCH": str(count), "FACEGATE_MAX_BATCH_DELAY_MS": "0"},
+            "cross_request": {"FACEGATE_MAX_BATCH": "128", "FACEGATE_MAX_BATCH_DELAY_MS": "10"},
+        }
+        rows: dict[str, dict[str, Any]] = {}
+        for mode, env in modes.items():
+            proc, target = _start(index, env, Path(tmp) / f"{mode}.log")
+            try:
+                rows[mode] = asyncio.run(_load(target, callers, count, seconds))
+            finally:
+                proc.terminate()
+                proc.wait(60)
+            emit({"bench": "service_throughput", "mode": mode, "callers": callers,
+                  "count": count, "seconds": seconds, **env, **rows[mode]})
+    summary = {
+        "service_speedup": round(
+            rows["cross_request"]["images_per_s"] / rows["per_request"]["images_per_s"], 2
+        ),
+        "service_p99_ratio": round(rows["cross_request"]["p99_s"] / rows["per_request"]["p99_s"], 2),
+    }
+    emit({"bench": "service_throughput_summary", **summary})
+    return summary
