@@ -8,6 +8,7 @@ service_p99_ratio, fast_path_agreement, and the 1M-vector index result.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -23,7 +24,10 @@ def main(argv: list[str]) -> int:
     if "index" in wanted:
         from bench import index_bench
 
-        rows = index_bench.run()
+        sizes = tuple(
+            int(n) for n in os.environ.get("BENCH_INDEX_SIZES", "100000,1000000").split(",")
+        )
+        rows = index_bench.run(sizes)
         best = [
             r
             for r in rows

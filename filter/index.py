@@ -39,6 +39,10 @@ IndexType = Literal["auto", "flat", "hnsw", "ivf"]
 # Exact search up to this many vectors; past it a graph index (HNSW) keeps single-query
 # latency in the low milliseconds on 2 cores. See README "Index at scale" for the numbers.
 FLAT_MAX_VECTORS = 200_000
+# Search breadth of the approximate types; `make bench` reports latency and recall for
+# these and neighbouring values (README "Index at scale").
+HNSW_EF_SEARCH = 128
+IVF_NPROBE = 64
 
 
 @dataclass(frozen=True)
@@ -75,13 +79,15 @@ def make_faiss_index(vectors: np.ndarray, index_type: IndexType) -> Any:
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 80
-        index.hnsw.efSearch = 64
+        index.hnsw.efSearch = HNSW_EF_SEARCH
     elif kind == "ivf":
         nlist = max(1, min(int(4 * np.sqrt(max(len(vectors), 1))), max(len(vectors) // 39, 1)))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(vectors)
-        index.nprobe = min(nlist, 16)
+        # k-means on a sample: 64 points per list trains as well as all of them, far faster.
+        sample = np.random.default_rng(0).permutation(len(vectors))[: 64 * nlist]
+        index.train(vectors[np.sort(sample)])
+        index.nprobe = min(nlist, IVF_NPROBE)
     else:
         raise ValueError(f"unknown index type {index_type!r}")
     if len(vectors):
@@ -115,6 +121,16 @@ class FaissIdentityIndex:
         self.manifest = manifest
         # FAISS search is thread-safe for reads, but HNSW efSearch changes are not.
         self._lock = threading.Lock()
+        self._device_vectors: Any = None  # exact search on a GPU, see use_device()
+
+    def use_device(self, device: str) -> None:
+        """Search exactly on a CUDA device: one fp16 GEMM against all vectors (the index's
+        own type then only matters on the CPU). A no-op for the CPU."""
+        if not device.startswith("cuda") or self.vector_count == 0:
+            return
+        import torch
+
+        self._device_vectors = torch.from_numpy(self.vectors()).to(device, torch.float16)
 
     @classmethod
     def build(
@@ -169,13 +185,27 @@ class FaissIdentityIndex:
             raise IndexMismatchError(
                 f"query dimension {queries.shape[1]} does not match index dimension {self.dim}"
             )
-        similarities, rows = self._index.search(queries, 1)
+        if self._device_vectors is not None:
+            similarities, rows = self._search_on_device(queries)
+        else:
+            similarities, rows = self._index.search(queries, 1)
         return [
             Match(similarity=float(s), identity=self._identities[int(r)])
             if r >= 0
             else Match(similarity=-1.0, identity=None)
             for s, r in zip(similarities[:, 0], rows[:, 0], strict=True)
         ]
+
+    def _search_on_device(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        vectors = self._device_vectors
+        q = torch.from_numpy(queries).to(vectors.device, torch.float16)
+        best, rows = (q @ vectors.T).max(dim=1)
+        return (
+            best.float().cpu().numpy()[:, None],
+            rows.cpu().numpy()[:, None],
+        )
 
     def source_of(self, row: int) -> str:
         return self._sources[row]

@@ -17,9 +17,11 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from filter.embedders import resolve_device
 from filter.errors import FilterError
 from filter.faces import GENERATED_FAST_PATH, FaceAligner, MtcnnDetector
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
+from filter.index import FaissIdentityIndex
 from filter.runtime import build_embedding_pipeline, load_identity_filter
 from service.audit import AuditSink, JsonLinesAuditLog
 from service.config import Settings, unknown_env_names
@@ -74,6 +76,8 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         embedding, settings.index_path, settings.threshold, settings.no_face_policy
     )
     index = identity_filter.index
+    if isinstance(index, FaissIdentityIndex):
+        index.use_device(str(resolve_device(settings.device)))
     if settings.generated_fast_path:
         identity_filter = generated_output_filter(identity_filter)
     metrics.index_identities.set(index.identity_count)

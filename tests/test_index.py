@@ -95,3 +95,22 @@ def test_each_index_type_finds_exact_duplicates(tmp_path: Path, index_type: str)
 def test_auto_index_type_switches_to_hnsw_for_large_galleries() -> None:
     assert choose_index_type(1000) == "flat"
     assert choose_index_type(5_000_000) == "hnsw"
+
+
+@pytest.mark.gpu
+def test_gpu_exact_search_matches_faiss() -> None:
+    index = _random_index(500, 64)
+    queries = index.vectors()[::50] + 0.01
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    expected = index.search(queries)
+    index.use_device("cuda")
+    got = index.search(queries)
+    assert [m.identity for m in got] == [m.identity for m in expected]
+    assert np.allclose([m.similarity for m in got], [m.similarity for m in expected], atol=2e-3)
+
+
+def test_use_device_is_a_no_op_on_the_cpu() -> None:
+    index = _random_index(50)
+    before = index.search(index.vectors()[:3])
+    index.use_device("cpu")
+    assert index.search(index.vectors()[:3]) == before
