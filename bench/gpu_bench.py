@@ -29,6 +29,21 @@ from filter.index import FaissIdentityIndex
 from service.generators import DcganGenerator, to_uint8_images
 
 
+def _synthetic_index(model_sha256: str, vectors: int = 100_000) -> FaissIdentityIndex:
+    """A flat index of random unit vectors, five per identity (search cost only)."""
+    gallery = np.random.default_rng(0).standard_normal((vectors, 512)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    return FaissIdentityIndex.build(
+        gallery,
+        [f"id{i // 5}" for i in range(vectors)],
+        ["synthetic"] * vectors,
+        embedder_name="facenet",
+        model_sha256=model_sha256,
+        detector={},
+        index_type="flat",
+    )
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -143,18 +158,7 @@ def main() -> None:
     )
 
     # The whole filter on the GPU: fast-path detection, alignment, bf16 embedding, search.
-    rng = np.random.default_rng(0)
-    gallery = rng.standard_normal((100_000, 512)).astype(np.float32)
-    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    index = FaissIdentityIndex.build(
-        gallery,
-        [f"id{i // 5}" for i in range(len(gallery))],
-        ["synthetic"] * len(gallery),
-        embedder_name="facenet",
-        model_sha256=bf16.model_sha256,
-        detector={},
-        index_type="flat",
-    )
+    index = _synthetic_index(bf16.model_sha256)
     filt = IdentityFilter(FaceEmbeddingPipeline(aligner, bf16, max_embed_batch=1024), index, 0.4)
     faces = len(crops)
     embed_alone = _rate(lambda: [bf16.embed(p) for p in crops_gpu_batches], faces)
@@ -179,7 +183,7 @@ def main() -> None:
                 "filter_faces_per_s": round(rate, 1),
                 "embedder_alone_faces_per_s": round(embed_alone, 1),
                 "embedder_fraction": round(rate / embed_alone, 3),
-                "index_vectors": len(gallery),
+                "index_vectors": index.vector_count,
                 "stage_seconds_all_runs": stage_seconds,
             }
         )
@@ -194,18 +198,7 @@ def _batch_sweep(
 ) -> None:
     """Per-request batches (8 images, one request at count=8) against batches gathered
     across requests, on the same filter: what the dynamic batcher buys on this card."""
-    rng = np.random.default_rng(0)
-    gallery = rng.standard_normal((100_000, 512)).astype(np.float32)
-    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-    index = FaissIdentityIndex.build(
-        gallery,
-        [f"id{i // 5}" for i in range(len(gallery))],
-        ["synthetic"] * len(gallery),
-        embedder_name="facenet",
-        model_sha256=embedder.model_sha256,
-        detector={},
-        index_type="flat",
-    )
+    index = _synthetic_index(embedder.model_sha256)
     index.use_device(device)
     filt = IdentityFilter(
         FaceEmbeddingPipeline(aligner, embedder, max_embed_batch=1024), index, 0.4

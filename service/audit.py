@@ -10,22 +10,24 @@ import json
 import sys
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
 
+@dataclass(frozen=True)
+class Rejection:
+    request_id: str
+    slot: int
+    attempt: int
+    reason: str
+    similarity: float | None
+    identity: str | None
+    faces: int
+
+
 class AuditSink(Protocol):
-    def rejection(
-        self,
-        *,
-        request_id: str,
-        slot: int,
-        attempt: int,
-        reason: str,
-        similarity: float | None,
-        identity: str | None,
-        faces: int,
-    ) -> None: ...
+    def rejection(self, record: Rejection) -> None: ...
 
     def close(self) -> None: ...
 
@@ -46,32 +48,19 @@ class JsonLinesAuditLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         return cls(path.open("a", buffering=1, encoding="utf-8"), owns_stream=True)
 
-    def rejection(
-        self,
-        *,
-        request_id: str,
-        slot: int,
-        attempt: int,
-        reason: str,
-        similarity: float | None,
-        identity: str | None,
-        faces: int,
-    ) -> None:
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-            + f".{int(time.time() * 1000) % 1000:03d}Z",
+    def rejection(self, record: Rejection) -> None:
+        now = time.time()
+        line = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z",
             "event": "candidate_rejected",
-            "request_id": request_id,
-            "slot": slot,
-            "attempt": attempt,
-            "reason": reason,
-            "similarity": None if similarity is None else round(similarity, 6),
-            "identity": identity,
-            "faces": faces,
+            **asdict(record),
         }
-        line = json.dumps(record, sort_keys=True)
+        if record.similarity is not None:
+            line["similarity"] = round(record.similarity, 6)
+        text = json.dumps(line, sort_keys=True)
         with self._lock:
-            self._stream.write(line + "\n")
+            self._stream.write(text + "\n")
             self._stream.flush()
 
     def close(self) -> None:
@@ -80,17 +69,7 @@ class JsonLinesAuditLog:
 
 
 class NullAuditLog:
-    def rejection(
-        self,
-        *,
-        request_id: str,
-        slot: int,
-        attempt: int,
-        reason: str,
-        similarity: float | None,
-        identity: str | None,
-        faces: int,
-    ) -> None:
+    def rejection(self, record: Rejection) -> None:
         return None
 
     def close(self) -> None:

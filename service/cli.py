@@ -37,6 +37,19 @@ def _pipeline(settings: Settings, args: argparse.Namespace) -> Any:
     )
 
 
+def _generator(settings: Settings) -> Any:
+    """The configured generator, on the CPU (operator tools run beside the service)."""
+    from service.generators import load_generator
+
+    return load_generator(
+        settings.generator,
+        Path(settings.models_dir),
+        "cpu",
+        settings.generator_path,
+        settings.generator_latent_dim,
+    )
+
+
 def _progress(total: int, label: str) -> Any:
     from tqdm import tqdm
 
@@ -99,16 +112,9 @@ def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_index_demo(settings: Settings, args: argparse.Namespace) -> int:
     """Enrol faces sampled from the generator as synthetic 'training identities'."""
     from service.demo import build_demo_index
-    from service.generators import load_generator
 
     pipeline = _pipeline(settings, args)
-    generator = load_generator(
-        settings.generator,
-        Path(settings.models_dir),
-        "cpu",
-        settings.generator_path,
-        settings.generator_latent_dim,
-    )
+    generator = _generator(settings)
     index = build_demo_index(generator, pipeline, identities=args.identities, seed=args.seed)
     index.save(Path(args.out))
     _emit(
@@ -198,15 +204,9 @@ def _non_member_batches(
 
     import numpy as np
 
-    from service.generators import latents_for, load_generator
+    from service.generators import latents_for
 
-    generator = load_generator(
-        settings.generator,
-        Path(settings.models_dir),
-        "cpu",
-        settings.generator_path,
-        settings.generator_latent_dim,
-    )
+    generator = _generator(settings)
     total = args.generator_samples
 
     def from_generator() -> Iterator[list[Any]]:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from filter.decide import ImageVerdict, Reason
 from filter.identity_filter import StageObserver
-from service.audit import AuditSink, NullAuditLog
+from service.audit import AuditSink, NullAuditLog, Rejection
 from service.errors import DeadlineExceeded, FilterFailure, InvalidRequest, NothingPassed
 from service.generators import Generator, latents_for
 
@@ -346,13 +346,15 @@ class GenerationPipeline:
                     continue
                 summary.candidates_rejected += 1
                 self.audit.rejection(
-                    request_id=request.request_id,
-                    slot=candidate.slot,
-                    attempt=candidate.attempt,
-                    reason=str(outcome.verdict.reason or Reason.IDENTITY_MATCH),
-                    similarity=outcome.verdict.max_similarity,
-                    identity=outcome.verdict.identity,
-                    faces=outcome.verdict.faces,
+                    Rejection(
+                        request_id=request.request_id,
+                        slot=candidate.slot,
+                        attempt=candidate.attempt,
+                        reason=str(outcome.verdict.reason or Reason.IDENTITY_MATCH),
+                        similarity=outcome.verdict.max_similarity,
+                        identity=outcome.verdict.identity,
+                        faces=outcome.verdict.faces,
+                    )
                 )
                 if attempts[candidate.slot] < self.max_attempts:
                     still_open.append(candidate.slot)

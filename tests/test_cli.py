@@ -134,3 +134,27 @@ def test_calibrate_on_held_out_people(
     verdicts = [json.loads(line) for line in check.stdout.splitlines()]
     rejected = sum(v["reason"] == "identity_match" for v in verdicts)
     assert rejected <= 0.2 * report["count"]
+
+
+def test_demo_index_and_calibration_on_generator_samples(tmp_path: Path) -> None:
+    demo = facegate("index", "demo", "--out", str(tmp_path / "demo"), "--identities", "12")
+    assert demo.returncode == 0, demo.stderr
+    built = json.loads(demo.stdout)
+    assert 10 <= built["vectors"] <= 14 and built["seed"] == 1
+    result = facegate(
+        "calibrate",
+        "--index",
+        str(tmp_path / "demo"),
+        "--generator-samples",
+        "24",
+        "--seed",
+        "2",
+        "--target-false-reject",
+        "0.1",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == 24 and report["count"] + report["no_face"] == 24
+    assert report["quantiles"]["p50"] < report["threshold"] <= report["max"] + 1e-6
+    # Unfiltered generator samples are never written anywhere.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
