@@ -181,10 +181,25 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facegate-engine")
         self._worker: asyncio.Task[None] | None = None
+        self._gathered: list[_Pending] = []  # taken from the queue, not yet answered
 
     def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+            self._worker.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """If the worker dies of a bug, fail every waiting request closed, now."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("batcher worker crashed; failing queued requests", exc_info=task.exception())
+        self._worker = None  # the next submit starts a fresh worker
+        waiting = list(self._gathered)
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for pending in waiting:
+            if not pending.future.done():
+                pending.future.set_exception(FilterFailure("batcher worker crashed"))
 
     async def close(self) -> None:
         if self._worker is not None:
@@ -206,7 +221,7 @@ class DynamicBatcher:
         while True:
             first = carry or await self._queue.get()
             carry = None
-            batch = [first]
+            batch = self._gathered = [first]
             size = len(first.latents)
             deadline = loop.time() + self.max_delay
             while size < self.max_batch:

@@ -229,3 +229,21 @@ def test_jpeg_output(generator: TorchGenerator) -> None:
         await pipe.batcher.close()
 
     asyncio.run(run())
+
+
+def test_a_crashed_batcher_worker_fails_waiting_requests_closed(generator: TorchGenerator) -> None:
+    checker = HashListFilter()
+
+    async def run() -> None:
+        pipe = _pipeline(generator, checker, max_delay=0.05)
+
+        async def broken_run() -> None:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("bug in the worker")
+
+        pipe.batcher._run = broken_run  # type: ignore[method-assign]
+        with pytest.raises(FilterFailure):
+            await asyncio.wait_for(pipe.generate(GenerationRequest(count=2, seed=1)), 5)
+        await pipe.batcher.close()
+
+    asyncio.run(run())

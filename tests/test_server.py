@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -401,3 +402,43 @@ def test_invalid_setting_stops_startup_naming_the_variable(tmp_path: Path) -> No
         assert "FACEGATE_MAX_ATTEMPTS" in proc.log()
     finally:
         proc.kill()
+
+
+def test_tls_server_serves_a_verified_client(demo_index: Path, tmp_path: Path) -> None:
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    running = InProcessServer(settings_for(demo_index, tmp_path, tls_cert=cert, tls_key=key))
+    try:
+        credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+        target = f"localhost:{running.server.grpc_port}"
+        with grpc.secure_channel(target, credentials) as channel:
+            response = pb_grpc.GenerationServiceStub(channel).Generate(
+                pb.GenerateRequest(count=1, seed=5), timeout=60
+            )
+        assert len(response.images) == 1
+        with grpc.insecure_channel(target) as plain, pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GenerationServiceStub(plain).Generate(pb.GenerateRequest(count=1), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop()
