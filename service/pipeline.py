@@ -182,6 +182,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facegate-engine")
         self._worker: asyncio.Task[None] | None = None
         self._gathered: list[_Pending] = []  # taken from the queue, not yet answered
+        self._carry: _Pending | None = None  # taken, too big for the batch, opens the next
 
     def start(self) -> None:
         if self._worker is None:
@@ -194,7 +195,8 @@ class DynamicBatcher:
             return
         log.error("batcher worker crashed; failing queued requests", exc_info=task.exception())
         self._worker = None  # the next submit starts a fresh worker
-        waiting = list(self._gathered)
+        waiting = [*self._gathered, *([self._carry] if self._carry else [])]
+        self._carry = None
         while not self._queue.empty():
             waiting.append(self._queue.get_nowait())
         for pending in waiting:
@@ -217,10 +219,9 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        carry: _Pending | None = None
         while True:
-            first = carry or await self._queue.get()
-            carry = None
+            first = self._carry or await self._queue.get()
+            self._carry = None
             batch = self._gathered = [first]
             size = len(first.latents)
             deadline = loop.time() + self.max_delay
@@ -235,7 +236,7 @@ class DynamicBatcher:
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
                 if size + len(item.latents) > self.max_batch and size > 0:
-                    carry = item
+                    self._carry = item
                     break
                 batch.append(item)
                 size += len(item.latents)
@@ -346,9 +347,13 @@ class GenerationPipeline:
                 summary.candidates_drawn += 1
                 self.observer.candidate(outcome.verdict)
                 if outcome.verdict.passed:
+                    # Encoding a large generator's output takes tens of ms: off the loop.
+                    data = await asyncio.to_thread(
+                        encode_image, outcome.image, request.image_format, quality
+                    )
                     image = ReleasedImage(
                         slot=candidate.slot,
-                        data=encode_image(outcome.image, request.image_format, quality),
+                        data=data,
                         media_type=request.image_format.media_type,
                         attempts=attempts[candidate.slot],
                         width=int(outcome.image.shape[1]),
