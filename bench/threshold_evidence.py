@@ -22,7 +22,7 @@ from filter.runtime import build_embedding_pipeline
 
 
 def main() -> None:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "faces"
+    default = Path(__file__).resolve().parents[1] / "tests" / "data" / "faces"
     faces = Path(
         sys.argv[1] if len(sys.argv) > 1 else os.environ.get("FACEGATE_TEST_FACES", default)
     )

@@ -1,4 +1,5 @@
-"""Shared fixtures: the test photos (never copied into the repo), real models, real indexes."""
+"""Shared fixtures: the test photos (tests/data/faces, or $FACEGATE_TEST_FACES), real models,
+real indexes."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def faces_dir() -> Path:
-    path = Path(os.environ.get("FACEGATE_TEST_FACES", REPO.parent / "shared" / "faces"))
+    path = Path(os.environ.get("FACEGATE_TEST_FACES", REPO / "tests" / "data" / "faces"))
     if not (path / "identities").is_dir():
         pytest.fail(
-            f"test faces not found at {path}; set FACEGATE_TEST_FACES to the shared faces folder"
+            f"test faces not found at {path}; set FACEGATE_TEST_FACES to a faces folder"
         )
     return path
 
@@ -62,7 +63,7 @@ def pipeline(models_dir: Path) -> FaceEmbeddingPipeline:
 
 
 def make_gallery(identities_dir: Path, target: Path, ids: list[str]) -> Path:
-    """A gallery of symlinks to a subset of the shared identities (no copies)."""
+    """A gallery of symlinks to a subset of the test identities (no copies)."""
     for identity in ids:
         folder = target / identity
         folder.mkdir(parents=True)
