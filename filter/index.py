@@ -12,6 +12,7 @@ use, and refuses anything that does not match rather than loading silently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -166,6 +167,13 @@ class FaissIdentityIndex:
     @property
     def identity_count(self) -> int:
         return len(set(self._identities))
+
+    @property
+    def fingerprint(self) -> str:
+        """Short digest of the manifest (which holds the sha256 of every file): names the
+        exact index that is live, in logs, metrics and batch manifests."""
+        canonical = json.dumps(self.manifest, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
     def vector_count(self) -> int:

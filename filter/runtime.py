@@ -3,6 +3,7 @@ so the CLI, the index builder, calibration and the server all get the same pipel
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from filter.decide import NoFacePolicy
@@ -47,3 +48,24 @@ def load_identity_filter(
     no_face_policy: NoFacePolicy,
 ) -> IdentityFilter:
     return IdentityFilter(pipeline, load_index_for(pipeline, index_path), threshold, no_face_policy)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The thresholds in force and where they came from (logged at startup)."""
+
+    identity: float
+    source: str  # "override", "index calibration" or "default"
+
+
+def resolve_thresholds(
+    index: FaissIdentityIndex, override: float | None, default: float
+) -> Thresholds:
+    """An explicit threshold (flag or FACEGATE_THRESHOLD) wins; then the calibration saved
+    with the index; then the built-in default."""
+    if override is not None:
+        return Thresholds(identity=override, source="override")
+    saved = index.manifest.get("calibration")
+    if isinstance(saved, dict) and "threshold" in saved:
+        return Thresholds(identity=float(saved["threshold"]), source="index calibration")
+    return Thresholds(identity=default, source="default")

@@ -38,9 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def faces_dir() -> Path:
     path = Path(os.environ.get("FACEGATE_TEST_FACES", REPO / "tests" / "data" / "faces"))
     if not (path / "identities").is_dir():
-        pytest.fail(
-            f"test faces not found at {path}; set FACEGATE_TEST_FACES to a faces folder"
-        )
+        pytest.fail(f"test faces not found at {path}; set FACEGATE_TEST_FACES to a faces folder")
     return path
 
 

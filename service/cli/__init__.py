@@ -1,0 +1,57 @@
+"""The `facegate` command line: a thin layer over filter/ and service/, one module per
+command group. Heavy imports (torch, FAISS, gRPC) happen inside each command, so
+`--help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from service.cli import calibrate_cmd, check_cmd, index_cmd, models_cmd, serve_cmd
+from service.cli.common import EXIT_USAGE, CliError
+from service.config import ConfigError, load_settings
+
+COMMAND_MODULES = (models_cmd, index_cmd, check_cmd, calibrate_cmd, serve_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facegate",
+        description="Face generation that never releases a face of a training identity.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threshold", None) is not None and not -1.0 <= args.threshold <= 1.0:
+        parser.error("--threshold must be between -1 and 1")
+    if (
+        getattr(args, "target_false_reject", None) is not None
+        and not 0 < args.target_false_reject < 1
+    ):
+        parser.error("--target-false-reject must be between 0 and 1")
+    if getattr(args, "count", None) is not None and args.count < 1:
+        parser.error("--count must be at least 1")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"facegate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from filter.errors import FilterError
+
+    try:
+        return int(args.handler(settings, args))
+    except (CliError, FilterError) as exc:
+        print(f"facegate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = ["EXIT_USAGE", "CliError", "build_parser", "main"]

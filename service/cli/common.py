@@ -1,0 +1,65 @@
+"""Helpers shared by the commands: errors, JSON output, model loading, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback, exit 2."""
+
+
+def emit(payload: object) -> None:
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+def embedding_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
+    """Detector, aligner and embedder as the options and settings choose them."""
+    from filter.runtime import build_embedding_pipeline
+
+    return build_embedding_pipeline(
+        getattr(args, "embedder", None) or settings.embedder,
+        Path(getattr(args, "models_dir", None) or settings.models_dir),
+        device=getattr(args, "device", None) or settings.device,
+        facenet_weights=settings.facenet_weights,
+    )
+
+
+def configured_generator(settings: Settings) -> Any:
+    """The configured generator, on the CPU (operator tools run beside the service)."""
+    from service.generators import load_generator
+
+    return load_generator(
+        settings.generator,
+        Path(settings.models_dir),
+        "cpu",
+        settings.generator_path,
+        settings.generator_latent_dim,
+    )
+
+
+def progress_bar(total: int, label: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=label, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr
+    )
+
+
+def model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--models-dir", help="model folder (default FACEGATE_MODELS_DIR or ./models)"
+    )
+    parser.add_argument(
+        "--embedder", choices=["sface", "facenet"], help="default FACEGATE_EMBEDDER"
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default FACEGATE_DEVICE")

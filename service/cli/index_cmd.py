@@ -1,0 +1,97 @@
+"""`facegate index build|info|demo`: the identity index."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.cli.common import (
+    CliError,
+    configured_generator,
+    embedding_pipeline,
+    emit,
+    model_options,
+    progress_bar,
+)
+from service.config import Settings
+
+
+def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.faces import DetectorSettings
+    from filter.gallery import build_gallery_index, gallery_images
+
+    gallery = Path(args.gallery)
+    total = len(list(gallery_images(gallery)))
+    pipeline = embedding_pipeline(settings, args)
+    with progress_bar(total, "enrolling") as bar:
+        index, report = build_gallery_index(
+            gallery,
+            pipeline,
+            detector_settings=DetectorSettings().as_dict(),
+            index_type=args.index_type,
+            progress=bar.update,
+        )
+    if index.vector_count == 0:
+        raise CliError(f"no face was found in any image of {gallery}; nothing to index")
+    index.save(Path(args.out))
+    summary = {
+        "index": str(args.out),
+        "index_type": index.manifest["index_type"],
+        **report.as_dict(),
+    }
+    emit(summary)
+    for path in report.no_face:
+        print(f"warning: no face found in {path}; not enrolled", file=sys.stderr)
+    for item in report.skipped:
+        print(f"warning: skipped {item['path']}: {item['error']}", file=sys.stderr)
+    return 0
+
+
+def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.index import FaissIdentityIndex
+
+    index = FaissIdentityIndex.load(Path(args.index))
+    emit(index.manifest)
+    return 0
+
+
+def cmd_index_demo(settings: Settings, args: argparse.Namespace) -> int:
+    """Enrol faces sampled from the generator as synthetic 'training identities'."""
+    from service.demo import build_demo_index
+
+    pipeline = embedding_pipeline(settings, args)
+    generator = configured_generator(settings)
+    index = build_demo_index(generator, pipeline, identities=args.identities, seed=args.seed)
+    index.save(Path(args.out))
+    emit(
+        {
+            "index": str(args.out),
+            "identities": index.identity_count,
+            "vectors": index.vector_count,
+            "seed": args.seed,
+        }
+    )
+    return 0
+
+
+def register(sub: Any) -> None:
+    index = sub.add_parser("index", help="identity index").add_subparsers(
+        dest="index_cmd", required=True
+    )
+    build = index.add_parser("build", help="build an index from GALLERY/<identity>/*.jpg")
+    build.add_argument("gallery")
+    build.add_argument("--out", required=True, help="index folder to write")
+    build.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf"], default="auto")
+    model_options(build)
+    build.set_defaults(handler=cmd_index_build)
+    info = index.add_parser("info", help="print the index manifest as JSON")
+    info.add_argument("index")
+    info.set_defaults(handler=cmd_index_info)
+    demo = index.add_parser("demo", help="enrol generator samples as synthetic identities (demo)")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--identities", type=int, default=200)
+    demo.add_argument("--seed", type=int, default=1)
+    model_options(demo)
+    demo.set_defaults(handler=cmd_index_demo)
