@@ -4,13 +4,21 @@ With N indexed identities the chance that an unrelated face clears the threshold
 against at least one of them compounds (about 1 - (1 - FAR)^N), so a threshold
 picked from pairwise statistics rejects far more fresh faces than expected once
 the gallery is large. Calibrating on each non-member image's maximum similarity to
-the whole index measures that directly: the (1 - target) quantile of those maxima
-is the threshold at which the target share of non-members is falsely rejected.
+the whole index measures that directly.
+
+Two signals reject an image (identity OR replica), so they are calibrated together:
+each non-member's score on each signal is turned into its rank among the calibration
+set, and both thresholds are set at the same rank, the highest at which the union of
+the two rejects at most the target share. Neither signal needs a positive example to
+calibrate, and neither takes the whole false-reject budget. The target counts
+non-members rejected for any reason except "no face"; the no-face share is reported
+on its own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -19,47 +27,112 @@ QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
 
 @dataclass(frozen=True)
 class Calibration:
-    threshold: float
+    threshold: float  # identity
+    replica_threshold: float | None
     target_false_reject: float
-    count: int
+    measured_false_reject: float  # on the calibration set, both signals together
+    measured_false_reject_identity: float
+    measured_false_reject_replica: float | None
+    count: int  # non-member images with a face
     no_face: int
-    quantiles: dict[str, float]
+    no_face_share: float
+    quantiles: dict[str, float]  # of the identity score
+    replica_quantiles: dict[str, float] | None
     mean: float
     max: float
+    source: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "threshold": self.threshold,
-            "target_false_reject": self.target_false_reject,
-            "count": self.count,
-            "no_face": self.no_face,
-            "quantiles": self.quantiles,
-            "mean": self.mean,
-            "max": self.max,
-        }
+        return asdict(self)
+
+
+def just_above(value: float) -> float:
+    """The smallest float32 above `value`, as a short decimal when one exists: a face
+    matches at similarity >= threshold, so a threshold just above a score rejects it not."""
+    above = float(np.nextafter(np.float32(value), np.float32(np.inf)))
+    for digits in range(2, 9):
+        short = round(above, digits)
+        if value < short <= above:
+            return short
+    return above
+
+
+def _threshold_for_top(sorted_scores: np.ndarray, top: int) -> float:
+    """A threshold that rejects the `top` highest scores (ties at the boundary pass)."""
+    if top <= 0:
+        return min(1.0, just_above(float(sorted_scores[-1])))
+    return just_above(float(sorted_scores[len(sorted_scores) - top - 1]))
+
+
+def calibrate_thresholds(
+    identity_scores: np.ndarray,
+    replica_scores: np.ndarray | None,
+    target_false_reject: float,
+    no_face: int = 0,
+) -> Calibration:
+    """Thresholds at which at most `target_false_reject` of these non-members (images with
+    a face) would be rejected by identity or replica."""
+    if not 0.0 < target_false_reject < 1.0:
+        raise ValueError("target false-reject rate must be between 0 and 1")
+    identity = np.asarray(identity_scores, dtype=np.float64)
+    if identity.size == 0:
+        raise ValueError("no faces found in the non-member set; nothing to calibrate on")
+    if not np.isfinite(identity).all():
+        raise ValueError("identity scores must be finite")
+    replica = None if replica_scores is None else np.asarray(replica_scores, dtype=np.float64)
+    if replica is not None and (replica.shape != identity.shape or not np.isfinite(replica).all()):
+        raise ValueError("replica scores must be finite, one per identity score")
+    n = identity.size
+    budget = math.floor(target_false_reject * n + 1e-9)
+    sorted_identity = np.sort(identity)
+    sorted_replica = None if replica is None else np.sort(replica)
+
+    def thresholds(top: int) -> tuple[float, float | None]:
+        t_id = _threshold_for_top(sorted_identity, top)
+        t_rep = None if sorted_replica is None else _threshold_for_top(sorted_replica, top)
+        return t_id, t_rep
+
+    def rejected(t_id: float, t_rep: float | None) -> np.ndarray:
+        hits = identity >= t_id
+        if replica is not None and t_rep is not None:
+            hits |= replica >= t_rep
+        return hits
+
+    # The union's rejections grow with `top`; find the largest `top` within the budget.
+    low, high = 0, budget
+    while low < high:
+        mid = (low + high + 1) // 2
+        if int(rejected(*thresholds(mid)).sum()) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    t_id, t_rep = thresholds(low)
+    total = int(n + no_face)
+    return Calibration(
+        threshold=t_id,
+        replica_threshold=t_rep,
+        target_false_reject=target_false_reject,
+        measured_false_reject=float(rejected(t_id, t_rep).mean()),
+        measured_false_reject_identity=float((identity >= t_id).mean()),
+        measured_false_reject_replica=None
+        if replica is None or t_rep is None
+        else float((replica >= t_rep).mean()),
+        count=int(n),
+        no_face=int(no_face),
+        no_face_share=no_face / total if total else 0.0,
+        quantiles=_quantiles(identity),
+        replica_quantiles=None if replica is None else _quantiles(replica),
+        mean=float(identity.mean()),
+        max=float(identity.max()),
+    )
 
 
 def calibrate_threshold(
     max_similarities: np.ndarray, target_false_reject: float, no_face: int = 0
 ) -> Calibration:
-    """Threshold = the (1 - target) quantile of non-members' max similarity to the index.
+    """The identity signal alone (an index without replica features)."""
+    return calibrate_thresholds(max_similarities, None, target_false_reject, no_face)
 
-    A face matches at similarity >= threshold, so the threshold sits just above the
-    quantile: exactly `target` of the calibration set (or fewer) would be rejected.
-    """
-    if not 0.0 < target_false_reject < 1.0:
-        raise ValueError("target false-reject rate must be between 0 and 1")
-    values = np.asarray(max_similarities, dtype=np.float64)
-    if values.size == 0:
-        raise ValueError("no faces found in the non-member set; nothing to calibrate on")
-    quantile = float(np.quantile(values, 1.0 - target_false_reject, method="higher"))
-    threshold = float(np.nextafter(np.float32(quantile), np.float32(np.inf)))
-    return Calibration(
-        threshold=round(threshold, 6) if round(threshold, 6) > quantile else threshold,
-        target_false_reject=target_false_reject,
-        count=int(values.size),
-        no_face=no_face,
-        quantiles={f"p{q * 100:g}": float(np.quantile(values, q)) for q in QUANTILES},
-        mean=float(values.mean()),
-        max=float(values.max()),
-    )
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    return {f"p{q * 100:g}": float(np.quantile(values, q)) for q in QUANTILES}

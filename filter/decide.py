@@ -1,10 +1,21 @@
-"""Verdicts: a face matches when its cosine similarity to any indexed vector is at or
-above the threshold; an image is rejected when any of its faces matches. An image with
-no face follows the no-face policy, `reject` by default (fail closed)."""
+"""Verdicts from the filter's evidence about one image.
+
+Two signals reject an image:
+- identity: a face whose cosine similarity to any enrolled face is at or above the
+  identity threshold (a lookalike of a training identity);
+- replica: the whole image's low-frequency similarity to any enrolled training image is
+  at or above the replica threshold (a near-copy of a training image, face or not).
+
+Everything that is not positive evidence of a safe image rejects it (fail closed): a
+similarity that is not finite, a search that found no neighbour, an embedding the filter
+could not trust, or an image whose geometry the detector cannot search. An image with no
+face follows the no-face policy, `reject` by default.
+"""
 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,8 +29,38 @@ class NoFacePolicy(enum.StrEnum):
 
 class Reason(enum.StrEnum):
     IDENTITY_MATCH = "identity_match"
+    REPLICA = "replica"
     NO_FACE = "no_face"
     UNREADABLE = "unreadable"
+    UNSUPPORTED_GEOMETRY = "unsupported_geometry"
+    FILTER_ERROR = "filter_error"
+
+
+@dataclass(frozen=True)
+class DecisionThresholds:
+    """Thresholds in force; `replica` is None when the index has no replica features."""
+
+    identity: float
+    replica: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in (("identity", self.identity), ("replica", self.replica)):
+            if value is not None and not (math.isfinite(value) and -1.0 <= value <= 1.0):
+                raise ValueError(f"{name} threshold {value} is outside [-1, 1]")
+
+
+@dataclass(frozen=True)
+class ImageEvidence:
+    """What the filter measured on one image, before any threshold is applied."""
+
+    face_matches: Sequence[Match]  # nearest enrolled identity of each face
+    replica: Match | None = None  # nearest enrolled training image (whole image)
+    searchable: bool = True  # False: the detector cannot search this geometry
+    error: str | None = None  # why the filter could not produce trustworthy evidence
+
+    @property
+    def faces(self) -> int:
+        return len(self.face_matches)
 
 
 @dataclass(frozen=True)
@@ -28,34 +69,67 @@ class ImageVerdict:
     reason: Reason | None
     faces: int
     max_similarity: float | None  # operator-only: never sent to API callers
-    identity: str | None  # operator-only: the closest identity when it matched
+    identity: str | None  # operator-only: the matched identity when rejected by a signal
     face_similarities: tuple[float, ...] = ()
+    replica_similarity: float | None = None  # operator-only
+    detail: str | None = None  # operator-only: why a filter_error happened
 
     @property
     def verdict(self) -> str:
         return "pass" if self.passed else "reject"
 
 
-def decide(matches: Sequence[Match], threshold: float, no_face: NoFacePolicy) -> ImageVerdict:
-    """Verdict for one image from the nearest-identity match of each of its faces."""
-    if not matches:
-        passed = no_face is NoFacePolicy.PASS
+def _trusted(match: Match) -> bool:
+    return match.identity is not None and math.isfinite(match.similarity)
+
+
+def decide(
+    evidence: ImageEvidence, thresholds: DecisionThresholds, no_face: NoFacePolicy
+) -> ImageVerdict:
+    """Verdict for one image; every path that is not a clear pass rejects."""
+    similarities = tuple(m.similarity for m in evidence.face_matches)
+    trusted = [m for m in evidence.face_matches if _trusted(m)]
+    best = max(trusted, key=lambda m: m.similarity) if trusted else None
+    replica = evidence.replica
+
+    def verdict(
+        reason: Reason, identity: str | None = None, detail: str | None = None
+    ) -> ImageVerdict:
         return ImageVerdict(
-            passed=passed,
-            reason=None if passed else Reason.NO_FACE,
-            faces=0,
-            max_similarity=None,
-            identity=None,
+            passed=False,
+            reason=reason,
+            faces=evidence.faces,
+            max_similarity=None if best is None else best.similarity,
+            identity=identity,
+            face_similarities=similarities,
+            replica_similarity=None if replica is None else replica.similarity,
+            detail=detail,
         )
-    best = max(matches, key=lambda m: m.similarity)
-    matched = best.similarity >= threshold
+
+    if not evidence.searchable:
+        return verdict(Reason.UNSUPPORTED_GEOMETRY)
+    # A real match is reported as one even when another face of the image failed.
+    if best is not None and best.similarity >= thresholds.identity:
+        return verdict(Reason.IDENTITY_MATCH, best.identity)
+    if evidence.error is not None:
+        return verdict(Reason.FILTER_ERROR, detail=evidence.error)
+    if len(trusted) != len(evidence.face_matches):
+        return verdict(Reason.FILTER_ERROR, detail="a face had no finite nearest neighbour")
+    if thresholds.replica is not None:
+        if replica is None or not _trusted(replica):
+            return verdict(Reason.FILTER_ERROR, detail="no finite nearest training image")
+        if replica.similarity >= thresholds.replica:
+            return verdict(Reason.REPLICA, replica.identity)
+    if not evidence.face_matches and no_face is NoFacePolicy.REJECT:
+        return verdict(Reason.NO_FACE)
     return ImageVerdict(
-        passed=not matched,
-        reason=Reason.IDENTITY_MATCH if matched else None,
-        faces=len(matches),
-        max_similarity=best.similarity,
-        identity=best.identity if matched else None,
-        face_similarities=tuple(m.similarity for m in matches),
+        passed=True,
+        reason=None,
+        faces=evidence.faces,
+        max_similarity=None if best is None else best.similarity,
+        identity=None,
+        face_similarities=similarities,
+        replica_similarity=None if replica is None else replica.similarity,
     )
 
 

@@ -94,8 +94,29 @@ def effective_min_face(settings: DetectorSettings, short_side: int) -> float:
 
 class Detector(Protocol):
     def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
-        """Faces found in each HxWx3 uint8 RGB image, in input order."""
+        """Faces found in each HxWx3 uint8 RGB image, in input order. An image the detector
+        cannot search (see `searchable`) gets an empty list, never an exception."""
         ...
+
+    def searchable(self, height: int, width: int) -> bool:
+        """Whether an image of this size can be searched for faces at all."""
+        ...
+
+
+def detection_copy_size(height: int, width: int, settings: DetectorSettings) -> tuple[int, int]:
+    """(height, width) of the copy the detector searches."""
+    scale = detection_scale(height, width, settings)
+    if scale == 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def searchable_geometry(height: int, width: int, settings: DetectorSettings) -> bool:
+    """MTCNN's pyramid needs the detection copy's short side to hold one minimum-size face;
+    below that facenet-pytorch builds an empty pyramid and fails. Such an image (a
+    1000x10 strip, say) cannot be searched: the filter rejects it for its geometry."""
+    copy_height, copy_width = detection_copy_size(height, width, settings)
+    return min(copy_height, copy_width) >= settings.min_face_size
 
 
 def detection_scale(height: int, width: int, settings: DetectorSettings) -> float:
@@ -139,17 +160,22 @@ class MtcnnDetector:
         twin._lock = self._lock
         return twin
 
+    def searchable(self, height: int, width: int) -> bool:
+        return searchable_geometry(height, width, self.settings)
+
     def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
         results: list[list[DetectedFace]] = [[] for _ in images]
         groups: dict[tuple[int, int], list[int]] = {}
-        prepared: list[np.ndarray] = []
-        scales: list[float] = []
+        prepared: dict[int, np.ndarray] = {}
+        scales: dict[int, float] = {}
         for i, image in enumerate(images):
             _check_rgb(image)
+            if not self.searchable(image.shape[0], image.shape[1]):
+                continue
             scale = detection_scale(image.shape[0], image.shape[1], self.settings)
             copy = _resize(image, scale)
-            prepared.append(copy)
-            scales.append(scale)
+            prepared[i] = copy
+            scales[i] = scale
             groups.setdefault((copy.shape[0], copy.shape[1]), []).append(i)
         for indices in groups.values():
             batch = np.stack([prepared[i] for i in indices])

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from filter.errors import FilterError, ImageError
-from filter.identity_filter import FaceEmbeddingPipeline
+from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces
 from filter.images import ImageLimits, decode_image, list_images
 from filter.index import FaissIdentityIndex, IndexType
+from filter.replica import ReplicaFeaturizer, low_res
 
 
 @dataclass
@@ -20,6 +21,7 @@ class GalleryReport:
     images: int = 0
     faces: int = 0
     no_face: list[str] = field(default_factory=list)
+    unsearchable: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     empty_identities: list[str] = field(default_factory=list)
 
@@ -29,8 +31,10 @@ class GalleryReport:
             "images": self.images,
             "faces": self.faces,
             "images_no_face": len(self.no_face),
+            "images_unsupported_geometry": len(self.unsearchable),
             "images_skipped": len(self.skipped),
             "no_face": self.no_face,
+            "unsupported_geometry": self.unsearchable,
             "skipped": self.skipped,
             "identities_without_faces": self.empty_identities,
         }
@@ -49,6 +53,99 @@ def gallery_images(gallery: Path) -> Iterator[tuple[str, Path]]:
             yield folder.name, path
 
 
+class Enrolment:
+    """Accumulates training images into an index: every face's embedding under its
+    identity, and every image's replica feature (faces or not: a copied training image
+    leaks whether or not a detector finds a face in it). Used by `index build` and by the
+    demo index, so both enrol exactly alike."""
+
+    def __init__(self, pipeline: FaceEmbeddingPipeline, report: GalleryReport | None = None):
+        self.pipeline = pipeline
+        self.report = report or GalleryReport()
+        self._vectors: list[np.ndarray] = []
+        self._identities: list[str] = []
+        self._sources: list[str] = []
+        self._low_res: list[np.ndarray] = []
+        self._replica_identities: list[str] = []
+        self._replica_sources: list[str] = []
+        self._faces_per_identity: dict[str, int] = {}
+
+    def expect_identity(self, identity: str) -> None:
+        """Count an identity even if none of its images turns out to hold a face."""
+        self._faces_per_identity.setdefault(identity, 0)
+
+    def add(self, items: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """Enrol (identity, source, RGB image) items, embedded as one batch."""
+        if not items:
+            return
+        images = [image for _, _, image in items]
+        labels = [(identity, source) for identity, source, _ in items]
+        self.add_embedded(labels, self.pipeline.embed_images(images), low_res(images))
+
+    def add_embedded(
+        self,
+        labels: Sequence[tuple[str, str]],
+        results: Sequence[ImageFaces],
+        low_res_rows: np.ndarray,
+    ) -> None:
+        """Enrol images already run through this enrolment's pipeline (evaluation reuses
+        one embedding of each photo across many leave-one-out indexes)."""
+        if not labels:
+            return
+        self._low_res.append(np.asarray(low_res_rows, dtype=np.float32))
+        report = self.report
+        for (identity, source), result in zip(labels, results, strict=True):
+            self.expect_identity(identity)
+            report.images += 1
+            self._replica_identities.append(identity)
+            self._replica_sources.append(source)
+            if not result.searchable:
+                report.unsearchable.append(source)
+            elif len(result.faces) == 0:
+                report.no_face.append(source)
+            else:
+                report.faces += len(result.faces)
+                self._faces_per_identity[identity] += len(result.faces)
+                self._vectors.append(result.embeddings)
+                self._identities.extend([identity] * len(result.faces))
+                self._sources.extend([source] * len(result.faces))
+
+    def build(
+        self, *, detector_settings: dict[str, object], index_type: IndexType = "auto"
+    ) -> FaissIdentityIndex:
+        report = self.report
+        report.identities = sum(1 for n in self._faces_per_identity.values() if n)
+        report.empty_identities = sorted(k for k, n in self._faces_per_identity.items() if n == 0)
+        if not self._vectors:
+            raise FilterError(
+                f"no face was found in any of the {report.images} readable images; nothing "
+                "to enrol (an empty index would release every face)"
+            )
+        embedder = self.pipeline.embedder
+        rows = np.concatenate(self._low_res)
+        featurizer = ReplicaFeaturizer.fit(rows)
+        return FaissIdentityIndex.build(
+            np.concatenate(self._vectors),
+            self._identities,
+            self._sources,
+            embedder_name=embedder.name,
+            model_sha256=embedder.model_sha256,
+            detector=detector_settings,
+            index_type=index_type,
+            counts={
+                "images": report.images,
+                "faces": report.faces,
+                "images_no_face": len(report.no_face),
+                "images_unsupported_geometry": len(report.unsearchable),
+                "images_skipped": len(report.skipped),
+            },
+            replica_features=featurizer.project(rows),
+            replica_identities=self._replica_identities,
+            replica_sources=self._replica_sources,
+            replica_featurizer=featurizer,
+        )
+
+
 def build_gallery_index(
     gallery: Path,
     pipeline: FaceEmbeddingPipeline,
@@ -59,56 +156,29 @@ def build_gallery_index(
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[FaissIdentityIndex, GalleryReport]:
-    """Enrol every face of every gallery image (bystanders are people too)."""
-    report = GalleryReport()
-    items = list(gallery_images(gallery))
-    vectors: list[np.ndarray] = []
-    identities: list[str] = []
-    sources: list[str] = []
-    faces_per_identity: dict[str, int] = {}
+    """Enrol every image of GALLERY/<identity>/ (sources are paths relative to GALLERY)."""
     gallery = Path(gallery)
+    items = list(gallery_images(gallery))
+    enrolment = Enrolment(pipeline)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         decoded: list[tuple[str, str, np.ndarray]] = []
         for identity, path in chunk:
-            faces_per_identity.setdefault(identity, 0)
-            relative = str(path.relative_to(gallery))
+            enrolment.expect_identity(identity)
             try:
-                decoded.append((identity, relative, decode_image(path, limits)))
+                image = decode_image(path, limits)
             except ImageError as exc:
-                report.skipped.append({"path": str(path), "error": str(exc)})
-        results = pipeline.embed_images([image for _, _, image in decoded])
-        for (identity, relative, _), result in zip(decoded, results, strict=True):
-            report.images += 1
-            if len(result.faces) == 0:
-                report.no_face.append(str(gallery / relative))
+                enrolment.report.skipped.append({"path": str(path), "error": str(exc)})
                 continue
-            report.faces += len(result.faces)
-            faces_per_identity[identity] += len(result.faces)
-            vectors.append(result.embeddings)
-            identities.extend([identity] * len(result.faces))
-            sources.extend([relative] * len(result.faces))
+            decoded.append((identity, str(path.relative_to(gallery)), image))
+        enrolment.add(decoded)
         if progress is not None:
             progress(len(chunk))
-    report.identities = sum(1 for n in faces_per_identity.values() if n)
-    report.empty_identities = sorted(k for k, n in faces_per_identity.items() if n == 0)
-    embedder = pipeline.embedder
-    matrix = np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)
-    index = FaissIdentityIndex.build(
-        matrix,
-        identities,
-        sources,
-        embedder_name=embedder.name,
-        model_sha256=embedder.model_sha256,
-        detector=detector_settings,
-        index_type=index_type,
-        counts={
-            "images": report.images,
-            "faces": report.faces,
-            "images_no_face": len(report.no_face),
-            "images_skipped": len(report.skipped),
-        },
-    )
-    if index.vector_count:
-        index.manifest["embedder"]["dim"] = embedder.dim
+    try:
+        index = enrolment.build(detector_settings=detector_settings, index_type=index_type)
+    except FilterError as exc:
+        raise FilterError(f"gallery {gallery}: {exc}") from None
+    report = enrolment.report
+    report.no_face = [str(gallery / p) for p in report.no_face]
+    report.unsearchable = [str(gallery / p) for p in report.unsearchable]
     return index, report

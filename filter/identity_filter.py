@@ -1,7 +1,9 @@
 """The identity filter: images in, verdicts out, in batches.
 
 All faces of all images in a call are aligned, embedded in one batch and searched
-in one FAISS call; the cost per face approaches the embedder's own.
+in one FAISS call; the cost per face approaches the embedder's own. Evidence the
+filter cannot trust (an embedding that is not finite or not unit length, a search
+with no neighbour) becomes a `filter_error` rejection of that image only.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Protocol
 
 import numpy as np
 
-from filter.decide import ImageVerdict, NoFacePolicy, decide
+from filter.decide import DecisionThresholds, ImageEvidence, ImageVerdict, NoFacePolicy, decide
 from filter.embedders import Embedder
+from filter.errors import FilterError
 from filter.faces import DetectedFace, FaceAligner
-from filter.index import IdentityIndex, Match
+from filter.index import NO_MATCH, IdentityIndex, Match
+from filter.replica import DEFAULT_REPLICA_THRESHOLD
 
 STAGES = ("detect", "embed", "search")
 
@@ -52,6 +56,7 @@ class ImageFaces:
 
     faces: list[DetectedFace]
     embeddings: np.ndarray
+    searchable: bool = True  # False: the detector cannot search an image of this geometry
 
 
 class FaceEmbeddingPipeline:
@@ -83,48 +88,110 @@ class FaceEmbeddingPipeline:
             vectors = (
                 np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)
             )
+        if len(vectors) != len(all_crops):
+            raise FilterError(
+                f"embedder returned {len(vectors)} embeddings for {len(all_crops)} faces"
+            )
         out: list[ImageFaces] = []
         offset = 0
-        for faces, count in zip(detected, counts, strict=True):
-            out.append(ImageFaces(faces=faces, embeddings=vectors[offset : offset + count]))
+        for image, faces, count in zip(images, detected, counts, strict=True):
+            out.append(
+                ImageFaces(
+                    faces=faces,
+                    embeddings=vectors[offset : offset + count],
+                    searchable=self.aligner.detector.searchable(image.shape[0], image.shape[1]),
+                )
+            )
             offset += count
         return out
 
 
+def embedding_problem(embeddings: np.ndarray, faces: int, dim: int) -> str | None:
+    """Why these embeddings cannot be trusted, or None: a wrong shape, a value that is not
+    finite, or a row that is not unit length would all make a similarity meaningless."""
+    if embeddings.ndim != 2 or embeddings.shape != (faces, dim):
+        return f"embeddings of shape {embeddings.shape}, expected ({faces}, {dim})"
+    if faces == 0:
+        return None
+    if not np.isfinite(embeddings).all():
+        return "an embedding is not finite"
+    norms = np.linalg.norm(embeddings, axis=1)
+    if not np.all(np.abs(norms - 1.0) < 1e-3):
+        return f"an embedding is not unit length (norm {float(norms.min()):.4f})"
+    return None
+
+
 class IdentityFilter:
-    """Checks images against the identity index with a threshold and a no-face policy."""
+    """Checks images against the index: the identity signal on every face, the replica
+    signal on the whole image, thresholds and the no-face policy."""
 
     def __init__(
         self,
         embedding: FaceEmbeddingPipeline,
         index: IdentityIndex,
-        threshold: float,
+        thresholds: DecisionThresholds | float,
         no_face_policy: NoFacePolicy = NoFacePolicy.REJECT,
     ) -> None:
-        if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold {threshold} is outside [-1, 1]")
+        if not isinstance(thresholds, DecisionThresholds):
+            thresholds = DecisionThresholds(
+                identity=float(thresholds),
+                replica=DEFAULT_REPLICA_THRESHOLD if index.has_replicas else None,
+            )
+        if index.has_replicas and thresholds.replica is None:
+            raise ValueError("the index holds replica features but no replica threshold is set")
         self.embedding = embedding
         self.index = index
-        self.threshold = threshold
+        self.thresholds = thresholds
         self.no_face_policy = no_face_policy
+
+    @property
+    def threshold(self) -> float:
+        return self.thresholds.identity
+
+    def evidence(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+    ) -> list[ImageEvidence]:
+        """What the filter measures on each image, before thresholds: the nearest identity
+        of each face and the nearest training image. Shared by check and evaluate."""
+        per_image = self.embedding.embed_images(images, observer)
+        dim = self.embedding.embedder.dim
+        problems = [embedding_problem(p.embeddings, len(p.faces), dim) for p in per_image]
+        trusted = [
+            p.embeddings for p, problem in zip(per_image, problems, strict=True) if not problem
+        ]
+        queries = np.concatenate(trusted) if trusted else np.zeros((0, dim), np.float32)
+        with _timed(observer, "search"):
+            matches = self.index.search(queries)
+            replicas: Sequence[Match | None] = (
+                self.index.search_replicas(images)
+                if self.index.has_replicas
+                else [None] * len(images)
+            )
+        if len(matches) != len(queries) or len(replicas) != len(images):
+            raise FilterError("the index returned a result count that differs from its input")
+        out: list[ImageEvidence] = []
+        offset = 0
+        for item, problem, replica in zip(per_image, problems, replicas, strict=True):
+            count = len(item.faces)
+            if problem is not None:
+                face_matches: Sequence[Match] = [NO_MATCH] * count
+            else:
+                face_matches = matches[offset : offset + count]
+                offset += count
+            out.append(
+                ImageEvidence(
+                    face_matches=face_matches,
+                    replica=replica,
+                    searchable=item.searchable,
+                    error=problem,
+                )
+            )
+        return out
 
     def check(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None
     ) -> list[ImageVerdict]:
-        per_image = self.embedding.embed_images(images, observer)
-        dim = self.embedding.embedder.dim
-        all_vectors = (
-            np.concatenate([p.embeddings for p in per_image])
-            if per_image
-            else np.zeros((0, dim), np.float32)
-        )
-        with _timed(observer, "search"):
-            matches = self.index.search(all_vectors)
-        verdicts: list[ImageVerdict] = []
-        offset = 0
-        for item in per_image:
-            count = len(item.faces)
-            image_matches: list[Match] = matches[offset : offset + count]
-            offset += count
-            verdicts.append(decide(image_matches, self.threshold, self.no_face_policy))
-        return verdicts
+        return [
+            decide(evidence, self.thresholds, self.no_face_policy)
+            for evidence in self.evidence(images, observer)
+        ]

@@ -3,15 +3,23 @@ so the CLI, the index builder, calibration and the server all get the same pipel
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from filter.decide import NoFacePolicy
+from filter.decide import DecisionThresholds, NoFacePolicy
 from filter.embedders import load_embedder, resolve_device
 from filter.faces import DetectorSettings, FaceAligner, MtcnnDetector
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.index import FaissIdentityIndex
 from filter.models import verify_mtcnn_weights
+from filter.replica import DEFAULT_REPLICA_THRESHOLD
+
+log = logging.getLogger(__name__)
+
+# Cosine threshold of SFace on real photos; the evidence is in README "Threshold". Other
+# embedders and generated galleries need `facegate calibrate --save`.
+DEFAULT_IDENTITY_THRESHOLD = 0.40
 
 
 def build_embedding_pipeline(
@@ -30,42 +38,90 @@ def build_embedding_pipeline(
     return FaceEmbeddingPipeline(FaceAligner(detector, model.crop_size), model)
 
 
+def detector_manifest(pipeline: FaceEmbeddingPipeline) -> dict[str, object]:
+    """The detector settings an index built by this pipeline records (and must match)."""
+    detector = pipeline.aligner.detector
+    settings = detector.settings if isinstance(detector, MtcnnDetector) else DetectorSettings()
+    return settings.as_dict()
+
+
 def load_index_for(pipeline: FaceEmbeddingPipeline, index_path: Path) -> FaissIdentityIndex:
-    """Load an index and refuse it unless it was built with this pipeline's embedder."""
+    """Load an index and refuse it unless it was built with this pipeline's embedder and
+    detector (and passes the format's integrity checks and self-test)."""
     embedder = pipeline.embedder
-    return FaissIdentityIndex.load(
+    index = FaissIdentityIndex.load(
         index_path,
         expect_embedder=embedder.name,
         expect_model_sha256=embedder.model_sha256,
         expect_dim=embedder.dim,
+        expect_detector=detector_manifest(pipeline),
     )
+    log.info(
+        "identity index %s loaded: fingerprint %s, %d identities, %d face vectors, "
+        "%s replica features",
+        index_path,
+        index.fingerprint,
+        index.identity_count,
+        index.vector_count,
+        index.replicas.count if index.replicas is not None else "no",
+    )
+    return index
 
 
 def load_identity_filter(
     pipeline: FaceEmbeddingPipeline,
     index_path: Path,
-    threshold: float,
     no_face_policy: NoFacePolicy,
+    *,
+    threshold: float | None = None,
+    replica_threshold: float | None = None,
 ) -> IdentityFilter:
-    return IdentityFilter(pipeline, load_index_for(pipeline, index_path), threshold, no_face_policy)
+    """The filter over the index at `index_path`, with the thresholds in force (explicit
+    overrides, else the calibration saved with the index, else the defaults), logged."""
+    index = load_index_for(pipeline, index_path)
+    thresholds = resolve_thresholds(index, threshold, replica_threshold)
+    log.info("thresholds in force: %s", thresholds.describe())
+    return IdentityFilter(pipeline, index, thresholds.decision, no_face_policy)
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """The thresholds in force and where they came from (logged at startup)."""
+    """The thresholds in force and where each came from (logged at startup)."""
 
     identity: float
-    source: str  # "override", "index calibration" or "default"
+    identity_source: str  # "override", "index calibration" or "default"
+    replica: float | None  # None: the index has no replica features
+    replica_source: str | None
+
+    @property
+    def decision(self) -> DecisionThresholds:
+        return DecisionThresholds(identity=self.identity, replica=self.replica)
+
+    def describe(self) -> str:
+        text = f"identity {self.identity} ({self.identity_source})"
+        if self.replica is None:
+            return text + ", replica off (the index has no replica features)"
+        return text + f", replica {self.replica} ({self.replica_source})"
 
 
 def resolve_thresholds(
-    index: FaissIdentityIndex, override: float | None, default: float
+    index: FaissIdentityIndex,
+    identity_override: float | None = None,
+    replica_override: float | None = None,
 ) -> Thresholds:
-    """An explicit threshold (flag or FACEGATE_THRESHOLD) wins; then the calibration saved
+    """An explicit threshold (flag or FACEGATE_*THRESHOLD) wins; then the calibration saved
     with the index; then the built-in default."""
-    if override is not None:
-        return Thresholds(identity=override, source="override")
-    saved = index.manifest.get("calibration")
-    if isinstance(saved, dict) and "threshold" in saved:
-        return Thresholds(identity=float(saved["threshold"]), source="index calibration")
-    return Thresholds(identity=default, source="default")
+    saved = index.calibration or {}
+
+    def pick(override: float | None, key: str, default: float) -> tuple[float, str]:
+        if override is not None:
+            return float(override), "override"
+        if saved.get(key) is not None:
+            return float(saved[key]), "index calibration"
+        return default, "default"
+
+    identity, identity_source = pick(identity_override, "threshold", DEFAULT_IDENTITY_THRESHOLD)
+    if not index.has_replicas:
+        return Thresholds(identity, identity_source, None, None)
+    replica, replica_source = pick(replica_override, "replica_threshold", DEFAULT_REPLICA_THRESHOLD)
+    return Thresholds(identity, identity_source, replica, replica_source)

@@ -6,15 +6,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from filter.decide import NoFacePolicy
+from filter.detection_policy import FastPathMode
 
 ENV_PREFIX = "FACEGATE_"
-
-# Default cosine threshold for SFace on real photos; evidence in README "Threshold".
-DEFAULT_SFACE_THRESHOLD = 0.40
 
 # Names that the test suite and tooling read but the service does not.
 NON_SETTING_ENV = frozenset({"FACEGATE_TEST_FACES"})
@@ -32,7 +30,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9095, ge=0, le=65535, description="0 picks a free port")
     metrics_enabled: bool = True
     index_path: Path = Path("var/index")
-    threshold: float = Field(DEFAULT_SFACE_THRESHOLD, ge=-1.0, le=1.0)
+    threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="identity threshold; overrides the saved calibration"
+    )
+    replica_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="replica threshold; overrides the saved calibration"
+    )
     max_attempts: int = Field(8, ge=1, le=1000)
     no_face_policy: NoFacePolicy = NoFacePolicy.REJECT
     generator: Literal["dcgan-digiface", "torchscript"] = "dcgan-digiface"
@@ -50,10 +53,21 @@ class Settings(BaseSettings):
     audit_log: str = Field("stderr", description="'stderr', 'none', or a file path")
     max_batch: int = Field(64, ge=1, description="candidates per filter batch")
     max_batch_delay_ms: float = Field(5.0, ge=0.0, description="wait to fill a batch")
-    generated_fast_path: bool = True
+    generated_fast_path: FastPathMode = Field(
+        FastPathMode.AUTO, description="auto: only for the embedded generator; on; off"
+    )
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     jpeg_quality: int = Field(90, ge=1, le=100)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("generated_fast_path", mode="before")
+    @classmethod
+    def _fast_path_booleans(cls, value: object) -> object:
+        # Earlier releases took a boolean here.
+        aliases = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return aliases.get(str(value).lower(), value)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:

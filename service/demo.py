@@ -1,13 +1,14 @@
 """Demo identities: faces sampled from the generator, enrolled as if they were training
-identities, so that a demo (and the tests) can show real rejections and resampling."""
+images, so that a demo (and the tests) can show real rejections and resampling."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from filter.faces import DetectorSettings
+from filter.gallery import Enrolment
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.index import FaissIdentityIndex
+from filter.runtime import detector_manifest
 from service.generators import Generator, latents_for
 
 
@@ -18,27 +19,19 @@ def build_demo_index(
 
     A request with the same seed therefore meets enrolled faces first and must resample.
     """
-    vectors: list[np.ndarray] = []
-    labels: list[str] = []
-    sources: list[str] = []
-    no_face = 0
+    enrolment = Enrolment(pipeline)
     for start in range(0, identities, 64):
         slots = range(start, min(start + 64, identities))
         latents = np.stack([latents_for(seed, s, 0, generator.latent_dim) for s in slots])
-        results = pipeline.embed_images(list(generator.generate(latents)))
-        for slot, result in zip(slots, results, strict=True):
-            no_face += not result.faces
-            for row in result.embeddings:
-                vectors.append(row)
-                labels.append(f"synthetic-{seed}-{slot:04d}")
-                sources.append(f"generator:{generator.name}:seed={seed}:slot={slot}:attempt=0")
-    embedder = pipeline.embedder
-    return FaissIdentityIndex.build(
-        np.stack(vectors) if vectors else np.zeros((0, embedder.dim), np.float32),
-        labels,
-        sources,
-        embedder_name=embedder.name,
-        model_sha256=embedder.model_sha256,
-        detector=DetectorSettings().as_dict(),
-        counts={"images": identities, "faces": len(vectors), "images_no_face": no_face},
-    )
+        images = generator.generate(latents)
+        enrolment.add(
+            [
+                (
+                    f"synthetic-{seed}-{slot:04d}",
+                    f"generator:{generator.name}:seed={seed}:slot={slot}:attempt=0",
+                    image,
+                )
+                for slot, image in zip(slots, images, strict=True)
+            ]
+        )
+    return enrolment.build(detector_settings=detector_manifest(pipeline))

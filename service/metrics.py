@@ -4,13 +4,21 @@ labels take values from small fixed sets only."""
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
 from filter.decide import ImageVerdict
 from service.pipeline import verdict_outcome
 
-CANDIDATE_OUTCOMES = ("accepted", "rejected_identity", "rejected_no_face")
+CANDIDATE_OUTCOMES = (
+    "accepted",
+    "rejected_identity",
+    "rejected_replica",
+    "rejected_no_face",
+    "rejected_error",
+)
 FILTER_STAGES = ("detect", "embed", "search")
 GRPC_CODES = (
     "OK",
@@ -119,8 +127,19 @@ class ServiceMetrics:
         self.index_vectors = Gauge(
             "facegate_index_vectors", "Vectors in the loaded index", registry=r
         )
-        self.threshold = Gauge("facegate_threshold", "Similarity threshold in use", registry=r)
+        self.threshold = Gauge(
+            "facegate_threshold", "Identity similarity threshold in use", registry=r
+        )
         self.threshold.set(threshold)
+        self.replica_threshold = Gauge(
+            "facegate_replica_threshold",
+            "Replica similarity threshold in use (NaN when the index has no replica features)",
+            registry=r,
+        )
+        self.replica_threshold.set(float("nan"))
+        self.index_info = Info(
+            "facegate_index", "The live identity index: fingerprint, format, type", registry=r
+        )
         self.inflight = Gauge("facegate_inflight_requests", "RPCs in progress", registry=r)
         self.ready = Gauge(
             "facegate_ready", "1 when serving, 0 while starting or draining", registry=r
@@ -138,7 +157,8 @@ class ServiceMetrics:
     def candidate(self, verdict: ImageVerdict) -> None:
         self.candidates.labels(verdict_outcome(verdict)).inc()
         for similarity in verdict.face_similarities:
-            self.similarity.observe(similarity)
+            if math.isfinite(similarity):  # one NaN would poison the histogram's sum for good
+                self.similarity.observe(similarity)
 
     def released(self, attempts: int) -> None:
         self.attempts.observe(attempts)

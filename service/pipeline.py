@@ -370,7 +370,7 @@ class GenerationPipeline:
                         request_id=request.request_id,
                         slot=candidate.slot,
                         attempt=candidate.attempt,
-                        reason=str(outcome.verdict.reason or Reason.IDENTITY_MATCH),
+                        reason=str(outcome.verdict.reason or Reason.FILTER_ERROR),
                         similarity=outcome.verdict.max_similarity,
                         identity=outcome.verdict.identity,
                         faces=outcome.verdict.faces,
@@ -393,10 +393,18 @@ class GenerationPipeline:
         return GenerationResult(images=released, summary=summary)
 
 
+_OUTCOME_BY_REASON = {
+    Reason.IDENTITY_MATCH: "rejected_identity",
+    Reason.REPLICA: "rejected_replica",
+    Reason.NO_FACE: "rejected_no_face",
+}
+
+
 def verdict_outcome(verdict: ImageVerdict) -> str:
-    """Metric label of a candidate: accepted, rejected_identity or rejected_no_face."""
+    """Metric label of a candidate: accepted, rejected_identity, rejected_replica,
+    rejected_no_face, or rejected_error (anything the filter could not vouch for)."""
     if verdict.passed:
         return "accepted"
-    if verdict.reason is Reason.NO_FACE:
-        return "rejected_no_face"
-    return "rejected_identity"
+    if verdict.reason is None:
+        return "rejected_error"
+    return _OUTCOME_BY_REASON.get(verdict.reason, "rejected_error")

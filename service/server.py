@@ -17,12 +17,15 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from filter.detection_policy import filter_for_generator, uses_fast_path
 from filter.embedders import resolve_device
 from filter.errors import FilterError
-from filter.faces import GENERATED_FAST_PATH, FaceAligner, MtcnnDetector
-from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.index import FaissIdentityIndex
-from filter.runtime import build_embedding_pipeline, load_identity_filter
+from filter.runtime import (
+    DEFAULT_IDENTITY_THRESHOLD,
+    build_embedding_pipeline,
+    load_identity_filter,
+)
 from service.audit import AuditSink, JsonLinesAuditLog
 from service.config import Settings, unknown_env_names
 from service.generators import load_generator
@@ -49,19 +52,6 @@ class LoadedService:
     audit: AuditSink
 
 
-def generated_output_filter(full: IdentityFilter) -> IdentityFilter:
-    """The same filter (embedder, index, threshold, alignment) with detection tuned for
-    face-centred generator crops; see filter.faces.GENERATED_FAST_PATH."""
-    detector = full.embedding.aligner.detector
-    if not isinstance(detector, MtcnnDetector):
-        return full
-    fast = FaceEmbeddingPipeline(
-        FaceAligner(detector.with_settings(GENERATED_FAST_PATH), full.embedding.aligner.crop_size),
-        full.embedding.embedder,
-    )
-    return IdentityFilter(fast, full.index, full.threshold, full.no_face_policy)
-
-
 def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     """Load models, index and generator (blocking; run off the event loop)."""
     if settings.torch_threads:
@@ -73,15 +63,23 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         facenet_weights=settings.facenet_weights,
     )
     identity_filter = load_identity_filter(
-        embedding, settings.index_path, settings.threshold, settings.no_face_policy
+        embedding,
+        settings.index_path,
+        settings.no_face_policy,
+        threshold=settings.threshold,
+        replica_threshold=settings.replica_threshold,
     )
     index = identity_filter.index
     if isinstance(index, FaissIdentityIndex):
         index.use_device(str(resolve_device(settings.device)))
-    if settings.generated_fast_path:
-        identity_filter = generated_output_filter(identity_filter)
-    metrics.index_identities.set(index.identity_count)
-    metrics.index_vectors.set(index.vector_count)
+        metrics.index_info.info(
+            {
+                "fingerprint": index.fingerprint,
+                "format": str(index.manifest.get("format_version")),
+                "index_type": str(index.manifest.get("index_type")),
+                "calibrated": "true" if index.calibration else "false",
+            }
+        )
     generator = load_generator(
         settings.generator,
         settings.models_dir,
@@ -89,6 +87,22 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         path=settings.generator_path,
         latent_dim=settings.generator_latent_dim,
     )
+    # Detection scope is the filter's policy: the fast path only where it cannot skip a face.
+    identity_filter = filter_for_generator(
+        identity_filter, generator.name, settings.generated_fast_path
+    )
+    log.info(
+        "detection for %s output: %s",
+        generator.name,
+        "generated-output fast path"
+        if uses_fast_path(generator.name, settings.generated_fast_path)
+        else "full pyramid (every face size)",
+    )
+    metrics.index_identities.set(index.identity_count)
+    metrics.index_vectors.set(index.vector_count)
+    metrics.threshold.set(identity_filter.thresholds.identity)
+    if identity_filter.thresholds.replica is not None:
+        metrics.replica_threshold.set(identity_filter.thresholds.replica)
     metrics.build_info.info(
         {
             "version": _version(),
@@ -152,7 +166,9 @@ class FacegateServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = ServiceMetrics(settings.threshold)
+        self.metrics = ServiceMetrics(
+            DEFAULT_IDENTITY_THRESHOLD if settings.threshold is None else settings.threshold
+        )
         self.admission = Admission(settings.max_concurrent_requests, self.metrics)
         self.servicer = GenerationServicer(None, self.admission, self.metrics)
         self.health = health.aio.HealthServicer()

@@ -8,11 +8,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from service.cli import calibrate_cmd, check_cmd, index_cmd, models_cmd, serve_cmd
+from service.cli import (
+    calibrate_cmd,
+    check_cmd,
+    evaluate_cmd,
+    index_cmd,
+    models_cmd,
+    serve_cmd,
+)
 from service.cli.common import EXIT_USAGE, CliError
 from service.config import ConfigError, load_settings
 
-COMMAND_MODULES = (models_cmd, index_cmd, check_cmd, calibrate_cmd, serve_cmd)
+COMMAND_MODULES = (models_cmd, index_cmd, check_cmd, calibrate_cmd, evaluate_cmd, serve_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,13 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "threshold", None) is not None and not -1.0 <= args.threshold <= 1.0:
-        parser.error("--threshold must be between -1 and 1")
-    if (
-        getattr(args, "target_false_reject", None) is not None
-        and not 0 < args.target_false_reject < 1
-    ):
-        parser.error("--target-false-reject must be between 0 and 1")
     if getattr(args, "count", None) is not None and args.count < 1:
         parser.error("--count must be at least 1")
     try:

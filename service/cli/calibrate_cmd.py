@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from service.cli.common import (
     embedding_pipeline,
     emit,
     model_options,
+    positive_int,
     progress_bar,
+    rate,
 )
 from service.config import Settings
 
@@ -57,65 +60,110 @@ def _non_member_batches(
     generator = configured_generator(settings)
     total = args.generator_samples
 
-    def fromconfigured_generator() -> Iterator[list[Any]]:
+    def from_generator() -> Iterator[list[Any]]:
         for start in range(0, total, 32):
             slots = range(start, min(start + 32, total))
             latents = np.stack([latents_for(args.seed, s, 0, generator.latent_dim) for s in slots])
             yield list(generator.generate(latents))
 
-    return total, fromconfigured_generator()
+    return total, from_generator()
 
 
 def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
+    import math
+
     import numpy as np
 
-    from filter.calibrate import calibrate_threshold
+    from filter.calibrate import calibrate_thresholds
+    from filter.decide import NoFacePolicy
+    from filter.identity_filter import IdentityFilter
     from filter.runtime import load_index_for
 
     skipped: list[dict[str, str]] = []
     total, batches = _non_member_batches(settings, args, skipped)
     pipeline = embedding_pipeline(settings, args)
-    index = load_index_for(pipeline, Path(args.index))
-    maxima: list[float] = []
-    no_face = 0
+    index_path = Path(args.index)
+    index = load_index_for(pipeline, index_path)
+    # Thresholds do not matter for evidence; the filter is used only to measure.
+    measuring = IdentityFilter(pipeline, index, 1.0, NoFacePolicy.REJECT)
+    identity_scores: list[float] = []
+    replica_scores: list[float] = []
+    no_face = unusable = 0
     with progress_bar(total, "calibrating") as bar:
         for images in batches:
-            for result in pipeline.embed_images(images):
-                if not result.faces:
+            for evidence in measuring.evidence(images):
+                if not evidence.searchable or evidence.error is not None:
+                    unusable += 1
+                elif not evidence.face_matches:
                     no_face += 1
-                    continue
-                matches = index.search(result.embeddings)
-                maxima.append(max(m.similarity for m in matches))
+                else:
+                    scores = [m.similarity for m in evidence.face_matches]
+                    replica = evidence.replica
+                    if not all(math.isfinite(s) for s in scores) or (
+                        index.has_replicas and (replica is None or not replica.found)
+                    ):
+                        unusable += 1
+                        continue
+                    identity_scores.append(max(scores))
+                    if replica is not None and index.has_replicas:
+                        replica_scores.append(replica.similarity)
             bar.update(len(images))
-    if not maxima:
+    if not identity_scores:
         raise CliError("no face found in any non-member image; nothing to calibrate on")
-    calibration = calibrate_threshold(np.array(maxima), args.target_false_reject, no_face)
+    calibration = calibrate_thresholds(
+        np.array(identity_scores),
+        np.array(replica_scores) if index.has_replicas else None,
+        args.target_false_reject,
+        no_face,
+    )
     payload = calibration.as_dict()
-    payload.update(
-        {
-            "images": total,
-            "skipped": skipped,
-            "index": str(args.index),
-            "index_vectors": index.vector_count,
-            "current_threshold": settings.threshold,
+    payload["source"] = (
+        {"non_members": str(Path(args.non_members).resolve())}
+        if args.non_members is not None
+        else {
+            "generator_samples": args.generator_samples,
+            "seed": args.seed,
+            "generator": settings.generator,
         }
     )
-    emit(payload)
+    payload["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    report = {
+        **payload,
+        "images": total,
+        "images_unusable": unusable,
+        "skipped": skipped,
+        "index": str(args.index),
+        "index_vectors": index.vector_count,
+    }
+    if args.save:
+        index.with_calibration(payload).save(index_path)
+        report["saved"] = str(index_path)
+        print(
+            f"saved the calibration into {index_path}: identity threshold "
+            f"{calibration.threshold}, replica threshold {calibration.replica_threshold}",
+            file=sys.stderr,
+        )
+    emit(report)
     return 0
 
 
 def register(sub: Any) -> None:
-    calibrate = sub.add_parser("calibrate", help="pick a threshold from non-member images")
+    calibrate = sub.add_parser("calibrate", help="pick thresholds from non-member images")
     calibrate.add_argument("--index", required=True)
     source = calibrate.add_mutually_exclusive_group(required=True)
     source.add_argument("--non-members", metavar="DIR", help="images of people not in the index")
     source.add_argument(
         "--generator-samples",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="use N fresh samples of the configured generator instead",
     )
     calibrate.add_argument("--seed", type=int, default=2, help="seed for --generator-samples")
-    calibrate.add_argument("--target-false-reject", type=float, default=0.05)
+    calibrate.add_argument("--target-false-reject", type=rate, default=0.05)
+    calibrate.add_argument(
+        "--save",
+        action="store_true",
+        help="write the calibration into the index folder (used when no threshold is given)",
+    )
     model_options(calibrate)
     calibrate.set_defaults(handler=cmd_calibrate)

@@ -63,3 +63,36 @@ def model_options(parser: argparse.ArgumentParser) -> None:
         "--embedder", choices=["sface", "facenet"], help="default FACEGATE_EMBEDDER"
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default FACEGATE_DEVICE")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def similarity(text: str) -> float:
+    """argparse type: a cosine similarity threshold in [-1, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between -1 and 1, got {value}")
+    return value
+
+
+def rate(text: str) -> float:
+    """argparse type: a rate strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value

@@ -8,19 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from service.cli.common import (
-    CliError,
     configured_generator,
     embedding_pipeline,
     emit,
     model_options,
+    positive_int,
     progress_bar,
 )
 from service.config import Settings
 
 
 def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
-    from filter.faces import DetectorSettings
     from filter.gallery import build_gallery_index, gallery_images
+    from filter.runtime import detector_manifest
 
     gallery = Path(args.gallery)
     total = len(list(gallery_images(gallery)))
@@ -29,21 +29,25 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
         index, report = build_gallery_index(
             gallery,
             pipeline,
-            detector_settings=DetectorSettings().as_dict(),
+            detector_settings=detector_manifest(pipeline),
             index_type=args.index_type,
             progress=bar.update,
         )
-    if index.vector_count == 0:
-        raise CliError(f"no face was found in any image of {gallery}; nothing to index")
     index.save(Path(args.out))
     summary = {
         "index": str(args.out),
         "index_type": index.manifest["index_type"],
+        "fingerprint": index.fingerprint,
         **report.as_dict(),
     }
     emit(summary)
     for path in report.no_face:
-        print(f"warning: no face found in {path}; not enrolled", file=sys.stderr)
+        print(f"warning: no face found in {path}; enrolled for replicas only", file=sys.stderr)
+    for path in report.unsearchable:
+        print(
+            f"warning: {path} is too thin to search for faces; enrolled for replicas only",
+            file=sys.stderr,
+        )
     for item in report.skipped:
         print(f"warning: skipped {item['path']}: {item['error']}", file=sys.stderr)
     return 0
@@ -53,7 +57,7 @@ def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
     from filter.index import FaissIdentityIndex
 
     index = FaissIdentityIndex.load(Path(args.index))
-    emit(index.manifest)
+    emit({**index.manifest, "fingerprint": index.fingerprint})
     return 0
 
 
@@ -70,6 +74,7 @@ def cmd_index_demo(settings: Settings, args: argparse.Namespace) -> int:
             "index": str(args.out),
             "identities": index.identity_count,
             "vectors": index.vector_count,
+            "fingerprint": index.fingerprint,
             "seed": args.seed,
         }
     )
@@ -91,7 +96,7 @@ def register(sub: Any) -> None:
     info.set_defaults(handler=cmd_index_info)
     demo = index.add_parser("demo", help="enrol generator samples as synthetic identities (demo)")
     demo.add_argument("--out", required=True)
-    demo.add_argument("--identities", type=int, default=200)
+    demo.add_argument("--identities", type=positive_int, default=200)
     demo.add_argument("--seed", type=int, default=1)
     model_options(demo)
     demo.set_defaults(handler=cmd_index_demo)

@@ -1,0 +1,362 @@
+"""Evidence a user can rerun: how often the filter catches what it exists to catch, and
+how often it holds back what it should release, measured on sets it builds itself.
+
+From the generator, with distinct seeds:
+- a gallery of generator outputs, enrolled as "training images" (as the demo index is);
+- near-copies: the gallery's latents plus N(0, sigma^2), for each sigma (what a generator
+  that memorised a training image produces);
+- a calibration set and a test set of fresh samples (non-members).
+Thresholds are calibrated on the calibration set at the target false-reject rate, then
+near-copy recall and the test set's false-reject rate are measured at those thresholds.
+Images with no detected face are counted apart: the no-face policy decides them, not the
+signals.
+
+From real photos (the test faces): a leave-one-out identity set at the default thresholds.
+Each photo of a person with other photos is checked against an index of every other photo
+(it must be rejected), and each person's photos against an index of everyone else (they
+must pass).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from filter.calibrate import Calibration, calibrate_thresholds
+from filter.decide import DecisionThresholds, ImageEvidence, NoFacePolicy, decide
+from filter.gallery import Enrolment
+from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, ImageFaces
+from filter.images import decode_image, list_images
+from filter.index import FaissIdentityIndex
+from filter.replica import low_res
+from filter.runtime import detector_manifest, resolve_thresholds
+
+Generate = Callable[[np.ndarray], np.ndarray]
+LatentFor = Callable[[int, int], np.ndarray]  # (seed, slot) -> latent
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    gallery: int = 200
+    near_copies: int = 200  # per sigma, drawn from the first gallery latents
+    sigmas: tuple[float, ...] = (0.1, 0.2, 0.3)
+    calibration: int = 1000
+    test: int = 1000
+    target_false_reject: float = 0.05
+    seed: int = 1000  # gallery seed; the others derive from it, all distinct
+
+
+@dataclass
+class SetScores:
+    """Per-image evidence of one set, before thresholds."""
+
+    name: str
+    identity: np.ndarray  # max face similarity; NaN for no face or untrusted evidence
+    replica: np.ndarray  # NaN when the index has no replica features
+    no_face: np.ndarray  # bool
+    unusable: np.ndarray  # bool: unsupported geometry or a filter error
+    sigma: float | None = None
+
+    @property
+    def scored(self) -> np.ndarray:
+        return ~self.no_face & ~self.unusable
+
+
+def score_evidence(name: str, evidence: Sequence[ImageEvidence]) -> SetScores:
+    identity, replica, no_face, unusable = [], [], [], []
+    for item in evidence:
+        broken = not item.searchable or item.error is not None
+        broken = broken or any(not m.found for m in item.face_matches)
+        unusable.append(broken)
+        no_face.append(not broken and not item.face_matches)
+        scores = [m.similarity for m in item.face_matches]
+        identity.append(max(scores) if scores and not broken else math.nan)
+        replica.append(item.replica.similarity if item.replica is not None else math.nan)
+    return SetScores(
+        name,
+        np.array(identity, dtype=np.float64),
+        np.array(replica, dtype=np.float64),
+        np.array(no_face, dtype=bool),
+        np.array(unusable, dtype=bool),
+    )
+
+
+def rejection_rates(scores: SetScores, thresholds: DecisionThresholds) -> dict[str, float | int]:
+    """Shares of the scored images (a face, trusted evidence) each signal rejects."""
+    mask = scores.scored
+    identity = scores.identity[mask] >= thresholds.identity
+    replica = (
+        scores.replica[mask] >= thresholds.replica
+        if thresholds.replica is not None
+        else np.zeros(int(mask.sum()), dtype=bool)
+    )
+    either = identity | replica
+    count = int(mask.sum())
+    return {
+        "images": len(mask),
+        "scored": count,
+        "no_face": int(scores.no_face.sum()),
+        "no_face_share": float(scores.no_face.mean()) if len(mask) else 0.0,
+        "unusable": int(scores.unusable.sum()),
+        "rejected": float(either.mean()) if count else math.nan,
+        "rejected_identity": float(identity.mean()) if count else math.nan,
+        "rejected_replica": float(replica.mean()) if count else math.nan,
+    }
+
+
+@dataclass
+class GeneratedEvaluation:
+    calibration: Calibration
+    thresholds: DecisionThresholds
+    sets: list[SetScores] = field(default_factory=list)
+
+    def lines(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = [
+            {
+                "set": "calibration",
+                "threshold": self.thresholds.identity,
+                "replica_threshold": self.thresholds.replica,
+                "target_false_reject": self.calibration.target_false_reject,
+                "measured_false_reject": self.calibration.measured_false_reject,
+                "images": self.calibration.count + self.calibration.no_face,
+                "no_face_share": self.calibration.no_face_share,
+            }
+        ]
+        for scores in self.sets:
+            rates = rejection_rates(scores, self.thresholds)
+            line: dict[str, object] = {"set": scores.name}
+            if scores.sigma is not None:
+                line["sigma"] = scores.sigma
+                line["recall"] = rates.pop("rejected")
+            else:
+                line["false_reject"] = rates.pop("rejected")
+            line.update(rates)
+            out.append(line)
+        return out
+
+
+def evaluate_generated(
+    generate: Generate,
+    latent_for: LatentFor,
+    pipeline: FaceEmbeddingPipeline,
+    plan: EvaluationPlan,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[GeneratedEvaluation, FaissIdentityIndex]:
+    """Build the gallery index, the near-copy, calibration and test sets, and score them."""
+
+    def images_for(latents: np.ndarray) -> np.ndarray:
+        parts = [generate(latents[i : i + 64]) for i in range(0, len(latents), 64)]
+        return np.concatenate(parts)
+
+    def latents(seed: int, count: int) -> np.ndarray:
+        return np.stack([latent_for(seed, slot) for slot in range(count)]).astype(np.float32)
+
+    gallery_latents = latents(plan.seed, plan.gallery)
+    gallery_images = images_for(gallery_latents)
+    enrolment = Enrolment(pipeline)
+    for start in range(0, len(gallery_images), 64):
+        enrolment.add(
+            [
+                (f"gallery-{slot:05d}", f"generator:seed={plan.seed}:slot={slot}", image)
+                for slot, image in enumerate(gallery_images[start : start + 64], start=start)
+            ]
+        )
+    if progress is not None:
+        progress(len(gallery_images))
+    index = enrolment.build(detector_settings=detector_manifest(pipeline))
+    measuring = IdentityFilter(pipeline, index, 1.0, NoFacePolicy.REJECT)
+
+    def scored(name: str, images: np.ndarray, sigma: float | None = None) -> SetScores:
+        evidence: list[ImageEvidence] = []
+        for start in range(0, len(images), 64):
+            evidence.extend(measuring.evidence(list(images[start : start + 64])))
+            if progress is not None:
+                progress(min(64, len(images) - start))
+        result = score_evidence(name, evidence)
+        result.sigma = sigma
+        return result
+
+    sets: list[SetScores] = []
+    base = gallery_latents[: plan.near_copies]
+    for k, sigma in enumerate(plan.sigmas):
+        noise = np.random.default_rng(plan.seed + 100 + k).standard_normal(base.shape)
+        near = images_for((base + sigma * noise).astype(np.float32))
+        sets.append(scored(f"near_copies_sigma_{sigma:g}", near, sigma))
+    calibration_scores = scored("calibration", images_for(latents(plan.seed + 1, plan.calibration)))
+    sets.append(scored("fresh_test", images_for(latents(plan.seed + 2, plan.test))))
+    mask = calibration_scores.scored
+    calibration = calibrate_thresholds(
+        calibration_scores.identity[mask],
+        calibration_scores.replica[mask] if index.has_replicas else None,
+        plan.target_false_reject,
+        int(calibration_scores.no_face.sum()),
+    )
+    thresholds = DecisionThresholds(calibration.threshold, calibration.replica_threshold)
+    return GeneratedEvaluation(calibration, thresholds, sets), index
+
+
+@dataclass
+class LeaveOneOut:
+    enrolled_photos: int = 0
+    enrolled_rejected: int = 0
+    missed: list[str] = field(default_factory=list)  # enrolled person's photo released
+    stranger_photos: int = 0
+    strangers_rejected: int = 0
+    false_rejects: list[str] = field(default_factory=list)
+    thresholds: str = ""
+
+    def lines(self) -> list[dict[str, object]]:
+        return [
+            {
+                "set": "real_photos_enrolled_person",
+                "photos": self.enrolled_photos,
+                "rejected": self.enrolled_rejected / max(self.enrolled_photos, 1),
+                "missed": self.missed,
+                "thresholds": self.thresholds,
+            },
+            {
+                "set": "real_photos_not_enrolled",
+                "photos": self.stranger_photos,
+                "false_reject": self.strangers_rejected / max(self.stranger_photos, 1),
+                "false_rejects": self.false_rejects,
+                "thresholds": self.thresholds,
+            },
+        ]
+
+
+def evaluate_leave_one_out(identities_dir: Path, pipeline: FaceEmbeddingPipeline) -> LeaveOneOut:
+    """Real photos at the default thresholds (no calibration: as a new index starts)."""
+    photos: list[tuple[str, Path]] = [
+        (folder.name, path)
+        for folder in sorted(p for p in Path(identities_dir).iterdir() if p.is_dir())
+        for path in list_images(folder)
+    ]
+    images = [decode_image(path) for _, path in photos]
+    embedded: list[ImageFaces] = pipeline.embed_images(images)
+    rows = low_res(images)
+    detector = detector_manifest(pipeline)
+
+    def index_without(excluded: set[int]) -> FaissIdentityIndex:
+        enrolment = Enrolment(pipeline)
+        keep = [i for i in range(len(photos)) if i not in excluded]
+        enrolment.add_embedded(
+            [(photos[i][0], str(photos[i][1])) for i in keep],
+            [embedded[i] for i in keep],
+            rows[keep],
+        )
+        return enrolment.build(detector_settings=detector)
+
+    def rejected(index: FaissIdentityIndex, i: int) -> tuple[bool, str]:
+        thresholds = resolve_thresholds(index)
+        result = embedded[i]
+        evidence = ImageEvidence(
+            face_matches=index.search(result.embeddings),
+            replica=index.search_replicas([images[i]])[0] if index.has_replicas else None,
+            searchable=result.searchable,
+        )
+        verdict = decide(evidence, thresholds.decision, NoFacePolicy.REJECT)
+        return not verdict.passed, thresholds.describe()
+
+    report = LeaveOneOut()
+    by_identity: dict[str, list[int]] = {}
+    for i, (identity, _) in enumerate(photos):
+        by_identity.setdefault(identity, []).append(i)
+    for members in by_identity.values():
+        if len(members) > 1:
+            for i in members:
+                hit, report.thresholds = rejected(index_without({i}), i)
+                report.enrolled_photos += 1
+                report.enrolled_rejected += hit
+                if not hit:
+                    report.missed.append(str(photos[i][1]))
+        stranger_index = index_without(set(members))
+        for i in members:
+            hit, report.thresholds = rejected(stranger_index, i)
+            report.stranger_photos += 1
+            report.strangers_rejected += hit
+            if hit:
+                report.false_rejects.append(str(photos[i][1]))
+    return report
+
+
+def det_points(
+    member_scores: np.ndarray, non_member_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(false-reject rate on non-members, miss rate on members) for every threshold."""
+    members = np.sort(member_scores[np.isfinite(member_scores)])
+    non_members = np.sort(non_member_scores[np.isfinite(non_member_scores)])
+    thresholds = np.unique(np.concatenate([members, non_members, [np.inf]]))
+    false_reject = 1.0 - np.searchsorted(non_members, thresholds, side="left") / len(non_members)
+    miss = np.searchsorted(members, thresholds, side="left") / len(members)
+    return false_reject, miss
+
+
+def combined_scores(scores: SetScores, reference: SetScores) -> np.ndarray:
+    """One score for both signals: each signal's rank among the non-member reference set,
+    the higher of the two (the union rule calibration uses)."""
+
+    def rank(values: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        ref = np.sort(ref[np.isfinite(ref)])
+        return np.searchsorted(ref, values, side="right") / max(len(ref), 1)
+
+    mask = reference.scored
+    identity = rank(scores.identity, reference.identity[mask])
+    replica = rank(scores.replica, reference.replica[mask])
+    return np.where(np.isfinite(scores.replica), np.maximum(identity, replica), identity)
+
+
+def draw_det(evaluation: GeneratedEvaluation, out: Path) -> None:
+    """DET curves per near-copy sigma: identity, replica, and both combined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    near = [s for s in evaluation.sets if s.sigma is not None]
+    test = next(s for s in evaluation.sets if s.sigma is None)
+    figure, axes = plt.subplots(1, len(near), figsize=(5 * len(near), 4.4), squeeze=False)
+    for axis, members in zip(axes[0], near, strict=True):
+        m, t = members.scored, test.scored
+        curves = {
+            "identity": (members.identity[m], test.identity[t]),
+            "replica": (members.replica[m], test.replica[t]),
+            "identity OR replica": (
+                combined_scores(members, test)[m],
+                combined_scores(test, test)[t],
+            ),
+        }
+        for label, (member_scores, non_member_scores) in curves.items():
+            if not np.isfinite(member_scores).any():
+                continue
+            false_reject, miss = det_points(member_scores, non_member_scores)
+            floor = 0.5 / max(len(member_scores), 1)
+            axis.plot(
+                np.maximum(false_reject, 1e-4), np.maximum(miss, floor), label=label, linewidth=1.6
+            )
+        rates = rejection_rates(members, evaluation.thresholds)
+        test_rates = rejection_rates(test, evaluation.thresholds)
+        axis.scatter(
+            [max(float(test_rates["rejected"]), 1e-4)],
+            [max(1.0 - float(rates["rejected"]), 0.5 / max(int(m.sum()), 1))],
+            color="black",
+            zorder=5,
+            label="calibrated operating point",
+        )
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlim(1e-3, 1.0)
+        axis.set_ylim(1e-3, 1.0)
+        axis.axvline(evaluation.calibration.target_false_reject, color="grey", linestyle=":")
+        axis.set_xlabel("false rejects (fresh non-members rejected)")
+        axis.set_ylabel("misses (near-copies released)")
+        axis.set_title(f"near-copies, sigma = {members.sigma:g}")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)

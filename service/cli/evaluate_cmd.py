@@ -1,0 +1,92 @@
+"""`facegate evaluate`: recall and false rejects on sets built from the generator and the
+test photos, at calibrated thresholds, with DET curves (filter.evaluate does the work)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.cli.common import (
+    configured_generator,
+    embedding_pipeline,
+    emit,
+    model_options,
+    positive_int,
+    progress_bar,
+    rate,
+)
+from service.config import Settings
+
+REPO_FACES = Path(__file__).resolve().parents[2] / "tests" / "data" / "faces"
+
+
+def _faces_dir(args: argparse.Namespace) -> Path | None:
+    if args.faces is not None:
+        return Path(args.faces)
+    default = Path(os.environ.get("FACEGATE_TEST_FACES", REPO_FACES))
+    return default if (default / "identities").is_dir() else None
+
+
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.evaluate import (
+        EvaluationPlan,
+        draw_det,
+        evaluate_generated,
+        evaluate_leave_one_out,
+    )
+    from service.generators import latents_for
+
+    plan = EvaluationPlan(
+        gallery=args.gallery,
+        near_copies=min(args.near_copies, args.gallery),
+        sigmas=tuple(args.sigma or (0.1, 0.2, 0.3)),
+        calibration=args.calibration,
+        test=args.test,
+        target_false_reject=args.target_false_reject,
+        seed=args.seed,
+    )
+    pipeline = embedding_pipeline(settings, args)
+    generator = configured_generator(settings)
+    total = plan.gallery + plan.near_copies * len(plan.sigmas) + plan.calibration + plan.test
+    with progress_bar(total, "evaluating") as bar:
+        evaluation, _ = evaluate_generated(
+            generator.generate,
+            lambda seed, slot: latents_for(seed, slot, 0, generator.latent_dim),
+            pipeline,
+            plan,
+            progress=bar.update,
+        )
+    for line in evaluation.lines():
+        emit({"generator": generator.name, **line})
+    faces = _faces_dir(args)
+    if faces is None:
+        print("warning: no test faces found; skipping the real-photo set", file=sys.stderr)
+    else:
+        for line in evaluate_leave_one_out(faces / "identities", pipeline).lines():
+            emit(line)
+    if args.det is not None:
+        draw_det(evaluation, Path(args.det))
+        print(f"DET curves written to {args.det}", file=sys.stderr)
+    return 0
+
+
+def register(sub: Any) -> None:
+    evaluate = sub.add_parser(
+        "evaluate", help="measure recall and false rejects on generated and real-photo sets"
+    )
+    evaluate.add_argument("--gallery", type=positive_int, default=200, help="enrolled images")
+    evaluate.add_argument("--near-copies", type=positive_int, default=200, help="per sigma")
+    evaluate.add_argument(
+        "--sigma", type=float, action="append", help="near-copy noise (default 0.1, 0.2, 0.3)"
+    )
+    evaluate.add_argument("--calibration", type=positive_int, default=1000)
+    evaluate.add_argument("--test", type=positive_int, default=1000)
+    evaluate.add_argument("--target-false-reject", type=rate, default=0.05)
+    evaluate.add_argument("--seed", type=int, default=1000, help="gallery seed (others derive)")
+    evaluate.add_argument("--faces", help="test faces folder (with identities/); default ours")
+    evaluate.add_argument("--det", metavar="PNG", help="write DET curves to this file")
+    model_options(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate, sigma=None)
