@@ -1,0 +1,122 @@
+"""Verdicts from evidence: every path that is not a clear pass rejects (no real models)."""
+
+import math
+
+import pytest
+
+from filter.decide import (
+    DecisionThresholds,
+    ImageEvidence,
+    NoFacePolicy,
+    Reason,
+    decide,
+)
+from filter.index import NO_MATCH, Match
+from service.pipeline import verdict_outcome
+
+BOTH = DecisionThresholds(identity=0.5, replica=0.8)
+
+
+def _evidence(*faces: float, replica: float | None = 0.1, **kwargs: object) -> ImageEvidence:
+    return ImageEvidence(
+        face_matches=[Match(s, "idX") for s in faces],
+        replica=None if replica is None else Match(replica, "idR"),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_a_similarity_equal_to_the_threshold_matches() -> None:
+    verdict = decide(_evidence(0.5), BOTH, NoFacePolicy.REJECT)
+    assert not verdict.passed and verdict.reason is Reason.IDENTITY_MATCH
+    assert verdict.identity == "idX"
+    assert decide(_evidence(0.4999), BOTH, NoFacePolicy.REJECT).passed
+
+
+def test_replica_equal_to_its_threshold_rejects_as_replica_with_the_training_image() -> None:
+    verdict = decide(_evidence(0.2, replica=0.8), BOTH, NoFacePolicy.REJECT)
+    assert verdict.reason is Reason.REPLICA and verdict.identity == "idR"
+    assert decide(_evidence(0.2, replica=0.7999), BOTH, NoFacePolicy.REJECT).passed
+
+
+def test_identity_wins_over_replica_when_both_fire() -> None:
+    verdict = decide(_evidence(0.9, replica=0.95), BOTH, NoFacePolicy.REJECT)
+    assert verdict.reason is Reason.IDENTITY_MATCH
+
+
+def test_any_face_matching_rejects_the_image() -> None:
+    verdict = decide(_evidence(0.1, 0.7, 0.2), BOTH, NoFacePolicy.REJECT)
+    assert verdict.reason is Reason.IDENTITY_MATCH and verdict.max_similarity == 0.7
+
+
+@pytest.mark.parametrize(
+    "matches",
+    [
+        [Match(math.nan, "idX")],
+        [Match(0.1, "idX"), NO_MATCH],
+        [Match(math.inf, None)],
+    ],
+)
+def test_a_face_without_a_finite_neighbour_is_a_filter_error(matches: list[Match]) -> None:
+    evidence = ImageEvidence(face_matches=matches, replica=Match(0.1, "idR"))
+    verdict = decide(evidence, BOTH, NoFacePolicy.PASS)
+    assert not verdict.passed and verdict.reason is Reason.FILTER_ERROR
+
+
+def test_a_match_on_another_face_is_still_reported_as_a_match() -> None:
+    evidence = ImageEvidence(face_matches=[NO_MATCH, Match(0.9, "idX")], replica=None)
+    assert decide(evidence, BOTH, NoFacePolicy.REJECT).reason is Reason.IDENTITY_MATCH
+
+
+def test_missing_replica_evidence_is_a_filter_error_when_the_signal_is_on() -> None:
+    for replica in (None, NO_MATCH):
+        evidence = ImageEvidence(face_matches=[Match(0.1, "idX")], replica=replica)
+        assert decide(evidence, BOTH, NoFacePolicy.PASS).reason is Reason.FILTER_ERROR
+    # Without replica features (replica threshold None) the identity signal decides alone.
+    identity_only = DecisionThresholds(identity=0.5)
+    assert decide(ImageEvidence([Match(0.1, "idX")]), identity_only, NoFacePolicy.PASS).passed
+
+
+def test_an_untrusted_embedding_is_a_filter_error_even_with_no_face_policy_pass() -> None:
+    evidence = _evidence(replica=0.1, error="an embedding is not finite")
+    verdict = decide(evidence, BOTH, NoFacePolicy.PASS)
+    assert verdict.reason is Reason.FILTER_ERROR and verdict.detail == "an embedding is not finite"
+
+
+def test_unsearchable_geometry_rejects_whatever_the_no_face_policy() -> None:
+    verdict = decide(_evidence(searchable=False), BOTH, NoFacePolicy.PASS)
+    assert not verdict.passed and verdict.reason is Reason.UNSUPPORTED_GEOMETRY
+
+
+def test_no_face_follows_the_policy_but_a_replica_still_rejects() -> None:
+    assert decide(_evidence(), BOTH, NoFacePolicy.REJECT).reason is Reason.NO_FACE
+    assert decide(_evidence(), BOTH, NoFacePolicy.PASS).passed
+    assert decide(_evidence(replica=0.9), BOTH, NoFacePolicy.PASS).reason is Reason.REPLICA
+
+
+def test_thresholds_outside_the_cosine_range_are_refused() -> None:
+    for bad in (1.5, -2.0, math.nan):
+        with pytest.raises(ValueError):
+            DecisionThresholds(identity=bad)
+        with pytest.raises(ValueError):
+            DecisionThresholds(identity=0.5, replica=bad)
+
+
+def test_each_reason_has_its_metric_outcome() -> None:
+    outcomes = {
+        reason: verdict_outcome(decide(evidence, BOTH, NoFacePolicy.REJECT))
+        for reason, evidence in {
+            Reason.IDENTITY_MATCH: _evidence(0.9),
+            Reason.REPLICA: _evidence(0.1, replica=0.9),
+            Reason.NO_FACE: _evidence(),
+            Reason.FILTER_ERROR: _evidence(math.nan),
+            Reason.UNSUPPORTED_GEOMETRY: _evidence(searchable=False),
+        }.items()
+    }
+    assert outcomes == {
+        Reason.IDENTITY_MATCH: "rejected_identity",
+        Reason.REPLICA: "rejected_replica",
+        Reason.NO_FACE: "rejected_no_face",
+        Reason.FILTER_ERROR: "rejected_error",
+        Reason.UNSUPPORTED_GEOMETRY: "rejected_error",
+    }
+    assert verdict_outcome(decide(_evidence(0.1), BOTH, NoFacePolicy.REJECT)) == "accepted"
