@@ -12,7 +12,7 @@ from filter.errors import FilterError, ImageError
 from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces
 from filter.images import ImageLimits, decode_image, list_images
 from filter.index import FaissIdentityIndex, IndexType
-from filter.replica import ReplicaFeaturizer, low_res
+from filter.replica import MIN_REPLICA_IMAGES, ReplicaFeaturizer, low_res
 
 
 @dataclass
@@ -24,6 +24,7 @@ class GalleryReport:
     unsearchable: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     empty_identities: list[str] = field(default_factory=list)
+    replica_images: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -37,6 +38,7 @@ class GalleryReport:
             "unsupported_geometry": self.unsearchable,
             "skipped": self.skipped,
             "identities_without_faces": self.empty_identities,
+            "replica_images": self.replica_images,
         }
 
 
@@ -123,7 +125,10 @@ class Enrolment:
             )
         embedder = self.pipeline.embedder
         rows = np.concatenate(self._low_res)
-        featurizer = ReplicaFeaturizer.fit(rows)
+        featurizer: ReplicaFeaturizer | None = None
+        if len(rows) >= MIN_REPLICA_IMAGES:
+            featurizer = ReplicaFeaturizer.fit(rows)
+            report.replica_images = len(rows)
         return FaissIdentityIndex.build(
             np.concatenate(self._vectors),
             self._identities,
@@ -139,9 +144,9 @@ class Enrolment:
                 "images_unsupported_geometry": len(report.unsearchable),
                 "images_skipped": len(report.skipped),
             },
-            replica_features=featurizer.project(rows),
-            replica_identities=self._replica_identities,
-            replica_sources=self._replica_sources,
+            replica_features=None if featurizer is None else featurizer.project(rows),
+            replica_identities=self._replica_identities if featurizer else (),
+            replica_sources=self._replica_sources if featurizer else (),
             replica_featurizer=featurizer,
         )
 

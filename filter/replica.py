@@ -37,6 +37,10 @@ WHITENING_FLOOR = 0.01
 # Enough images to estimate 64 principal components well; more only costs build time.
 MAX_FIT_IMAGES = 20_000
 PROJECTION_FILE = "replica_projection.npy"
+# Below this many training images the whitened projection has too few components for a
+# cosine to mean anything (in 3 dimensions one random pair in 20 scores above 0.9), so
+# the index carries no replica signal and says so; the identity signal still applies.
+MIN_REPLICA_IMAGES = 32
 # Used when the index carries no calibration. Fresh generator samples against a 200-image
 # training set stay below it; near-copies at sigma 0.1 score above it (README "Threshold").
 # Calibrate (`facegate calibrate --save`) for a real training set.

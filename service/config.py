@@ -67,7 +67,9 @@ class Settings(BaseSettings):
         aliases = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
         if isinstance(value, bool):
             return "on" if value else "off"
-        return aliases.get(str(value).lower(), value)
+        if isinstance(value, str):
+            return aliases.get(value.strip().lower(), value.strip().lower())
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:

@@ -2,15 +2,25 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import REPO, make_gallery
 
-CHECK_KEYS = {"path", "verdict", "reason", "faces", "max_similarity", "identity"}
+CHECK_KEYS = {
+    "path",
+    "verdict",
+    "reason",
+    "faces",
+    "max_similarity",
+    "identity",
+    "replica_similarity",
+}
 
 
 def facegate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -158,3 +168,64 @@ def test_demo_index_and_calibration_on_generator_samples(tmp_path: Path) -> None
     assert report["quantiles"]["p50"] < report["threshold"] <= report["max"] + 1e-6
     # Unfiltered generator samples are never written anywhere.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_check_gives_a_thin_image_a_verdict_and_goes_on(
+    cli_index: Path, identities_dir: Path, tmp_path: Path
+) -> None:
+    thin = tmp_path / "thin.png"
+    Image.new("RGB", (1000, 10), (128, 90, 60)).save(thin)
+    member = identities_dir / "id02" / "01.jpg"
+    result = facegate("check", "--index", str(cli_index), str(thin), str(member))
+    assert result.returncode == 0, result.stderr
+    thin_line, member_line = [json.loads(line) for line in result.stdout.splitlines()]
+    assert thin_line["verdict"] == "reject" and thin_line["reason"] == "unsupported_geometry"
+    assert "1000x10" in thin_line["error"]
+    assert member_line["reason"] == "identity_match"
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "many"])
+def test_batch_size_must_be_a_positive_integer(
+    cli_index: Path, identities_dir: Path, size: str
+) -> None:
+    image = str(identities_dir / "id05" / "01.jpg")
+    result = facegate("check", "--index", str(cli_index), "--batch-size", size, image)
+    assert result.returncode == 2 and "--batch-size" in result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+
+
+def test_index_build_refuses_a_gallery_without_faces(tmp_path: Path) -> None:
+    gallery = tmp_path / "gallery"
+    for identity, shade in (("a", 40), ("b", 200)):
+        (gallery / identity).mkdir(parents=True)
+        Image.new("RGB", (120, 120), (shade, shade, shade)).save(gallery / identity / "1.png")
+    Image.new("RGB", (900, 8), (10, 20, 30)).save(gallery / "b" / "thin.png")
+    result = facegate("index", "build", str(gallery), "--out", str(tmp_path / "index"))
+    assert result.returncode == 2, result.stderr
+    assert "no face" in result.stderr and str(gallery) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "index").exists()
+
+
+def test_a_saved_calibration_is_what_check_uses_unless_overridden(
+    cli_index: Path, identities_dir: Path, tmp_path: Path
+) -> None:
+    index = tmp_path / "index"
+    shutil.copytree(cli_index, index)
+    before = json.loads(facegate("index", "info", str(index)).stdout)["fingerprint"]
+    held_out = make_gallery(identities_dir, tmp_path / "held_out", ["id05", "id06", "id07"])
+    calibrated = facegate(
+        "calibrate", "--index", str(index), "--non-members", str(held_out), "--save"
+    )
+    assert calibrated.returncode == 0, calibrated.stderr
+    threshold = json.loads(calibrated.stdout)["threshold"]
+    info = json.loads(facegate("index", "info", str(index), "--verify").stdout)
+    assert "calibration.json" in info["files"] and info["fingerprint"] != before
+    image = str(identities_dir / "id05" / "01.jpg")
+    saved = facegate("check", "--index", str(index), image)
+    assert f"identity {threshold} (index calibration)" in saved.stderr
+    overridden = facegate("check", "--index", str(index), image, env={"FACEGATE_THRESHOLD": "0.5"})
+    assert "identity 0.5 (override)" in overridden.stderr
+    uncalibrated = facegate("check", "--index", str(cli_index), image)
+    assert "(default)" in uncalibrated.stderr

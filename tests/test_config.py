@@ -14,7 +14,9 @@ def test_defaults_need_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         if key.startswith("FACEGATE_"):
             monkeypatch.delenv(key)
     settings = load_settings()
-    assert settings.threshold == pytest.approx(0.40)
+    # No threshold set: the server takes the index's saved calibration, else the default.
+    assert settings.threshold is None and settings.replica_threshold is None
+    assert settings.generated_fast_path == "auto"
     assert settings.no_face_policy == "reject" and settings.max_attempts == 8
     assert settings.max_count == 64 and settings.generator == "dcgan-digiface"
 
@@ -29,9 +31,19 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "mode"), [("true", "on"), ("0", "off"), ("auto", "auto"), ("ON", "on")]
+)
+def test_fast_path_accepts_booleans(monkeypatch: pytest.MonkeyPatch, value: str, mode: str) -> None:
+    monkeypatch.setenv("FACEGATE_GENERATED_FAST_PATH", value)
+    assert load_settings().generated_fast_path == mode
+
+
+@pytest.mark.parametrize(
     ("name", "value"),
     [
         ("FACEGATE_THRESHOLD", "1.5"),
+        ("FACEGATE_REPLICA_THRESHOLD", "-2"),
+        ("FACEGATE_GENERATED_FAST_PATH", "sometimes"),
         ("FACEGATE_DEVICE", "tpu"),
         ("FACEGATE_MAX_COUNT", "0"),
         ("FACEGATE_NO_FACE_POLICY", "maybe"),

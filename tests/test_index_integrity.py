@@ -151,7 +151,7 @@ def test_a_detector_that_changes_embeddings_is_refused_but_search_scope_is_not(
 ) -> None:
     folder = _saved(tmp_path)
     other = DetectorSettings(thresholds=(0.5, 0.7, 0.7)).as_dict()
-    with pytest.raises(IndexMismatchError, match="thresholds.*Rebuild the index"):
+    with pytest.raises(IndexMismatchError, match=r"thresholds.*Rebuild the index"):
         FaissIdentityIndex.load(folder, expect_detector=other)
     scoped = DetectorSettings(min_face_fraction=0.5).as_dict()
     assert FaissIdentityIndex.load(folder, expect_detector=scoped).vector_count == 60
@@ -195,7 +195,7 @@ def test_the_calibration_travels_with_the_index_and_is_checked(tmp_path: Path) -
     (folder / "calibration.json").write_text(
         json.dumps({**saved, "threshold": 0.95}, indent=2, sort_keys=True) + "\n"
     )
-    with pytest.raises(IndexCorruptError, match="sha256|truncated or replaced"):
+    with pytest.raises(IndexCorruptError, match=r"sha256|truncated or replaced"):
         FaissIdentityIndex.load(folder)
     (folder / "calibration.json").write_text('{"threshold": 7, "replica_threshold": 0.7}')
     _rehash(folder)

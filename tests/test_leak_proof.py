@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+import torch
 
 from filter.decide import DecisionThresholds, NoFacePolicy, Reason
 from filter.detection_policy import FastPathMode, filter_for_generator
@@ -17,8 +19,12 @@ from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from filter.runtime import detector_manifest, resolve_thresholds
+from service.config import Settings
 from service.generators import latents_for, load_dcgan_digiface
-from tests.conftest import make_gallery
+from service.proto.facegate.v1 import generation_pb2 as pb
+from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+from tests.conftest import REPO, make_gallery
+from tests.servers import InProcessServer, metric_value, scrape
 
 
 class PoisonedEmbedder:
@@ -44,9 +50,7 @@ def id01_index(
 ) -> FaissIdentityIndex:
     root = tmp_path_factory.mktemp("id01")
     gallery = make_gallery(identities_dir, root / "gallery", ["id01", "id02"])
-    index, _ = build_gallery_index(
-        gallery, pipeline, detector_settings=detector_manifest(pipeline)
-    )
+    index, _ = build_gallery_index(gallery, pipeline, detector_settings=detector_manifest(pipeline))
     return index
 
 
@@ -188,3 +192,67 @@ def test_near_copy_recall_at_the_calibrated_false_reject_rate(
     assert evaluation.thresholds.replica is not None
     assert math.isfinite(evaluation.thresholds.identity)
     assert isinstance(evaluation.thresholds, DecisionThresholds)
+
+
+class FixedFrame(torch.nn.Module):
+    """A TorchScript 'generator' that always emits one frame (the generator contract:
+    (N, latent) in, (N, 3, H, W) in [-1, 1] out)."""
+
+    def __init__(self, frame: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("frame", frame)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.frame.unsqueeze(0).expand(z.shape[0], -1, -1, -1) + 0.0 * z[:, :1, None, None]
+
+
+def _serve_one(settings: Settings) -> tuple[grpc.StatusCode, str]:
+    running = InProcessServer(settings)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            try:
+                stub.Generate(pb.GenerateRequest(count=1, seed=3), timeout=120)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+        return code, scrape(running.metrics_url)
+    finally:
+        running.stop()
+
+
+def test_the_server_holds_back_a_small_enrolled_face_from_a_custom_generator(
+    id01_index: FaissIdentityIndex, identities_dir: Path, tmp_path: Path
+) -> None:
+    """End to end over gRPC: a TorchScript generator whose every frame hides a small
+    enrolled face beside a large stranger's. Nothing may be released."""
+    frame = torch.from_numpy(_composite(identities_dir)).permute(2, 0, 1).float() / 127.5 - 1.0
+    generator_path = tmp_path / "fixed.pt"
+    torch.jit.save(torch.jit.script(FixedFrame(frame)), str(generator_path))
+    id01_index.save(tmp_path / "index")
+
+    def settings(**overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "grpc_host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_port": 0,
+            "index_path": tmp_path / "index",
+            "threshold": 0.40,
+            "generator": "torchscript",
+            "generator_path": generator_path,
+            "max_attempts": 2,
+            "models_dir": REPO / "models",
+            "device": "cpu",
+            "audit_log": "none",
+            **overrides,
+        }
+        return Settings(**values)  # type: ignore[arg-type]
+
+    code, text = _serve_one(settings())
+    assert code == grpc.StatusCode.FAILED_PRECONDITION  # every candidate held back
+    assert metric_value(text, "facegate_candidates_total", {"outcome": "rejected_identity"}) == 2
+    assert metric_value(text, "facegate_candidates_total", {"outcome": "accepted"}) == 0
+    # The control: the operator's explicit fast path (large faces only) would release it,
+    # which is why it is never the default for a generator facegate has not verified.
+    code, _ = _serve_one(settings(generated_fast_path="on"))
+    assert code == grpc.StatusCode.OK

@@ -20,6 +20,7 @@ from service.config import Settings
 
 def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
     from filter.gallery import build_gallery_index, gallery_images
+    from filter.replica import MIN_REPLICA_IMAGES
     from filter.runtime import detector_manifest
 
     gallery = Path(args.gallery)
@@ -41,11 +42,15 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
         **report.as_dict(),
     }
     emit(summary)
+    kept = "enrolled for replicas only" if index.has_replicas else "not enrolled"
     for path in report.no_face:
-        print(f"warning: no face found in {path}; enrolled for replicas only", file=sys.stderr)
+        print(f"warning: no face found in {path}; {kept}", file=sys.stderr)
     for path in report.unsearchable:
+        print(f"warning: {path} is too thin to search for faces; {kept}", file=sys.stderr)
+    if not index.has_replicas:
         print(
-            f"warning: {path} is too thin to search for faces; enrolled for replicas only",
+            f"warning: the replica signal is off: it needs at least {MIN_REPLICA_IMAGES} "
+            f"training images and the gallery has {report.images}",
             file=sys.stderr,
         )
     for item in report.skipped:
@@ -55,8 +60,13 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
     from filter.index import FaissIdentityIndex
+    from filter.runtime import load_index_for
 
-    index = FaissIdentityIndex.load(Path(args.index))
+    if args.verify:
+        # The server's own startup checks: this embedder, this detector, self-test.
+        index = load_index_for(embedding_pipeline(settings, args), Path(args.index))
+    else:
+        index = FaissIdentityIndex.load(Path(args.index))
     emit({**index.manifest, "fingerprint": index.fingerprint})
     return 0
 
@@ -93,6 +103,12 @@ def register(sub: Any) -> None:
     build.set_defaults(handler=cmd_index_build)
     info = index.add_parser("info", help="print the index manifest as JSON")
     info.add_argument("index")
+    info.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check it against the configured models, as the server does at startup",
+    )
+    model_options(info)
     info.set_defaults(handler=cmd_index_info)
     demo = index.add_parser("demo", help="enrol generator samples as synthetic identities (demo)")
     demo.add_argument("--out", required=True)
