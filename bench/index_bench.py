@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 
 from bench.common import emit
-from filter.index import make_faiss_index
+from filter.vector_table import make_faiss_index
 
 DIM = 128
 PER_IDENTITY = 5

@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from filter.index import Match
+from filter.vector_table import Match
 
 
 class NoFacePolicy(enum.StrEnum):

@@ -11,8 +11,9 @@ import numpy as np
 from filter.errors import FilterError, ImageError
 from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces
 from filter.images import ImageLimits, decode_image, list_images
-from filter.index import FaissIdentityIndex, IndexType
+from filter.index import FaissIdentityIndex
 from filter.replica import MIN_REPLICA_IMAGES, ReplicaFeaturizer, low_res
+from filter.vector_table import IndexType
 
 
 @dataclass

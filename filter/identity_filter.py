@@ -20,8 +20,9 @@ from filter.decide import DecisionThresholds, ImageEvidence, ImageVerdict, NoFac
 from filter.embedders import Embedder
 from filter.errors import FilterError
 from filter.faces import DetectedFace, FaceAligner
-from filter.index import NO_MATCH, IdentityIndex, Match
+from filter.index import IdentityIndex
 from filter.replica import DEFAULT_REPLICA_THRESHOLD
+from filter.vector_table import NO_MATCH, Match
 
 STAGES = ("detect", "embed", "search")
 

@@ -11,7 +11,7 @@ from filter.decide import (
     Reason,
     decide,
 )
-from filter.index import NO_MATCH, Match
+from filter.vector_table import NO_MATCH, Match
 from service.pipeline import verdict_outcome
 
 BOTH = DecisionThresholds(identity=0.5, replica=0.8)

@@ -7,8 +7,9 @@ import pytest
 
 from filter.errors import IndexCorruptError, IndexMismatchError
 from filter.identity_filter import FaceEmbeddingPipeline
-from filter.index import FaissIdentityIndex, choose_index_type
+from filter.index import FaissIdentityIndex
 from filter.runtime import load_index_for
+from filter.vector_table import choose_index_type
 
 
 def _random_index(n: int = 50, dim: int = 16, index_type: str = "flat") -> FaissIdentityIndex:

@@ -15,9 +15,10 @@ import pytest
 
 from filter.errors import IdentityIndexError, IndexCorruptError, IndexMismatchError
 from filter.faces import DetectorSettings
-from filter.index import FaissIdentityIndex, VectorTable
+from filter.index import FaissIdentityIndex
 from filter.models import sha256_file
 from filter.replica import ReplicaFeaturizer
+from filter.vector_table import VectorTable
 
 DETECTOR = DetectorSettings().as_dict()
 
