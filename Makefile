@@ -57,18 +57,19 @@ bench: setup
 	$(PY) -m bench.run
 
 demo-index: setup
+	@mkdir -p var && [ -s var/seed.key ] || (umask 077 && head -c 32 /dev/urandom > var/seed.key)
 	@if [ ! -f $(DEMO_INDEX)/manifest.json ]; then \
 		echo "building the demo index: 200 synthetic identities sampled from the generator (seed 1)"; \
-		$(FACEGATE) index demo --out $(DEMO_INDEX) --identities 200 --seed 1; fi
+		FACEGATE_SEED_KEY_FILE=var/seed.key $(FACEGATE) index demo --out $(DEMO_INDEX) --identities 200 --seed 1; fi
 	@if [ ! -f $(DEMO_THRESHOLD) ]; then \
 		echo "calibrating the demo threshold on 300 fresh generator samples (5% false rejects)"; \
-		$(FACEGATE) calibrate --index $(DEMO_INDEX) --generator-samples 300 --seed 2 \
+		FACEGATE_SEED_KEY_FILE=var/seed.key $(FACEGATE) calibrate --index $(DEMO_INDEX) --generator-samples 300 --seed 2 \
 			--target-false-reject 0.05 > $(DEMO_THRESHOLD).tmp && mv $(DEMO_THRESHOLD).tmp $(DEMO_THRESHOLD); fi
 
 run: demo-index
 	FACEGATE_INDEX_PATH=$(DEMO_INDEX) \
 	FACEGATE_THRESHOLD=$$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["threshold"])' $(DEMO_THRESHOLD)) \
-	$(FACEGATE) serve
+	FACEGATE_SEED_KEY_FILE=var/seed.key $(FACEGATE) serve
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -293,8 +293,10 @@ class GenerationPipeline:
         jpeg_quality: int = 90,
         observer: PipelineObserver | None = None,
         audit: AuditSink | None = None,
+        seed_key: bytes | None = None,
     ) -> None:
         self.batcher = batcher
+        self.seed_key = seed_key
         self.latent_dim = latent_dim
         self.max_attempts = max_attempts
         self.max_count = max_count
@@ -336,7 +338,9 @@ class GenerationPipeline:
                 raise DeadlineExceeded("deadline exceeded before the slots were filled")
             candidates = [
                 Candidate(
-                    slot, attempts[slot], latents_for(seed, slot, attempts[slot], self.latent_dim)
+                    slot,
+                    attempts[slot],
+                    latents_for(seed, slot, attempts[slot], self.latent_dim, self.seed_key),
                 )
                 for slot in open_slots
             ]

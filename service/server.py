@@ -28,7 +28,7 @@ from filter.runtime import (
 )
 from service.audit import AuditSink, JsonLinesAuditLog
 from service.config import Settings, unknown_env_names
-from service.generators import load_generator
+from service.generators import load_generator, load_seed_key
 from service.metrics import ServiceMetrics
 from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
@@ -127,6 +127,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         jpeg_quality=settings.jpeg_quality,
         observer=metrics,
         audit=audit,
+        seed_key=seed_key_for(settings),
     )
     return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit)
 
@@ -153,10 +154,24 @@ def preflight(settings: Settings) -> None:
         raise StartupError(f"FACEGATE_TLS_KEY {settings.tls_key} does not exist")
 
 
+def seed_key_for(settings: Settings) -> bytes | None:
+    """The seed key, or None (unkeyed, with a warning); StartupError if it is unusable."""
+    try:
+        key = load_seed_key(settings.seed_key_file)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    if key is None:
+        log.warning(
+            "FACEGATE_SEED_KEY_FILE is not set: latents are a public function of the seed, so "
+            "a caller can regenerate held-back candidates offline. Set it in production."
+        )
+    return key
+
+
 def log_effective_config(settings: Settings, metrics: ServiceMetrics) -> None:
     effective = settings.effective()
     log.info("effective configuration: %s", json.dumps(effective, sort_keys=True))
-    metrics.config_info.info(effective)
+    metrics.config_info.info(settings.public_info())
     for name in unknown_env_names():
         log.warning("environment variable %s matches no setting and is ignored (typo?)", name)
 

@@ -14,6 +14,7 @@ from service.cli.common import (
     model_options,
     positive_int,
     progress_bar,
+    seed_key,
 )
 from service.config import Settings
 
@@ -67,7 +68,13 @@ def cmd_index_demo(settings: Settings, args: argparse.Namespace) -> int:
 
     pipeline = embedding_pipeline(settings, args)
     generator = configured_generator(settings)
-    index = build_demo_index(generator, pipeline, identities=args.identities, seed=args.seed)
+    index = build_demo_index(
+        generator,
+        pipeline,
+        identities=args.identities,
+        seed=args.seed,
+        seed_key=seed_key(settings),
+    )
     index.save(Path(args.out))
     emit(
         {
