@@ -185,7 +185,9 @@ class FacegateServer:
             DEFAULT_IDENTITY_THRESHOLD if settings.threshold is None else settings.threshold
         )
         self.admission = Admission(settings.max_concurrent_requests, self.metrics)
-        self.servicer = GenerationServicer(None, self.admission, self.metrics)
+        self.servicer = GenerationServicer(
+            None, self.admission, self.metrics, max_request_seconds=settings.max_request_seconds
+        )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.loaded: LoadedService | None = None

@@ -135,24 +135,52 @@ class Admission:
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(
-        self, pipeline: GenerationPipeline | None, admission: Admission, metrics: ServiceMetrics
+        self,
+        pipeline: GenerationPipeline | None,
+        admission: Admission,
+        metrics: ServiceMetrics,
+        max_request_seconds: float = 60.0,
     ) -> None:
         self.pipeline = pipeline
         self.admission = admission
         self.metrics = metrics
+        self.max_request_seconds = max_request_seconds
 
     def _domain_request(self, request: pb.GenerateRequest, context: Any) -> GenerationRequest:
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
         return to_domain(request, request_id)
 
-    @staticmethod
-    def _deadline(context: Any) -> float | None:
+    def _budget(self, context: Any) -> float:
+        """Seconds this call may run: the caller's deadline, never past the server's bound."""
         remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
+        if remaining is None:
+            return self.max_request_seconds
+        return max(0.0, min(self.max_request_seconds, remaining))
+
+    async def _bounded(
+        self, context: Any, body: Callable[[GenerationPipeline, float], Awaitable[T]]
+    ) -> T:
+        """Run the body within the budget; a stalled stream write is bounded too."""
+        if self.pipeline is None:
+            raise NotReady("server is starting; models and index are not loaded yet")
+        budget = self._budget(context)
+        timeout = asyncio.timeout(budget)
+        try:
+            async with timeout:
+                return await body(self.pipeline, time.monotonic() + budget)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise DeadlineExceeded(
+                f"the call did not finish within its deadline ({budget:.1f} s at most)"
+            ) from None
 
     async def _guarded(
-        self, method: str, context: Any, body: Callable[[GenerationPipeline], Awaitable[T]]
+        self,
+        method: str,
+        context: Any,
+        body: Callable[[GenerationPipeline, float], Awaitable[T]],
     ) -> T:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -160,13 +188,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             self.admission.enter()
             try:
-                if self.pipeline is None:
-                    raise NotReady("server is starting; models and index are not loaded yet")
-                return await body(self.pipeline)
+                return await self._bounded(context, body)
             finally:
                 self.admission.leave()
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            # gRPC cancels the handler both when the caller cancels and when the caller's
+            # deadline passes; the label tells the two apart.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0.01
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             failure = status_for(exc)
@@ -187,9 +217,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         raise AssertionError("unreachable: abort raises")
 
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
-        async def body(pipeline: GenerationPipeline) -> pb.GenerateResponse:
+        async def body(pipeline: GenerationPipeline, deadline: float) -> pb.GenerateResponse:
             domain = self._domain_request(request, context)
-            result = await pipeline.generate(domain, deadline=self._deadline(context))
+            result = await pipeline.generate(domain, deadline=deadline)
             return result_to_proto(result)
 
         return await self._guarded("Generate", context, body)
@@ -200,11 +230,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async def on_image(image: ReleasedImage) -> None:
             await context.write(pb.GenerateStreamResponse(image=image_to_proto(image)))
 
-        async def body(pipeline: GenerationPipeline) -> None:
+        async def body(pipeline: GenerationPipeline, deadline: float) -> None:
             domain = self._domain_request(request, context)
-            result = await pipeline.generate(
-                domain, deadline=self._deadline(context), on_image=on_image
-            )
+            result = await pipeline.generate(domain, deadline=deadline, on_image=on_image)
             await context.write(pb.GenerateStreamResponse(summary=summary_to_proto(result.summary)))
 
         await self._guarded("GenerateStream", context, body)
