@@ -242,3 +242,18 @@ def test_a_stream_whose_reader_stopped_is_ended_at_the_bound(bounded: InProcessS
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(received) < 64
     assert bounded.server.admission.inflight == 0
+
+
+def test_config_info_carries_no_file_paths_and_says_unkeyed(bounded: InProcessServer) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = scrape(bounded.metrics_url)
+    (info,) = [
+        s.labels
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "facegate_config_info"
+    ]
+    assert info["seeds"] == "unkeyed"
+    assert info["index_path"] == "set" and info["audit_log"] == "file"
+    assert not [v for v in info.values() if "/" in v], info
