@@ -24,6 +24,7 @@ class Rejection:
     similarity: float | None
     identity: str | None
     faces: int
+    client: str | None = None  # verified client-certificate subject, when mutual TLS is on
 
 
 class AuditSink(Protocol):

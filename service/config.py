@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     tls_client_ca: Path | None = Field(
         None, description="CA bundle; makes client certificates required and verified"
     )
+    tls_ca: Path | None = Field(
+        None,
+        description="CA of the server certificate, for the health check and the CLI client "
+        "(default FACEGATE_TLS_CERT itself: right for a self-signed certificate)",
+    )
+    tls_server_name: str = Field(
+        "localhost", description="name in the server certificate, for the health check"
+    )
     max_concurrent_per_client: int = Field(
         0, ge=0, description="per client-certificate subject; 0 = only the global limit"
     )
@@ -113,7 +121,7 @@ class Settings(BaseSettings):
                 info[name] = "unset" if raw is None else "set"
             elif name == "audit_log" and raw not in ("stderr", "none"):
                 info[name] = "file"
-            elif name in ("tls_cert", "tls_key", "tls_client_ca"):
+            elif name in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
                 info[name] = "unset" if raw is None else "set"
             else:
                 info[name] = value

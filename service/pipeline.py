@@ -52,6 +52,7 @@ class GenerationRequest:
     image_format: ImageFormat = ImageFormat.PNG
     jpeg_quality: int | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    client: str | None = None  # verified client-certificate subject (mutual TLS)
 
 
 @dataclass(frozen=True)
@@ -411,6 +412,7 @@ class GenerationPipeline:
                         similarity=outcome.verdict.max_similarity,
                         identity=outcome.verdict.identity,
                         faces=outcome.verdict.faces,
+                        client=request.client,
                     )
                 )
                 if attempts[candidate.slot] < self.max_attempts:

@@ -34,11 +34,13 @@ from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.servicer import Admission, GenerationServicer
+from service.tls import MAX_MESSAGE_BYTES as TLS_MAX_MESSAGE_BYTES
+from service.tls import server_credentials
 
 log = logging.getLogger("facegate.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = TLS_MAX_MESSAGE_BYTES  # clients (service.tls) accept as much
 
 
 class StartupError(Exception):
@@ -152,6 +154,12 @@ def preflight(settings: Settings) -> None:
         raise StartupError(f"FACEGATE_TLS_CERT {settings.tls_cert} does not exist")
     if settings.tls_key is not None and not Path(settings.tls_key).is_file():
         raise StartupError(f"FACEGATE_TLS_KEY {settings.tls_key} does not exist")
+    if settings.tls_client_ca is not None and not Path(settings.tls_client_ca).is_file():
+        raise StartupError(f"FACEGATE_TLS_CLIENT_CA {settings.tls_client_ca} does not exist")
+    if settings.tls_cert is None:
+        log.warning("FACEGATE_TLS_CERT is not set: gRPC is plaintext and callers are anonymous")
+    elif settings.tls_client_ca is None:
+        log.warning("FACEGATE_TLS_CLIENT_CA is not set: any client may call (no mutual TLS)")
 
 
 def seed_key_for(settings: Settings) -> bytes | None:
@@ -184,7 +192,11 @@ class FacegateServer:
         self.metrics = ServiceMetrics(
             DEFAULT_IDENTITY_THRESHOLD if settings.threshold is None else settings.threshold
         )
-        self.admission = Admission(settings.max_concurrent_requests, self.metrics)
+        self.admission = Admission(
+            settings.max_concurrent_requests,
+            self.metrics,
+            max_per_client=settings.max_concurrent_per_client,
+        )
         self.servicer = GenerationServicer(
             None, self.admission, self.metrics, max_request_seconds=settings.max_request_seconds
         )
@@ -218,15 +230,10 @@ class FacegateServer:
             server,
         )
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [
-                    (
-                        Path(self.settings.tls_key).read_bytes(),
-                        Path(self.settings.tls_cert).read_bytes(),
-                    )
-                ]
-            )
+        credentials = server_credentials(
+            self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
+        )
+        if credentials is not None:
             self.grpc_port = server.add_secure_port(address, credentials)
         else:
             self.grpc_port = server.add_insecure_port(address)

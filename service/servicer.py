@@ -32,6 +32,7 @@ from service.pipeline import (
 )
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+from service.tls import client_subject
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,7 +64,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; no image was released"
 
 
-def to_domain(request: pb.GenerateRequest, request_id: str) -> GenerationRequest:
+def to_domain(
+    request: pb.GenerateRequest, request_id: str, client: str | None = None
+) -> GenerationRequest:
     image_format = _FORMATS.get(request.format)
     if image_format is None:
         raise InvalidRequest(f"unknown image format {request.format}")
@@ -73,6 +76,7 @@ def to_domain(request: pb.GenerateRequest, request_id: str) -> GenerationRequest
         image_format=image_format,
         jpeg_quality=request.jpeg_quality or None,
         request_id=request_id,
+        client=client,
     )
 
 
@@ -109,14 +113,16 @@ def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
 class Admission:
     """Concurrency cap without a hidden queue, and the ready/draining state."""
 
-    def __init__(self, max_concurrent: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, max_concurrent: int, metrics: ServiceMetrics, max_per_client: int = 0):
         self.max_concurrent = max_concurrent
+        self.max_per_client = max_per_client  # per client-certificate subject; 0: no limit
         self.metrics = metrics
         self.ready = False
         self.draining = False
         self.inflight = 0
+        self.per_client: dict[str, int] = {}
 
-    def enter(self) -> None:
+    def enter(self, client: str | None = None) -> None:
         if self.draining:
             raise NotReady("server is shutting down; retry on another replica")
         if not self.ready:
@@ -125,10 +131,20 @@ class Admission:
             raise Overloaded(
                 f"server is at its limit of {self.max_concurrent} concurrent requests; retry later"
             )
+        if client is not None and self.max_per_client:
+            if self.per_client.get(client, 0) >= self.max_per_client:
+                raise Overloaded(
+                    f"this client is at its limit of {self.max_per_client} concurrent requests"
+                )
+            self.per_client[client] = self.per_client.get(client, 0) + 1
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
 
-    def leave(self) -> None:
+    def leave(self, client: str | None = None) -> None:
+        if client is not None and client in self.per_client:
+            self.per_client[client] -= 1
+            if not self.per_client[client]:
+                del self.per_client[client]
         self.inflight -= 1
         self.metrics.inflight.set(self.inflight)
 
@@ -149,7 +165,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def _domain_request(self, request: pb.GenerateRequest, context: Any) -> GenerationRequest:
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
-        return to_domain(request, request_id)
+        return to_domain(request, request_id, client_subject(context))
 
     def _budget(self, context: Any) -> float:
         """Seconds this call may run: the caller's deadline, never past the server's bound."""
@@ -185,12 +201,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         failure: tuple[grpc.StatusCode, str] | None = None
+        client = client_subject(context)
         try:
-            self.admission.enter()
+            self.admission.enter(client)
             try:
                 return await self._bounded(context, body)
             finally:
-                self.admission.leave()
+                self.admission.leave(client)
         except asyncio.CancelledError:
             # gRPC cancels the handler both when the caller cancels and when the caller's
             # deadline passes; the label tells the two apart.

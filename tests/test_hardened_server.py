@@ -14,25 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from filter.identity_filter import FaceEmbeddingPipeline
-from service.demo import build_demo_index
-from service.generators import load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, metric_value, scrape
 from tests.test_server import settings_for
 
 POISON_SEED = 7
-
-
-@pytest.fixture(scope="module")
-def demo_index(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, pipeline: FaceEmbeddingPipeline
-) -> Path:
-    index = build_demo_index(load_dcgan_digiface(models_dir), pipeline, identities=40, seed=1)
-    out = tmp_path_factory.mktemp("demo") / "index"
-    index.save(out)
-    return out
 
 
 @pytest.fixture(scope="module")
