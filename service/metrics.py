@@ -170,6 +170,11 @@ class ServiceMetrics:
         )
         self.build_info = Info("facegate_build", "Build and model information", registry=r)
         self.config_info = Info("facegate_config", "Effective configuration", registry=r)
+        self.audit_dropped = Counter(
+            "facegate_audit_dropped_lines",
+            "Audit lines dropped because the writer fell behind (also reported in the log)",
+            registry=r,
+        )
 
     # PipelineObserver
     def observe_stage(self, stage: str, seconds: float) -> None:

@@ -4,9 +4,11 @@ export metrics, drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -120,7 +122,13 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     batcher = DynamicBatcher(
         engine, max_batch=settings.max_batch, max_delay=settings.max_batch_delay_ms / 1000.0
     )
-    audit = JsonLinesAuditLog.open(settings.audit_log)
+    seed_key = seed_key_for(settings)
+    audit = JsonLinesAuditLog.open(
+        settings.audit_log,
+        on_drop=metrics.audit_dropped.inc,
+        hash_identities=settings.audit_hash_identities,
+        key=seed_key,
+    )
     pipeline = GenerationPipeline(
         batcher,
         generator.latent_dim,
@@ -129,7 +137,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         jpeg_quality=settings.jpeg_quality,
         observer=metrics,
         audit=audit,
-        seed_key=seed_key_for(settings),
+        seed_key=seed_key,
     )
     return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit)
 
@@ -250,11 +258,8 @@ class FacegateServer:
             self.metrics_port,
         )
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            self.loaded = await loop.run_in_executor(
-                None, load_service, self.settings, self.metrics
-            )
+            self.loaded = await load_in_daemon_thread(self.settings, self.metrics)
         except Exception:
             await server.stop(0)
             self.metrics.stop_serving()
@@ -292,12 +297,49 @@ class FacegateServer:
         log.info("stopped")
 
 
+async def load_in_daemon_thread(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
+    """load_service off the loop, in a daemon thread: a SIGTERM during loading need not wait
+    for it (an executor thread would hold the process until loading ends)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[LoadedService] = loop.create_future()
+
+    def settle(result: LoadedService | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, exc = load_service(settings, metrics), None
+        except BaseException as error:  # handed to the loop, raised there
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop is gone: we were stopped
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=work, name="facegate-load", daemon=True).start()
+    return await future
+
+
 async def run_server(settings: Settings) -> int:
     server = FacegateServer(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
-    await server.start()
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(server._stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("stop requested while loading models; exiting without waiting for them")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await server.drain()
+        return 0
+    stopping.cancel()
+    starting.result()  # a startup error propagates
     await server.wait_for_stop()
     return 0
 

@@ -18,6 +18,7 @@ from service.cli.common import (
     positive_int,
     progress_bar,
     rate,
+    restrict_to_owner,
     seed_key,
 )
 from service.config import Settings
@@ -141,6 +142,7 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
     }
     if args.save:
         index.with_calibration(payload).save(index_path)
+        restrict_to_owner(index_path)
         report["saved"] = str(index_path)
         print(
             f"saved the calibration into {index_path}: identity threshold "
