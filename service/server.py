@@ -34,8 +34,7 @@ from service.generators import load_generator, load_seed_key
 from service.metrics import ServiceMetrics
 from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
-from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from service.servicer import Admission, GenerationServicer
+from service.servicer import Admission, GenerationServicer, add_to_server
 from service.tls import MAX_MESSAGE_BYTES as TLS_MAX_MESSAGE_BYTES
 from service.tls import server_credentials
 
@@ -227,7 +226,7 @@ class FacegateServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (

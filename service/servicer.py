@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from filter.errors import FilterError
 from service.errors import (
@@ -64,9 +65,43 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; no image was released"
 
 
+class MalformedRequest:
+    """Stands for request bytes that do not parse as a GenerateRequest."""
+
+
+def parse_request(data: bytes) -> pb.GenerateRequest | MalformedRequest:
+    """gRPC's own deserializer turns unparsable bytes into an unlogged UNKNOWN/INTERNAL;
+    this one lets the servicer answer INVALID_ARGUMENT, counted like any other."""
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError:
+        return MalformedRequest()
+
+
+def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """pb_grpc.add_GenerationServiceServicer_to_server, with the tolerant deserializer."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=parse_request,
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream,
+            request_deserializer=parse_request,
+            response_serializer=pb.GenerateStreamResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
 def to_domain(
-    request: pb.GenerateRequest, request_id: str, client: str | None = None
+    request: pb.GenerateRequest | MalformedRequest, request_id: str, client: str | None = None
 ) -> GenerationRequest:
+    if isinstance(request, MalformedRequest):
+        raise InvalidRequest("the request is not a valid facegate.v1.GenerateRequest")
     image_format = _FORMATS.get(request.format)
     if image_format is None:
         raise InvalidRequest(f"unknown image format {request.format}")
