@@ -56,6 +56,11 @@ test-fast: setup
 bench: setup
 	$(PY) -m bench.run
 
+# A few minutes of mixed, hostile load on loopback (SOAK_SECONDS, SOAK_CLIENTS); see README.
+.PHONY: soak
+soak: setup
+	$(PY) -m bench.soak
+
 demo-index: setup
 	@mkdir -p var && [ -s var/seed.key ] || (umask 077 && head -c 32 /dev/urandom > var/seed.key)
 	@if [ ! -f $(DEMO_INDEX)/manifest.json ]; then \
