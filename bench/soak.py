@@ -211,6 +211,7 @@ def main() -> int:
     while soak.inflight() != 0 and time.monotonic() - settled_at < BOUND_SECONDS + 10:
         time.sleep(0.2)
     inflight_after = soak.inflight()
+    settled_seconds = time.monotonic() - settled_at
     # Re-check every released image with the server's own filter (fault removed).
     assert server.loaded is not None
     engine = server.loaded.batcher.engine
@@ -235,7 +236,7 @@ def main() -> int:
         "released_images": len(images),
         "recheck_failed": failed_recheck,
         "inflight_after": inflight_after,
-        "inflight_settled_seconds": round(time.monotonic() - settled_at, 1),
+        "inflight_settled_seconds": round(settled_seconds, 1),
         "rss_mib_after_warmup": round(warm[0], 1),
         "rss_mib_end": round(samples[-1][1], 1),
         "rss_mib_max": round(max(r for _, r in samples), 1),
