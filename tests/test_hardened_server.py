@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from filter.identity_filter import FaceEmbeddingPipeline
+from service.demo import build_demo_index
+from service.generators import load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer, metric_value, scrape
@@ -244,3 +247,38 @@ def test_config_info_carries_no_file_paths_and_says_unkeyed(bounded: InProcessSe
     assert info["seeds"] == "unkeyed"
     assert info["index_path"] == "set" and info["audit_log"] == "file"
     assert not [v for v in info.values() if "/" in v], info
+
+
+@pytest.fixture(scope="module")
+def keyed(
+    models_dir: Path, pipeline: FaceEmbeddingPipeline, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InProcessServer]:
+    """`make run`'s demo under a seed key: the index enrols seed 1's keyed candidates."""
+    tmp = tmp_path_factory.mktemp("keyed")
+    key = tmp / "seed.key"
+    key.write_bytes(bytes(range(100, 132)))
+    build_demo_index(
+        load_dcgan_digiface(models_dir), pipeline, identities=40, seed=1, seed_key=key.read_bytes()
+    ).save(tmp / "index")
+    running = InProcessServer(settings_for(tmp / "index", tmp, seed_key_file=key))
+    yield running
+    running.stop()
+
+
+def test_keyed_demo_seed_1_meets_enrolled_faces_and_resamples(
+    keyed: InProcessServer, bounded: InProcessServer
+) -> None:
+    with grpc.insecure_channel(keyed.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        first = stub.Generate(pb.GenerateRequest(count=4, seed=1), timeout=60)
+        again = stub.Generate(pb.GenerateRequest(count=4, seed=1), timeout=60)
+    assert first.summary.candidates_rejected >= 2
+    assert any(image.attempts > 1 for image in first.images)
+    assert [i.data for i in first.images] == [i.data for i in again.images]
+    with grpc.insecure_channel(bounded.target) as channel:  # unkeyed server, same seed
+        public = pb_grpc.GenerationServiceStub(channel).Generate(
+            pb.GenerateRequest(count=4, seed=1), timeout=60
+        )
+    assert not {i.data for i in first.images} & {i.data for i in public.images}
+    text = scrape(keyed.metrics_url)
+    assert metric_value(text, "facegate_config_info", {"seeds": "keyed"}) == 1
