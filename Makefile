@@ -7,6 +7,7 @@ FACEGATE := $(VENV)/bin/facegate
 STAMP := $(VENV)/.installed
 export FACEGATE_MODELS_DIR ?= models
 DEMO_INDEX ?= var/index
+SEED_KEY ?= var/seed.key
 PYTEST_ARGS ?=
 
 .PHONY: setup models protos lint typecheck test test-fast bench run eval demo-index tools deploy-check clean
@@ -55,10 +56,19 @@ test-fast: setup
 bench: setup
 	$(PY) -m bench.run
 
+# A few minutes of mixed, hostile load on loopback (SOAK_SECONDS, SOAK_CLIENTS); see README.
+.PHONY: soak
+soak: setup
+	$(PY) -m bench.soak
+
+# A demo seed key (32 random bytes, owner-only) is made once; a new key means new images
+# for every seed, so the demo index (enrolled from keyed seed 1) is rebuilt with it.
 # The demo index is rebuilt whenever it no longer loads with this facegate's models and
 # format (index info --verify runs the same checks as the server's startup), then calibrated
 # on fresh generator samples; the calibration is saved in the index, where serve finds it.
+demo-index: export FACEGATE_SEED_KEY_FILE = $(SEED_KEY)
 demo-index: setup
+	@mkdir -p var && [ -s $(SEED_KEY) ] || (umask 077 && head -c 32 /dev/urandom > $(SEED_KEY) && rm -rf $(DEMO_INDEX))
 	@if ! $(FACEGATE) index info $(DEMO_INDEX) --verify >/dev/null 2>&1; then \
 		echo "building the demo index: 200 synthetic identities sampled from the generator (seed 1)"; \
 		rm -rf $(DEMO_INDEX).new && \
@@ -69,7 +79,7 @@ demo-index: setup
 		rm -rf $(DEMO_INDEX) && mv $(DEMO_INDEX).new $(DEMO_INDEX); fi
 
 run: demo-index
-	FACEGATE_INDEX_PATH=$(DEMO_INDEX) $(FACEGATE) serve
+	FACEGATE_INDEX_PATH=$(DEMO_INDEX) FACEGATE_SEED_KEY_FILE=$(SEED_KEY) $(FACEGATE) serve
 
 # Detection power and false rejects on held-out sets, with a DET plot (README "Threshold").
 eval: setup

@@ -9,16 +9,10 @@ import grpc
 
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+from service.tls import open_channel
 
 _FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG}
 _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg"}
-
-
-def open_channel(target: str, tls_ca: str | None = None) -> grpc.Channel:
-    if tls_ca:
-        credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
-        return grpc.secure_channel(target, credentials)
-    return grpc.insecure_channel(target)
 
 
 def generate_to_folder(
@@ -30,11 +24,17 @@ def generate_to_folder(
     image_format: str = "png",
     timeout: float = 120.0,
     tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_server_name: str | None = None,
 ) -> dict[str, Any]:
     request = pb.GenerateRequest(count=count, format=_FORMATS[image_format])
     if seed is not None:
         request.seed = seed
-    with open_channel(target, tls_ca) as channel:
+    channel = open_channel(
+        target, ca=tls_ca, cert=tls_cert, key=tls_key, server_name=tls_server_name
+    )
+    with channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         try:
             response = stub.Generate(request, timeout=timeout)

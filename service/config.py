@@ -59,6 +59,30 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     jpeg_quality: int = Field(90, ge=1, le=100)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Hardening (issue 9).
+    seed_key_file: Path | None = Field(
+        None, description="secret: raw bytes (>= 32) keying seed -> latent; unset = unkeyed"
+    )
+    max_request_seconds: float = Field(
+        60.0, gt=0.0, description="every call ends by then (DEADLINE_EXCEEDED)"
+    )
+    tls_client_ca: Path | None = Field(
+        None, description="CA bundle; makes client certificates required and verified"
+    )
+    tls_ca: Path | None = Field(
+        None,
+        description="CA of the server certificate, for the health check and the CLI client "
+        "(default FACEGATE_TLS_CERT itself: right for a self-signed certificate)",
+    )
+    tls_server_name: str = Field(
+        "localhost", description="name in the server certificate, for the health check"
+    )
+    max_concurrent_per_client: int = Field(
+        0, ge=0, description="per client-certificate subject; 0 = only the global limit"
+    )
+    audit_hash_identities: bool = Field(
+        False, description="write identities to the audit log as keyed hashes"
+    )
 
     @field_validator("generated_fast_path", mode="before")
     @classmethod
@@ -79,6 +103,8 @@ class Settings(BaseSettings):
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("FACEGATE_TLS_CERT and FACEGATE_TLS_KEY must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("FACEGATE_TLS_CLIENT_CA needs FACEGATE_TLS_CERT and FACEGATE_TLS_KEY")
         if self.embedder == "facenet" and self.facenet_weights is None:
             raise ValueError("FACEGATE_FACENET_WEIGHTS is required when FACEGATE_EMBEDDER=facenet")
         return self
@@ -86,6 +112,23 @@ class Settings(BaseSettings):
     def effective(self) -> dict[str, str]:
         """The values in use, as strings, for the startup log and the info metric."""
         return {name: str(getattr(self, name)) for name in type(self).model_fields}
+
+    def public_info(self) -> dict[str, str]:
+        """The effective config for the info metric: no file paths (a path can name the
+        deployment's layout or a secret's mount); a path setting reads `set` or `unset`."""
+        info: dict[str, str] = {}
+        for name, value in self.effective().items():
+            raw = getattr(self, name)
+            if isinstance(raw, Path) or name.endswith(("_path", "_file", "_dir", "_weights")):
+                info[name] = "unset" if raw is None else "set"
+            elif name == "audit_log" and raw not in ("stderr", "none"):
+                info[name] = "file"
+            elif name in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
+                info[name] = "unset" if raw is None else "set"
+            else:
+                info[name] = value
+        info["seeds"] = "keyed" if self.seed_key_file is not None else "unkeyed"
+        return info
 
 
 def load_settings(**overrides: object) -> Settings:

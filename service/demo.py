@@ -13,22 +13,29 @@ from service.generators import Generator, latents_for
 
 
 def build_demo_index(
-    generator: Generator, pipeline: FaceEmbeddingPipeline, *, identities: int, seed: int
+    generator: Generator,
+    pipeline: FaceEmbeddingPipeline,
+    *,
+    identities: int,
+    seed: int,
+    seed_key: bytes | None = None,
 ) -> FaissIdentityIndex:
     """Enrol the first candidate of slots 0..identities-1 of `seed` (attempt 0).
 
-    A request with the same seed therefore meets enrolled faces first and must resample.
+    A request with the same seed (and the server's seed key) therefore meets enrolled
+    faces first and must resample.
     """
+    keyed = ":keyed" if seed_key is not None else ""
     enrolment = Enrolment(pipeline)
     for start in range(0, identities, 64):
         slots = range(start, min(start + 64, identities))
-        latents = np.stack([latents_for(seed, s, 0, generator.latent_dim) for s in slots])
+        latents = np.stack([latents_for(seed, s, 0, generator.latent_dim, seed_key) for s in slots])
         images = generator.generate(latents)
         enrolment.add(
             [
                 (
                     f"synthetic-{seed}-{slot:04d}",
-                    f"generator:{generator.name}:seed={seed}:slot={slot}:attempt=0",
+                    f"generator:{generator.name}:seed={seed}:slot={slot}:attempt=0{keyed}",
                     image,
                 )
                 for slot, image in zip(slots, images, strict=True)

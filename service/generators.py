@@ -13,6 +13,9 @@ lives here, once.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import struct
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -40,15 +43,51 @@ class Generator(Protocol):
         ...
 
 
-def latents_for(seed: int, slot: int, attempt: int, dim: int) -> np.ndarray:
-    """The latent of one candidate, a pure function of (seed, slot, attempt).
+MIN_SEED_KEY_BYTES = 32
+_LATENT_DOMAIN = b"facegate/latent/v1"
+
+
+def latents_for(
+    seed: int, slot: int, attempt: int, dim: int, key: bytes | None = None
+) -> np.ndarray:
+    """The latent of one candidate, a pure function of (key, seed, slot, attempt).
 
     Each candidate has its own stream, so a slot's sequence does not depend on how
     many other slots a request has, which of them were rejected, or how candidates
     were batched with other requests.
+
+    With a key (FACEGATE_SEED_KEY_FILE), the stream is seeded by
+    HMAC-SHA256(key, domain || seed || slot || attempt): a caller who knows the seed and
+    the public generator weights still cannot regenerate a held-back candidate offline.
+    Without a key the latent is a public function of the seed (the unkeyed demo mode).
     """
-    sequence = np.random.SeedSequence(entropy=seed, spawn_key=(slot, attempt))
+    if key is None:
+        sequence = np.random.SeedSequence(entropy=seed, spawn_key=(slot, attempt))
+    else:
+        if len(key) < MIN_SEED_KEY_BYTES:
+            raise ValueError(f"seed key must be at least {MIN_SEED_KEY_BYTES} bytes")
+        message = _LATENT_DOMAIN + struct.pack(">QQQ", seed, slot, attempt)
+        digest = hmac.new(key, message, hashlib.sha256).digest()
+        sequence = np.random.SeedSequence(entropy=int.from_bytes(digest, "big"))
     return np.random.default_rng(sequence).standard_normal(dim, dtype=np.float32)
+
+
+def load_seed_key(path: Path | None) -> bytes | None:
+    """The raw bytes of FACEGATE_SEED_KEY_FILE (None when unset); ValueError if unusable."""
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(
+            f"FACEGATE_SEED_KEY_FILE: cannot read the seed key: {exc.strerror}"
+        ) from None
+    if len(key) < MIN_SEED_KEY_BYTES:
+        raise ValueError(
+            f"FACEGATE_SEED_KEY_FILE: the seed key has {len(key)} bytes; at least "
+            f"{MIN_SEED_KEY_BYTES} are needed (e.g. `head -c 32 /dev/urandom > seed.key`)"
+        )
+    return key
 
 
 def to_uint8_images(batch: torch.Tensor) -> np.ndarray:

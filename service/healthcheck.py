@@ -3,28 +3,52 @@
     python -m service.healthcheck [HOST:PORT]
 
 Exits 0 when the server reports SERVING, 1 otherwise (starting, draining, unreachable).
+It follows the server's TLS settings: with FACEGATE_TLS_CERT it speaks TLS (verifying the
+server with FACEGATE_TLS_CA, default the certificate itself, under the name
+FACEGATE_TLS_SERVER_NAME); with FACEGATE_TLS_CLIENT_CA it presents the server's own
+certificate as its client certificate (so that CA must trust the server certificate's issuer).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.tls import open_channel
+
+# Read from the environment directly: service.config imports the filter (torch, FAISS),
+# which would take seconds of the probe's timeout. The names are the server's settings.
+ENV = os.environ
+
+
+def channel_for(target: str, env: Mapping[str, str] = ENV) -> grpc.Channel:
+    cert = env.get("FACEGATE_TLS_CERT") or None
+    if cert is None:
+        return open_channel(target)
+    mutual = bool(env.get("FACEGATE_TLS_CLIENT_CA"))
+    return open_channel(
+        target,
+        ca=env.get("FACEGATE_TLS_CA") or cert,
+        cert=cert if mutual else None,
+        key=(env.get("FACEGATE_TLS_KEY") or None) if mutual else None,
+        server_name=env.get("FACEGATE_TLS_SERVER_NAME") or "localhost",
+    )
+
 
 def main(argv: list[str]) -> int:
-    target = (
-        argv[1] if len(argv) > 1 else f"127.0.0.1:{os.environ.get('FACEGATE_GRPC_PORT', '50051')}"
-    )
+    target = argv[1] if len(argv) > 1 else f"127.0.0.1:{ENV.get('FACEGATE_GRPC_PORT', '50051')}"
     try:
-        with grpc.insecure_channel(target) as channel:
+        with channel_for(target) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="facegate.v1.GenerationService"), timeout=3
             )
-    except grpc.RpcError as err:
-        print(f"unhealthy: {err.code().name}", file=sys.stderr)
+    except (grpc.RpcError, OSError) as err:
+        code = err.code().name if isinstance(err, grpc.RpcError) else type(err).__name__
+        print(f"unhealthy: {code}", file=sys.stderr)
         return 1
     serving = response.status == health_pb2.HealthCheckResponse.SERVING
     print(

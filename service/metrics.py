@@ -49,13 +49,35 @@ LATENCY_BUCKETS = (
 )
 
 
+SIMILARITY_STEP = 0.1
+
+
 def similarity_buckets(threshold: float) -> tuple[float, ...]:
-    """Coarse over [-1, 1], dense (0.01) within 0.15 of the threshold, the threshold itself
-    a bucket edge, so the share of faces at or near the threshold is readable."""
-    coarse = {round(-1.0 + 0.1 * i, 2) for i in range(21)}
-    dense = {round(threshold + 0.01 * i, 4) for i in range(-15, 16)}
-    edges = sorted(b for b in coarse | dense | {round(threshold, 4)} if -1.0 <= b <= 1.0)
-    return tuple(edges)
+    """Deliberately coarse: below 0, then 0.1-wide bins up to the threshold, then one bin
+    for everything at or above it.
+
+    Whoever reads /metrics on a quiet replica can tie a bucket increment to one request's
+    face. Fine buckets would make the histogram the membership oracle the API refuses to
+    be (how close a held-back face came to a training identity, to 0.01). These bins show
+    what an SRE needs (drift of the distribution, the share of faces just under the
+    threshold, the rejection share) and no more than 0.1 about any one face; above the
+    threshold they say nothing beyond "rejected", which the caller already knows.
+    """
+    edges = [round(threshold - SIMILARITY_STEP * k, 4) for k in (3, 2, 1, 0)]
+    if edges[0] >= SIMILARITY_STEP:
+        edges.insert(0, 0.0)
+    return tuple(e for e in edges if -1.0 < e <= 1.0)
+
+
+def quantize_similarity(value: float, edges: tuple[float, ...]) -> float:
+    """The lower edge of the value's bucket (-1 below the first), so that the histogram's
+    _sum carries no more than its buckets do."""
+    lower = -1.0
+    for edge in edges:
+        if value < edge:
+            break
+        lower = edge
+    return lower
 
 
 class ServiceMetrics:
@@ -83,10 +105,12 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.similarity_edges = similarity_buckets(threshold)
         self.similarity = Histogram(
             "facegate_similarity",
-            "Each checked face's maximum cosine similarity to the training identities",
-            buckets=similarity_buckets(threshold),
+            "Each checked face's maximum cosine similarity to the training identities, "
+            "coarse by design (0.1 bins below the threshold, one at or above it)",
+            buckets=self.similarity_edges,
             registry=r,
         )
         self.filter_seconds = Histogram(
@@ -146,6 +170,11 @@ class ServiceMetrics:
         )
         self.build_info = Info("facegate_build", "Build and model information", registry=r)
         self.config_info = Info("facegate_config", "Effective configuration", registry=r)
+        self.audit_dropped = Counter(
+            "facegate_audit_dropped_lines",
+            "Audit lines dropped because the writer fell behind (also reported in the log)",
+            registry=r,
+        )
 
     # PipelineObserver
     def observe_stage(self, stage: str, seconds: float) -> None:
@@ -158,7 +187,7 @@ class ServiceMetrics:
         self.candidates.labels(verdict_outcome(verdict)).inc()
         for similarity in verdict.face_similarities:
             if math.isfinite(similarity):  # one NaN would poison the histogram's sum for good
-                self.similarity.observe(similarity)
+                self.similarity.observe(quantize_similarity(similarity, self.similarity_edges))
 
     def released(self, attempts: int) -> None:
         self.attempts.observe(attempts)

@@ -52,6 +52,7 @@ class GenerationRequest:
     image_format: ImageFormat = ImageFormat.PNG
     jpeg_quality: int | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    client: str | None = None  # verified client-certificate subject (mutual TLS)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ class DynamicBatcher:
     passed since its first entry. One worker thread runs the engine, so torch and
     FAISS never block the event loop and never compete with each other for cores.
     A request whose future was cancelled (client gone, deadline) is dropped before
-    its candidates are drawn.
+    its candidates are drawn. When a batch of several requests fails, each request is
+    retried alone once, so only the request whose candidate fails is failed (closed).
     """
 
     def __init__(self, engine: CandidateEngine, max_batch: int = 64, max_delay: float = 0.005):
@@ -252,11 +254,26 @@ class DynamicBatcher:
                         p.future.cancel()
                 raise
             except Exception as exc:
-                log.exception("filter batch failed; failing its requests closed")
-                failure = FilterFailure(f"identity filter failed: {type(exc).__name__}")
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(failure)
+                if len(live) == 1:
+                    log.exception("filter batch failed; failing its request closed")
+                    _fail(live[0], exc)
+                    continue
+                # Isolate the fault: one request's candidate must not fail its neighbours
+                # (seeds are caller-chosen and replayable). Each request runs alone once;
+                # only the one whose candidates fail again gets INTERNAL.
+                log.warning(
+                    "filter batch of %d requests failed (%s); retrying each request alone",
+                    len(live),
+                    type(exc).__name__,
+                )
+                try:
+                    for p in live:
+                        await self._run_alone(loop, p)
+                except asyncio.CancelledError:
+                    for p in live:
+                        if not p.future.done():
+                            p.future.cancel()
+                    raise
                 continue
             offset = 0
             for p in live:
@@ -264,6 +281,23 @@ class DynamicBatcher:
                 offset += len(p.latents)
                 if not p.future.done():
                     p.future.set_result(part)
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, pending: _Pending) -> None:
+        if pending.future.done():
+            return
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self.engine.run, pending.latents)
+        except Exception as exc:
+            log.exception("filter failed on one request's candidates alone; failing it closed")
+            _fail(pending, exc)
+            return
+        if not pending.future.done():
+            pending.future.set_result(outcomes)
+
+
+def _fail(pending: _Pending, exc: BaseException) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(FilterFailure(f"identity filter failed: {type(exc).__name__}"))
 
 
 def encode_image(image: np.ndarray, image_format: ImageFormat, jpeg_quality: int) -> bytes:
@@ -293,8 +327,10 @@ class GenerationPipeline:
         jpeg_quality: int = 90,
         observer: PipelineObserver | None = None,
         audit: AuditSink | None = None,
+        seed_key: bytes | None = None,
     ) -> None:
         self.batcher = batcher
+        self.seed_key = seed_key
         self.latent_dim = latent_dim
         self.max_attempts = max_attempts
         self.max_count = max_count
@@ -336,7 +372,9 @@ class GenerationPipeline:
                 raise DeadlineExceeded("deadline exceeded before the slots were filled")
             candidates = [
                 Candidate(
-                    slot, attempts[slot], latents_for(seed, slot, attempts[slot], self.latent_dim)
+                    slot,
+                    attempts[slot],
+                    latents_for(seed, slot, attempts[slot], self.latent_dim, self.seed_key),
                 )
                 for slot in open_slots
             ]
@@ -374,6 +412,7 @@ class GenerationPipeline:
                         similarity=outcome.verdict.max_similarity,
                         identity=outcome.verdict.identity,
                         faces=outcome.verdict.faces,
+                        client=request.client,
                     )
                 )
                 if attempts[candidate.slot] < self.max_attempts:

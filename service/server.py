@@ -4,9 +4,11 @@ export metrics, drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -28,17 +30,18 @@ from filter.runtime import (
 )
 from service.audit import AuditSink, JsonLinesAuditLog
 from service.config import Settings, unknown_env_names
-from service.generators import load_generator
+from service.generators import load_generator, load_seed_key
 from service.metrics import ServiceMetrics
 from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
-from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from service.servicer import Admission, GenerationServicer
+from service.servicer import Admission, GenerationServicer, add_to_server
+from service.tls import MAX_MESSAGE_BYTES as TLS_MAX_MESSAGE_BYTES
+from service.tls import server_credentials
 
 log = logging.getLogger("facegate.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_MESSAGE_BYTES = TLS_MAX_MESSAGE_BYTES  # clients (service.tls) accept as much
 
 
 class StartupError(Exception):
@@ -118,7 +121,13 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     batcher = DynamicBatcher(
         engine, max_batch=settings.max_batch, max_delay=settings.max_batch_delay_ms / 1000.0
     )
-    audit = JsonLinesAuditLog.open(settings.audit_log)
+    seed_key = seed_key_for(settings)
+    audit = JsonLinesAuditLog.open(
+        settings.audit_log,
+        on_drop=metrics.audit_dropped.inc,
+        hash_identities=settings.audit_hash_identities,
+        key=seed_key,
+    )
     pipeline = GenerationPipeline(
         batcher,
         generator.latent_dim,
@@ -127,6 +136,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         jpeg_quality=settings.jpeg_quality,
         observer=metrics,
         audit=audit,
+        seed_key=seed_key,
     )
     return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit)
 
@@ -151,12 +161,32 @@ def preflight(settings: Settings) -> None:
         raise StartupError(f"FACEGATE_TLS_CERT {settings.tls_cert} does not exist")
     if settings.tls_key is not None and not Path(settings.tls_key).is_file():
         raise StartupError(f"FACEGATE_TLS_KEY {settings.tls_key} does not exist")
+    if settings.tls_client_ca is not None and not Path(settings.tls_client_ca).is_file():
+        raise StartupError(f"FACEGATE_TLS_CLIENT_CA {settings.tls_client_ca} does not exist")
+    if settings.tls_cert is None:
+        log.warning("FACEGATE_TLS_CERT is not set: gRPC is plaintext and callers are anonymous")
+    elif settings.tls_client_ca is None:
+        log.warning("FACEGATE_TLS_CLIENT_CA is not set: any client may call (no mutual TLS)")
+
+
+def seed_key_for(settings: Settings) -> bytes | None:
+    """The seed key, or None (unkeyed, with a warning); StartupError if it is unusable."""
+    try:
+        key = load_seed_key(settings.seed_key_file)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    if key is None:
+        log.warning(
+            "FACEGATE_SEED_KEY_FILE is not set: latents are a public function of the seed, so "
+            "a caller can regenerate held-back candidates offline. Set it in production."
+        )
+    return key
 
 
 def log_effective_config(settings: Settings, metrics: ServiceMetrics) -> None:
     effective = settings.effective()
     log.info("effective configuration: %s", json.dumps(effective, sort_keys=True))
-    metrics.config_info.info(effective)
+    metrics.config_info.info(settings.public_info())
     for name in unknown_env_names():
         log.warning("environment variable %s matches no setting and is ignored (typo?)", name)
 
@@ -169,8 +199,14 @@ class FacegateServer:
         self.metrics = ServiceMetrics(
             DEFAULT_IDENTITY_THRESHOLD if settings.threshold is None else settings.threshold
         )
-        self.admission = Admission(settings.max_concurrent_requests, self.metrics)
-        self.servicer = GenerationServicer(None, self.admission, self.metrics)
+        self.admission = Admission(
+            settings.max_concurrent_requests,
+            self.metrics,
+            max_per_client=settings.max_concurrent_per_client,
+        )
+        self.servicer = GenerationServicer(
+            None, self.admission, self.metrics, max_request_seconds=settings.max_request_seconds
+        )
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.loaded: LoadedService | None = None
@@ -190,7 +226,7 @@ class FacegateServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_GenerationServiceServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -201,15 +237,10 @@ class FacegateServer:
             server,
         )
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            credentials = grpc.ssl_server_credentials(
-                [
-                    (
-                        Path(self.settings.tls_key).read_bytes(),
-                        Path(self.settings.tls_cert).read_bytes(),
-                    )
-                ]
-            )
+        credentials = server_credentials(
+            self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
+        )
+        if credentials is not None:
             self.grpc_port = server.add_secure_port(address, credentials)
         else:
             self.grpc_port = server.add_insecure_port(address)
@@ -226,11 +257,8 @@ class FacegateServer:
             self.metrics_port,
         )
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         try:
-            self.loaded = await loop.run_in_executor(
-                None, load_service, self.settings, self.metrics
-            )
+            self.loaded = await load_in_daemon_thread(self.settings, self.metrics)
         except Exception:
             await server.stop(0)
             self.metrics.stop_serving()
@@ -268,12 +296,49 @@ class FacegateServer:
         log.info("stopped")
 
 
+async def load_in_daemon_thread(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
+    """load_service off the loop, in a daemon thread: a SIGTERM during loading need not wait
+    for it (an executor thread would hold the process until loading ends)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[LoadedService] = loop.create_future()
+
+    def settle(result: LoadedService | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, exc = load_service(settings, metrics), None
+        except BaseException as error:  # handed to the loop, raised there
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop is gone: we were stopped
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=work, name="facegate-load", daemon=True).start()
+    return await future
+
+
 async def run_server(settings: Settings) -> int:
     server = FacegateServer(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
-    await server.start()
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(server._stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("stop requested while loading models; exiting without waiting for them")
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await server.drain()
+        return 0
+    stopping.cancel()
+    starting.result()  # a startup error propagates
     await server.wait_for_stop()
     return 0
 

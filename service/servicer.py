@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from filter.errors import FilterError
 from service.errors import (
@@ -32,6 +33,7 @@ from service.pipeline import (
 )
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+from service.tls import client_subject
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,7 +65,43 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error; no image was released"
 
 
-def to_domain(request: pb.GenerateRequest, request_id: str) -> GenerationRequest:
+class MalformedRequest:
+    """Stands for request bytes that do not parse as a GenerateRequest."""
+
+
+def parse_request(data: bytes) -> pb.GenerateRequest | MalformedRequest:
+    """gRPC's own deserializer turns unparsable bytes into an unlogged UNKNOWN/INTERNAL;
+    this one lets the servicer answer INVALID_ARGUMENT, counted like any other."""
+    try:
+        return pb.GenerateRequest.FromString(data)
+    except DecodeError:
+        return MalformedRequest()
+
+
+def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """pb_grpc.add_GenerationServiceServicer_to_server, with the tolerant deserializer."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=parse_request,
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream,
+            request_deserializer=parse_request,
+            response_serializer=pb.GenerateStreamResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+def to_domain(
+    request: pb.GenerateRequest | MalformedRequest, request_id: str, client: str | None = None
+) -> GenerationRequest:
+    if isinstance(request, MalformedRequest):
+        raise InvalidRequest("the request is not a valid facegate.v1.GenerateRequest")
     image_format = _FORMATS.get(request.format)
     if image_format is None:
         raise InvalidRequest(f"unknown image format {request.format}")
@@ -73,6 +111,7 @@ def to_domain(request: pb.GenerateRequest, request_id: str) -> GenerationRequest
         image_format=image_format,
         jpeg_quality=request.jpeg_quality or None,
         request_id=request_id,
+        client=client,
     )
 
 
@@ -109,14 +148,16 @@ def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
 class Admission:
     """Concurrency cap without a hidden queue, and the ready/draining state."""
 
-    def __init__(self, max_concurrent: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, max_concurrent: int, metrics: ServiceMetrics, max_per_client: int = 0):
         self.max_concurrent = max_concurrent
+        self.max_per_client = max_per_client  # per client-certificate subject; 0: no limit
         self.metrics = metrics
         self.ready = False
         self.draining = False
         self.inflight = 0
+        self.per_client: dict[str, int] = {}
 
-    def enter(self) -> None:
+    def enter(self, client: str | None = None) -> None:
         if self.draining:
             raise NotReady("server is shutting down; retry on another replica")
         if not self.ready:
@@ -125,48 +166,89 @@ class Admission:
             raise Overloaded(
                 f"server is at its limit of {self.max_concurrent} concurrent requests; retry later"
             )
+        if client is not None and self.max_per_client:
+            if self.per_client.get(client, 0) >= self.max_per_client:
+                raise Overloaded(
+                    f"this client is at its limit of {self.max_per_client} concurrent requests"
+                )
+            self.per_client[client] = self.per_client.get(client, 0) + 1
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
 
-    def leave(self) -> None:
+    def leave(self, client: str | None = None) -> None:
+        if client is not None and client in self.per_client:
+            self.per_client[client] -= 1
+            if not self.per_client[client]:
+                del self.per_client[client]
         self.inflight -= 1
         self.metrics.inflight.set(self.inflight)
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(
-        self, pipeline: GenerationPipeline | None, admission: Admission, metrics: ServiceMetrics
+        self,
+        pipeline: GenerationPipeline | None,
+        admission: Admission,
+        metrics: ServiceMetrics,
+        max_request_seconds: float = 60.0,
     ) -> None:
         self.pipeline = pipeline
         self.admission = admission
         self.metrics = metrics
+        self.max_request_seconds = max_request_seconds
 
     def _domain_request(self, request: pb.GenerateRequest, context: Any) -> GenerationRequest:
         metadata = dict(context.invocation_metadata() or ())
         request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
-        return to_domain(request, request_id)
+        return to_domain(request, request_id, client_subject(context))
 
-    @staticmethod
-    def _deadline(context: Any) -> float | None:
+    def _budget(self, context: Any) -> float:
+        """Seconds this call may run: the caller's deadline, never past the server's bound."""
         remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
+        if remaining is None:
+            return self.max_request_seconds
+        return max(0.0, min(self.max_request_seconds, remaining))
+
+    async def _bounded(
+        self, context: Any, body: Callable[[GenerationPipeline, float], Awaitable[T]]
+    ) -> T:
+        """Run the body within the budget; a stalled stream write is bounded too."""
+        if self.pipeline is None:
+            raise NotReady("server is starting; models and index are not loaded yet")
+        budget = self._budget(context)
+        timeout = asyncio.timeout(budget)
+        try:
+            async with timeout:
+                return await body(self.pipeline, time.monotonic() + budget)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise DeadlineExceeded(
+                f"the call did not finish within its deadline ({budget:.1f} s at most)"
+            ) from None
 
     async def _guarded(
-        self, method: str, context: Any, body: Callable[[GenerationPipeline], Awaitable[T]]
+        self,
+        method: str,
+        context: Any,
+        body: Callable[[GenerationPipeline, float], Awaitable[T]],
     ) -> T:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         failure: tuple[grpc.StatusCode, str] | None = None
+        client = client_subject(context)
         try:
-            self.admission.enter()
+            self.admission.enter(client)
             try:
-                if self.pipeline is None:
-                    raise NotReady("server is starting; models and index are not loaded yet")
-                return await body(self.pipeline)
+                return await self._bounded(context, body)
             finally:
-                self.admission.leave()
+                self.admission.leave(client)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            # gRPC cancels the handler both when the caller cancels and when the caller's
+            # deadline passes; the label tells the two apart.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0.01
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             failure = status_for(exc)
@@ -187,9 +269,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         raise AssertionError("unreachable: abort raises")
 
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
-        async def body(pipeline: GenerationPipeline) -> pb.GenerateResponse:
+        async def body(pipeline: GenerationPipeline, deadline: float) -> pb.GenerateResponse:
             domain = self._domain_request(request, context)
-            result = await pipeline.generate(domain, deadline=self._deadline(context))
+            result = await pipeline.generate(domain, deadline=deadline)
             return result_to_proto(result)
 
         return await self._guarded("Generate", context, body)
@@ -200,11 +282,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async def on_image(image: ReleasedImage) -> None:
             await context.write(pb.GenerateStreamResponse(image=image_to_proto(image)))
 
-        async def body(pipeline: GenerationPipeline) -> None:
+        async def body(pipeline: GenerationPipeline, deadline: float) -> None:
             domain = self._domain_request(request, context)
-            result = await pipeline.generate(
-                domain, deadline=self._deadline(context), on_image=on_image
-            )
+            result = await pipeline.generate(domain, deadline=deadline, on_image=on_image)
             await context.write(pb.GenerateStreamResponse(summary=summary_to_proto(result.summary)))
 
         await self._guarded("GenerateStream", context, body)

@@ -95,3 +95,17 @@ def photo(identities_dir: Path) -> np.ndarray:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def demo_index(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, pipeline: FaceEmbeddingPipeline
+) -> Path:
+    """40 generator faces of seed 1 (unkeyed) enrolled: seed 1 requests must resample."""
+    from service.demo import build_demo_index
+    from service.generators import load_dcgan_digiface
+
+    index = build_demo_index(load_dcgan_digiface(models_dir), pipeline, identities=40, seed=1)
+    out = tmp_path_factory.mktemp("demo") / "index"
+    index.save(out)
+    return out

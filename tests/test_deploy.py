@@ -46,7 +46,7 @@ def k8s() -> dict[str, dict[str, Any]]:
 def test_kubernetes_resources_validate_against_the_api_schemas(
     k8s: dict[str, dict[str, Any]],
 ) -> None:
-    for kind in ("ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler"):
+    for kind in ("ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "NetworkPolicy"):
         kubernetes_validate.validate(k8s[kind], "1.37.0", strict=True)
     monitor = k8s["PodMonitor"]
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"

@@ -265,6 +265,7 @@ def test_audit_log_records_rejections_without_image_data(
             "similarity",
             "identity",
             "faces",
+            "client",
         }
         assert record["reason"] in ("identity_match", "no_face")
     assert any(r["identity"] and r["identity"].startswith("synthetic-1-") for r in mine)

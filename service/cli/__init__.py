@@ -5,6 +5,7 @@ command group. Heavy imports (torch, FAISS, gRPC) happen inside each command, so
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     from filter.errors import FilterError
 
+    # Indexes, calibrations and audit files say who is in the training set: whatever a
+    # command creates is owner-only.
+    previous_umask = os.umask(0o077)
     try:
         return int(args.handler(settings, args))
     except (CliError, FilterError) as exc:
@@ -52,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    finally:
+        os.umask(previous_umask)
 
 
 __all__ = ["EXIT_USAGE", "CliError", "build_parser", "main"]

@@ -18,6 +18,8 @@ from service.cli.common import (
     positive_int,
     progress_bar,
     rate,
+    restrict_to_owner,
+    seed_key,
 )
 from service.config import Settings
 
@@ -58,12 +60,15 @@ def _non_member_batches(
     from service.generators import latents_for
 
     generator = configured_generator(settings)
+    key = seed_key(settings)
     total = args.generator_samples
 
     def from_generator() -> Iterator[list[Any]]:
         for start in range(0, total, 32):
             slots = range(start, min(start + 32, total))
-            latents = np.stack([latents_for(args.seed, s, 0, generator.latent_dim) for s in slots])
+            latents = np.stack(
+                [latents_for(args.seed, s, 0, generator.latent_dim, key) for s in slots]
+            )
             yield list(generator.generate(latents))
 
     return total, from_generator()
@@ -137,6 +142,7 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
     }
     if args.save:
         index.with_calibration(payload).save(index_path)
+        restrict_to_owner(index_path)
         report["saved"] = str(index_path)
         print(
             f"saved the calibration into {index_path}: identity threshold "

@@ -47,6 +47,30 @@ def configured_generator(settings: Settings) -> Any:
     )
 
 
+def restrict_to_owner(folder: Path) -> None:
+    """An index says who is in the training set: owner-only folder (0700) and files (0600)."""
+    folder.chmod(0o700)
+    for path in folder.rglob("*"):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+
+
+def seed_key(settings: Settings) -> bytes | None:
+    """FACEGATE_SEED_KEY_FILE's key, so that operator tools draw the latents the server does."""
+    from service.generators import load_seed_key
+
+    try:
+        key = load_seed_key(settings.seed_key_file)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if key is None:
+        print(
+            "warning: FACEGATE_SEED_KEY_FILE is not set; drawing unkeyed latents "
+            "(they match only an unkeyed server)",
+            file=sys.stderr,
+        )
+    return key
+
+
 def progress_bar(total: int, label: str) -> Any:
     from tqdm import tqdm
 

@@ -17,6 +17,7 @@ from service.cli.common import (
     positive_int,
     progress_bar,
     rate,
+    seed_key,
 )
 from service.config import Settings
 
@@ -50,11 +51,12 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     )
     pipeline = embedding_pipeline(settings, args)
     generator = configured_generator(settings)
+    key = seed_key(settings)
     total = plan.gallery + plan.near_copies * len(plan.sigmas) + plan.calibration + plan.test
     with progress_bar(total, "evaluating") as bar:
         evaluation, _ = evaluate_generated(
             generator.generate,
-            lambda seed, slot: latents_for(seed, slot, 0, generator.latent_dim),
+            lambda seed, slot: latents_for(seed, slot, 0, generator.latent_dim, key),
             pipeline,
             plan,
             progress=bar.update,

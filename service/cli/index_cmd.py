@@ -14,6 +14,8 @@ from service.cli.common import (
     model_options,
     positive_int,
     progress_bar,
+    restrict_to_owner,
+    seed_key,
 )
 from service.config import Settings
 
@@ -35,6 +37,7 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
             progress=bar.update,
         )
     index.save(Path(args.out))
+    restrict_to_owner(Path(args.out))
     summary = {
         "index": str(args.out),
         "index_type": index.manifest["index_type"],
@@ -77,8 +80,15 @@ def cmd_index_demo(settings: Settings, args: argparse.Namespace) -> int:
 
     pipeline = embedding_pipeline(settings, args)
     generator = configured_generator(settings)
-    index = build_demo_index(generator, pipeline, identities=args.identities, seed=args.seed)
+    index = build_demo_index(
+        generator,
+        pipeline,
+        identities=args.identities,
+        seed=args.seed,
+        seed_key=seed_key(settings),
+    )
     index.save(Path(args.out))
+    restrict_to_owner(Path(args.out))
     emit(
         {
             "index": str(args.out),

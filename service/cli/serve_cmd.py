@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from service.cli.common import emit
+from service.cli.common import CliError, emit
 from service.config import Settings
 
 
@@ -19,6 +19,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     from service.client import generate_to_folder
 
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CliError("--tls-cert and --tls-key go together")
+
     summary = generate_to_folder(
         target=args.target,
         count=args.count,
@@ -26,7 +29,10 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         out=Path(args.out),
         image_format=args.format,
         timeout=args.timeout,
-        tls_ca=args.tls_ca,
+        tls_ca=args.tls_ca or (str(settings.tls_ca) if settings.tls_ca else None),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
     )
     emit(summary)
     return 0 if summary.get("status") == "OK" else 1
@@ -43,5 +49,8 @@ def register(sub: Any) -> None:
     gen.add_argument("--format", choices=["png", "jpeg"], default="png")
     gen.add_argument("--out", required=True, metavar="DIR")
     gen.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
-    gen.add_argument("--tls-ca", help="CA certificate to verify a TLS server")
+    gen.add_argument("--tls-ca", help="CA certificate to verify a TLS server (FACEGATE_TLS_CA)")
+    gen.add_argument("--tls-cert", help="client certificate, for a server with mutual TLS")
+    gen.add_argument("--tls-key", help="the client certificate's private key")
+    gen.add_argument("--tls-server-name", help="name to expect in the server's certificate")
     gen.set_defaults(handler=cmd_generate)

@@ -1,0 +1,118 @@
+"""Issue 9 in the deployment artefacts: metrics reachable by the monitoring namespace only,
+the seed key from a Secret, read-only volumes; and the coarse similarity histogram."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from filter.decide import ImageVerdict
+from service.config import Settings
+from service.metrics import ServiceMetrics, quantize_similarity, similarity_buckets
+from tests.conftest import REPO
+
+K8S_BASE = REPO / "deploy" / "k8s" / "base"
+
+
+def _resources() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for name in kustomization["resources"]:
+        docs += [d for d in yaml.safe_load_all((K8S_BASE / name).read_text()) if d]
+    return docs
+
+
+def _kind(kind: str) -> list[dict[str, Any]]:
+    return [d for d in _resources() if d["kind"] == kind]
+
+
+def _container() -> dict[str, Any]:
+    (deployment,) = _kind("Deployment")
+    return dict(deployment["spec"]["template"]["spec"]["containers"][0])
+
+
+def test_no_service_exposes_the_metrics_port() -> None:
+    ports = {p["name"]: p["containerPort"] for p in _container()["ports"]}
+    for service in _kind("Service"):
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] not in ("metrics", ports["metrics"]), service
+
+
+def test_network_policy_admits_only_monitoring_to_metrics() -> None:
+    (policy,) = _kind("NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "facegate"}
+    assert spec["policyTypes"] == ["Ingress"]
+    by_port: dict[str, list[Any]] = {}
+    for rule in spec["ingress"]:
+        for port in rule["ports"]:
+            by_port.setdefault(port["port"], []).append(rule.get("from"))
+    assert set(by_port) == {"grpc", "metrics"}
+    (metrics_from,) = by_port["metrics"]
+    assert metrics_from == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+
+def test_compose_publishes_grpc_only_and_mounts_the_seed_key_secret() -> None:
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
+    facegate = compose["services"]["facegate"]
+    assert facegate["ports"] == ["50051:50051"]
+    assert "seed_key" in facegate["secrets"]
+    assert facegate["environment"]["FACEGATE_SEED_KEY_FILE"] == "/run/secrets/seed_key"
+    assert compose["secrets"]["seed_key"]["file"] == "../var/seed.key"
+    for volume in facegate["volumes"]:
+        assert volume.endswith(":ro"), volume
+
+
+def test_kubernetes_mounts_the_seed_key_from_a_secret_read_only() -> None:
+    (config,) = _kind("ConfigMap")
+    key_file = config["data"]["FACEGATE_SEED_KEY_FILE"]
+    settings = Settings(seed_key_file=key_file)  # type: ignore[call-arg]
+    assert settings.seed_key_file is not None
+    container = _container()
+    (deployment,) = _kind("Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    secret = volumes["seed-key"]["secret"]
+    assert secret["secretName"] == "facegate-seed-key"
+    assert secret["defaultMode"] & 0o007 == 0  # nothing for "other"
+    mount = mounts["seed-key"]
+    assert mount["readOnly"] is True
+    assert key_file == f"{mount['mountPath']}/{secret['items'][0]['path']}"
+    # Every volume that can hold biometric data or secrets is read-only in the container.
+    for name, volume_mount in mounts.items():
+        if name != "tmp":
+            assert volume_mount.get("readOnly") is True, name
+
+
+@pytest.mark.parametrize("threshold", [0.40, 0.56, 0.05, -0.3])
+def test_similarity_histogram_is_coarse(threshold: float) -> None:
+    edges = similarity_buckets(threshold)
+    assert max(edges) == pytest.approx(threshold)  # nothing finer than "rejected" above it
+    widths = [b - a for a, b in itertools.pairwise(edges)]
+    assert all(w >= 0.1 - 1e-9 for w in widths), edges
+    assert len(edges) <= 5 and edges == tuple(sorted(edges))
+
+
+def test_similarity_sum_carries_no_more_than_the_buckets() -> None:
+    metrics = ServiceMetrics(0.40)
+    verdict = ImageVerdict(
+        passed=True,
+        reason=None,
+        faces=1,
+        max_similarity=0.3456,
+        identity=None,
+        face_similarities=(0.3456,),
+    )
+    metrics.candidate(verdict)
+    text = generate_latest(metrics.registry).decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("facegate_similarity_sum")]
+    assert float(line.split()[-1]) == pytest.approx(0.3)
+    assert "0.3456" not in text and "0.345" not in text
+    assert quantize_similarity(0.95, similarity_buckets(0.4)) == pytest.approx(0.4)
+    assert quantize_similarity(-0.5, similarity_buckets(0.4)) == -1.0
