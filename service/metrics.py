@@ -189,6 +189,24 @@ class ServiceMetrics:
             if math.isfinite(similarity):  # one NaN would poison the histogram's sum for good
                 self.similarity.observe(quantize_similarity(similarity, self.similarity_edges))
 
+    def set_thresholds(self, identity: float, replica: float | None) -> None:
+        """Export the thresholds in force and align the similarity bins with the identity
+        threshold (known only once the index and its saved calibration are loaded)."""
+        self.threshold.set(identity)
+        self.replica_threshold.set(float("nan") if replica is None else replica)
+        edges = similarity_buckets(identity)
+        if edges == self.similarity_edges:
+            return
+        self.registry.unregister(self.similarity)
+        self.similarity_edges = edges
+        self.similarity = Histogram(
+            "facegate_similarity",
+            "Each checked face's maximum cosine similarity to the training identities, "
+            "coarse by design (0.1 bins below the threshold, one at or above it)",
+            buckets=edges,
+            registry=self.registry,
+        )
+
     def released(self, attempts: int) -> None:
         self.attempts.observe(attempts)
 

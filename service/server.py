@@ -103,9 +103,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     )
     metrics.index_identities.set(index.identity_count)
     metrics.index_vectors.set(index.vector_count)
-    metrics.threshold.set(identity_filter.thresholds.identity)
-    if identity_filter.thresholds.replica is not None:
-        metrics.replica_threshold.set(identity_filter.thresholds.replica)
+    metrics.set_thresholds(identity_filter.thresholds.identity, identity_filter.thresholds.replica)
     metrics.build_info.info(
         {
             "version": _version(),

@@ -176,7 +176,13 @@ def test_metrics_are_scraped_over_http(
         text_before, "facegate_candidates_total"
     )
     assert delta == response.summary.candidates_drawn
-    for outcome in ("accepted", "rejected_identity", "rejected_no_face"):
+    for outcome in (
+        "accepted",
+        "rejected_identity",
+        "rejected_replica",
+        "rejected_no_face",
+        "rejected_error",
+    ):
         metric_value(text, "facegate_candidates_total", {"outcome": outcome})
     assert metric_value(text, "facegate_requests_total", {"method": "Generate", "code": "OK"}) >= 1
     assert metric_value(text, "facegate_similarity_count") > 0
@@ -188,6 +194,26 @@ def test_metrics_are_scraped_over_http(
     assert metric_value(text, "facegate_index_identities") > 0
     assert metric_value(text, "facegate_config_info", {"threshold": str(DEMO_THRESHOLD)}) == 1
     assert metric_value(text, "facegate_build_info", {"embedder": "sface"}) == 1
+
+
+def test_the_index_calibration_is_in_force_without_an_override(
+    demo_index: Path, tmp_path: Path
+) -> None:
+    from filter.index import FaissIdentityIndex
+
+    calibrated = tmp_path / "calibrated"
+    FaissIdentityIndex.load(demo_index).with_calibration(
+        {"threshold": 0.61, "replica_threshold": 0.93, "target_false_reject": 0.05}
+    ).save(calibrated)
+    running = InProcessServer(settings_for(calibrated, tmp_path, threshold=None))
+    try:
+        text = scrape(running.metrics_url)
+    finally:
+        running.stop()
+    assert metric_value(text, "facegate_threshold") == pytest.approx(0.61)
+    assert metric_value(text, "facegate_replica_threshold") == pytest.approx(0.93)
+    # The similarity bins are cut at the threshold in force, not at the default.
+    assert metric_value(text, "facegate_similarity_bucket", {"le": "0.61"}) == 0
 
 
 def test_fail_closed_when_the_embedder_raises(
