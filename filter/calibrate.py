@@ -46,6 +46,12 @@ class Calibration:
         return asdict(self)
 
 
+# The lowest same-person similarity measured per embedder on real photos (README, "The
+# threshold": 0.546 on the test photos, 0.50 on 580 public pairs). An identity threshold
+# above it may let another photo of an enrolled person pass; calibrate warns.
+SAME_PERSON_FLOOR = {"sface": 0.50}
+
+
 def just_above(value: float) -> float:
     """The smallest float32 above `value`, as a short decimal when one exists: a face
     matches at similarity >= threshold, so a threshold just above a score rejects it not."""
@@ -83,6 +89,14 @@ def calibrate_thresholds(
     if replica is not None and (replica.shape != identity.shape or not np.isfinite(replica).all()):
         raise ValueError("replica scores must be finite, one per identity score")
     n = identity.size
+    needed = math.ceil(1.0 / target_false_reject - 1e-9)
+    if n < needed:
+        # With fewer, the budget rounds to zero and the threshold lands just above the
+        # highest non-member seen: one outlier would set it, however high.
+        raise ValueError(
+            f"{n} non-member faces are too few to calibrate a {target_false_reject:g} "
+            f"false-reject rate; it needs at least {needed}"
+        )
     budget = math.floor(target_false_reject * n + 1e-9)
     sorted_identity = np.sort(identity)
     sorted_replica = None if replica is None else np.sort(replica)

@@ -13,9 +13,12 @@ be missed.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import replace
 
-from filter.faces import DetectorSettings, FaceAligner, MtcnnDetector
+import numpy as np
+
+from filter.faces import DetectedFace, Detector, DetectorSettings, FaceAligner, MtcnnDetector
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 
 GENERATED_FAST_PATH_FRACTION = 0.5
@@ -44,6 +47,29 @@ def generated_output_settings(
     return replace(base, min_face_fraction=GENERATED_FAST_PATH_FRACTION)
 
 
+class FastPathWithFallback:
+    """The fast path first; an image in which it finds no face is searched again on the
+    full pyramid. Without this a candidate holding only a small face would be decided as
+    "no face" (and released under the pass policy) without its face ever being checked."""
+
+    def __init__(self, fast: MtcnnDetector, full: Detector) -> None:
+        self.fast = fast
+        self.full = full
+        self.settings = fast.settings
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
+        found = self.fast.detect(images)
+        empty = [i for i, faces in enumerate(found) if not faces]
+        if empty:
+            again = self.full.detect([images[i] for i in empty])
+            for i, faces in zip(empty, again, strict=True):
+                found[i] = faces
+        return found
+
+    def searchable(self, height: int, width: int) -> bool:
+        return self.full.searchable(height, width)
+
+
 def filter_for_generator(
     full: IdentityFilter, generator_name: str, mode: FastPathMode
 ) -> IdentityFilter:
@@ -56,7 +82,10 @@ def filter_for_generator(
     if settings == detector.settings:
         return full
     scoped = FaceEmbeddingPipeline(
-        FaceAligner(detector.with_settings(settings), full.embedding.aligner.crop_size),
+        FaceAligner(
+            FastPathWithFallback(detector.with_settings(settings), detector),
+            full.embedding.aligner.crop_size,
+        ),
         full.embedding.embedder,
         full.embedding.max_embed_batch,
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from filter.errors import FilterError, ImageError
-from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces
+from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces, embedding_problem
 from filter.images import ImageLimits, decode_image, list_images
 from filter.index import FaissIdentityIndex
 from filter.replica import MIN_REPLICA_IMAGES, ReplicaFeaturizer, low_res
@@ -107,6 +107,12 @@ class Enrolment:
             elif len(result.faces) == 0:
                 report.no_face.append(source)
             else:
+                problem = embedding_problem(
+                    result.embeddings, len(result.faces), self.pipeline.embedder.dim
+                )
+                if problem is not None:
+                    # An enrolled face that matches nothing would let its person out.
+                    raise FilterError(f"{source}: {problem}; refusing to enrol it")
                 report.faces += len(result.faces)
                 self._faces_per_identity[identity] += len(result.faces)
                 self._vectors.append(result.embeddings)

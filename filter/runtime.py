@@ -9,11 +9,12 @@ from pathlib import Path
 
 from filter.decide import DecisionThresholds, NoFacePolicy
 from filter.embedders import load_embedder, resolve_device
+from filter.errors import IndexMismatchError
 from filter.faces import DetectorSettings, FaceAligner, MtcnnDetector
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.index import FaissIdentityIndex
 from filter.models import verify_mtcnn_weights
-from filter.replica import DEFAULT_REPLICA_THRESHOLD
+from filter.replica import DEFAULT_REPLICA_THRESHOLD, MIN_REPLICA_IMAGES
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,14 @@ def resolve_thresholds(
 
     identity, identity_source = pick(identity_override, "threshold", DEFAULT_IDENTITY_THRESHOLD)
     if not index.has_replicas:
+        if replica_override is not None:
+            # The operator asked for a signal this index cannot give: say so, don't ignore it.
+            raise IndexMismatchError(
+                f"a replica threshold ({replica_override}) is set, but the index has no "
+                f"replica features (they need at least {MIN_REPLICA_IMAGES} training "
+                "images); unset FACEGATE_REPLICA_THRESHOLD / --replica-threshold, or "
+                "rebuild the index from a larger gallery"
+            )
         return Thresholds(identity, identity_source, None, None)
     replica, replica_source = pick(replica_override, "replica_threshold", DEFAULT_REPLICA_THRESHOLD)
     return Thresholds(identity, identity_source, replica, replica_source)

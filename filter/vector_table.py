@@ -16,12 +16,17 @@ from filter.errors import IndexCorruptError, IndexMismatchError
 
 IndexType = Literal["auto", "flat", "hnsw", "ivf"]
 
-# Exact search up to this many vectors; past it a graph index (HNSW) keeps single-query
-# latency in the low milliseconds on 2 cores. See README "Index at scale" for the numbers.
-FLAT_MAX_VECTORS = 200_000
+# `auto` is exact search at every size: an approximate index can return a worse neighbour
+# than the true one, and a face whose true best match clears the threshold would then
+# pass. HNSW and IVF stay available by explicit choice (README "Index at scale" gives
+# their recall); exact search over a filter batch is one matrix product.
+APPROXIMATE_TYPES = frozenset({"hnsw", "ivf"})
 # Search breadth of the approximate types; `make bench` reports latency and recall for
 # these and neighbouring values (README "Index at scale").
 HNSW_EF_SEARCH = 128
+# Candidates re-scored in fp32 after the fp16 GPU product; the true nearest row is among
+# them unless that many rows tie within fp16 rounding (~5e-4).
+RESCORE_CANDIDATES = 8
 IVF_NPROBE = 64
 
 
@@ -40,8 +45,8 @@ class Match:
 NO_MATCH = Match(similarity=math.nan, identity=None)
 
 
-def choose_index_type(vector_count: int) -> Literal["flat", "hnsw"]:
-    return "flat" if vector_count <= FLAT_MAX_VECTORS else "hnsw"
+def choose_index_type(vector_count: int) -> Literal["flat"]:
+    return "flat"
 
 
 def make_faiss_index(vectors: np.ndarray, index_type: IndexType) -> Any:
@@ -113,7 +118,11 @@ class VectorTable:
             return
         import torch
 
-        self._device_vectors = torch.from_numpy(self.vectors()).to(device, torch.float16)
+        vectors = torch.from_numpy(self.vectors())
+        # fp16 to find candidates fast; fp32 to score them, so the threshold means on the
+        # GPU exactly what it means where the index was built and calibrated.
+        self._device_vectors = vectors.to(device, torch.float16)
+        self._device_vectors_exact = vectors.to(device, torch.float32)
 
     def vectors(self) -> np.ndarray:
         return np.asarray(self.index.reconstruct_n(0, self.count), dtype=np.float32)
@@ -154,9 +163,14 @@ class VectorTable:
         import torch
 
         vectors = self._device_vectors
-        q = torch.from_numpy(queries).to(vectors.device, torch.float16)
-        best, rows = (q @ vectors.T).max(dim=1)
-        return best.float().cpu().numpy()[:, None], rows.cpu().numpy()[:, None]
+        exact = self._device_vectors_exact
+        q = torch.from_numpy(queries).to(vectors.device)
+        k = min(RESCORE_CANDIDATES, vectors.shape[0])
+        _, candidates = (q.to(torch.float16) @ vectors.T).topk(k, dim=1)
+        scores = torch.einsum("qd,qkd->qk", q.float(), exact[candidates])
+        best, position = scores.max(dim=1)
+        rows = candidates.gather(1, position[:, None])
+        return best.cpu().numpy()[:, None], rows.cpu().numpy()
 
     def check_faiss(self, folder: Path, expected_dim: int) -> None:
         """Refuse a FAISS index that is not what this format promises."""

@@ -87,10 +87,13 @@ class Settings(BaseSettings):
     @field_validator("generated_fast_path", mode="before")
     @classmethod
     def _fast_path_booleans(cls, value: object) -> object:
-        # Earlier releases took a boolean here.
-        aliases = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+        # Earlier releases took a boolean meant for the embedded generator; "true" keeps that
+        # meaning (auto), and never widens the fast path to every generator.
+        aliases = dict.fromkeys(("true", "1", "yes"), "auto") | dict.fromkeys(
+            ("false", "0", "no"), "off"
+        )
         if isinstance(value, bool):
-            return "on" if value else "off"
+            return "auto" if value else "off"
         if isinstance(value, str):
             return aliases.get(value.strip().lower(), value.strip().lower())
         return value

@@ -215,8 +215,17 @@ def test_a_saved_calibration_is_what_check_uses_unless_overridden(
     shutil.copytree(cli_index, index)
     before = json.loads(facegate("index", "info", str(index)).stdout)["fingerprint"]
     held_out = make_gallery(identities_dir, tmp_path / "held_out", ["id05", "id06", "id07"])
+    too_few = facegate("calibrate", "--index", str(index), "--non-members", str(held_out))
+    assert too_few.returncode == 2 and "too few" in too_few.stderr  # 7 faces for 5 %
     calibrated = facegate(
-        "calibrate", "--index", str(index), "--non-members", str(held_out), "--save"
+        "calibrate",
+        "--index",
+        str(index),
+        "--non-members",
+        str(held_out),
+        "--target-false-reject",
+        "0.2",
+        "--save",
     )
     assert calibrated.returncode == 0, calibrated.stderr
     threshold = json.loads(calibrated.stdout)["threshold"]

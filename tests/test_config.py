@@ -31,7 +31,7 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "mode"), [("true", "on"), ("0", "off"), ("auto", "auto"), ("ON", "on")]
+    ("value", "mode"), [("true", "auto"), ("0", "off"), ("auto", "auto"), ("ON", "on")]
 )
 def test_fast_path_accepts_booleans(monkeypatch: pytest.MonkeyPatch, value: str, mode: str) -> None:
     monkeypatch.setenv("FACEGATE_GENERATED_FAST_PATH", value)

@@ -13,6 +13,7 @@ import torch
 
 from filter.decide import DecisionThresholds, NoFacePolicy, Reason
 from filter.detection_policy import FastPathMode, filter_for_generator
+from filter.errors import FilterError
 from filter.evaluate import EvaluationPlan, evaluate_generated, evaluate_leave_one_out
 from filter.gallery import Enrolment, build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
@@ -71,6 +72,17 @@ def test_a_nan_embedding_rejects_only_its_own_image(
     assert verdicts[1].reason is Reason.FILTER_ERROR and "not finite" in (verdicts[1].detail or "")
 
 
+def test_a_training_face_with_a_broken_embedding_is_not_enrolled(
+    pipeline: FaceEmbeddingPipeline, identities_dir: Path
+) -> None:
+    """An enrolled face that matches nothing would let its person out: refuse the build."""
+    poisoned = FaceEmbeddingPipeline(pipeline.aligner, PoisonedEmbedder(pipeline.embedder, {0}))
+    enrolment = Enrolment(poisoned)
+    photo = decode_image(identities_dir / "id01" / "01.jpg")
+    with pytest.raises(FilterError, match="not finite"):
+        enrolment.add([("id01", "id01/01.jpg", photo)])
+
+
 def test_a_thin_image_gets_a_verdict_and_the_batch_goes_on(
     pipeline: FaceEmbeddingPipeline, id01_index: FaissIdentityIndex, identities_dir: Path
 ) -> None:
@@ -111,6 +123,24 @@ def test_a_small_enrolled_face_beside_a_large_one_is_caught_for_any_other_genera
     narrowed = filter_for_generator(full, "torchscript:custom.pt", FastPathMode.ON)
     assert narrowed.embedding.aligner.detector is not full.embedding.aligner.detector
     assert filter_for_generator(full, "dcgan-digiface", FastPathMode.OFF) is full
+
+
+def test_the_fast_path_falls_back_to_the_full_pyramid_when_it_finds_no_face(
+    pipeline: FaceEmbeddingPipeline, id01_index: FaissIdentityIndex, identities_dir: Path
+) -> None:
+    """A frame holding only a small enrolled face: the fast path (large faces only) sees
+    nothing, so the full pyramid must search it, whatever the no-face policy."""
+    import cv2
+
+    member = decode_image(identities_dir / "id01" / "02.jpg")
+    frame = np.full((256, 256, 3), 200, dtype=np.uint8)
+    frame[256 - 84 :, 256 - 84 :] = cv2.resize(member, (84, 84), interpolation=cv2.INTER_AREA)
+    full = IdentityFilter(pipeline, id01_index, 0.40, NoFacePolicy.PASS)
+    narrowed = filter_for_generator(full, "torchscript:custom.pt", FastPathMode.ON)
+    fast_only = narrowed.embedding.aligner.detector.fast  # type: ignore[attr-defined]
+    assert fast_only.detect([frame]) == [[]]  # the fast path alone would see no face
+    verdict = narrowed.check([frame])[0]
+    assert verdict.reason is Reason.IDENTITY_MATCH and not verdict.passed
 
 
 def test_verdicts_do_not_depend_on_batch_neighbours(

@@ -79,7 +79,7 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from filter.calibrate import calibrate_thresholds
+    from filter.calibrate import SAME_PERSON_FLOOR, calibrate_thresholds
     from filter.decide import NoFacePolicy
     from filter.identity_filter import IdentityFilter
     from filter.runtime import load_index_for
@@ -115,12 +115,25 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
             bar.update(len(images))
     if not identity_scores:
         raise CliError("no face found in any non-member image; nothing to calibrate on")
-    calibration = calibrate_thresholds(
-        np.array(identity_scores),
-        np.array(replica_scores) if index.has_replicas else None,
-        args.target_false_reject,
-        no_face,
-    )
+    try:
+        calibration = calibrate_thresholds(
+            np.array(identity_scores),
+            np.array(replica_scores) if index.has_replicas else None,
+            args.target_false_reject,
+            no_face,
+        )
+    except ValueError as exc:
+        source_name = args.non_members or f"{args.generator_samples} generator samples"
+        raise CliError(f"cannot calibrate on {source_name}: {exc}") from None
+    if calibration.threshold > SAME_PERSON_FLOOR.get(index.manifest["embedder"]["name"], 1.0):
+        print(
+            f"warning: the identity threshold {calibration.threshold} is above "
+            f"{SAME_PERSON_FLOOR[index.manifest['embedder']['name']]}, the lowest same-person "
+            "similarity measured for this embedder on real photos (README, 'The threshold'): "
+            "another photo of an enrolled person may pass; near-copies are the replica "
+            "signal's to catch",
+            file=sys.stderr,
+        )
     payload = calibration.as_dict()
     payload["source"] = (
         {"non_members": str(Path(args.non_members).resolve())}

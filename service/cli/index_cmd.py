@@ -24,6 +24,7 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
     from filter.gallery import build_gallery_index, gallery_images
     from filter.replica import MIN_REPLICA_IMAGES
     from filter.runtime import detector_manifest
+    from filter.vector_table import APPROXIMATE_TYPES
 
     gallery = Path(args.gallery)
     total = len(list(gallery_images(gallery)))
@@ -50,6 +51,13 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
         print(f"warning: no face found in {path}; {kept}", file=sys.stderr)
     for path in report.unsearchable:
         print(f"warning: {path} is too thin to search for faces; {kept}", file=sys.stderr)
+    if args.index_type in APPROXIMATE_TYPES:
+        print(
+            f"warning: a {args.index_type} index searches approximately and can miss a match "
+            "that exact search finds (README 'Index at scale'); use it only with its recall "
+            "measured on this gallery",
+            file=sys.stderr,
+        )
     if not index.has_replicas:
         print(
             f"warning: the replica signal is off: it needs at least {MIN_REPLICA_IMAGES} "
