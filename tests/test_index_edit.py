@@ -46,9 +46,7 @@ def _rows(index: FaissIdentityIndex) -> tuple[set[str], set[str]]:
 
 
 def _best_match(index: FaissIdentityIndex, pipeline: FaceEmbeddingPipeline, photo: Path) -> str:
-    checker = IdentityFilter(
-        pipeline, index, DecisionThresholds(0.40, 0.99), NoFacePolicy.REJECT
-    )
+    checker = IdentityFilter(pipeline, index, DecisionThresholds(0.40, 0.99), NoFacePolicy.REJECT)
     verdict = checker.check([decode_image(photo)])[0]
     return f"{verdict.verdict}:{verdict.identity}"
 
@@ -98,9 +96,7 @@ def test_remove_drops_every_row_of_the_identity_and_keeps_the_calibration(
     publish(edited, out)
     reloaded = load_index_for(pipeline, out)
     assert reloaded.calibration == CALIBRATION
-    assert not _best_match(reloaded, pipeline, identities_dir / "id02" / "01.jpg").endswith(
-        "id02"
-    )
+    assert not _best_match(reloaded, pipeline, identities_dir / "id02" / "01.jpg").endswith("id02")
 
 
 def test_remove_refuses_unknown_identities_and_an_empty_result(base_index: Path) -> None:

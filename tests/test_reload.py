@@ -233,8 +233,9 @@ def test_file_watch_reloads_when_the_link_flips(
     assert live_fingerprint(url) == fingerprint(releases["demo"])
     point(link, releases["broken"])
     wait_for(
-        lambda: metric_value(scrape(url), "facegate_index_reloads_total", {"result": "failure"})
-        == 1
+        lambda: (
+            metric_value(scrape(url), "facegate_index_reloads_total", {"result": "failure"}) == 1
+        )
     )
     assert live_fingerprint(url) == fingerprint(releases["demo"])
     point(link, releases["photos"])
