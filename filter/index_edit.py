@@ -11,15 +11,13 @@ The calibration saved with the index is kept only where it stays true:
 - adding identities can raise it, so the measured rate no longer holds: dropped, and
   the report says so (recalibrate with `facegate calibrate --save`).
 
-The edited index is rebuilt in memory with the same FAISS type, self-tested like a
-loaded one, and published atomically (`publish`): a reader, such as a server reloading,
-sees the old index or the new one, whole.
+The edited index is rebuilt in memory with the same FAISS type and self-tested like a
+loaded one; `filter.index_release.publish` then writes it so that a reader, such as a
+server reloading, sees the old index or the new one, whole.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -226,33 +224,3 @@ def _finish(
     if before.replicas is not None and edited.replicas is not None:
         report.replica_rows = {"before": before.replicas.count, "after": edited.replicas.count}
     return edited, report
-
-
-_RELEASE_SUFFIX = re.compile(r"\.\d{8}T\d{6}Z-[0-9a-f]{8}$")
-
-
-def publish(index: FaissIdentityIndex, path: Path) -> Path:
-    """Write `index` at `path` so that a reader sees the old index or the new one, whole.
-
-    If `path` is a symlink (the recommended layout: FACEGATE_INDEX_PATH names a link to
-    a release folder), the index is written to a new release folder beside the current
-    one and the link is flipped with one rename; the old release stays for a rollback.
-    Otherwise the folder is replaced (a staging folder renamed over it). Returns the
-    folder written."""
-    path = Path(path)
-    if not path.is_symlink():
-        index.save(path)
-        return path
-    current = Path(os.path.realpath(path))
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    base = _RELEASE_SUFFIX.sub("", current.name)
-    release = current.parent / f"{base}.{stamp}-{index.fingerprint[:8]}"
-    index.save(release)
-    link_text = os.readlink(path)
-    target = str(release) if os.path.isabs(link_text) else os.path.relpath(release, path.parent)
-    staging_link = path.with_name(f".{path.name}.link-{os.getpid()}")
-    if staging_link.is_symlink():
-        staging_link.unlink()
-    os.symlink(target, staging_link)
-    os.replace(staging_link, path)  # atomic: the link names the old release or the new
-    return release

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
-from filter.index_edit import add_gallery, publish, remove_identities
+from filter.index_edit import add_gallery, remove_identities
+from filter.index_release import publish, publish_folder
 from filter.runtime import load_index_for
 from tests.conftest import make_gallery
 from tests.test_cli import facegate
@@ -140,3 +142,20 @@ def test_cli_remove_then_info(base_index: Path, tmp_path: Path) -> None:
     unknown = facegate("index", "remove", str(base_index), "--identity", "id99")
     assert unknown.returncode == 2 and "not enrolled" in unknown.stderr
     assert FaissIdentityIndex.load(base_index).identity_count == 3  # --out left it alone
+
+
+def test_publish_folder_copies_verifies_and_flips(base_index: Path, tmp_path: Path) -> None:
+    link = tmp_path / "index" / "current"
+    first = publish_folder(base_index, link, name="v1")
+    assert first.parent == tmp_path / "index" / "releases" and first.name.startswith("v1.")
+    assert (
+        FaissIdentityIndex.load(link).fingerprint == FaissIdentityIndex.load(base_index).fingerprint
+    )
+    broken = shutil.copytree(base_index, tmp_path / "broken")
+    (broken / "labels.json").write_text("[]")
+    with pytest.raises(FilterError):
+        publish_folder(broken, link)
+    assert link.resolve() == first.resolve()  # a refused source leaves the link alone
+    result = facegate("index", "publish", str(tmp_path / "broken"), str(link))
+    assert result.returncode == 2 and "labels.json" in result.stderr
+    assert link.resolve() == first.resolve()

@@ -1,4 +1,5 @@
-"""`facegate index add|remove`: enrol or remove identities without a rebuild."""
+"""`facegate index add|remove|publish`: enrol or remove identities without a rebuild, and
+publish an index where live servers pick it up (atomically, through a symlink)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _report(index: Any, report: Any, written: Path, args: argparse.Namespace) ->
 
 def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
     from filter.gallery import gallery_images
-    from filter.index_edit import add_gallery, publish
+    from filter.index_edit import add_gallery
+    from filter.index_release import publish
     from filter.runtime import load_index_for
 
     gallery = Path(args.gallery)
@@ -47,7 +49,8 @@ def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_index_remove(settings: Settings, args: argparse.Namespace) -> int:
     from filter.index import FaissIdentityIndex
-    from filter.index_edit import publish, remove_identities
+    from filter.index_edit import remove_identities
+    from filter.index_release import publish
 
     if not args.identity:
         raise CliError("name at least one --identity to remove")
@@ -55,6 +58,25 @@ def cmd_index_remove(settings: Settings, args: argparse.Namespace) -> int:
     edited, report = remove_identities(index, args.identity)
     written = publish(edited, _destination(args))
     return _report(edited, report, written, args)
+
+
+def cmd_index_publish(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.index import FaissIdentityIndex
+    from filter.index_release import publish_folder
+
+    release = publish_folder(Path(args.source), Path(args.link), name=args.name)
+    emit(
+        {
+            "link": str(args.link),
+            "release": str(release),
+            "fingerprint": FaissIdentityIndex.load(release).fingerprint,
+        }
+    )
+    print(
+        f"{args.link} -> {release}; servers watching it reload by themselves, others on SIGHUP",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def register_into(index: Any) -> None:
@@ -76,3 +98,11 @@ def register_into(index: Any) -> None:
     )
     remove.add_argument("--out", help="write the result here instead of replacing INDEX")
     remove.set_defaults(handler=cmd_index_remove)
+    publish = index.add_parser(
+        "publish",
+        help="copy a built index into LINK's releases/ folder, verify it, flip LINK to it",
+    )
+    publish.add_argument("source", help="a built index folder")
+    publish.add_argument("link", help="the symlink servers read (FACEGATE_INDEX_PATH)")
+    publish.add_argument("--name", help="release name (default: the source folder's name)")
+    publish.set_defaults(handler=cmd_index_publish)
