@@ -15,7 +15,8 @@ from typing import Protocol
 import numpy as np
 
 from filter.decide import DecisionThresholds, ImageVerdict, decide
-from filter.identity_filter import IdentityFilter, StageObserver
+from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
+from filter.index import IdentityIndex
 
 # How the shadow verdict compares with the verdict in force (a small fixed label set).
 SAME = "same"
@@ -71,6 +72,14 @@ class ShadowedFilter:
     @property
     def thresholds(self) -> DecisionThresholds:
         return self.inner.thresholds
+
+    @property
+    def embedding(self) -> FaceEmbeddingPipeline:
+        return self.inner.embedding
+
+    @property
+    def index(self) -> IdentityIndex:
+        return self.inner.index
 
     def check(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None

@@ -117,6 +117,10 @@ class SwappableChecker:
         checker = self._current  # the whole batch uses one filter
         return checker.check(images, observer=observer)
 
+    def __getattr__(self, name: str) -> object:
+        # Anything else (embedding, thresholds, index) is the filter in force's.
+        return getattr(self._current, name)
+
 
 class ReloadObserver(Protocol):
     def index_loaded(self, live: LiveFilter) -> None: ...
@@ -141,8 +145,12 @@ class IndexReloader:
         self.observer = observer
         self._lock = asyncio.Lock()
 
-    async def reload(self, reason: str) -> bool:
+    async def reload(self, reason: str, state: IndexState | None = None) -> bool:
+        """Load and swap in the index the path names now. With `state` (from the watch),
+        skip the load if a reload that ran meanwhile already made that state live."""
         async with self._lock:
+            if state is not None and state == self.live.state:
+                return True
             old = self.live
             log.info("reloading the identity index (%s)", reason)
             started = time.perf_counter()
@@ -184,4 +192,4 @@ class IndexReloader:
             if state is None or state == seen:
                 continue  # missing for a moment (mid-swap) or unchanged: keep serving
             seen = state
-            await self.reload("index path changed")
+            await self.reload("index path changed", state)
