@@ -31,6 +31,7 @@ from filter.gallery import GalleryReport, enrol_gallery
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.images import ImageLimits
 from filter.index import FaissIdentityIndex, IndexType
+from filter.replica import MIN_REPLICA_IMAGES
 
 CALIBRATION_KEPT_REMOVE = (
     "kept: removing identities can only lower non-members' similarity to the index, so the "
@@ -39,6 +40,14 @@ CALIBRATION_KEPT_REMOVE = (
 CALIBRATION_DROPPED_ADD = (
     "dropped: it was measured against the index before these identities were added; the "
     "defaults apply until you run `facegate calibrate --index {index} ... --save`"
+)
+
+# A faces-only index (built from fewer than MIN_REPLICA_IMAGES images) cannot gain a
+# replica signal by adding images: its projection would have to be fitted on the old
+# training images, which the index does not keep (only their projected features).
+NO_REPLICA_SIGNAL = (
+    f"off: the index has no replica signal (built from fewer than {MIN_REPLICA_IMAGES} "
+    "images); rebuild it from the whole gallery with `facegate index build` to get one"
 )
 
 
@@ -53,6 +62,7 @@ class EditReport:
     face_rows: dict[str, int] = field(default_factory=dict)  # before, after
     replica_rows: dict[str, int] = field(default_factory=dict)
     calibration: str = "none saved"
+    replicas: str = "in step"
     gallery: GalleryReport | None = None
 
     def as_dict(self) -> dict[str, object]:
@@ -66,6 +76,7 @@ class EditReport:
             "face_rows": self.face_rows,
             "replica_rows": self.replica_rows,
             "calibration": self.calibration,
+            "replicas": self.replicas,
         }
         if self.gallery is not None:
             out["gallery"] = self.gallery.as_dict()
@@ -119,6 +130,8 @@ def add_gallery(
     )
     if index.calibration is not None:
         report.calibration = CALIBRATION_DROPPED_ADD.format(index=index_name)
+    if not replica_parts:
+        report.replicas = NO_REPLICA_SIGNAL
     return _finish(index, edited, report)
 
 
@@ -159,6 +172,8 @@ def remove_identities(
         edit={"op": "remove", "identities": wanted},
     )
     report = EditReport("remove", index.fingerprint, identities_removed=wanted)
+    if not replica_parts:
+        report.replicas = NO_REPLICA_SIGNAL
     if index.calibration is not None:
         edited = edited.with_calibration(index.calibration)
         report.calibration = CALIBRATION_KEPT_REMOVE

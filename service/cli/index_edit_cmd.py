@@ -21,6 +21,8 @@ def _report(index: Any, report: Any, written: Path, args: argparse.Namespace) ->
     emit({"index": str(_destination(args)), "written": str(written), **report.as_dict()})
     if report.calibration.startswith("dropped"):
         print(f"facegate: the saved calibration was {report.calibration}", file=sys.stderr)
+    if report.replicas.startswith("off"):
+        print(f"facegate: warning: replica signal {report.replicas}", file=sys.stderr)
     return 0
 
 
@@ -39,11 +41,9 @@ def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
             index, pipeline, gallery, progress=bar.update, index_name=str(_destination(args))
         )
     written = publish(edited, _destination(args))
+    kept = "enrolled for replicas only" if edited.has_replicas else "not enrolled"
     for path in report.gallery.no_face if report.gallery else []:
-        print(
-            f"warning: no face found in {gallery / path}; enrolled for replicas only",
-            file=sys.stderr,
-        )
+        print(f"warning: no face found in {gallery / path}; {kept}", file=sys.stderr)
     return _report(edited, report, written, args)
 
 
