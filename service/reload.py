@@ -119,6 +119,8 @@ class SwappableChecker:
 
     def __getattr__(self, name: str) -> object:
         # Anything else (embedding, thresholds, index) is the filter in force's.
+        if name == "_current":  # not set yet (copy, unpickle): no endless recursion
+            raise AttributeError(name)
         return getattr(self._current, name)
 
 
