@@ -56,6 +56,16 @@ def gallery_images(gallery: Path) -> Iterator[tuple[str, Path]]:
             yield folder.name, path
 
 
+@dataclass(frozen=True)
+class EnrolledRows:
+    vectors: np.ndarray  # face embeddings, one row per face
+    identities: list[str]
+    sources: list[str]
+    low_res: np.ndarray  # one row per readable image (see filter.replica.low_res)
+    replica_identities: list[str]
+    replica_sources: list[str]
+
+
 class Enrolment:
     """Accumulates training images into an index: every face's embedding under its
     identity, and every image's replica feature (faces or not: a copied training image
@@ -119,6 +129,18 @@ class Enrolment:
                 self._identities.extend([identity] * len(result.faces))
                 self._sources.extend([source] * len(result.faces))
 
+    def rows(self) -> EnrolledRows:
+        """What was enrolled so far, as rows (faces, and every image's low-res copy)."""
+        dim = self.pipeline.embedder.dim
+        return EnrolledRows(
+            vectors=np.concatenate(self._vectors) if self._vectors else np.zeros((0, dim)),
+            identities=list(self._identities),
+            sources=list(self._sources),
+            low_res=np.concatenate(self._low_res) if self._low_res else np.zeros((0, 0)),
+            replica_identities=list(self._replica_identities),
+            replica_sources=list(self._replica_sources),
+        )
+
     def build(
         self, *, detector_settings: dict[str, object], index_type: IndexType = "auto"
     ) -> FaissIdentityIndex:
@@ -170,6 +192,30 @@ def build_gallery_index(
 ) -> tuple[FaissIdentityIndex, GalleryReport]:
     """Enrol every image of GALLERY/<identity>/ (sources are paths relative to GALLERY)."""
     gallery = Path(gallery)
+    enrolment = enrol_gallery(
+        gallery, pipeline, limits=limits, batch_size=batch_size, progress=progress
+    )
+    try:
+        index = enrolment.build(detector_settings=detector_settings, index_type=index_type)
+    except FilterError as exc:
+        raise FilterError(f"gallery {gallery}: {exc}") from None
+    report = enrolment.report
+    report.no_face = [str(gallery / p) for p in report.no_face]
+    report.unsearchable = [str(gallery / p) for p in report.unsearchable]
+    return index, report
+
+
+def enrol_gallery(
+    gallery: Path,
+    pipeline: FaceEmbeddingPipeline,
+    *,
+    limits: ImageLimits | None = None,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> Enrolment:
+    """Run every image of GALLERY/<identity>/ through the pipeline (sources are paths
+    relative to GALLERY); unreadable files are skipped and reported."""
+    gallery = Path(gallery)
     items = list(gallery_images(gallery))
     enrolment = Enrolment(pipeline)
     for start in range(0, len(items), batch_size):
@@ -186,11 +232,4 @@ def build_gallery_index(
         enrolment.add(decoded)
         if progress is not None:
             progress(len(chunk))
-    try:
-        index = enrolment.build(detector_settings=detector_settings, index_type=index_type)
-    except FilterError as exc:
-        raise FilterError(f"gallery {gallery}: {exc}") from None
-    report = enrolment.report
-    report.no_face = [str(gallery / p) for p in report.no_face]
-    report.unsearchable = [str(gallery / p) for p in report.unsearchable]
-    return index, report
+    return enrolment

@@ -21,6 +21,20 @@ from filter.errors import ModelError
 SETUP_HINT = "run `make setup` (or `facegate models fetch --models-dir DIR`)"
 
 
+def user_models_dir() -> Path:
+    """The per-user data folder: $XDG_DATA_HOME/facegate/models (~/.local/share/...)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "facegate" / "models"
+
+
+def default_models_dir() -> Path:
+    """Where the model files are when FACEGATE_MODELS_DIR is not set, from any working
+    folder: the installation's own `models/` (a checkout, which `make setup` fills), else
+    the per-user data folder (`facegate models fetch` fills it). The image sets the variable."""
+    installed = Path(__file__).resolve().parents[1] / "models"
+    return installed if installed.is_dir() else user_models_dir()
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     key: str

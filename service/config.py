@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Literal
@@ -11,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from filter.decide import NoFacePolicy
 from filter.detection_policy import FastPathMode
+from filter.models import default_models_dir
 
 ENV_PREFIX = "FACEGATE_"
 
@@ -36,6 +38,15 @@ class Settings(BaseSettings):
     replica_threshold: float | None = Field(
         None, ge=-1.0, le=1.0, description="replica threshold; overrides the saved calibration"
     )
+    shadow_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="identity threshold evaluated on traffic, not acted on"
+    )
+    shadow_replica_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="replica threshold evaluated on traffic, not acted on"
+    )
+    index_watch_seconds: float = Field(
+        0.0, ge=0.0, description="poll the index path and reload on change; 0: SIGHUP only"
+    )
     max_attempts: int = Field(8, ge=1, le=1000)
     no_face_policy: NoFacePolicy = NoFacePolicy.REJECT
     generator: Literal["dcgan-digiface", "torchscript"] = "dcgan-digiface"
@@ -43,7 +54,10 @@ class Settings(BaseSettings):
     generator_latent_dim: int = Field(100, ge=1, description="torchscript generators only")
     embedder: Literal["sface", "facenet"] = "sface"
     facenet_weights: Path | None = None
-    models_dir: Path = Path("models")
+    models_dir: Path = Field(
+        default_factory=default_models_dir,
+        description="default: the installation's models/, else ~/.local/share/facegate/models",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_count: int = Field(64, ge=1, le=4096)
     max_concurrent_requests: int = Field(16, ge=1)
@@ -147,6 +161,17 @@ def load_settings(**overrides: object) -> Settings:
             shown = f" (got {value!r})" if field and not isinstance(value, dict) else ""
             problems.append(f"{name}: {error['msg']}{shown}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def unknown_env_warnings(environ: dict[str, str] | None = None) -> list[str]:
+    """One warning per unknown FACEGATE_* name, with the setting it most resembles."""
+    known = sorted(f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields)
+    warnings = []
+    for name in unknown_env_names(environ):
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else " (typo?)"
+        warnings.append(f"environment variable {name} matches no setting and is ignored{hint}")
+    return warnings
 
 
 def unknown_env_names(environ: dict[str, str] | None = None) -> list[str]:

@@ -5,12 +5,18 @@ labels take values from small fixed sets only."""
 from __future__ import annotations
 
 import math
+import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
 from filter.decide import ImageVerdict
+from filter.shadow import SHADOW_CHANGES
 from service.pipeline import verdict_outcome
+
+if TYPE_CHECKING:
+    from service.reload import LiveFilter
 
 CANDIDATE_OUTCOMES = (
     "accepted",
@@ -32,6 +38,8 @@ GRPC_CODES = (
     "UNKNOWN",
 )
 METHODS = ("Generate", "GenerateStream")
+RELOAD_RESULTS = ("success", "failure")
+SIGNALS = ("identity", "replica")
 LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -164,6 +172,7 @@ class ServiceMetrics:
         self.index_info = Info(
             "facegate_index", "The live identity index: fingerprint, format, type", registry=r
         )
+        self._reload_metrics(r)
         self.inflight = Gauge("facegate_inflight_requests", "RPCs in progress", registry=r)
         self.ready = Gauge(
             "facegate_ready", "1 when serving, 0 while starting or draining", registry=r
@@ -175,6 +184,69 @@ class ServiceMetrics:
             "Audit lines dropped because the writer fell behind (also reported in the log)",
             registry=r,
         )
+
+    def _reload_metrics(self, r: CollectorRegistry) -> None:
+        self.index_reloads = Counter(
+            "facegate_index_reloads",
+            "Index reloads (SIGHUP or file watch) by result",
+            ["result"],
+            registry=r,
+        )
+        for result in RELOAD_RESULTS:
+            self.index_reloads.labels(result)
+        self.index_loaded_at = Gauge(
+            "facegate_index_last_reload_timestamp_seconds",
+            "Unix time the live index was loaded (at startup, then each successful reload)",
+            registry=r,
+        )
+        self.shadow_candidates = Counter(
+            "facegate_shadow_candidates",
+            "Candidates also decided with the shadow thresholds, by how that verdict differs "
+            "from the one in force (same, would_reject, would_pass)",
+            ["change"],
+            registry=r,
+        )
+        for change in SHADOW_CHANGES:
+            self.shadow_candidates.labels(change)
+        self.shadow_threshold = Gauge(
+            "facegate_shadow_threshold",
+            "Shadow threshold by signal (NaN when no shadow threshold is configured)",
+            ["signal"],
+            registry=r,
+        )
+        for signal in SIGNALS:
+            self.shadow_threshold.labels(signal).set(float("nan"))
+
+    # ReloadObserver
+    def index_loaded(self, live: LiveFilter) -> None:
+        """The live index and thresholds: at startup and after each successful reload."""
+        index = live.index
+        self.index_info.info(
+            {
+                "fingerprint": index.fingerprint,
+                "format": str(index.manifest.get("format_version")),
+                "index_type": str(index.manifest.get("index_type")),
+                "calibrated": "true" if index.calibration else "false",
+            }
+        )
+        self.index_identities.set(index.identity_count)
+        self.index_vectors.set(index.vector_count)
+        self.set_thresholds(live.thresholds.identity, live.thresholds.replica)
+        shadow = live.shadow
+        for signal, value in (
+            ("identity", None if shadow is None else shadow.identity),
+            ("replica", None if shadow is None else shadow.replica),
+        ):
+            self.shadow_threshold.labels(signal).set(float("nan") if value is None else value)
+        self.index_loaded_at.set(live.loaded_at or time.time())
+
+    def reload_finished(self, result: str) -> None:
+        self.index_reloads.labels(result if result in RELOAD_RESULTS else "failure").inc()
+
+    # ShadowObserver
+    def shadow(self, change: str) -> None:
+        if change in SHADOW_CHANGES:
+            self.shadow_candidates.labels(change).inc()
 
     # PipelineObserver
     def observe_stage(self, stage: str, seconds: float) -> None:

@@ -10,6 +10,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -19,21 +20,16 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from filter.detection_policy import filter_for_generator, uses_fast_path
-from filter.embedders import resolve_device
+from filter.detection_policy import uses_fast_path
 from filter.errors import FilterError
-from filter.index import FaissIdentityIndex
-from filter.runtime import (
-    DEFAULT_IDENTITY_THRESHOLD,
-    build_embedding_pipeline,
-    load_identity_filter,
-)
+from filter.runtime import DEFAULT_IDENTITY_THRESHOLD, build_embedding_pipeline
 from service.audit import AuditSink, JsonLinesAuditLog
-from service.config import Settings, unknown_env_names
+from service.config import Settings, unknown_env_warnings
 from service.generators import load_generator, load_seed_key
 from service.metrics import ServiceMetrics
 from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
+from service.reload import IndexReloader, LiveFilter, SwappableChecker, load_live_filter
 from service.servicer import Admission, GenerationServicer, add_to_server
 from service.tls import MAX_MESSAGE_BYTES as TLS_MAX_MESSAGE_BYTES
 from service.tls import server_credentials
@@ -53,6 +49,7 @@ class LoadedService:
     pipeline: GenerationPipeline
     batcher: DynamicBatcher
     audit: AuditSink
+    reloader: IndexReloader
 
 
 def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
@@ -65,24 +62,6 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         device=settings.device,
         facenet_weights=settings.facenet_weights,
     )
-    identity_filter = load_identity_filter(
-        embedding,
-        settings.index_path,
-        settings.no_face_policy,
-        threshold=settings.threshold,
-        replica_threshold=settings.replica_threshold,
-    )
-    index = identity_filter.index
-    if isinstance(index, FaissIdentityIndex):
-        index.use_device(str(resolve_device(settings.device)))
-        metrics.index_info.info(
-            {
-                "fingerprint": index.fingerprint,
-                "format": str(index.manifest.get("format_version")),
-                "index_type": str(index.manifest.get("index_type")),
-                "calibrated": "true" if index.calibration else "false",
-            }
-        )
     generator = load_generator(
         settings.generator,
         settings.models_dir,
@@ -90,10 +69,14 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         path=settings.generator_path,
         latent_dim=settings.generator_latent_dim,
     )
+
+    def load() -> LiveFilter:
+        return load_live_filter(settings, embedding, generator.name, metrics)
+
+    live = load()
+    metrics.index_loaded(live)
+    index = live.index
     # Detection scope is the filter's policy: the fast path only where it cannot skip a face.
-    identity_filter = filter_for_generator(
-        identity_filter, generator.name, settings.generated_fast_path
-    )
     log.info(
         "detection for %s output: %s",
         generator.name,
@@ -101,9 +84,8 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         if uses_fast_path(generator.name, settings.generated_fast_path)
         else "full pyramid (every face size)",
     )
-    metrics.index_identities.set(index.identity_count)
-    metrics.index_vectors.set(index.vector_count)
-    metrics.set_thresholds(identity_filter.thresholds.identity, identity_filter.thresholds.replica)
+    identity_filter = SwappableChecker(live.checker)
+    reloader = IndexReloader(load, identity_filter, live, metrics)
     metrics.build_info.info(
         {
             "version": _version(),
@@ -111,7 +93,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
             "generator_sha256": generator.model_sha256[:16],
             "embedder": embedding.embedder.name,
             "embedder_sha256": embedding.embedder.model_sha256[:16],
-            "index_type": str(getattr(index, "manifest", {}).get("index_type", "")),
+            "index_type": str(index.manifest.get("index_type", "")),
             "torch": torch.__version__,
         }
     )
@@ -136,7 +118,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         audit=audit,
         seed_key=seed_key,
     )
-    return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit)
+    return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit, reloader=reloader)
 
 
 def _version() -> str:
@@ -181,12 +163,16 @@ def seed_key_for(settings: Settings) -> bytes | None:
     return key
 
 
+def warn_unknown_env() -> None:
+    """Before any startup check: a mistyped name explains the failure that may follow."""
+    for warning in unknown_env_warnings():
+        log.warning("%s", warning)
+
+
 def log_effective_config(settings: Settings, metrics: ServiceMetrics) -> None:
     effective = settings.effective()
     log.info("effective configuration: %s", json.dumps(effective, sort_keys=True))
     metrics.config_info.info(settings.public_info())
-    for name in unknown_env_names():
-        log.warning("environment variable %s matches no setting and is ignored (typo?)", name)
 
 
 class FacegateServer:
@@ -211,8 +197,11 @@ class FacegateServer:
         self.grpc_port = 0
         self.metrics_port = 0
         self._stop = asyncio.Event()
+        self._background: set[asyncio.Task[object]] = set()
+        self._reload_pending = False
 
     async def start(self) -> None:
+        warn_unknown_env()
         preflight(self.settings)
         log_effective_config(self.settings, self.metrics)
         if self.settings.metrics_enabled:
@@ -263,6 +252,14 @@ class FacegateServer:
             raise
         self.servicer.pipeline = self.loaded.pipeline
         self.loaded.batcher.start()
+        if self.settings.index_watch_seconds > 0:
+            self._spawn(
+                self.loaded.reloader.watch(
+                    self.settings.index_path, self.settings.index_watch_seconds
+                )
+            )
+        if self._reload_pending:
+            self._spawn(self.loaded.reloader.reload("SIGHUP during startup"))
         self.admission.ready = True
         self.metrics.ready.set(1)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -275,6 +272,21 @@ class FacegateServer:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def request_reload(self) -> None:
+        """SIGHUP: reload the index in the background; serving goes on meanwhile."""
+        if self.admission.draining:
+            log.warning("SIGHUP ignored: the server is draining")
+        elif self.loaded is None:
+            log.info("SIGHUP while loading: the index is reloaded once loading finishes")
+            self._reload_pending = True
+        else:
+            self._spawn(self.loaded.reloader.reload("SIGHUP"))
+
+    def _spawn(self, coro: Coroutine[object, object, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def wait_for_stop(self) -> None:
         await self._stop.wait()
         await self.drain()
@@ -284,6 +296,8 @@ class FacegateServer:
         log.info("draining: NOT_SERVING, grace period %.1f s", self.settings.grace_seconds)
         self.admission.draining = True
         self.metrics.ready.set(0)
+        for task in list(self._background):
+            task.cancel()
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds)
@@ -325,6 +339,7 @@ async def run_server(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload)
     starting = asyncio.ensure_future(server.start())
     stopping = asyncio.ensure_future(server._stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -4,6 +4,7 @@ Prometheus scraping a real facegate server with the shipped config and rules."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -226,7 +227,10 @@ def test_real_prometheus_scrapes_counters_and_evaluates_rules(
                     result = _api(base, "/api/v1/query", query=f"sum({query})")["data"]["result"]
                     if result:
                         values[query] = float(result[0]["value"][1])
-                if len(values) == 5 and values["facegate:candidates:rate5m"] > 0:
+                # A ratio is NaN (0/0) until its window holds samples: wait until every
+                # queried series is there and finite, not only the first to appear.
+                finite = len(values) == 5 and all(math.isfinite(v) for v in values.values())
+                if finite and values["facegate:candidates:rate5m"] > 0:
                     break
                 time.sleep(1.0)
         assert values.get('up{job="facegate"}') == 1.0, values

@@ -18,7 +18,7 @@ from service.cli import (
     serve_cmd,
 )
 from service.cli.common import EXIT_USAGE, CliError
-from service.config import ConfigError, load_settings
+from service.config import ConfigError, load_settings, unknown_env_warnings
 
 COMMAND_MODULES = (models_cmd, index_cmd, check_cmd, calibrate_cmd, evaluate_cmd, serve_cmd)
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="facegate",
         description="Face generation that never releases a face of a training identity.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
     return parser
@@ -37,11 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # `facegate` alone: list the commands
+        parser.print_help()
+        return EXIT_USAGE
     if getattr(args, "count", None) is not None and args.count < 1:
         parser.error("--count must be at least 1")
+    # Before anything else can fail: a mistyped name often explains the failure.
+    # (The server logs them itself, first thing, once logging is set up.)
+    warnings = unknown_env_warnings()
+    if args.command != "serve":
+        for warning in warnings:
+            print(f"facegate: warning: {warning}", file=sys.stderr)
     try:
         settings = load_settings()
     except ConfigError as exc:
+        if args.command == "serve":
+            for warning in warnings:
+                print(f"facegate: warning: {warning}", file=sys.stderr)
         print(f"facegate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from filter.errors import FilterError

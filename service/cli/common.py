@@ -81,7 +81,9 @@ def progress_bar(total: int, label: str) -> Any:
 
 def model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--models-dir", help="model folder (default FACEGATE_MODELS_DIR or ./models)"
+        "--models-dir",
+        help="model folder (default FACEGATE_MODELS_DIR, else the installation's models/ or "
+        "~/.local/share/facegate/models)",
     )
     parser.add_argument(
         "--embedder", choices=["sface", "facenet"], help="default FACEGATE_EMBEDDER"

@@ -1,4 +1,4 @@
-"""`facegate index build|info|demo`: the identity index."""
+"""`facegate index build|info|demo` (and `add|remove`, in index_edit_cmd): the index."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.cli import index_edit_cmd
 from service.cli.common import (
     configured_generator,
     embedding_pipeline,
@@ -134,3 +135,4 @@ def register(sub: Any) -> None:
     demo.add_argument("--seed", type=int, default=1)
     model_options(demo)
     demo.set_defaults(handler=cmd_index_demo)
+    index_edit_cmd.register_into(index)

@@ -1,0 +1,197 @@
+"""The live identity filter and its hot reload.
+
+Startup and every reload go through `load_live_filter`: the index at FACEGATE_INDEX_PATH
+(a symlink is resolved each time, so operators flip a link to swap indexes whole) is
+loaded and fully validated by the same code as at startup (integrity, embedder, detector,
+dimension, metric, not empty, self-test), its saved calibration applies unless a
+threshold is set explicitly, and the detection policy and shadow thresholds are applied.
+
+Only a filter that loaded completely replaces the one in use. The swap is one reference
+assignment in `SwappableChecker`, read once per batch by the engine: the batch in
+progress finishes with the old index, the next one uses the new. A reload that fails for
+any reason keeps the old index serving and says why in the log and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from filter.decide import DecisionThresholds, ImageVerdict
+from filter.detection_policy import filter_for_generator
+from filter.embedders import resolve_device
+from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
+from filter.index import MANIFEST_FILE, FaissIdentityIndex
+from filter.runtime import Thresholds, load_index_for, resolve_thresholds
+from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
+from service.config import Settings
+from service.pipeline import ImageChecker
+
+log = logging.getLogger("facegate.reload")
+
+IndexState = tuple[str, int, int, int]  # resolved folder, manifest inode, mtime_ns, size
+
+
+def index_state(path: Path) -> IndexState | None:
+    """What identifies the index the path names right now; None if there is none."""
+    try:
+        resolved = Path(path).resolve(strict=True)
+        stat = (resolved / MANIFEST_FILE).stat()
+    except (OSError, RuntimeError):
+        return None
+    return (str(resolved), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@dataclass(frozen=True)
+class LiveFilter:
+    """A loaded filter and what it was loaded from."""
+
+    checker: ImageChecker  # what the engine calls
+    index: FaissIdentityIndex
+    thresholds: Thresholds
+    shadow: DecisionThresholds | None  # None: no shadow thresholds configured
+    path: Path  # the folder the index was read from (symlinks resolved)
+    state: IndexState | None  # of FACEGATE_INDEX_PATH, taken before reading
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.index.fingerprint
+
+
+def load_live_filter(
+    settings: Settings,
+    embedding: FaceEmbeddingPipeline,
+    generator_name: str,
+    shadow_observer: ShadowObserver,
+) -> LiveFilter:
+    """Load the index at FACEGATE_INDEX_PATH into a ready filter (blocking: run it off the
+    event loop). Raises whatever refuses the index; nothing is swapped here."""
+    state = index_state(settings.index_path)
+    folder = Path(state[0]) if state is not None else Path(settings.index_path)
+    index = load_index_for(embedding, folder)
+    thresholds = resolve_thresholds(index, settings.threshold, settings.replica_threshold)
+    log.info("thresholds in force: %s", thresholds.describe())
+    index.use_device(str(resolve_device(settings.device)))
+    full = IdentityFilter(embedding, index, thresholds.decision, settings.no_face_policy)
+    scoped = filter_for_generator(full, generator_name, settings.generated_fast_path)
+    checker: ImageChecker = scoped
+    shadow_overrides = ShadowThresholds(
+        settings.shadow_threshold, settings.shadow_replica_threshold
+    )
+    shadow = None
+    if shadow_overrides.enabled:
+        shadow = shadow_overrides.applied_to(thresholds.decision)
+        checker = ShadowedFilter(scoped, shadow, shadow_observer)
+        log.info(
+            "shadow thresholds (evaluated, never acted on): identity %s, replica %s",
+            shadow.identity,
+            shadow.replica,
+        )
+    return LiveFilter(checker, index, thresholds, shadow, folder, state)
+
+
+class SwappableChecker:
+    """The engine's filter: one reference, replaced whole, read once per batch."""
+
+    def __init__(self, current: ImageChecker) -> None:
+        self._current = current
+
+    @property
+    def current(self) -> ImageChecker:
+        return self._current
+
+    def swap(self, new: ImageChecker) -> None:
+        self._current = new
+
+    def check(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+    ) -> list[ImageVerdict]:
+        checker = self._current  # the whole batch uses one filter
+        return checker.check(images, observer=observer)
+
+    def __getattr__(self, name: str) -> object:
+        # Anything else (embedding, thresholds, index) is the filter in force's.
+        if name == "_current":  # not set yet (copy, unpickle): no endless recursion
+            raise AttributeError(name)
+        return getattr(self._current, name)
+
+
+class ReloadObserver(Protocol):
+    def index_loaded(self, live: LiveFilter) -> None: ...
+    def reload_finished(self, result: str) -> None:
+        """`result` is "success" or "failure"."""
+        ...
+
+
+class IndexReloader:
+    """Reloads serialised: a SIGHUP during a reload waits for it, then loads again."""
+
+    def __init__(
+        self,
+        load: Callable[[], LiveFilter],
+        target: SwappableChecker,
+        live: LiveFilter,
+        observer: ReloadObserver,
+    ) -> None:
+        self._load = load
+        self.target = target
+        self.live = live
+        self.observer = observer
+        self._lock = asyncio.Lock()
+
+    async def reload(self, reason: str, state: IndexState | None = None) -> bool:
+        """Load and swap in the index the path names now. With `state` (from the watch),
+        skip the load if a reload that ran meanwhile already made that state live."""
+        async with self._lock:
+            if state is not None and state == self.live.state:
+                return True
+            old = self.live
+            log.info("reloading the identity index (%s)", reason)
+            started = time.perf_counter()
+            try:
+                live = await asyncio.to_thread(self._load)
+            except Exception as exc:  # any refusal keeps the old index serving
+                log.error(
+                    "index reload (%s) refused; still serving index %s from %s: %s",
+                    reason,
+                    old.fingerprint,
+                    old.path,
+                    exc,
+                )
+                self.observer.reload_finished("failure")
+                return False
+            self.target.swap(live.checker)
+            self.live = live
+            self.observer.index_loaded(live)
+            self.observer.reload_finished("success")
+            log.info(
+                "index reloaded in %.1f s (%s): %s -> %s from %s; thresholds %s",
+                time.perf_counter() - started,
+                reason,
+                old.fingerprint,
+                live.fingerprint,
+                live.path,
+                live.thresholds.describe(),
+            )
+            return True
+
+    async def watch(self, path: Path, interval: float) -> None:
+        """Reload when the index that `path` names changes (a flipped symlink, a folder
+        renamed over the old one). A change that fails to load is not retried until the
+        path changes again; SIGHUP still retries at once."""
+        seen = self.live.state
+        while True:
+            await asyncio.sleep(interval)
+            state = await asyncio.to_thread(index_state, path)
+            if state is None or state == seen:
+                continue  # missing for a moment (mid-swap) or unchanged: keep serving
+            seen = state
+            await self.reload("index path changed", state)

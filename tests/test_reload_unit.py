@@ -1,0 +1,179 @@
+"""The swap itself, without models: whole batches on one filter, a refused load changes
+nothing, reloads are serialised, the watch follows the path and skips what is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from filter.decide import ImageVerdict
+from filter.errors import IndexCorruptError
+from service.reload import IndexReloader, LiveFilter, SwappableChecker, index_state
+
+
+class Named:
+    """A filter that answers with its name (in `detail`), optionally blocking mid-batch."""
+
+    def __init__(self, name: str, gate: threading.Event | None = None) -> None:
+        self.name = name
+        self.gate = gate
+        self.started = threading.Event()
+
+    def check(self, images: Sequence[np.ndarray], observer: Any = None) -> list[ImageVerdict]:
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        return [ImageVerdict(True, None, 1, 0.1, None, detail=self.name) for _ in images]
+
+
+class Index:
+    def __init__(self, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+
+
+class Thresholds:
+    def describe(self) -> str:
+        return "test"
+
+
+def live(name: str, state: Any = None, gate: threading.Event | None = None) -> LiveFilter:
+    return LiveFilter(Named(name, gate), Index(name), Thresholds(), None, Path(name), state)  # type: ignore[arg-type]
+
+
+class Observed:
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+        self.results: list[str] = []
+
+    def index_loaded(self, live: LiveFilter) -> None:
+        self.loaded.append(live.fingerprint)
+
+    def reload_finished(self, result: str) -> None:
+        self.results.append(result)
+
+
+def test_a_batch_in_progress_finishes_on_the_filter_it_started_with() -> None:
+    gate = threading.Event()
+    old = Named("old", gate)
+    swappable = SwappableChecker(old)
+    out: list[list[ImageVerdict]] = []
+    worker = threading.Thread(target=lambda: out.append(swappable.check([np.zeros(1)] * 3)))
+    worker.start()
+    assert old.started.wait(10)
+    swappable.swap(Named("new"))  # mid-batch
+    gate.set()
+    worker.join(10)
+    assert [v.detail for v in out[0]] == ["old"] * 3
+    assert [v.detail for v in swappable.check([np.zeros(1)])] == ["new"]
+
+
+def test_a_refused_load_keeps_the_old_filter_and_counts_a_failure() -> None:
+    current = live("A")
+    swappable = SwappableChecker(current.checker)
+    observed = Observed()
+    loads: list[Any] = [IndexCorruptError("vectors.faiss does not match"), live("B")]
+
+    def load() -> LiveFilter:
+        item = loads.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item  # type: ignore[no-any-return]
+
+    reloader = IndexReloader(load, swappable, current, observed)
+    assert asyncio.run(reloader.reload("test")) is False
+    assert swappable.current is current.checker and reloader.live is current
+    assert observed.results == ["failure"] and observed.loaded == []
+    assert asyncio.run(reloader.reload("test")) is True
+    assert reloader.live.fingerprint == "B" and observed.loaded == ["B"]
+    assert observed.results == ["failure", "success"]
+    assert [v.detail for v in swappable.check([np.zeros(1)])] == ["B"]
+
+
+def test_reloads_are_serialised() -> None:
+    active = 0
+    most = 0
+    lock = threading.Lock()
+    count = 0
+
+    def load() -> LiveFilter:
+        nonlocal active, most, count
+        with lock:
+            active += 1
+            most = max(most, active)
+            count += 1
+            name = f"v{count}"
+        threading.Event().wait(0.05)
+        with lock:
+            active -= 1
+        return live(name)
+
+    async def main() -> list[bool]:
+        reloader = IndexReloader(load, SwappableChecker(Named("A")), live("A"), Observed())
+        return await asyncio.gather(*(reloader.reload("burst") for _ in range(4)))
+
+    assert asyncio.run(main()) == [True] * 4
+    assert most == 1
+
+
+def test_watch_reloads_on_a_link_flip_but_not_what_is_already_live(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(name)
+    link = tmp_path / "current"
+    link.symlink_to("a")
+    observed = Observed()
+
+    def load() -> LiveFilter:
+        state = index_state(link)
+        assert state is not None
+        return live(Path(state[0]).name, state)
+
+    async def main() -> None:
+        reloader = IndexReloader(load, SwappableChecker(Named("a")), load(), observed)
+        watcher = asyncio.get_running_loop().create_task(reloader.watch(link, 0.02))
+        await asyncio.sleep(0.1)
+        assert observed.results == []  # nothing changed
+        os.replace(_link(tmp_path, "b"), link)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if observed.results:
+                break
+        assert reloader.live.fingerprint == "b"
+        # A SIGHUP reload of a flip back: the watch must not load it a second time.
+        os.replace(_link(tmp_path, "a"), link)
+        await reloader.reload("SIGHUP")
+        await asyncio.sleep(0.2)
+        watcher.cancel()
+
+    asyncio.run(main())
+    assert observed.loaded == ["b", "a"]
+
+
+def _link(folder: Path, target: str) -> Path:
+    staging = folder / f".link-{target}"
+    staging.symlink_to(target)
+    return staging
+
+
+def test_index_state_names_the_resolved_folder(tmp_path: Path) -> None:
+    assert index_state(tmp_path / "missing") is None
+    (tmp_path / "v1").mkdir()
+    assert index_state(tmp_path / "v1") is None  # no manifest: not an index
+    (tmp_path / "v1" / "manifest.json").write_text("{}")
+    (tmp_path / "current").symlink_to("v1")
+    state = index_state(tmp_path / "current")
+    assert state is not None and state[0] == str((tmp_path / "v1").resolve())
+
+
+@pytest.mark.parametrize("name", ["embedding", "index"])
+def test_the_swappable_exposes_the_filter_in_force(name: str) -> None:
+    inner = Named("x")
+    setattr(inner, name, object())
+    assert getattr(SwappableChecker(inner), name) is getattr(inner, name)
