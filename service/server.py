@@ -187,6 +187,7 @@ class FacegateServer:
             settings.max_concurrent_requests,
             self.metrics,
             max_per_client=settings.max_concurrent_per_client,
+            client_limits=settings.client_concurrency,
         )
         self.servicer = GenerationServicer(
             None, self.admission, self.metrics, max_request_seconds=settings.max_request_seconds
