@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     max_concurrent_per_client: int = Field(
         0, ge=0, description="per client-certificate subject; 0 = only the global limit"
     )
+    client_concurrency: dict[str, int] = Field(
+        default_factory=dict,
+        description='JSON, client-certificate subject -> its own limit, e.g. {"CN=batch": 2}',
+    )
     audit_hash_identities: bool = Field(
         False, description="write identities to the audit log as keyed hashes"
     )
@@ -140,6 +144,8 @@ class Settings(BaseSettings):
                 info[name] = "unset" if raw is None else "set"
             elif name == "audit_log" and raw not in ("stderr", "none"):
                 info[name] = "file"
+            elif name == "client_concurrency":
+                info[name] = f"{len(raw)} subjects"
             elif name in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
                 info[name] = "unset" if raw is None else "set"
             else:

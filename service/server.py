@@ -4,11 +4,9 @@ export metrics, drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
-import threading
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -187,6 +185,7 @@ class FacegateServer:
             settings.max_concurrent_requests,
             self.metrics,
             max_per_client=settings.max_concurrent_per_client,
+            client_limits=settings.client_concurrency,
         )
         self.servicer = GenerationServicer(
             None, self.admission, self.metrics, max_request_seconds=settings.max_request_seconds
@@ -244,8 +243,11 @@ class FacegateServer:
             self.metrics_port,
         )
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
         try:
-            self.loaded = await load_in_daemon_thread(self.settings, self.metrics)
+            self.loaded = await loop.run_in_executor(
+                None, load_service, self.settings, self.metrics
+            )
         except Exception:
             await server.stop(0)
             self.metrics.stop_serving()
@@ -308,50 +310,20 @@ class FacegateServer:
         log.info("stopped")
 
 
-async def load_in_daemon_thread(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
-    """load_service off the loop, in a daemon thread: a SIGTERM during loading need not wait
-    for it (an executor thread would hold the process until loading ends)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[LoadedService] = loop.create_future()
-
-    def settle(result: LoadedService | None, exc: BaseException | None) -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def work() -> None:
-        try:
-            result, exc = load_service(settings, metrics), None
-        except BaseException as error:  # handed to the loop, raised there
-            result, exc = None, error
-        with contextlib.suppress(RuntimeError):  # the loop is gone: we were stopped
-            loop.call_soon_threadsafe(settle, result, exc)
-
-    threading.Thread(target=work, name="facegate-load", daemon=True).start()
-    return await future
-
-
 async def run_server(settings: Settings) -> int:
     server = FacegateServer(settings)
     loop = asyncio.get_running_loop()
+    # While models load there is nothing to drain, and a Python-level handler could wait
+    # seconds for a native loader to release the GIL: SIGTERM/SIGINT keep their default
+    # action (the kernel ends the process at once). Graceful drain once serving.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    # SIGHUP (index reload) has a handler from the start: its default action would end
+    # the process; a SIGHUP during loading is honoured once loading finishes.
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload)
+    await server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, server.request_reload)
-    starting = asyncio.ensure_future(server.start())
-    stopping = asyncio.ensure_future(server._stop.wait())
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():
-        log.info("stop requested while loading models; exiting without waiting for them")
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
-        await server.drain()
-        return 0
-    stopping.cancel()
-    starting.result()  # a startup error propagates
     await server.wait_for_stop()
     return 0
 

@@ -148,9 +148,16 @@ def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
 class Admission:
     """Concurrency cap without a hidden queue, and the ready/draining state."""
 
-    def __init__(self, max_concurrent: int, metrics: ServiceMetrics, max_per_client: int = 0):
+    def __init__(
+        self,
+        max_concurrent: int,
+        metrics: ServiceMetrics,
+        max_per_client: int = 0,
+        client_limits: dict[str, int] | None = None,
+    ) -> None:
         self.max_concurrent = max_concurrent
         self.max_per_client = max_per_client  # per client-certificate subject; 0: no limit
+        self.client_limits = dict(client_limits or {})  # a subject's own limit
         self.metrics = metrics
         self.ready = False
         self.draining = False
@@ -166,11 +173,10 @@ class Admission:
             raise Overloaded(
                 f"server is at its limit of {self.max_concurrent} concurrent requests; retry later"
             )
-        if client is not None and self.max_per_client:
-            if self.per_client.get(client, 0) >= self.max_per_client:
-                raise Overloaded(
-                    f"this client is at its limit of {self.max_per_client} concurrent requests"
-                )
+        limit = self.client_limits.get(client, self.max_per_client) if client else 0
+        if client is not None and limit:
+            if self.per_client.get(client, 0) >= limit:
+                raise Overloaded(f"this client is at its limit of {limit} concurrent requests")
             self.per_client[client] = self.per_client.get(client, 0) + 1
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)

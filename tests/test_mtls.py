@@ -173,3 +173,20 @@ def test_per_client_concurrency_limit() -> None:
     admission.leave("CN=alice")
     admission.enter("CN=alice")
     assert admission.inflight == 3
+
+
+def test_a_subject_can_carry_its_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.config import load_settings
+
+    monkeypatch.setenv("FACEGATE_CLIENT_CONCURRENCY", '{"CN=batch,O=facegate": 2}')
+    limits = load_settings().client_concurrency
+    assert limits == {"CN=batch,O=facegate": 2}
+    admission = Admission(10, ServiceMetrics(0.4), max_per_client=1, client_limits=limits)
+    admission.ready = True
+    admission.enter("CN=batch,O=facegate")
+    admission.enter("CN=batch,O=facegate")
+    with pytest.raises(Overloaded, match="limit of 2"):
+        admission.enter("CN=batch,O=facegate")
+    admission.enter("CN=alice")
+    with pytest.raises(Overloaded, match="limit of 1"):
+        admission.enter("CN=alice")

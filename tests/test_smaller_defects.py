@@ -3,7 +3,6 @@ off the event loop that never loses lines silently, hashed identities, owner-onl
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -15,49 +14,61 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
-import service.server as server_module
 from service.audit import JsonLinesAuditLog, Rejection, identity_hasher
-from service.config import Settings
-from service.server import MAX_MESSAGE_BYTES, run_server
+from service.server import MAX_MESSAGE_BYTES
 from service.tls import client_options
 from tests.conftest import REPO
+from tests.servers import free_port
 
 
 def _rejection(n: int, identity: str = "alice-smith") -> Rejection:
     return Rejection(f"req{n}", 0, n, "identity_match", 0.71, identity, 1)
 
 
-def test_sigterm_during_model_loading_exits_promptly(
-    demo_index: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    loading = threading.Event()
+SLOW_LOADER = """
+import re, sys
+import service.server as server
 
-    def slow_load(settings: Settings, metrics: object) -> object:
-        loading.set()
-        time.sleep(30)  # a large model on a slow disk
-        raise RuntimeError("never reached in this test")
+def load_holding_the_gil(settings, metrics):
+    # A native loader that holds the GIL for a long time (here: a regex backtracking in C).
+    re.match(r"(a+)+$", "a" * 64 + "b")
 
-    monkeypatch.setattr(server_module, "load_service", slow_load)
-    settings = Settings(  # type: ignore[call-arg]
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        metrics_port=0,
-        index_path=demo_index,
-        audit_log="none",
-        grace_seconds=10.0,
-    )
+server.load_service = load_holding_the_gil
+from service.config import load_settings
+sys.exit(server.main_serve(load_settings()))
+"""
 
-    def terminate_when_loading() -> None:
-        assert loading.wait(30)
-        time.sleep(0.3)
-        os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=terminate_when_loading, daemon=True).start()
-    start = time.monotonic()
-    assert asyncio.run(run_server(settings)) == 0
-    assert time.monotonic() - start < 5.0
+def test_sigterm_during_model_loading_exits_promptly(demo_index: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FACEGATE_")},
+        "FACEGATE_GRPC_HOST": "127.0.0.1",
+        "FACEGATE_GRPC_PORT": str(port),
+        "FACEGATE_METRICS_ENABLED": "false",
+        "FACEGATE_INDEX_PATH": str(demo_index),
+        "FACEGATE_AUDIT_LOG": "none",
+    }
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SLOW_LOADER], cwd=REPO, env=env, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "loading models" not in log.read_text():  # listening, loading (GIL held)
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+        assert time.monotonic() - start < 2.0
+        assert code == -signal.SIGTERM  # nothing to drain yet: the default action
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_the_client_accepts_the_largest_response_the_server_sends() -> None:
