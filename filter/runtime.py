@@ -48,7 +48,11 @@ def build_embedding_pipeline(
 def detector_manifest(pipeline: FaceEmbeddingPipeline) -> dict[str, object]:
     """The detector settings an index built by this pipeline records (and must match)."""
     detector = pipeline.aligner.detector
-    settings = detector.settings if isinstance(detector, MtcnnDetector) else DetectorSettings()
+    # Any detector carrying DetectorSettings (MtcnnDetector, the fast path's fallback
+    # wrapper) records its own; the implementation in them names the one that built it.
+    settings = getattr(detector, "settings", None)
+    if not isinstance(settings, DetectorSettings):
+        settings = DetectorSettings()
     return settings.as_dict()
 
 
