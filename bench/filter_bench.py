@@ -1,15 +1,17 @@
-"""Filter throughput (faces/s) against a naive baseline, measured side by side, and the
-fast path's agreement with the full path on generated faces."""
+"""Filter throughput (faces/s) against a naive baseline and the embedder alone, measured
+side by side, with the batched detector (the default) and facenet-pytorch's, and the fast
+path's agreement with the full path on generated faces."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from bench.common import MODELS, device_name, emit, generated_faces, timed
-from filter.faces import GENERATED_FAST_PATH, FaceAligner, MtcnnDetector, align_face
+from filter.faces import FaceAligner, MtcnnDetector, align_face
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.index import FaissIdentityIndex
 from filter.runtime import build_embedding_pipeline
@@ -53,17 +55,29 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
     images = generated_faces(count, seed=100)
     detector = pipeline.aligner.detector
     assert isinstance(detector, MtcnnDetector)
-    fast_pipeline = FaceEmbeddingPipeline(
-        FaceAligner(detector.with_settings(GENERATED_FAST_PATH), pipeline.embedder.crop_size),
-        pipeline.embedder,
-    )
+
+    def scoped(**changes: Any) -> FaceEmbeddingPipeline:
+        settings = replace(detector.settings, **changes)
+        return FaceEmbeddingPipeline(
+            FaceAligner(detector.with_settings(settings), pipeline.embedder.crop_size),
+            pipeline.embedder,
+        )
+
+    fast_pipeline = scoped(min_face_fraction=0.5)
     full = IdentityFilter(pipeline, index, THRESHOLD)
     fast = IdentityFilter(fast_pipeline, index, THRESHOLD)
+    # The same filter with facenet-pytorch's MTCNN (FACEGATE_DETECTOR=mtcnn), side by side;
+    # it only checks throughput, so it may search the index built by the batched one.
+    fast_mtcnn = IdentityFilter(
+        scoped(min_face_fraction=0.5, implementation="mtcnn"), index, THRESHOLD
+    )
 
     _faces_checked(fast, images[:16], 16)  # warm-up
+    _faces_checked(fast_mtcnn, images[:16], 16)
     naive_s, naive_faces = timed(lambda: _naive(images, pipeline, index))
     full_s, full_faces = timed(lambda: _faces_checked(full, images, 64), repeat=2)
     fast_s, fast_faces = timed(lambda: _faces_checked(fast, images, 64), repeat=2)
+    mtcnn_s, mtcnn_faces = timed(lambda: _faces_checked(fast_mtcnn, images, 64), repeat=2)
     _, crops = fast_pipeline.aligner.faces(images)
     all_crops = np.concatenate(crops)
     embed_s, _ = timed(
@@ -73,6 +87,9 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
         repeat=2,
     )
     detect_s, _ = timed(lambda: fast_pipeline.aligner.faces(images[:64]), repeat=2)
+    detect_mtcnn_s, _ = timed(
+        lambda: fast_mtcnn.embedding.aligner.faces(images[:64]), repeat=2
+    )
 
     result = {
         "bench": "filter_throughput",
@@ -81,8 +98,10 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
         "naive_faces_per_s": round(naive_faces / naive_s, 1),
         "full_path_batched_faces_per_s": round(full_faces / full_s, 1),
         "filter_faces_per_s": round(fast_faces / fast_s, 1),
+        "filter_faces_per_s_mtcnn": round(mtcnn_faces / mtcnn_s, 1),
         "embedder_alone_faces_per_s": round(len(all_crops) / embed_s, 1),
         "detect_fast_path_images_per_s": round(64 / detect_s, 1),
+        "detect_fast_path_images_per_s_mtcnn": round(64 / detect_mtcnn_s, 1),
     }
     result["speedup"] = round(result["filter_faces_per_s"] / result["naive_faces_per_s"], 2)
     result["embedder_fraction"] = round(

@@ -1,10 +1,13 @@
 """The face adapter: detection with MTCNN and 5-point alignment.
 
 Index building, calibration and serving all go through `FaceAligner`, so a
-threshold means the same thing everywhere. It hides facenet-pytorch's quirks:
-it always feeds MTCNN the same input type (a uint8 RGB tensor, never PIL, whose
-crops differ), calls the batch detector directly so "no face" is an empty array
-rather than `None`, and does its own alignment from the landmarks.
+threshold means the same thing everywhere. Two implementations of MTCNN share
+facenet-pytorch's networks: `mtcnn-batched` (the default, `filter/mtcnn_batched.py`:
+every stage one tensor program over the batch, results independent of the batch) and
+`mtcnn` (facenet-pytorch's own `detect_face`). For the latter this module hides
+facenet-pytorch's quirks: it always feeds MTCNN the same input type (a uint8 RGB tensor,
+never PIL, whose crops differ), calls the batch detector directly so "no face" is an
+empty array rather than `None`. Alignment from the landmarks is ours for both.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 import torch
+
+from filter import mtcnn_batched
 
 # The ArcFace 112x112 template (left eye, right eye, nose, left and right mouth
 # corner): the standard target for SFace and most modern embedders.
@@ -46,6 +51,24 @@ class DetectedFace:
         return self.box[2] - self.box[0]
 
 
+# Selectable implementations (FACEGATE_DETECTOR, --detector) and what the index manifest
+# records for each: an index built by one is refused by the other. The facenet-pytorch
+# entry keeps the name that indexes built before the batched detector record.
+DETECTOR_IDENTITIES: dict[str, dict[str, str]] = {
+    "mtcnn-batched": {"detector": mtcnn_batched.NAME, "detector_version": mtcnn_batched.VERSION},
+    "mtcnn": {"detector": "mtcnn-facenet-pytorch-2.5.3"},
+}
+DEFAULT_DETECTOR = "mtcnn-batched"
+
+
+def detector_choice(recorded_name: object) -> str | None:
+    """The FACEGATE_DETECTOR value whose manifest name is `recorded_name`, if any."""
+    for choice, identity in DETECTOR_IDENTITIES.items():
+        if identity["detector"] == recorded_name:
+            return choice
+    return None
+
+
 @dataclass(frozen=True)
 class DetectorSettings:
     """Everything that changes what the detector finds; recorded in the index manifest."""
@@ -61,10 +84,18 @@ class DetectorSettings:
     min_face_fraction: float = 0.0
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     pyramid_factor: float = 0.709
+    implementation: str = DEFAULT_DETECTOR  # a key of DETECTOR_IDENTITIES
+
+    def __post_init__(self) -> None:
+        if self.implementation not in DETECTOR_IDENTITIES:
+            raise ValueError(
+                f"unknown detector {self.implementation!r}; "
+                f"choose one of {', '.join(DETECTOR_IDENTITIES)}"
+            )
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "detector": "mtcnn-facenet-pytorch-2.5.3",
+            **DETECTOR_IDENTITIES[self.implementation],
             "max_side": self.max_side,
             "min_side": self.min_side,
             "min_face_size": self.min_face_size,
@@ -76,7 +107,8 @@ class DetectorSettings:
 
 # Detection for face-centred generator output (DCGAN/StyleGAN crops): only faces of at
 # least half the short side. Enabled only for generator output; `make bench` measures
-# its agreement with the full path (1.0 on 1000 DCGAN faces).
+# its agreement with the full path (1.0 on 1000 DCGAN faces). Applied with
+# `dataclasses.replace(settings, min_face_fraction=...)` so the implementation is kept.
 GENERATED_FAST_PATH = DetectorSettings(min_face_fraction=0.5)
 
 
@@ -130,7 +162,8 @@ def detection_scale(height: int, width: int, settings: DetectorSettings) -> floa
 
 
 class MtcnnDetector:
-    """MTCNN from facenet-pytorch, batched over images of equal size."""
+    """MTCNN with facenet-pytorch's networks, batched over images of equal size; the
+    implementation (`settings.implementation`) is the batched one or facenet-pytorch's."""
 
     def __init__(
         self,
@@ -186,25 +219,14 @@ class MtcnnDetector:
         return results
 
     def _detect_batch(self, batch: np.ndarray, min_face_size: float) -> list[list[DetectedFace]]:
-        from facenet_pytorch.models.utils.detect_face import detect_face
-
         with self._lock, torch.inference_mode():
-            batch_boxes, batch_points = detect_face(
-                torch.from_numpy(batch).to(self.device),
-                min_face_size,
-                self._pnet,
-                self._rnet,
-                self._onet,
-                list(self.settings.thresholds),
-                self.settings.pyramid_factor,
-                self.device,
-            )
+            tensor = torch.from_numpy(batch).to(self.device)
+            if self.settings.implementation == "mtcnn":
+                per_image = self._facenet_detect(tensor, min_face_size)
+            else:
+                per_image = self._batched_detect(tensor, min_face_size)
         out: list[list[DetectedFace]] = []
-        for boxes_obj, points_obj in zip(batch_boxes, batch_points, strict=True):
-            # facenet-pytorch returns object arrays whose shape depends on whether every
-            # image found the same number of faces; normalise to plain float arrays.
-            boxes = np.asarray(boxes_obj, dtype=np.float32).reshape(-1, 5)
-            points = np.asarray(points_obj, dtype=np.float32).reshape(-1, 5, 2)
+        for boxes, points in per_image:
             faces = [
                 DetectedFace(
                     box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
@@ -216,6 +238,48 @@ class MtcnnDetector:
             faces.sort(key=lambda f: -f.score)
             out.append(faces)
         return out
+
+    def _batched_detect(
+        self, batch: torch.Tensor, min_face_size: float
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        found = mtcnn_batched.detect_batch(
+            batch,
+            min_face_size,
+            (self._pnet, self._rnet, self._onet),
+            self.settings.thresholds,
+            self.settings.pyramid_factor,
+        )
+        image = found.image.cpu().numpy()
+        order = np.argsort(image, kind="stable")  # keeps each image's own order
+        bounds = np.cumsum(np.bincount(image, minlength=len(batch)))[:-1]
+        boxes = np.split(found.boxes.cpu().numpy().astype(np.float32)[order], bounds)
+        points = np.split(found.points.cpu().numpy().astype(np.float32)[order], bounds)
+        return list(zip(boxes, points, strict=True))
+
+    def _facenet_detect(
+        self, batch: torch.Tensor, min_face_size: float
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        batch_boxes, batch_points = detect_face(
+            batch,
+            min_face_size,
+            self._pnet,
+            self._rnet,
+            self._onet,
+            list(self.settings.thresholds),
+            self.settings.pyramid_factor,
+            self.device,
+        )
+        # facenet-pytorch returns object arrays whose shape depends on whether every
+        # image found the same number of faces; normalise to plain float arrays.
+        return [
+            (
+                np.asarray(boxes, dtype=np.float32).reshape(-1, 5),
+                np.asarray(points, dtype=np.float32).reshape(-1, 5, 2),
+            )
+            for boxes, points in zip(batch_boxes, batch_points, strict=True)
+        ]
 
 
 def _check_rgb(image: np.ndarray) -> None:

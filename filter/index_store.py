@@ -96,6 +96,11 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
 def check_detector(folder: Path, built: object, running: dict[str, object]) -> None:
     if not isinstance(built, dict):
         raise IndexMismatchError(f"index {folder} records no detector settings; rebuild it")
+    if (built.get("detector"), built.get("detector_version")) != (
+        running.get("detector"),
+        running.get("detector_version"),
+    ):
+        raise IndexMismatchError(_other_detector_message(folder, built, running))
     keys = (set(built) | set(running)) - DETECTOR_KEYS_EXCLUDED_FROM_MATCH
     differing = sorted(k for k in keys if _normalised(built.get(k)) != _normalised(running.get(k)))
     if differing:
@@ -107,6 +112,28 @@ def check_detector(folder: Path, built: object, running: dict[str, object]) -> N
             "embeddings would not mean what the running filter's do. Rebuild the index "
             "with the running detector (`facegate index build`)"
         )
+
+
+def _other_detector_message(folder: Path, built: dict[str, Any], running: dict[str, Any]) -> str:
+    from filter.faces import detector_choice
+
+    def named(settings: dict[str, Any]) -> str:
+        version = settings.get("detector_version")
+        return f"{settings.get('detector')!r}" + (f" version {version}" if version else "")
+
+    choice = detector_choice(built.get("detector"))
+    keep = (
+        f", or run with the detector that built it (FACEGATE_DETECTOR={choice}, or "
+        f"--detector {choice})"
+        if choice is not None
+        else ""
+    )
+    return (
+        f"index {folder} was built with detector {named(built)}, the running detector is "
+        f"{named(running)}: their faces and embeddings differ. Rebuild the index with the "
+        f"running detector (`facegate index build GALLERY --out {folder}`; `make run` "
+        f"rebuilds its demo index by itself){keep}"
+    )
 
 
 def _normalised(value: object) -> object:

@@ -4,7 +4,7 @@ so the CLI, the index builder, calibration and the server all get the same pipel
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from filter.decide import DecisionThresholds, NoFacePolicy
@@ -29,20 +29,30 @@ def build_embedding_pipeline(
     device: str = "cpu",
     facenet_weights: Path | None = None,
     detector_settings: DetectorSettings | None = None,
+    detector: str | None = None,
 ) -> FaceEmbeddingPipeline:
+    """`detector` (FACEGATE_DETECTOR, --detector) picks the MTCNN implementation; None
+    keeps the one in `detector_settings`, whose default is the batched one."""
     verify_mtcnn_weights()
     torch_device = resolve_device(device)
     model = load_embedder(
         embedder, models_dir, device=str(torch_device), facenet_weights=facenet_weights
     )
-    detector = MtcnnDetector(detector_settings or DetectorSettings(), device=torch_device)
-    return FaceEmbeddingPipeline(FaceAligner(detector, model.crop_size), model)
+    settings = detector_settings or DetectorSettings()
+    if detector is not None:
+        settings = replace(settings, implementation=detector)
+    mtcnn = MtcnnDetector(settings, device=torch_device)
+    return FaceEmbeddingPipeline(FaceAligner(mtcnn, model.crop_size), model)
 
 
 def detector_manifest(pipeline: FaceEmbeddingPipeline) -> dict[str, object]:
     """The detector settings an index built by this pipeline records (and must match)."""
     detector = pipeline.aligner.detector
-    settings = detector.settings if isinstance(detector, MtcnnDetector) else DetectorSettings()
+    # Any detector carrying DetectorSettings (MtcnnDetector, the fast path's fallback
+    # wrapper) records its own; the implementation in them names the one that built it.
+    settings = getattr(detector, "settings", None)
+    if not isinstance(settings, DetectorSettings):
+        settings = DetectorSettings()
     return settings.as_dict()
 
 

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     generator_path: Path | None = None
     generator_latent_dim: int = Field(100, ge=1, description="torchscript generators only")
     embedder: Literal["sface", "facenet"] = "sface"
+    detector: Literal["mtcnn-batched", "mtcnn"] = Field(
+        "mtcnn-batched", description="mtcnn: facenet-pytorch's MTCNN, for indexes it built"
+    )
     facenet_weights: Path | None = None
     models_dir: Path = Field(
         default_factory=default_models_dir,

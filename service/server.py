@@ -59,6 +59,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         settings.models_dir,
         device=settings.device,
         facenet_weights=settings.facenet_weights,
+        detector=settings.detector,
     )
     generator = load_generator(
         settings.generator,

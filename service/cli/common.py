@@ -31,6 +31,7 @@ def embedding_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
         Path(getattr(args, "models_dir", None) or settings.models_dir),
         device=getattr(args, "device", None) or settings.device,
         facenet_weights=settings.facenet_weights,
+        detector=getattr(args, "detector", None) or settings.detector,
     )
 
 
@@ -89,6 +90,12 @@ def model_options(parser: argparse.ArgumentParser) -> None:
         "--embedder", choices=["sface", "facenet"], help="default FACEGATE_EMBEDDER"
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default FACEGATE_DEVICE")
+    parser.add_argument(
+        "--detector",
+        choices=["mtcnn-batched", "mtcnn"],
+        help="MTCNN implementation (default FACEGATE_DETECTOR or mtcnn-batched); an index "
+        "only loads with the detector that built it",
+    )
 
 
 def positive_int(text: str) -> int:

@@ -1,0 +1,332 @@
+"""MTCNN's three stages as batched tensor programs, with facenet-pytorch's own networks.
+
+The algorithm is facenet-pytorch's `detect_face` (pyramid, PNet, RNet, ONet, the same
+thresholds, regressions and NMS), rewritten so that each stage is one tensor program over
+every box of every image in the batch:
+
+- the pyramid is `interpolate(mode="area")` of the whole batch, one call per scale;
+- every RNet/ONet crop comes from one gather in a summed-area table. Area resampling of a
+  crop is the mean of a rectangle of source pixels per output cell (adaptive average
+  pooling); the table gives each rectangle's integer sum exactly, and the division is the
+  one facenet-pytorch's `interpolate` does, so the crops are bit-identical to its
+  per-box `imresample` calls, without a Python loop over boxes;
+- NMS runs for all images at once (`torchvision.ops.nms` with one exact offset per image,
+  and a vectorised greedy "Min" NMS for the last stage).
+
+Batch invariance. An image gets exactly the faces it gets when detected alone, whatever
+else is in the batch. facenet-pytorch does not promise that (its results move by ~1e-5 px
+with the batch), and neither do the CPU kernels, so three things are pinned here:
+- oneDNN takes another convolution kernel for a batch of one image, so PNet never runs on
+  one image (a blank second image is added, its output dropped);
+- RNet and ONet run on row counts padded to a multiple of `ROW_QUANTUM` and split into
+  chunks of at most `MAX_ROWS`: the GEMM kernels give a row the same bits for every such
+  shape and position (a test checks it), not for small or odd row counts;
+- NMS offsets are exact (see `_grouped_nms`), so a box's overlap with its neighbours does
+  not depend on the position of its image in the batch (torchvision's `batched_nms`
+  derives the offset from the largest coordinate in the batch, which rounds differently).
+The GPU kernels make no such promise; there the invariance is only approximate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+NAME = "mtcnn-batched"
+# Bump when a change can move a box or a landmark: the index manifest records it, and an
+# index built with another version is refused.
+VERSION = "1"
+
+ROW_QUANTUM = 16
+MAX_ROWS = 512
+# NMS coordinates are snapped to this grid (1/65536 px) so that adding a per-image offset
+# is exact in float64; the snap moves a box by at most 2^-17 px, below float32 rounding
+# of the coordinates themselves.
+_NMS_GRID = 2.0**16
+_EXACT_LIMIT = 2.0**36  # |coordinate + offset| * grid below 2^52: float64 sums stay exact
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Faces found in a batch, in detection-copy pixels: rows are faces, `image` says whose."""
+
+    boxes: torch.Tensor  # (K, 5) float32: x1, y1, x2, y2, score
+    points: torch.Tensor  # (K, 5, 2) float32: five landmarks (x, y)
+    image: torch.Tensor  # (K,) int64: index of the image in the batch
+
+
+def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
+    """facenet-pytorch's scale list, to the same floating-point steps."""
+    m = 12.0 / min_face_size
+    minl = min(height, width) * m
+    scales = []
+    scale = m
+    while minl >= 12:
+        scales.append(scale)
+        scale *= factor
+        minl *= factor
+    return scales
+
+
+def detect_batch(
+    images: torch.Tensor,
+    min_face_size: float,
+    nets: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module],
+    thresholds: tuple[float, float, float],
+    factor: float,
+) -> Detections:
+    """Detect faces in a (N, H, W, 3) uint8 batch of equal-size RGB images."""
+    pnet, rnet, onet = nets
+    height, width = images.shape[1], images.shape[2]
+    imgs = images.permute(0, 3, 1, 2).float()
+    boxes, image = _stage_one(imgs, pnet, min_face_size, thresholds[0], factor)
+    boxes = _rerec(_apply_pnet_regression(boxes))
+    empty = Detections(
+        boxes=torch.zeros((0, 5), device=images.device),
+        points=torch.zeros((0, 5, 2), device=images.device),
+        image=torch.zeros(0, dtype=torch.int64, device=images.device),
+    )
+    if len(boxes) == 0:
+        return empty
+    table = _summed_area_table(images)
+
+    # Stage two: RNet on 24x24 crops of every candidate.
+    crops, valid = _crops(table, boxes, image, 24, height, width)
+    boxes, image = boxes[valid], image[valid]
+    reg, prob = _run_rows(rnet, crops)
+    passed = prob[:, 1] > thresholds[1]
+    boxes = torch.cat([boxes[passed, :4], prob[passed, 1:2]], dim=1)
+    image, reg = image[passed], reg[passed]
+    keep = _grouped_nms(boxes, image, 0.7)
+    boxes = _rerec(_bbreg(boxes[keep], reg[keep]))
+    image = image[keep]
+    if len(boxes) == 0:
+        return empty
+
+    # Stage three: ONet on 48x48 crops; landmarks come from the box before regression.
+    crops, valid = _crops(table, boxes, image, 48, height, width)
+    boxes, image = boxes[valid], image[valid]
+    reg, marks, prob = _run_rows(onet, crops)
+    passed = prob[:, 1] > thresholds[2]
+    boxes = torch.cat([boxes[passed, :4], prob[passed, 1:2]], dim=1)
+    image, reg, marks = image[passed], reg[passed], marks[passed]
+    box_w = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+    box_h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+    points_x = box_w * marks[:, :5] + boxes[:, 0:1] - 1
+    points_y = box_h * marks[:, 5:10] + boxes[:, 1:2] - 1
+    points = torch.stack([points_x, points_y], dim=2)
+    boxes = _bbreg(boxes, reg)
+    keep = _min_nms(boxes, image, 0.7)
+    return Detections(boxes=boxes[keep], points=points[keep], image=image[keep])
+
+
+def _stage_one(
+    imgs: torch.Tensor, pnet: torch.nn.Module, min_face_size: float, threshold: float, factor: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PNet over the pyramid: candidate boxes (x1, y1, x2, y2, score, 4 regressions) and
+    their image indices, after facenet-pytorch's per-scale and per-image NMS."""
+    count, height, width = imgs.shape[0], imgs.shape[2], imgs.shape[3]
+    scale_boxes: list[torch.Tensor] = []
+    scale_images: list[torch.Tensor] = []
+    for scale in pyramid_scales(height, width, min_face_size, factor):
+        level = F.interpolate(
+            imgs, size=(int(height * scale + 1), int(width * scale + 1)), mode="area"
+        )
+        level = (level - 127.5) * 0.0078125
+        if count == 1:
+            level = torch.cat([level, torch.zeros_like(level)])
+        reg, prob = pnet(level)
+        boxes, image = _generate_boxes(reg[:count], prob[:count, 1], scale, threshold)
+        keep = _grouped_nms(boxes, image, 0.5)
+        scale_boxes.append(boxes[keep])
+        scale_images.append(image[keep])
+    if not scale_boxes:
+        return torch.zeros((0, 9), device=imgs.device), torch.zeros(
+            0, dtype=torch.int64, device=imgs.device
+        )
+    boxes, image = torch.cat(scale_boxes), torch.cat(scale_images)
+    keep = _grouped_nms(boxes, image, 0.7)
+    return boxes[keep], image[keep]
+
+
+def _generate_boxes(
+    reg: torch.Tensor, prob: torch.Tensor, scale: float, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """facenet-pytorch's `generateBoundingBox`: one 12x12 window per PNet cell over the
+    threshold, mapped back to image pixels."""
+    stride, cell = 2, 12
+    mask = prob >= threshold
+    where = mask.nonzero()
+    image = where[:, 0]
+    score = prob[mask]
+    offsets = reg.permute(1, 0, 2, 3)[:, mask].permute(1, 0)
+    corner = where[:, 1:].to(reg.dtype).flip(1)
+    q1 = ((stride * corner + 1) / scale).floor()
+    q2 = ((stride * corner + cell - 1 + 1) / scale).floor()
+    return torch.cat([q1, q2, score.unsqueeze(1), offsets], dim=1), image
+
+
+def _apply_pnet_regression(boxes: torch.Tensor) -> torch.Tensor:
+    width = boxes[:, 2] - boxes[:, 0]
+    height = boxes[:, 3] - boxes[:, 1]
+    return torch.stack(
+        [
+            boxes[:, 0] + boxes[:, 5] * width,
+            boxes[:, 1] + boxes[:, 6] * height,
+            boxes[:, 2] + boxes[:, 7] * width,
+            boxes[:, 3] + boxes[:, 8] * height,
+            boxes[:, 4],
+        ],
+        dim=1,
+    )
+
+
+def _bbreg(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    width = boxes[:, 2] - boxes[:, 0] + 1
+    height = boxes[:, 3] - boxes[:, 1] + 1
+    moved = torch.stack(
+        [
+            boxes[:, 0] + reg[:, 0] * width,
+            boxes[:, 1] + reg[:, 1] * height,
+            boxes[:, 2] + reg[:, 2] * width,
+            boxes[:, 3] + reg[:, 3] * height,
+        ],
+        dim=1,
+    )
+    return torch.cat([moved, boxes[:, 4:]], dim=1)
+
+
+def _rerec(boxes: torch.Tensor) -> torch.Tensor:
+    """Square each box around its centre (facenet-pytorch's `rerec`, same operations)."""
+    height = boxes[:, 3] - boxes[:, 1]
+    width = boxes[:, 2] - boxes[:, 0]
+    side = torch.maximum(width, height)
+    x1 = boxes[:, 0] + width * 0.5 - side * 0.5
+    y1 = boxes[:, 1] + height * 0.5 - side * 0.5
+    return torch.cat([torch.stack([x1, y1, x1 + side, y1 + side], dim=1), boxes[:, 4:]], dim=1)
+
+
+def _summed_area_table(images: torch.Tensor) -> torch.Tensor:
+    """(N, H+1, W+1, 3) prefix sums: any rectangle's pixel sum in four lookups, exactly.
+
+    Every entry is an integer. float32 holds them exactly below 2^24 (copies up to about
+    256x256, the generated-face path) and is the fastest cumsum here; int32 holds larger
+    copies (up to ~8.4M pixels, far above max_side)."""
+    count, height, width, _ = images.shape
+    total = height * width * 255
+    dtype = torch.float32 if total < 2**24 else torch.int32 if total < 2**31 else torch.int64
+    table = torch.zeros((count, height + 1, width + 1, 3), dtype=dtype, device=images.device)
+    table[:, 1:, 1:] = images.to(dtype).cumsum(1, dtype=dtype).cumsum(2, dtype=dtype)
+    return table
+
+
+def _crops(
+    table: torch.Tensor,
+    boxes: torch.Tensor,
+    image: torch.Tensor,
+    size: int,
+    height: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every box's crop, area-resampled to size x size and normalised, as one gather:
+    (B', 3, size, size) for the B' boxes that overlap the image, and the mask of those."""
+    # facenet-pytorch's `pad`: truncate, clip the top-left to 1 and the bottom-right to the
+    # image; a box that then covers no pixel is dropped (it would crash facenet-pytorch).
+    corners = boxes[:, :4].trunc().int()
+    x = corners[:, 0].clamp(min=1)
+    y = corners[:, 1].clamp(min=1)
+    ex = corners[:, 2].clamp(max=width)
+    ey = corners[:, 3].clamp(max=height)
+    valid = (ey > y - 1) & (ex > x - 1)
+    x, y, ex, ey, image = x[valid], y[valid], ex[valid], ey[valid], image[valid]
+    rows0, rows1 = _cell_bounds(y - 1, ey - y + 1, size)
+    cols0, cols1 = _cell_bounds(x - 1, ex - x + 1, size)
+    # One flat gather for the four corners of every cell of every box.
+    stride = table.shape[2]
+    base = (image * (table.shape[1] * stride))[:, None, None]
+    rows = torch.stack([rows0, rows1])[:, :, :, None] * stride + base  # (2, B, S, 1)
+    cols = torch.stack([cols0, cols1])[:, :, None, :]  # (2, B, 1, S)
+    corners = (rows[:, None] + cols[None]).reshape(-1)
+    v = table.view(-1, 3).index_select(0, corners).view(2, 2, len(image), size, size, 3)
+    sums = v[1, 1] - v[0, 1] - v[1, 0] + v[0, 0]
+    # The same float32 division as adaptive average pooling: sum / rows / cols.
+    area_rows = (rows1 - rows0).float()[:, :, None, None]
+    area_cols = (cols1 - cols0).float()[:, None, :, None]
+    crops = sums.float() / area_rows / area_cols
+    crops = (crops - 127.5) * 0.0078125
+    return crops.permute(0, 3, 1, 2), valid
+
+
+def _cell_bounds(
+    start: torch.Tensor, length: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source ranges [begin, end) of each output cell, as adaptive average pooling draws
+    them: floor(i * L / S) to ceil((i + 1) * L / S)."""
+    i = torch.arange(size, device=start.device, dtype=torch.int64)
+    length = length.to(torch.int64)[:, None]
+    begin = (i * length) // size
+    end = -((-(i + 1) * length) // size)
+    base = start.to(torch.int64)[:, None]
+    return base + begin, base + end
+
+
+def _run_rows(net: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The network over every row, in chunk shapes that give each row the same bits
+    whatever the other rows are (see the module docstring)."""
+    count = len(rows)
+    padded = max(ROW_QUANTUM, math.ceil(count / ROW_QUANTUM) * ROW_QUANTUM)
+    if padded != count:
+        rows = torch.cat([rows, rows.new_zeros((padded - count, *rows.shape[1:]))])
+    rows = rows.contiguous(memory_format=torch.channels_last)
+    parts = [net(rows[i : i + MAX_ROWS]) for i in range(0, padded, MAX_ROWS)]
+    return tuple(torch.cat(outputs)[:count] for outputs in zip(*parts, strict=True))
+
+
+def _grouped_nms(boxes: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
+    """Greedy IoU NMS within each group (image), for all groups in one call; indices kept,
+    by decreasing score (ties in input order, which is each image's own order).
+
+    The groups are kept apart by an offset per group, as torchvision's `batched_nms` does,
+    but the offset here is a power of two and the coordinates sit on a 2^-16 grid in
+    float64, so every sum is exact: a box's overlaps do not depend on its group's offset."""
+    if len(boxes) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    coords = torch.round(boxes[:, :4].double() * _NMS_GRID) / _NMS_GRID
+    reach = float(coords.abs().max())
+    span = 2.0 ** math.ceil(math.log2(2 * reach + 2))
+    if not math.isfinite(span) or span * (float(groups.max()) + 2) >= _EXACT_LIMIT:
+        raise ValueError(f"box coordinates out of range for NMS ({reach})")
+    shifted = coords + (groups.double() * span)[:, None]
+    return torchvision.ops.nms(shifted, boxes[:, 4].double(), iou)
+
+
+def _min_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float) -> torch.Tensor:
+    """facenet-pytorch's last NMS ("Min": intersection over the smaller box, +1 pixel
+    areas), greedy within each group, vectorised: indices kept, by decreasing score.
+
+    Ties (ONet often scores several boxes of one face 1.0) go to the later box, as in
+    facenet-pytorch, whose NumPy NMS takes the last of an ascending stable argsort."""
+    if len(boxes) == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    order = torch.argsort(boxes[:, 4], stable=True).flip(0)
+    b = boxes[order, :4].double()
+    g = groups[order]
+    area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    w = (torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0]))
+    h = (torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1]))
+    inter = (w + 1).clamp(min=0) * (h + 1).clamp(min=0)
+    overlap = inter / torch.minimum(area[:, None], area[None, :])
+    earlier = torch.ones_like(overlap, dtype=torch.bool).triu(diagonal=1)
+    suppresses = (overlap > threshold) & earlier & (g[:, None] == g[None, :])
+    # Greedy NMS is the fixed point of "kept unless a kept earlier box suppresses it"; from
+    # all-kept the first k entries are final after k rounds, and it usually takes two.
+    keep = torch.ones(len(b), dtype=torch.bool, device=b.device)
+    while True:
+        update = ~(suppresses & keep[:, None]).any(dim=0)
+        if torch.equal(update, keep):
+            return order[keep]
+        keep = update

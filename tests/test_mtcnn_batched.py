@@ -1,0 +1,217 @@
+"""The batched MTCNN (`mtcnn-batched`, the default detector) against facenet-pytorch's:
+the same faces on the test photos, crops and NMS equal to facenet-pytorch's own, results
+independent of the batch, and indexes tied to the detector that built them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from facenet_pytorch.models.utils import detect_face as facenet
+
+from filter import mtcnn_batched
+from filter.errors import IndexMismatchError
+from filter.faces import DetectedFace, DetectorSettings, MtcnnDetector, detector_choice
+from filter.images import decode_image
+from filter.index import FaissIdentityIndex
+from service.config import ConfigError, load_settings
+
+
+@pytest.fixture(scope="module")
+def batched() -> MtcnnDetector:
+    return MtcnnDetector(DetectorSettings(implementation="mtcnn-batched"))
+
+
+@pytest.fixture(scope="module")
+def facenet_detector(batched: MtcnnDetector) -> MtcnnDetector:
+    return batched.with_settings(replace(batched.settings, implementation="mtcnn"))
+
+
+def _iou(a: DetectedFace, b: DetectedFace) -> float:
+    ax1, ay1, ax2, ay2 = a.box
+    bx1, by1, bx2, by2 = b.box
+    w = max(0.0, min(ax2, bx2) - max(ax1, bx1))
+    h = max(0.0, min(ay2, by2) - max(ay1, by1))
+    inter = w * h
+    return inter / ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter)
+
+
+def _same_faces(a: list[DetectedFace], b: list[DetectedFace]) -> bool:
+    return len(a) == len(b) and all(
+        x.box == y.box and x.score == y.score and np.array_equal(x.landmarks, y.landmarks)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_the_default_detector_is_the_batched_one() -> None:
+    assert DetectorSettings().implementation == "mtcnn-batched"
+    assert DetectorSettings().as_dict()["detector"] == mtcnn_batched.NAME
+    assert DetectorSettings().as_dict()["detector_version"] == mtcnn_batched.VERSION
+    with pytest.raises(ValueError, match="unknown detector"):
+        DetectorSettings(implementation="dlib")
+
+
+@pytest.mark.slow
+def test_same_faces_as_facenet_pytorch_on_the_test_photos(
+    batched: MtcnnDetector, facenet_detector: MtcnnDetector, identities_dir: Path
+) -> None:
+    photos = sorted(identities_dir.glob("*/*.jpg"))
+    assert len(photos) >= 20
+    faces = 0
+    for path in photos:
+        image = decode_image(path)
+        old = facenet_detector.detect([image])[0]
+        new = batched.detect([image])[0]
+        assert len(new) == len(old), path
+        for face in old:
+            best = max(new, key=lambda f: _iou(f, face))
+            assert _iou(best, face) >= 0.99, path
+            assert np.abs(best.landmarks - face.landmarks).max() < 0.05, path
+            assert best.score == pytest.approx(face.score, abs=1e-4)
+        faces += len(old)
+    assert faces >= len(photos)
+
+
+def test_detections_do_not_depend_on_the_batch(
+    batched: MtcnnDetector, identities_dir: Path, models_dir: Path
+) -> None:
+    from service.generators import latents_for, load_dcgan_digiface
+
+    generator = load_dcgan_digiface(models_dir)
+    generated = list(generator.generate(np.stack([latents_for(9, s, 0, 100) for s in range(20)])))
+    photo = decode_image(identities_dir / "id02" / "01.jpg")
+    blank = np.full((64, 64, 3), 128, np.uint8)
+    # Generated faces, a blank of the same size and a photo of another size, in one call.
+    images = [*generated[:10], blank, photo, *generated[10:]]
+    fast = batched.with_settings(replace(batched.settings, min_face_fraction=0.5))
+    for detector in (batched, fast):
+        together = detector.detect(images)
+        assert sum(len(f) for f in together) >= 15
+        for image, faces in zip(images, together, strict=True):
+            assert _same_faces(detector.detect([image])[0], faces)
+        # A different set of neighbours, in another order.
+        assert _same_faces(detector.detect(images[::-3])[0], together[-1])
+
+
+def test_rnet_and_onet_rows_get_the_same_bits_in_any_batch(batched: MtcnnDetector) -> None:
+    rows = torch.randn(300, 3, 24, 24)
+    with torch.inference_mode():
+        everything = mtcnn_batched._run_rows(batched._rnet, rows)
+        for start, stop in ((0, 1), (7, 12), (100, 133), (290, 300)):
+            part = mtcnn_batched._run_rows(batched._rnet, rows[start:stop])
+            for a, b in zip(everything, part, strict=True):
+                assert torch.equal(a[start:stop], b)
+
+
+def test_crops_equal_facenet_pytorchs_area_resampling() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 90, 120, 3), dtype=torch.uint8, generator=generator)
+    # Boxes inside, across every edge, larger than the image and smaller than the crop.
+    x1 = torch.randint(-40, 110, (200,), generator=generator).float() + 0.5
+    y1 = torch.randint(-40, 80, (200,), generator=generator).float() + 0.25
+    side = torch.randint(3, 150, (200,), generator=generator).float()
+    boxes = torch.stack([x1, y1, x1 + side, y1 + side * 0.9, torch.ones(200)], dim=1)
+    image = torch.randint(0, 3, (200,), generator=generator)
+    table = mtcnn_batched._summed_area_table(images)
+    crops, valid = mtcnn_batched._crops(table, boxes, image, 24, 90, 120)
+    imgs = images.permute(0, 3, 1, 2).float()
+    y, ey, x, ex = facenet.pad(boxes.clone(), 120, 90)
+    checked = 0
+    for k in range(len(boxes)):
+        usable = ey[k] > y[k] - 1 and ex[k] > x[k] - 1
+        assert bool(valid[k]) == usable
+        if not usable:
+            continue
+        region = imgs[image[k] : image[k] + 1, :, y[k] - 1 : ey[k], x[k] - 1 : ex[k]]
+        expected = (F.interpolate(region, size=(24, 24), mode="area") - 127.5) * 0.0078125
+        assert torch.equal(crops[checked], expected[0])
+        checked += 1
+    assert checked == int(valid.sum()) and checked > 100
+
+
+def test_grouped_nms_equals_torchvision_per_image() -> None:
+    generator = torch.Generator().manual_seed(1)
+    n = 400
+    corner = torch.rand(n, 2, generator=generator) * 200 - 20
+    size = torch.rand(n, 2, generator=generator) * 60 + 5
+    # Quantised scores: many ties, as PNet's saturated probabilities give.
+    scores = (torch.rand(n, generator=generator) * 8).floor() / 8
+    boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
+    groups = torch.randint(0, 5, (n,), generator=generator)
+    keep = mtcnn_batched._grouped_nms(boxes, groups, 0.5)
+    for g in range(5):
+        members = torch.nonzero(groups == g).flatten()
+        alone = members[torchvision.ops.nms(boxes[members, :4], boxes[members, 4], 0.5)]
+        assert torch.equal(keep[groups[keep] == g], alone)
+    # Moving a group to another position in the batch changes nothing it keeps.
+    moved = mtcnn_batched._grouped_nms(boxes, torch.where(groups == 0, 40, groups), 0.5)
+    assert torch.equal(moved, keep)
+
+
+def test_min_nms_equals_facenet_pytorchs() -> None:
+    generator = torch.Generator().manual_seed(2)
+    n = 150
+    corner = torch.rand(n, 2, generator=generator) * 100
+    size = torch.rand(n, 2, generator=generator) * 40 + 5
+    scores = torch.rand(n, generator=generator)
+    boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
+    groups = torch.randint(0, 3, (n,), generator=generator)
+    ours = mtcnn_batched._min_nms(boxes, groups, 0.7)
+    theirs = facenet.batched_nms_numpy(boxes[:, :4], boxes[:, 4], groups, 0.7, "Min")
+    assert 10 < len(ours) < n
+    assert sorted(ours.tolist()) == sorted(theirs.tolist())
+
+
+def test_an_index_built_with_another_detector_is_refused_with_how_to_rebuild(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((6, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    old = DetectorSettings(implementation="mtcnn").as_dict()
+    index = FaissIdentityIndex.build(
+        vectors,
+        [f"id{i}" for i in range(6)],
+        [f"{i}.jpg" for i in range(6)],
+        embedder_name="test",
+        model_sha256="0" * 64,
+        detector=old,
+    )
+    folder = tmp_path / "idx"
+    index.save(folder)
+    with pytest.raises(IndexMismatchError) as refused:
+        FaissIdentityIndex.load(folder, expect_detector=DetectorSettings().as_dict())
+    message = str(refused.value)
+    assert "mtcnn-facenet-pytorch-2.5.3" in message and mtcnn_batched.NAME in message
+    assert "facegate index build" in message and "make run" in message
+    assert "FACEGATE_DETECTOR=mtcnn" in message
+    assert FaissIdentityIndex.load(folder, expect_detector=old).vector_count == 6
+    assert detector_choice(old["detector"]) == "mtcnn"
+
+    newer = {**DetectorSettings().as_dict(), "detector_version": "0"}
+    index = FaissIdentityIndex.build(
+        vectors,
+        [f"id{i}" for i in range(6)],
+        [f"{i}.jpg" for i in range(6)],
+        embedder_name="test",
+        model_sha256="0" * 64,
+        detector=newer,
+    )
+    index.save(tmp_path / "v0")
+    with pytest.raises(IndexMismatchError, match=r"version 0.*facegate index build"):
+        FaissIdentityIndex.load(tmp_path / "v0", expect_detector=DetectorSettings().as_dict())
+
+
+def test_the_detector_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FACEGATE_DETECTOR", raising=False)
+    assert load_settings().detector == "mtcnn-batched"
+    monkeypatch.setenv("FACEGATE_DETECTOR", "mtcnn")
+    assert load_settings().detector == "mtcnn"
+    monkeypatch.setenv("FACEGATE_DETECTOR", "opencv")
+    with pytest.raises(ConfigError, match="FACEGATE_DETECTOR"):
+        load_settings()
