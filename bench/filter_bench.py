@@ -87,9 +87,7 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
         repeat=2,
     )
     detect_s, _ = timed(lambda: fast_pipeline.aligner.faces(images[:64]), repeat=2)
-    detect_mtcnn_s, _ = timed(
-        lambda: fast_mtcnn.embedding.aligner.faces(images[:64]), repeat=2
-    )
+    detect_mtcnn_s, _ = timed(lambda: fast_mtcnn.embedding.aligner.faces(images[:64]), repeat=2)
 
     result = {
         "bench": "filter_throughput",

@@ -28,9 +28,7 @@ def main(argv: list[str]) -> int:
     if "index" in wanted:
         from bench import index_bench
 
-        sizes = tuple(
-            int(n) for n in os.environ.get("BENCH_INDEX_SIZES", "100000").split(",")
-        )
+        sizes = tuple(int(n) for n in os.environ.get("BENCH_INDEX_SIZES", "100000").split(","))
         rows = index_bench.run(sizes)
         best = [
             r

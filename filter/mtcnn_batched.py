@@ -316,8 +316,8 @@ def _min_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float) -> tor
     b = boxes[order, :4].double()
     g = groups[order]
     area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-    w = (torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0]))
-    h = (torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1]))
+    w = torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0])
+    h = torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1])
     inter = (w + 1).clamp(min=0) * (h + 1).clamp(min=0)
     overlap = inter / torch.minimum(area[:, None], area[None, :])
     earlier = torch.ones_like(overlap, dtype=torch.bool).triu(diagonal=1)
