@@ -23,24 +23,12 @@ from filter.faces import DetectorSettings
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline
 from service.config import Settings
-from service.demo import build_demo_index
-from service.generators import load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import REPO
 from tests.servers import InProcessServer, SubprocessServer, metric_value, scrape
 
 DEMO_THRESHOLD = 0.56
-
-
-@pytest.fixture(scope="session")
-def demo_index(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, pipeline: FaceEmbeddingPipeline
-) -> Path:
-    index = build_demo_index(load_dcgan_digiface(models_dir), pipeline, identities=40, seed=1)
-    out = tmp_path_factory.mktemp("demo") / "index"
-    index.save(out)
-    return out
 
 
 def settings_for(index: Path, tmp_path: Path, **overrides: object) -> Settings:
