@@ -1,0 +1,238 @@
+"""Candidates across requests, batched: the engine that generates and filters a batch,
+and the dynamic batcher that feeds it from the event loop without blocking it.
+
+The batcher is the one place where requests meet; it keeps a fault in one request's
+candidates from failing its neighbours, and fails every waiting request closed if it
+dies itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from filter.decide import ImageVerdict
+from filter.identity_filter import StageObserver
+from service.errors import FilterFailure
+from service.generators import Generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CandidateOutcome:
+    image: np.ndarray
+    verdict: ImageVerdict
+
+
+class PipelineObserver(Protocol):
+    def observe_stage(self, stage: str, seconds: float) -> None: ...
+    def candidate(self, verdict: ImageVerdict) -> None: ...
+    def released(self, attempts: int) -> None: ...
+    def unfilled(self, slots: int) -> None: ...
+    def batch(self, size: int) -> None: ...
+
+
+class NullObserver:
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        return None
+
+    def candidate(self, verdict: ImageVerdict) -> None:
+        return None
+
+    def released(self, attempts: int) -> None:
+        return None
+
+    def unfilled(self, slots: int) -> None:
+        return None
+
+    def batch(self, size: int) -> None:
+        return None
+
+
+class ImageChecker(Protocol):
+    """What the engine needs of the identity filter (filter.IdentityFilter implements it)."""
+
+    def check(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+    ) -> list[ImageVerdict]: ...
+
+
+class CandidateEngine:
+    """Generates and filters a batch of candidates, synchronously (run off the loop)."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        identity_filter: ImageChecker,
+        observer: PipelineObserver | None = None,
+    ) -> None:
+        self.generator = generator
+        self.identity_filter = identity_filter
+        self.observer = observer or NullObserver()
+
+    def run(self, latents: np.ndarray) -> list[CandidateOutcome]:
+        start = time.perf_counter()
+        images = self.generator.generate(latents)
+        self.observer.observe_stage("generate", time.perf_counter() - start)
+        if len(images) != len(latents):
+            raise FilterFailure(
+                f"generator returned {len(images)} images for {len(latents)} latents"
+            )
+        batch = list(images)
+        verdicts = self.identity_filter.check(batch, observer=self.observer)
+        if len(verdicts) != len(batch):
+            raise FilterFailure("filter returned a verdict count that differs from its input")
+        self.observer.batch(len(batch))
+        return [
+            CandidateOutcome(image=img, verdict=v) for img, v in zip(batch, verdicts, strict=True)
+        ]
+
+
+@dataclass
+class _Pending:
+    latents: np.ndarray
+    future: asyncio.Future[list[CandidateOutcome]]
+
+
+class DynamicBatcher:
+    """Gathers candidates across requests into batches, like Triton's dynamic batcher.
+
+    A batch closes when it holds `max_batch` candidates or `max_delay` seconds have
+    passed since its first entry. One worker thread runs the engine, so torch and
+    FAISS never block the event loop and never compete with each other for cores.
+    A request whose future was cancelled (client gone, deadline) is dropped before
+    its candidates are drawn. When a batch of several requests fails, each request is
+    retried alone once, so only the request whose candidate fails is failed (closed).
+    """
+
+    def __init__(self, engine: CandidateEngine, max_batch: int = 64, max_delay: float = 0.005):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facegate-engine")
+        self._worker: asyncio.Task[None] | None = None
+        self._gathered: list[_Pending] = []  # taken from the queue, not yet answered
+        self._carry: _Pending | None = None  # taken, too big for the batch, opens the next
+
+    def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+            self._worker.add_done_callback(self._worker_ended)
+
+    def _worker_ended(self, task: asyncio.Task[None]) -> None:
+        """If the worker dies of a bug, fail every waiting request closed, now."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("batcher worker crashed; failing queued requests", exc_info=task.exception())
+        self._worker = None  # the next submit starts a fresh worker
+        waiting = [*self._gathered, *([self._carry] if self._carry else [])]
+        self._carry = None
+        while not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        for pending in waiting:
+            if not pending.future.done():
+                pending.future.set_exception(FilterFailure("batcher worker crashed"))
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def submit(self, latents: np.ndarray) -> list[CandidateOutcome]:
+        self.start()
+        future: asyncio.Future[list[CandidateOutcome]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(latents, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = self._carry or await self._queue.get()
+            self._carry = None
+            batch = self._gathered = [first]
+            size = len(first.latents)
+            deadline = loop.time() + self.max_delay
+            while size < self.max_batch:
+                timeout = deadline - loop.time()
+                try:
+                    item = (
+                        self._queue.get_nowait()
+                        if timeout <= 0
+                        else await asyncio.wait_for(self._queue.get(), timeout)
+                    )
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+                if size + len(item.latents) > self.max_batch and size > 0:
+                    self._carry = item
+                    break
+                batch.append(item)
+                size += len(item.latents)
+            live = [p for p in batch if not p.future.done()]
+            if not live:
+                continue
+            latents = np.concatenate([p.latents for p in live])
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self.engine.run, latents)
+            except asyncio.CancelledError:
+                for p in live:
+                    if not p.future.done():
+                        p.future.cancel()
+                raise
+            except Exception as exc:
+                if len(live) == 1:
+                    log.exception("filter batch failed; failing its request closed")
+                    _fail(live[0], exc)
+                    continue
+                # Isolate the fault: one request's candidate must not fail its neighbours
+                # (seeds are caller-chosen and replayable). Each request runs alone once;
+                # only the one whose candidates fail again gets INTERNAL.
+                log.warning(
+                    "filter batch of %d requests failed (%s); retrying each request alone",
+                    len(live),
+                    type(exc).__name__,
+                )
+                try:
+                    for p in live:
+                        await self._run_alone(loop, p)
+                except asyncio.CancelledError:
+                    for p in live:
+                        if not p.future.done():
+                            p.future.cancel()
+                    raise
+                continue
+            offset = 0
+            for p in live:
+                part = outcomes[offset : offset + len(p.latents)]
+                offset += len(p.latents)
+                if not p.future.done():
+                    p.future.set_result(part)
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, pending: _Pending) -> None:
+        if pending.future.done():
+            return
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self.engine.run, pending.latents)
+        except Exception as exc:
+            log.exception("filter failed on one request's candidates alone; failing it closed")
+            _fail(pending, exc)
+            return
+        if not pending.future.done():
+            pending.future.set_result(outcomes)
+
+
+def _fail(pending: _Pending, exc: BaseException) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(FilterFailure(f"identity filter failed: {type(exc).__name__}"))
