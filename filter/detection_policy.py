@@ -12,31 +12,29 @@ be missed.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 
 from filter.faces import DetectedFace, Detector, DetectorSettings, FaceAligner, MtcnnDetector
+from filter.fast_path_mode import (
+    FAST_PATH_VERIFIED_GENERATORS,
+    GENERATED_FAST_PATH_FRACTION,
+    FastPathMode,
+    uses_fast_path,
+)
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 
-GENERATED_FAST_PATH_FRACTION = 0.5
-# Generators whose every output is one face-centred crop filling the frame, with the fast
-# path's agreement with the full path measured (1.000 on 1000 faces, `make bench`).
-FAST_PATH_VERIFIED_GENERATORS = frozenset({"dcgan-digiface"})
-
-
-class FastPathMode(enum.StrEnum):
-    AUTO = "auto"  # only for a verified generator
-    ON = "on"  # operator's choice, for any generator
-    OFF = "off"
-
-
-def uses_fast_path(generator_name: str, mode: FastPathMode) -> bool:
-    if mode is FastPathMode.OFF:
-        return False
-    return mode is FastPathMode.ON or generator_name in FAST_PATH_VERIFIED_GENERATORS
+__all__ = [
+    "FAST_PATH_VERIFIED_GENERATORS",
+    "GENERATED_FAST_PATH_FRACTION",
+    "FastPathMode",
+    "FastPathWithFallback",
+    "filter_for_generator",
+    "generated_output_settings",
+    "uses_fast_path",
+]
 
 
 def generated_output_settings(

@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from filter.decide import NoFacePolicy
-from filter.detection_policy import FastPathMode
+from filter.fast_path_mode import FastPathMode
 from filter.models import default_models_dir
 
 ENV_PREFIX = "FACEGATE_"

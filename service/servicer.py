@@ -1,5 +1,6 @@
 """The gRPC servicer: protobuf <-> domain objects, admission, and the one place that
-maps domain errors to status codes. Generation itself lives in service.pipeline (batching in service.batcher)."""
+maps domain errors to status codes. Generation itself lives in service.pipeline
+(batching in service.batcher)."""
 
 from __future__ import annotations
 
