@@ -202,7 +202,6 @@ def test_leave_one_out_real_photos_at_the_default_thresholds(
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.timeout(1800)  # 1,600 generated images through the whole filter
 def test_near_copy_recall_at_the_calibrated_false_reject_rate(
     pipeline: FaceEmbeddingPipeline, generator: object
