@@ -369,7 +369,8 @@ def test_a_signing_failure_is_internal_and_releases_nothing_unsigned(
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(pb.GenerateRequest(count=2, seed=4), timeout=60)
         assert info.value.code() == grpc.StatusCode.INTERNAL
-        assert "no image was released" in (info.value.details() or "")
+        details = info.value.details() or ""
+        assert details == "content credentials could not be signed; no image was released"
         pipeline.signer = FailAfter(real, 1)
         received = []
         with pytest.raises(grpc.RpcError) as info:
