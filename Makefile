@@ -8,12 +8,15 @@ STAMP := $(VENV)/.installed
 export FACEGATE_MODELS_DIR ?= models
 DEMO_INDEX ?= var/index
 SEED_KEY ?= var/seed.key
+# Content credentials in `make run`: on (an UNTRUSTED demo chain in C2PA_DIR) or off.
+C2PA ?= on
+C2PA_DIR ?= var/c2pa
 PYTEST_ARGS ?=
 # Branch coverage of filter/ and service/ measured by `make test` (tests in this process;
 # servers started as subprocesses are not traced). Raise it as the suite grows.
 COVERAGE_FLOOR ?= 0
 
-.PHONY: setup models protos lint typecheck test test-slow test-fast bench run eval demo-index tools deploy-check clean
+.PHONY: setup models protos lint typecheck test test-slow test-fast bench run eval demo-index tools deploy-check clean c2pa-test-chain
 
 setup: $(STAMP) models
 
@@ -87,8 +90,25 @@ demo-index: setup
 			--target-false-reject 0.05 --save && \
 		rm -rf $(DEMO_INDEX) && mv $(DEMO_INDEX).new $(DEMO_INDEX); fi
 
+# A demo ES256 chain for C2PA content credentials (README "Content credentials"): made
+# once, and again when the signing certificate expires within a day. UNTRUSTED: its root
+# is on no trust list, and `facegate verify` says so.
+c2pa-test-chain:
+	@openssl x509 -checkend 86400 -noout -in $(C2PA_DIR)/chain.pem >/dev/null 2>&1 && \
+		[ -s $(C2PA_DIR)/signer.key ] || deploy/c2pa-test-chain.sh $(C2PA_DIR)
+
+ifeq ($(C2PA),off)
+RUN_C2PA :=
+else ifeq ($(C2PA),on)
+RUN_C2PA := FACEGATE_C2PA_CERT=$(C2PA_DIR)/chain.pem FACEGATE_C2PA_KEY=$(C2PA_DIR)/signer.key
+run: c2pa-test-chain
+else
+$(error C2PA must be on or off, not '$(C2PA)')
+endif
+
 run: demo-index
-	FACEGATE_INDEX_PATH=$(DEMO_INDEX) FACEGATE_SEED_KEY_FILE=$(SEED_KEY) $(FACEGATE) serve
+	@$(if $(RUN_C2PA),echo "content credentials: every image is signed with the UNTRUSTED demo chain in $(C2PA_DIR) (turn off: make run C2PA=off)")
+	FACEGATE_INDEX_PATH=$(DEMO_INDEX) FACEGATE_SEED_KEY_FILE=$(SEED_KEY) $(RUN_C2PA) $(FACEGATE) serve
 
 # Detection power and false rejects on held-out sets, with a DET plot (README "Threshold").
 eval: setup

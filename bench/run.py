@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, JSON lines, ratios measured side by side in one run.
 
-    .venv/bin/python -m bench.run [filter] [service] [index]   # default: all
+    .venv/bin/python -m bench.run [filter] [service] [index] [signing]   # default: all
 
 The last line sums up: speedup and embedder_fraction (filter), service_speedup and
 service_p99_ratio, fast_path_agreement, and the largest index's result.
@@ -23,7 +23,7 @@ from bench.common import device_name, emit
 
 def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
-    wanted = set(argv) or {"filter", "service", "index"}
+    wanted = set(argv) or {"filter", "service", "index", "signing"}
     summary: dict[str, Any] = {"bench": "summary", "device": device_name()}
     if "index" in wanted:
         from bench import index_bench
@@ -47,6 +47,10 @@ def main(argv: list[str]) -> int:
                     "index_match_recall": fastest["match_recall"],
                 }
             )
+    if "signing" in wanted:  # a few seconds
+        from bench import signing_bench
+
+        summary.update(signing_bench.run())
     if "service" in wanted:
         from bench import service_bench
 

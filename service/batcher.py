@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from filter.decide import ImageVerdict
 from filter.identity_filter import StageObserver
 from service.errors import FilterFailure
 from service.generators import Generator
+from service.provenance import FilterInForce
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 class CandidateOutcome:
     image: np.ndarray
     verdict: ImageVerdict
+    # The index and thresholds this candidate was checked against; None when the checker
+    # does not say (a content signer then refuses to vouch for it).
+    filtered_by: FilterInForce | None = None
 
 
 class PipelineObserver(Protocol):
@@ -66,6 +70,16 @@ class ImageChecker(Protocol):
     ) -> list[ImageVerdict]: ...
 
 
+@runtime_checkable
+class AttributedChecker(Protocol):
+    """A checker that also says which index and thresholds checked the batch, read in
+    the same step as the check (service.reload.SwappableChecker implements it)."""
+
+    def check_attributed(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+    ) -> tuple[list[ImageVerdict], FilterInForce | None]: ...
+
+
 class CandidateEngine:
     """Generates and filters a batch of candidates, synchronously (run off the loop)."""
 
@@ -88,12 +102,19 @@ class CandidateEngine:
                 f"generator returned {len(images)} images for {len(latents)} latents"
             )
         batch = list(images)
-        verdicts = self.identity_filter.check(batch, observer=self.observer)
+        filtered_by: FilterInForce | None = None
+        if isinstance(self.identity_filter, AttributedChecker):
+            verdicts, filtered_by = self.identity_filter.check_attributed(
+                batch, observer=self.observer
+            )
+        else:
+            verdicts = self.identity_filter.check(batch, observer=self.observer)
         if len(verdicts) != len(batch):
             raise FilterFailure("filter returned a verdict count that differs from its input")
         self.observer.batch(len(batch))
         return [
-            CandidateOutcome(image=img, verdict=v) for img, v in zip(batch, verdicts, strict=True)
+            CandidateOutcome(image=img, verdict=v, filtered_by=filtered_by)
+            for img, v in zip(batch, verdicts, strict=True)
         ]
 
 

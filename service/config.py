@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     audit_hash_identities: bool = Field(
         False, description="write identities to the audit log as keyed hashes"
     )
+    # Content credentials (issue 12).
+    c2pa_cert: Path | None = Field(
+        None, description="PEM chain (signing certificate first): sign every released image"
+    )
+    c2pa_key: Path | None = Field(None, description="secret: the signing certificate's key")
 
     @field_validator("generated_fast_path", mode="before")
     @classmethod
@@ -127,6 +132,8 @@ class Settings(BaseSettings):
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("FACEGATE_TLS_CERT and FACEGATE_TLS_KEY must be set together")
+        if (self.c2pa_cert is None) != (self.c2pa_key is None):
+            raise ValueError("FACEGATE_C2PA_CERT and FACEGATE_C2PA_KEY must be set together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("FACEGATE_TLS_CLIENT_CA needs FACEGATE_TLS_CERT and FACEGATE_TLS_KEY")
         if self.embedder == "facenet" and self.facenet_weights is None:
@@ -141,9 +148,10 @@ class Settings(BaseSettings):
         """The effective config for the info metric: no file paths (a path can name the
         deployment's layout or a secret's mount); a path setting reads `set` or `unset`."""
         info: dict[str, str] = {}
+        path_like = ("_path", "_file", "_dir", "_weights", "_cert", "_key")
         for name, value in self.effective().items():
             raw = getattr(self, name)
-            if isinstance(raw, Path) or name.endswith(("_path", "_file", "_dir", "_weights")):
+            if isinstance(raw, Path) or name.endswith(path_like):
                 info[name] = "unset" if raw is None else "set"
             elif name == "audit_log" and raw not in ("stderr", "none"):
                 info[name] = "file"
@@ -154,6 +162,7 @@ class Settings(BaseSettings):
             else:
                 info[name] = value
         info["seeds"] = "keyed" if self.seed_key_file is not None else "unkeyed"
+        info["content_credentials"] = "c2pa" if self.c2pa_cert is not None else "off"
         return info
 
 

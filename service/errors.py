@@ -31,3 +31,8 @@ class NothingPassed(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     """The caller's deadline passed before the slots were filled."""
+
+
+class SigningFailure(ServiceError):
+    """A released image could not be given its content credentials (C2PA); with signing
+    configured, nothing is released unsigned (fail closed)."""

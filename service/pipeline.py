@@ -28,9 +28,10 @@ from service.batcher import (
     NullObserver,
     PipelineObserver,
 )
-from service.encoding import ImageFormat, encode_image
+from service.encoding import ContentSigner, ImageFormat, encode_image, encode_released
 from service.errors import DeadlineExceeded, InvalidRequest, NothingPassed
 from service.generators import latents_for
+from service.provenance import ReleaseFacts
 
 # Re-exported: the batcher and encoding lived here before they had their own modules.
 __all__ = [
@@ -114,8 +115,10 @@ class GenerationPipeline:
         observer: PipelineObserver | None = None,
         audit: AuditSink | None = None,
         seed_key: bytes | None = None,
+        signer: ContentSigner | None = None,
     ) -> None:
         self.batcher = batcher
+        self.signer = signer  # None: images carry no content credentials
         self.seed_key = seed_key
         self.latent_dim = latent_dim
         self.max_attempts = max_attempts
@@ -171,9 +174,20 @@ class GenerationPipeline:
                 summary.candidates_drawn += 1
                 self.observer.candidate(outcome.verdict)
                 if outcome.verdict.passed:
-                    # Encoding a large generator's output takes tens of ms: off the loop.
+                    # Encoding (and signing) takes milliseconds to tens of ms: off the loop.
+                    # A signing failure raises here, before the image is kept or streamed.
+                    facts = (
+                        ReleaseFacts(request.request_id, outcome.filtered_by)
+                        if outcome.filtered_by is not None
+                        else None
+                    )
                     data = await asyncio.to_thread(
-                        encode_image, outcome.image, request.image_format, quality
+                        encode_released,
+                        outcome.image,
+                        request.image_format,
+                        quality,
+                        self.signer,
+                        facts,
                     )
                     image = ReleasedImage(
                         slot=candidate.slot,

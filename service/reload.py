@@ -33,6 +33,7 @@ from filter.runtime import Thresholds, load_index_for, resolve_thresholds
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
 from service.config import Settings
 from service.pipeline import ImageChecker
+from service.provenance import FilterInForce
 
 log = logging.getLogger("facegate.reload")
 
@@ -64,6 +65,11 @@ class LiveFilter:
     @property
     def fingerprint(self) -> str:
         return self.index.fingerprint
+
+    @property
+    def in_force(self) -> FilterInForce:
+        """What a released image's content credentials say it was checked against."""
+        return FilterInForce(self.index.fingerprint, self.thresholds)
 
 
 def load_live_filter(
@@ -99,29 +105,36 @@ def load_live_filter(
 
 
 class SwappableChecker:
-    """The engine's filter: one reference, replaced whole, read once per batch."""
+    """The engine's filter: one reference, replaced whole, read once per batch. The checker
+    and what it was loaded from (index fingerprint, thresholds) are one pair, swapped
+    together, so a batch is attributed to the filter that really checked it."""
 
-    def __init__(self, current: ImageChecker) -> None:
-        self._current = current
+    def __init__(self, current: ImageChecker, in_force: FilterInForce | None = None) -> None:
+        self._pair: tuple[ImageChecker, FilterInForce | None] = (current, in_force)
 
     @property
     def current(self) -> ImageChecker:
-        return self._current
+        return self._pair[0]
 
-    def swap(self, new: ImageChecker) -> None:
-        self._current = new
+    def swap(self, new: ImageChecker, in_force: FilterInForce | None = None) -> None:
+        self._pair = (new, in_force)
 
     def check(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None
     ) -> list[ImageVerdict]:
-        checker = self._current  # the whole batch uses one filter
-        return checker.check(images, observer=observer)
+        return self.check_attributed(images, observer)[0]
+
+    def check_attributed(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+    ) -> tuple[list[ImageVerdict], FilterInForce | None]:
+        checker, in_force = self._pair  # the whole batch uses one filter
+        return checker.check(images, observer=observer), in_force
 
     def __getattr__(self, name: str) -> object:
         # Anything else (embedding, thresholds, index) is the filter in force's.
-        if name == "_current":  # not set yet (copy, unpickle): no endless recursion
+        if name == "_pair":  # not set yet (copy, unpickle): no endless recursion
             raise AttributeError(name)
-        return getattr(self._current, name)
+        return getattr(self._pair[0], name)
 
 
 class ReloadObserver(Protocol):
@@ -168,7 +181,7 @@ class IndexReloader:
                 )
                 self.observer.reload_finished("failure")
                 return False
-            self.target.swap(live.checker)
+            self.target.swap(live.checker, live.in_force)
             self.live = live
             self.observer.index_loaded(live)
             self.observer.reload_finished("success")

@@ -12,6 +12,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -23,6 +24,7 @@ from filter.errors import FilterError
 from filter.runtime import DEFAULT_IDENTITY_THRESHOLD, build_embedding_pipeline
 from service.audit import AuditSink, JsonLinesAuditLog
 from service.config import Settings, unknown_env_warnings
+from service.encoding import ContentSigner
 from service.generators import load_generator, load_seed_key
 from service.metrics import ServiceMetrics
 from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
@@ -31,6 +33,9 @@ from service.reload import IndexReloader, LiveFilter, SwappableChecker, load_liv
 from service.servicer import Admission, GenerationServicer, add_to_server
 from service.tls import MAX_MESSAGE_BYTES as TLS_MAX_MESSAGE_BYTES
 from service.tls import server_credentials
+
+if TYPE_CHECKING:
+    from service.credentials import SigningCredentials
 
 log = logging.getLogger("facegate.server")
 
@@ -83,7 +88,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         if uses_fast_path(generator.name, settings.generated_fast_path)
         else "full pyramid (every face size)",
     )
-    identity_filter = SwappableChecker(live.checker)
+    identity_filter = SwappableChecker(live.checker, live.in_force)
     reloader = IndexReloader(load, identity_filter, live, metrics)
     metrics.build_info.info(
         {
@@ -116,6 +121,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         observer=metrics,
         audit=audit,
         seed_key=seed_key,
+        signer=content_signer_for(settings, generator.name, generator.model_sha256),
     )
     return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit, reloader=reloader)
 
@@ -162,6 +168,47 @@ def seed_key_for(settings: Settings) -> bytes | None:
     return key
 
 
+def signing_credentials_for(settings: Settings) -> SigningCredentials | None:
+    """The C2PA signing credentials, loaded and test-signed; None when not configured.
+    StartupError (naming the file) when unusable: never serve unsigned by accident."""
+    from service.credentials import CredentialsError, SigningCredentials
+
+    if settings.c2pa_cert is None or settings.c2pa_key is None:
+        return None
+    try:
+        return SigningCredentials.load(settings.c2pa_cert, settings.c2pa_key)
+    except CredentialsError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def content_signer_for(
+    settings: Settings, generator_name: str, generator_sha256: str
+) -> ContentSigner | None:
+    from service.credentials import C2paContentSigner
+
+    credentials = signing_credentials_for(settings)
+    if credentials is None:
+        return None
+    return C2paContentSigner(credentials, generator_name, generator_sha256)
+
+
+def check_content_credentials(settings: Settings) -> None:
+    """Before the models load: an unusable certificate or key stops startup in
+    milliseconds, not after a minute of loading."""
+    credentials = signing_credentials_for(settings)
+    if credentials is None:
+        log.info("FACEGATE_C2PA_CERT is not set: released images carry no content credentials")
+        return
+    log.info(
+        "content credentials: every released image is signed (C2PA, ES256) as %s, issued by "
+        "%s, valid until %s. Verifiers trust it only if its root is on their trust list; "
+        "a test chain (make run's demo) reads as untrusted.",
+        credentials.subject,
+        credentials.issuer,
+        credentials.not_after,
+    )
+
+
 def warn_unknown_env() -> None:
     """Before any startup check: a mistyped name explains the failure that may follow."""
     for warning in unknown_env_warnings():
@@ -204,6 +251,7 @@ class FacegateServer:
         warn_unknown_env()
         preflight(self.settings)
         log_effective_config(self.settings, self.metrics)
+        check_content_credentials(self.settings)
         if self.settings.metrics_enabled:
             self.metrics_port = self.metrics.serve(self.settings.metrics_port)
         server = grpc.aio.server(

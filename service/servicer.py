@@ -22,6 +22,7 @@ from service.errors import (
     NothingPassed,
     NotReady,
     Overloaded,
+    SigningFailure,
 )
 from service.metrics import ServiceMetrics
 from service.pipeline import (
@@ -58,6 +59,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, NothingPassed):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, SigningFailure):
+        log.error("content credentials failed; request failed closed: %s", exc)
+        return (
+            grpc.StatusCode.INTERNAL,
+            "content credentials could not be signed; no image was released",
+        )
     if isinstance(exc, (FilterFailure, FilterError)):
         # The message names only the failure class: no scores, paths or identities.
         log.error("identity filter failure; request failed closed: %s", exc)

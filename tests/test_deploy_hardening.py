@@ -116,3 +116,35 @@ def test_similarity_sum_carries_no_more_than_the_buckets() -> None:
     assert "0.3456" not in text and "0.345" not in text
     assert quantize_similarity(0.95, similarity_buckets(0.4)) == pytest.approx(0.4)
     assert quantize_similarity(-0.5, similarity_buckets(0.4)) == -1.0
+
+
+def test_compose_mounts_the_c2pa_signer_from_secrets_made_by_make() -> None:
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
+    facegate = compose["services"]["facegate"]
+    environment = facegate["environment"]
+    for variable, secret in (
+        ("FACEGATE_C2PA_CERT", "c2pa_chain"),
+        ("FACEGATE_C2PA_KEY", "c2pa_key"),
+    ):
+        assert environment[variable] == f"/run/secrets/{secret}"
+        assert secret in facegate["secrets"]
+    # The files `make c2pa-test-chain` writes (C2PA_DIR, var/c2pa by default).
+    makefile = (REPO / "Makefile").read_text()
+    assert "C2PA_DIR ?= var/c2pa" in makefile
+    assert compose["secrets"]["c2pa_chain"]["file"] == "../var/c2pa/chain.pem"
+    assert compose["secrets"]["c2pa_key"]["file"] == "../var/c2pa/signer.key"
+
+
+def test_kubernetes_mounts_the_c2pa_signer_from_a_secret_read_only() -> None:
+    (config,) = _kind("ConfigMap")
+    cert, key = config["data"]["FACEGATE_C2PA_CERT"], config["data"]["FACEGATE_C2PA_KEY"]
+    Settings(c2pa_cert=cert, c2pa_key=key)  # type: ignore[call-arg]  # both or neither
+    (deployment,) = _kind("Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mount = {m["name"]: m for m in _container()["volumeMounts"]}["c2pa"]
+    secret = volumes["c2pa"]["secret"]
+    assert secret["secretName"] == "facegate-c2pa"
+    assert secret["defaultMode"] & 0o007 == 0  # nothing for "other"
+    assert mount["readOnly"] is True
+    mounted = {f"{mount['mountPath']}/{item['path']}" for item in secret["items"]}
+    assert mounted == {cert, key}

@@ -16,11 +16,20 @@ from service.cli import (
     index_cmd,
     models_cmd,
     serve_cmd,
+    verify_cmd,
 )
 from service.cli.common import EXIT_USAGE, CliError
 from service.config import ConfigError, load_settings, unknown_env_warnings
 
-COMMAND_MODULES = (models_cmd, index_cmd, check_cmd, calibrate_cmd, evaluate_cmd, serve_cmd)
+COMMAND_MODULES = (
+    models_cmd,
+    index_cmd,
+    check_cmd,
+    calibrate_cmd,
+    evaluate_cmd,
+    serve_cmd,
+    verify_cmd,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
