@@ -199,7 +199,21 @@ def test_a_stream_whose_reader_stopped_is_ended_at_the_bound(bounded: InProcessS
     """The client opens a stream of 64 images, reads one and stops: the server's writes block
     on HTTP/2 flow control (about 15 PNGs fit the window), and the call is still ended, and
     its slot freed, at the bound."""
-    bound = 15.0  # longer than the first batch of 64 candidates takes on 2 busy cores
+    bounded.server.servicer.max_request_seconds = 600.0
+    # The bound must outlast the first round of 64 candidates, whose time depends on the
+    # machine's load: measure it on this machine now, then leave ample room.
+    with grpc.insecure_channel(bounded.target) as ch:
+        start = time.monotonic()
+        warm_up = pb_grpc.GenerationServiceStub(ch).GenerateStream(
+            pb.GenerateRequest(count=64, seed=11)
+        )
+        next(warm_up)
+        first_round = time.monotonic() - start
+        warm_up.cancel()
+    give_up = time.monotonic() + 60.0
+    while bounded.server.admission.inflight and time.monotonic() < give_up:
+        time.sleep(0.05)
+    bound = max(15.0, 3.0 * first_round + 5.0)
     bounded.server.servicer.max_request_seconds = bound
     accepted = {"outcome": "accepted"}
     try:
