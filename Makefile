@@ -37,7 +37,7 @@ protos: $(STAMP)
 		--grpc_python_out=. service/proto/facegate/v1/generation.proto
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check filter service tests bench
+	$(VENV)/bin/ruff check filter service batch tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

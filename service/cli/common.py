@@ -22,17 +22,23 @@ def emit(payload: object) -> None:
     sys.stdout.flush()
 
 
-def embedding_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
-    """Detector, aligner and embedder as the options and settings choose them."""
-    from filter.runtime import build_embedding_pipeline
+def embedding_spec(settings: Settings, args: argparse.Namespace) -> Any:
+    """What the options and settings choose: embedder, models, device, detector (a
+    picklable `filter.runtime.EmbeddingSpec`, which batch actors build for themselves)."""
+    from filter.runtime import EmbeddingSpec
 
-    return build_embedding_pipeline(
-        getattr(args, "embedder", None) or settings.embedder,
-        Path(getattr(args, "models_dir", None) or settings.models_dir),
+    return EmbeddingSpec(
+        embedder=getattr(args, "embedder", None) or settings.embedder,
+        models_dir=Path(getattr(args, "models_dir", None) or settings.models_dir),
         device=getattr(args, "device", None) or settings.device,
         facenet_weights=settings.facenet_weights,
         detector=getattr(args, "detector", None) or settings.detector,
     )
+
+
+def embedding_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
+    """Detector, aligner and embedder as the options and settings choose them."""
+    return embedding_spec(settings, args).build()
 
 
 def configured_generator(settings: Settings) -> Any:
