@@ -9,7 +9,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -20,6 +20,7 @@ import batch
 from batch.checking import BatchChecker, FilterSpec, load_rows, record_rows
 from batch.inputs import InputItem
 from batch.manifest import MANIFEST_SCHEMA, RunIdentity
+from filter.runtime import EmbeddingSpec
 
 # Logical CPUs a local Ray declares at least: read and write tasks can then always be
 # scheduled beside the actors, even on a 2-core machine (see docs/batch.md).
@@ -84,13 +85,25 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     )
 
 
-def _quiet_data_context() -> None:
+def quiet_data_context() -> None:
     """Ray Data's own progress bars and per-run logs would bury ours and the summary."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+
+
+def worker_spec(spec: EmbeddingSpec) -> EmbeddingSpec:
+    """The spec for model actors: unless set (FACEGATE_TORCH_THREADS), the torch thread
+    count of this process, the one `facegate check` and a single-process index build use
+    here, so that actors compute bitwise what they would (Ray itself would give each
+    worker one thread)."""
+    if spec.torch_threads:
+        return spec
+    import torch
+
+    return replace(spec, torch_threads=torch.get_num_threads())
 
 
 def actor_gpus(options: RayOptions) -> float:
@@ -162,7 +175,7 @@ def run_batch(
     CPU tasks, one manifest fragment per block of `batch_size` images. Returns counts."""
     import ray.data
 
-    _quiet_data_context()
+    quiet_data_context()
     blocks = max(1, math.ceil(len(items) / options.batch_size))
     dataset = (
         ray.data.from_items([item.as_row() for item in items], override_num_blocks=blocks)
@@ -171,7 +184,7 @@ def run_batch(
         .map_batches(_load, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
         .map_batches(
             _CheckActor,
-            fn_constructor_args=(spec, expected),
+            fn_constructor_args=(replace(spec, embedding=worker_spec(spec.embedding)), expected),
             batch_format="pyarrow",
             batch_size=options.batch_size,
             compute=ray.data.ActorPoolStrategy(size=options.actors),

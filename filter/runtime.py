@@ -55,8 +55,16 @@ class EmbeddingSpec:
     device: str = "cpu"
     facenet_weights: Path | None = None
     detector: str | None = None
+    # Torch intra-op threads of the process that builds it (None: leave them). MTCNN's
+    # float sums depend on it: the same count gives bitwise the same landmarks, crops and
+    # embeddings; another gives differences around 1e-4.
+    torch_threads: int | None = None
 
     def build(self) -> FaceEmbeddingPipeline:
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         return build_embedding_pipeline(
             self.embedder,
             self.models_dir,

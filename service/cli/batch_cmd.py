@@ -20,26 +20,13 @@ from service.cli.common import (
 from service.config import Settings
 
 
-def absolute_embedding_spec(settings: Settings, args: argparse.Namespace) -> Any:
-    """The embedding spec with absolute paths: Ray workers need not share our cwd."""
-    from dataclasses import replace
-
-    spec = embedding_spec(settings, args)
-    weights = spec.facenet_weights
-    return replace(
-        spec,
-        models_dir=spec.models_dir.absolute(),
-        facenet_weights=None if weights is None else Path(weights).absolute(),
-    )
-
-
-def ray_options(args: argparse.Namespace) -> Any:
+def ray_options(args: argparse.Namespace, batch_size: int | None = None) -> Any:
     from batch.engine import RayOptions
 
     return RayOptions(
         address=args.address,
         actors=args.actors,
-        batch_size=args.batch_size,
+        batch_size=batch_size or args.batch_size,
         num_gpus=args.num_gpus,
     )
 
@@ -49,7 +36,7 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
     from batch.runner import execute_plan, plan_batch
 
     spec = FilterSpec(
-        embedding=absolute_embedding_spec(settings, args),
+        embedding=embedding_spec(settings, args),
         index_path=Path(args.index).absolute(),
         threshold=settings.threshold if args.threshold is None else args.threshold,
         replica_threshold=(
