@@ -20,6 +20,7 @@ import batch
 from batch.checking import BatchChecker, FilterSpec, load_rows, record_rows
 from batch.inputs import InputItem
 from batch.manifest import MANIFEST_SCHEMA, RunIdentity
+from filter.errors import FilterError
 from filter.runtime import EmbeddingSpec
 
 # Logical CPUs a local Ray declares at least: read and write tasks can then always be
@@ -69,11 +70,11 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     if "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-        # Ray reads its auth mode once, at import; this is how Ray itself re-reads it
-        # (ray._private.authentication.authentication_token_setup._enable_token_auth).
-        from ray._raylet import Config  # type: ignore[attr-defined]
+    # Ray reads its auth mode once, at import; this is how Ray itself re-reads it
+    # (ray._private.authentication.authentication_token_setup._enable_token_auth).
+    from ray._raylet import Config  # type: ignore[attr-defined]
 
-        Config.initialize("")
+    Config.initialize("")
     code_root = str(Path(batch.__file__).resolve().parents[1])
     python_path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)
     ray.init(
@@ -109,9 +110,15 @@ def worker_spec(spec: EmbeddingSpec) -> EmbeddingSpec:
 def actor_gpus(options: RayOptions) -> float:
     import ray
 
-    if options.num_gpus is not None:
-        return options.num_gpus
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    available = float(ray.cluster_resources().get("GPU", 0))
+    if options.num_gpus is None:
+        return 1.0 if available > 0 else 0.0
+    if options.num_gpus > available:
+        # Ray would wait for them for ever: say so instead.
+        raise FilterError(
+            f"--num-gpus {options.num_gpus} per actor, but the Ray cluster has {available:g} GPUs"
+        )
+    return options.num_gpus
 
 
 def _rows(table: pa.Table) -> list[dict[str, Any]]:
@@ -190,7 +197,10 @@ def run_batch(
             compute=ray.data.ActorPoolStrategy(size=options.actors),
             num_gpus=actor_gpus(options),
         )
-        .map_batches(partial(_record, out=str(out)), batch_format="pyarrow", batch_size=None)
+        # One fragment per batch: a crash loses at most the batches in flight.
+        .map_batches(
+            partial(_record, out=str(out)), batch_format="pyarrow", batch_size=options.batch_size
+        )
     )
     counts = {"processed": 0, "passed": 0, "rejected": 0}
     for result in dataset.iter_batches(batch_format="pyarrow", batch_size=None):

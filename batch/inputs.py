@@ -174,8 +174,8 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
     for item in items:
         seen = by_key.get(item.key)
         if seen is not None:
-            if seen == item:
-                continue
+            if (seen.source, seen.row) == (item.source, item.row):
+                continue  # the same image named twice (its first name decides the copy)
             raise BatchInputError(f"two inputs are both named {item.key!r}; rename one")
         other = by_copy.get(item.copy_to)
         if other is not None:
