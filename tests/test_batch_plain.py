@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.checking import load_rows, record_rows
+from batch.checking import FilterSpec, load_rows, record_rows
 from batch.inputs import BatchInputError, discover_inputs
 from batch.manifest import (
     RunIdentity,
@@ -18,6 +18,8 @@ from batch.manifest import (
     remove_partial_fragments,
     write_fragment,
 )
+from batch.runner import plan_batch
+from filter.runtime import EmbeddingSpec
 
 RUN = RunIdentity("fingerprint1", 0.4, None)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -150,3 +152,17 @@ def test_resume_sees_whole_fragments_only_and_refuses_another_index(tmp_path: Pa
     with pytest.raises(Exception, match="new --out"):
         recorded_paths(tmp_path, RunIdentity("fingerprint1", 0.5, None))
     assert recorded_paths(tmp_path / "fresh", RUN) == set()
+
+
+def test_a_rerun_plans_only_the_images_without_a_row(
+    tmp_path: Path, identities_dir: Path, models_dir: Path, full_index: Path
+) -> None:
+    root = _tree(tmp_path / "gen", identities_dir)
+    out = tmp_path / "out"
+    spec = FilterSpec(EmbeddingSpec("sface", models_dir), full_index)
+    first = plan_batch([str(root)], out, spec)
+    assert len(first.pending) == 2 and first.skipped == 0
+    done = first.pending[0]
+    write_fragment(out, [{**_row(done.key, "reject", done.copy_to, None), **first.run.columns()}])
+    second = plan_batch([str(root)], out, spec)
+    assert second.pending == first.pending[1:] and second.skipped == 1
