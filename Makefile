@@ -68,6 +68,12 @@ test-fast: setup
 bench: setup
 	$(PY) -m bench.run
 
+# Batch mode (Ray Data) against check on the same generated images (docs/batch.md);
+# BATCH_BENCH_IMAGES sets the count (default 300). A few minutes on 2 cores.
+.PHONY: bench-batch
+bench-batch: setup
+	$(PY) -m bench.batch_bench
+
 # A few minutes of mixed, hostile load on loopback (SOAK_SECONDS, SOAK_CLIENTS); see README.
 .PHONY: soak
 soak: setup

@@ -18,6 +18,7 @@ from batch.manifest import (
     recorded_paths,
     remove_partial_fragments,
 )
+from filter.errors import FilterError
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,9 @@ def plan_batch(inputs: Sequence[str], out: Path, spec: FilterSpec) -> Plan:
     run, thresholds = spec.run_identity()
     remove_partial_fragments(out)
     recorded = recorded_paths(out, run)
-    items = discover_inputs(inputs)
+    # OUT may sit inside an input folder: its own copies are not inputs.
+    own = Path(out).absolute()
+    items = [i for i in discover_inputs(inputs) if not Path(i.source).is_relative_to(own)]
     pending = [item for item in items if item.key not in recorded]
     return Plan(run, thresholds, pending, len(items) - len(pending))
 
@@ -48,10 +51,20 @@ def execute_plan(
     """Run the pending images on Ray (started or joined here) and summarise."""
     counts = {"processed": 0, "passed": 0, "rejected": 0}
     if plan.pending:
+        import ray.exceptions
+
         from batch.engine import ray_session, run_batch
 
-        with ray_session(options.address):
-            counts = run_batch(plan.pending, out, spec, plan.run, options, progress)
+        try:
+            with ray_session(options.address):
+                counts = run_batch(plan.pending, out, spec, plan.run, options, progress)
+        except ray.exceptions.RayError as exc:
+            # Fail closed: what was recorded stays, with its copies; nothing else is.
+            cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise FilterError(
+                f"the batch stopped ({cause}); batches already recorded are kept: rerun the "
+                "same command to resume"
+            ) from exc
     return {
         "processed": counts["processed"],
         "skipped": plan.skipped,
