@@ -1,5 +1,6 @@
 """The Ray Data layer: where Ray runs, and the datasets that run the plain steps of
-`batch.checking` (and `batch.gallery`) as CPU tasks and model actors."""
+`batch.reading`, `batch.checking` and `batch.recording` (and `batch.gallery`) as CPU
+tasks and model actors."""
 
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 
 import batch
-from batch.checking import BatchChecker, FilterSpec, load_rows, record_rows
-from batch.inputs import InputItem
 from batch.manifest import MANIFEST_SCHEMA, RunIdentity
+from batch.reading import load_rows
+from batch.recording import record_rows
 from filter.errors import FilterError
-from filter.runtime import EmbeddingSpec
+
+if TYPE_CHECKING:  # not imported at run time: every Ray worker imports this module
+    from batch.checking import FilterSpec
+    from batch.inputs import InputItem
+    from filter.runtime import EmbeddingSpec
 
 # Logical CPUs a local Ray declares at least: read and write tasks can then always be
 # scheduled beside the actors, even on a 2-core machine (see docs/batch.md).
@@ -159,6 +164,8 @@ class _CheckActor:
     """One per actor: builds the filter once, then checks batch after batch."""
 
     def __init__(self, spec: FilterSpec, expected: RunIdentity) -> None:
+        from batch.checking import BatchChecker
+
         self.checker = BatchChecker(spec, expected)
 
     def __call__(self, table: pa.Table) -> pa.Table:

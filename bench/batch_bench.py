@@ -4,9 +4,11 @@ Writes BATCH_BENCH_IMAGES generator samples (64x64 PNG, seed 3) and a demo index
 identities, seed 1) to a temporary folder, then times, as a user runs them:
   - `facegate check` on all the files (one process);
   - `facegate batch` with 1 and with 2 model actors on a local Ray started in-process.
-Each line: wall time (model loading and, for batch, Ray's start included), images/s, and
-peak memory (the sum of the RSS of the command's process tree, Ray's processes included,
-sampled every 0.2 s from /proc). The verdict counts of batch and check are compared.
+Each line: wall time (model loading and, for batch, Ray's start included), images/s, the
+marginal rate (each command is also run on the first third of the images: the rate of
+the other two thirds, without the start), and peak memory (the sum of the RSS of the
+command's process tree, Ray's processes included, sampled every 0.2 s from /proc). The
+verdict counts of batch and check are compared.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +52,11 @@ def tree_rss(root_pid: int) -> int:
     return total
 
 
-def run_measured(args: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak tree RSS in bytes, and stdout of `python -m service.cli ARGS`."""
+def run_measured(args: list[str]) -> Measured:
+    """Run `python -m service.cli ARGS`: wall seconds, peak tree RSS and stdout."""
     env = {**os.environ, "FACEGATE_MODELS_DIR": str(MODELS)}
     start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as stdout:
+    with tempfile.NamedTemporaryFile("w+") as stdout:
         child = subprocess.Popen(
             [sys.executable, "-m", "service.cli", *args],
             cwd=REPO,
@@ -69,7 +72,14 @@ def run_measured(args: list[str]) -> tuple[float, int, str]:
         if child.returncode != 0:
             raise SystemExit(f"facegate {' '.join(args[:2])} failed with {child.returncode}")
         stdout.seek(0)
-        return seconds, peak, stdout.read()
+        return Measured(seconds, peak, stdout.read())
+
+
+@dataclass(frozen=True)
+class Measured:
+    seconds: float
+    peak_rss: int
+    stdout: str
 
 
 def prepare(root: Path) -> tuple[Path, list[Path]]:
@@ -92,13 +102,18 @@ def prepare(root: Path) -> tuple[Path, list[Path]]:
     return index, paths
 
 
-def line(name: str, seconds: float, peak: int, counts: dict[str, Any]) -> dict[str, Any]:
+def line(name: str, small: Measured, full: Measured, counts: dict[str, Any]) -> dict[str, Any]:
+    extra = full.seconds - small.seconds
     return {
         "run": name,
         "images": IMAGES,
-        "seconds": round(seconds, 1),
-        "images_per_s": round(IMAGES / seconds, 2),
-        "peak_rss_mib": round(peak / 2**20),
+        "seconds": round(full.seconds, 1),
+        "images_per_s": round(IMAGES / full.seconds, 2),
+        # The same command on the first third of the images: the difference is the cost
+        # of the other two thirds, without the start (models, Ray, actors).
+        "seconds_first_third": round(small.seconds, 1),
+        "marginal_images_per_s": round((IMAGES - IMAGES // 3) / extra, 2) if extra > 0 else None,
+        "peak_rss_mib": round(full.peak_rss / 2**20),
         **counts,
     }
 
@@ -107,29 +122,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         index, paths = prepare(root)
-        seconds, peak, out = run_measured(["check", "--index", str(index), *map(str, paths)])
-        verdicts = [json.loads(text)["verdict"] for text in out.splitlines()]
+        third = root / "third"
+        third.mkdir()
+        for path in paths[: IMAGES // 3]:
+            (third / path.name).symlink_to(path)
+
+        def check(files: list[Path]) -> Measured:
+            return run_measured(["check", "--index", str(index), *map(str, files)])
+
+        small, full = check(paths[: IMAGES // 3]), check(paths)
+        verdicts = [json.loads(text)["verdict"] for text in full.stdout.splitlines()]
         check_counts = {"passed": verdicts.count("pass"), "rejected": verdicts.count("reject")}
-        emit(line("check", seconds, peak, check_counts))
+        emit(line("check", small, full, check_counts))
         for actors in (1, 2):
-            out_dir = root / f"out-{actors}"
-            seconds, peak, out = run_measured(
-                [
-                    "batch",
-                    "--index",
-                    str(index),
-                    "--out",
-                    str(out_dir),
-                    "--actors",
-                    str(actors),
-                    str(root / "generated"),
-                ]
-            )
-            summary = json.loads(out.strip().splitlines()[-1])
+
+            def batch(folder: Path, out: Path, actors: int = actors) -> Measured:
+                args = ["batch", "--index", str(index), "--out", str(out), "--actors"]
+                return run_measured([*args, str(actors), str(folder)])
+
+            small = batch(third, root / f"small-{actors}")
+            full = batch(root / "generated", root / f"out-{actors}")
+            summary = json.loads(full.stdout.strip().splitlines()[-1])
             counts = {k: summary[k] for k in ("passed", "rejected")}
             emit(
                 {
-                    **line(f"batch --actors {actors}", seconds, peak, counts),
+                    **line(f"batch --actors {actors}", small, full, counts),
                     "same_counts_as_check": counts == check_counts,
                 }
             )

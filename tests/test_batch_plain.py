@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.checking import FilterSpec, load_rows, record_rows
+from batch.checking import FilterSpec
 from batch.inputs import BatchInputError, discover_inputs
 from batch.manifest import (
     RunIdentity,
@@ -18,6 +18,8 @@ from batch.manifest import (
     remove_partial_fragments,
     write_fragment,
 )
+from batch.reading import load_rows
+from batch.recording import record_rows
 from batch.runner import plan_batch
 from filter.runtime import EmbeddingSpec
 
@@ -158,7 +160,9 @@ def test_a_rerun_plans_only_the_images_without_a_row(
     tmp_path: Path, identities_dir: Path, models_dir: Path, full_index: Path
 ) -> None:
     root = _tree(tmp_path / "gen", identities_dir)
-    out = tmp_path / "out"
+    out = root / "out"  # inside the input: its copies are not inputs
+    (out / "pass" / "gen").mkdir(parents=True)
+    (out / "pass" / "gen" / "a.jpg").write_bytes((root / "a.jpg").read_bytes())
     spec = FilterSpec(EmbeddingSpec("sface", models_dir), full_index)
     first = plan_batch([str(root)], out, spec)
     assert len(first.pending) == 2 and first.skipped == 0
