@@ -12,7 +12,7 @@ SEED_KEY ?= var/seed.key
 C2PA ?= on
 C2PA_DIR ?= var/c2pa
 PYTEST_ARGS ?=
-# Branch coverage of filter/ and service/ measured by `make test` (tests in this process;
+# Branch coverage of filter/, service/ and batch/ measured by `make test` (tests in this process;
 # servers started as subprocesses are not traced). Raise it as the suite grows.
 COVERAGE_FLOOR ?= 0
 
