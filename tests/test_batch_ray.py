@@ -160,3 +160,15 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     again = _last_json(capsys)
     assert again["processed"] == 0 and again["skipped"] == 7
     assert fragments(out) == before and read_manifest(out).num_rows == 7
+
+
+def test_gpus_the_cluster_lacks_are_refused_rather_than_waited_for() -> None:
+    from batch.engine import RayOptions, actor_gpus
+    from filter.errors import FilterError
+
+    has_gpus = actor_gpus(RayOptions()) > 0
+    if has_gpus:
+        pytest.skip("this Ray has GPUs")
+    with pytest.raises(FilterError, match="has 0 GPUs"):
+        actor_gpus(RayOptions(num_gpus=1))
+    assert actor_gpus(RayOptions(num_gpus=0)) == 0
