@@ -15,6 +15,7 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY pyproject.toml README.md ./
 COPY filter ./filter
 COPY service ./service
+COPY batch ./batch
 COPY protos ./protos
 # The CPU variant takes torch's CPU wheels (much smaller); the GPU variant takes the
 # default CUDA wheels from PyPI. Both pin torch==2.14.1 and torchvision==0.29.1.

@@ -12,7 +12,7 @@ SEED_KEY ?= var/seed.key
 C2PA ?= on
 C2PA_DIR ?= var/c2pa
 PYTEST_ARGS ?=
-# Branch coverage of filter/ and service/ measured by `make test` (tests in this process;
+# Branch coverage of filter/, service/ and batch/ measured by `make test` (tests in this process;
 # servers started as subprocesses are not traced). Raise it as the suite grows.
 COVERAGE_FLOOR ?= 0
 
@@ -37,7 +37,7 @@ protos: $(STAMP)
 		--grpc_python_out=. service/proto/facegate/v1/generation.proto
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check filter service tests bench
+	$(VENV)/bin/ruff check filter service batch tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -67,6 +67,12 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# Batch mode (Ray Data) against check on the same generated images (docs/batch.md);
+# BATCH_BENCH_IMAGES sets the count (default 300). A few minutes on 2 cores.
+.PHONY: bench-batch
+bench-batch: setup
+	$(PY) -m bench.batch_bench
 
 # A few minutes of mixed, hostile load on loopback (SOAK_SECONDS, SOAK_CLIENTS); see README.
 .PHONY: soak

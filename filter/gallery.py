@@ -66,6 +66,61 @@ class EnrolledRows:
     replica_sources: list[str]
 
 
+@dataclass(frozen=True)
+class DecodedChunk:
+    """A chunk of gallery images, decoded: what a worker embeds."""
+
+    identities: list[str]  # of every image in the chunk, readable or not
+    skipped: list[dict[str, str]]  # unreadable files and why
+    labels: list[tuple[str, str]]  # (identity, source) of each decoded image
+    images: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class EmbeddedChunk:
+    """A chunk of gallery images, embedded: what an enrolment adds (no pixels)."""
+
+    identities: list[str]
+    skipped: list[dict[str, str]]
+    labels: list[tuple[str, str]]
+    results: list[ImageFaces]
+    low_res: np.ndarray
+
+
+def gallery_chunks(gallery: Path, batch_size: int = 16) -> list[list[tuple[str, Path]]]:
+    """The gallery's images in the chunks every build embeds them in (one model call each:
+    the same chunks give the same vectors, whichever process embeds them)."""
+    items = list(gallery_images(gallery))
+    return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+
+
+def decode_chunk(
+    gallery: Path, chunk: Sequence[tuple[str, Path]], limits: ImageLimits | None = None
+) -> DecodedChunk:
+    """Decode a chunk; unreadable files are skipped and reported (sources are paths
+    relative to GALLERY)."""
+    skipped: list[dict[str, str]] = []
+    labels: list[tuple[str, str]] = []
+    images: list[np.ndarray] = []
+    for identity, path in chunk:
+        try:
+            image = decode_image(path, limits)
+        except ImageError as exc:
+            skipped.append({"path": str(path), "error": str(exc)})
+            continue
+        labels.append((identity, str(Path(path).relative_to(gallery))))
+        images.append(image)
+    return DecodedChunk([identity for identity, _ in chunk], skipped, labels, images)
+
+
+def embed_chunk(decoded: DecodedChunk, pipeline: FaceEmbeddingPipeline) -> EmbeddedChunk:
+    """Faces, embeddings and replica low-res rows of a decoded chunk (one model call)."""
+    images = decoded.images
+    results = pipeline.embed_images(images) if images else []
+    rows = low_res(images) if images else np.zeros((0, 0), np.float32)
+    return EmbeddedChunk(decoded.identities, decoded.skipped, decoded.labels, results, rows)
+
+
 class Enrolment:
     """Accumulates training images into an index: every face's embedding under its
     identity, and every image's replica feature (faces or not: a copied training image
@@ -128,6 +183,13 @@ class Enrolment:
                 self._vectors.append(result.embeddings)
                 self._identities.extend([identity] * len(result.faces))
                 self._sources.extend([source] * len(result.faces))
+
+    def add_chunk(self, chunk: EmbeddedChunk) -> None:
+        """Enrol one embedded chunk of a gallery (see `decode_chunk`, `embed_chunk`)."""
+        for identity in chunk.identities:
+            self.expect_identity(identity)
+        self.report.skipped.extend(chunk.skipped)
+        self.add_embedded(chunk.labels, chunk.results, chunk.low_res)
 
     def rows(self) -> EnrolledRows:
         """What was enrolled so far, as rows (faces, and every image's low-res copy)."""
@@ -195,6 +257,19 @@ def build_gallery_index(
     enrolment = enrol_gallery(
         gallery, pipeline, limits=limits, batch_size=batch_size, progress=progress
     )
+    return finish_gallery_index(
+        gallery, enrolment, detector_settings=detector_settings, index_type=index_type
+    )
+
+
+def finish_gallery_index(
+    gallery: Path,
+    enrolment: Enrolment,
+    *,
+    detector_settings: dict[str, object],
+    index_type: IndexType = "auto",
+) -> tuple[FaissIdentityIndex, GalleryReport]:
+    """The index of an enrolled gallery, and its report (paths under GALLERY)."""
     try:
         index = enrolment.build(detector_settings=detector_settings, index_type=index_type)
     except FilterError as exc:
@@ -216,20 +291,9 @@ def enrol_gallery(
     """Run every image of GALLERY/<identity>/ through the pipeline (sources are paths
     relative to GALLERY); unreadable files are skipped and reported."""
     gallery = Path(gallery)
-    items = list(gallery_images(gallery))
     enrolment = Enrolment(pipeline)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        decoded: list[tuple[str, str, np.ndarray]] = []
-        for identity, path in chunk:
-            enrolment.expect_identity(identity)
-            try:
-                image = decode_image(path, limits)
-            except ImageError as exc:
-                enrolment.report.skipped.append({"path": str(path), "error": str(exc)})
-                continue
-            decoded.append((identity, str(path.relative_to(gallery)), image))
-        enrolment.add(decoded)
+    for chunk in gallery_chunks(gallery, batch_size):
+        enrolment.add_chunk(embed_chunk(decode_chunk(gallery, chunk, limits), pipeline))
         if progress is not None:
             progress(len(chunk))
     return enrolment

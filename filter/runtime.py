@@ -45,6 +45,35 @@ def build_embedding_pipeline(
     return FaceEmbeddingPipeline(FaceAligner(mtcnn, model.crop_size), model)
 
 
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """The names and paths that choose an embedding pipeline: small and picklable, so that
+    a worker process (a Ray actor) builds exactly the pipeline the command line chose."""
+
+    embedder: str
+    models_dir: Path
+    device: str = "cpu"
+    facenet_weights: Path | None = None
+    detector: str | None = None
+    # Torch intra-op threads of the process that builds it (None: leave them). MTCNN's
+    # float sums depend on it: the same count gives bitwise the same landmarks, crops and
+    # embeddings; another gives differences around 1e-4.
+    torch_threads: int | None = None
+
+    def build(self) -> FaceEmbeddingPipeline:
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+        return build_embedding_pipeline(
+            self.embedder,
+            self.models_dir,
+            device=self.device,
+            facenet_weights=self.facenet_weights,
+            detector=self.detector,
+        )
+
+
 def detector_manifest(pipeline: FaceEmbeddingPipeline) -> dict[str, object]:
     """The detector settings an index built by this pipeline records (and must match)."""
     detector = pipeline.aligner.detector

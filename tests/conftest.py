@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,25 @@ def demo_index(
     out = tmp_path_factory.mktemp("demo") / "index"
     index.save(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[None]:
+    """One local Ray for the whole session (batch mode's tests): no dashboard, a small
+    object store, 4 logical CPUs so read and write tasks fit beside the actors. Started
+    by batch.engine as `facegate batch` starts it; the commands run in-process reuse it."""
+    import secrets
+
+    import ray
+
+    from batch.engine import start_local_ray
+
+    with pytest.MonkeyPatch.context() as env:
+        # The token start_local_ray would set for the process, set here to be undone after.
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        start_local_ray(num_cpus=4)
+        try:
+            yield
+        finally:
+            ray.shutdown()

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from service.cli import (
+    batch_cmd,
     calibrate_cmd,
     check_cmd,
     evaluate_cmd,
@@ -25,6 +26,7 @@ COMMAND_MODULES = (
     models_cmd,
     index_cmd,
     check_cmd,
+    batch_cmd,
     calibrate_cmd,
     evaluate_cmd,
     serve_cmd,

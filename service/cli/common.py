@@ -22,17 +22,26 @@ def emit(payload: object) -> None:
     sys.stdout.flush()
 
 
+def embedding_spec(settings: Settings, args: argparse.Namespace) -> Any:
+    """What the options and settings choose: embedder, models, device, detector (a
+    picklable `filter.runtime.EmbeddingSpec`, which batch actors build for themselves;
+    paths made absolute, as Ray workers need not share this working folder)."""
+    from filter.runtime import EmbeddingSpec
+
+    weights = settings.facenet_weights
+    return EmbeddingSpec(
+        embedder=getattr(args, "embedder", None) or settings.embedder,
+        models_dir=Path(getattr(args, "models_dir", None) or settings.models_dir).absolute(),
+        device=getattr(args, "device", None) or settings.device,
+        facenet_weights=None if weights is None else Path(weights).absolute(),
+        detector=getattr(args, "detector", None) or settings.detector,
+        torch_threads=settings.torch_threads or None,
+    )
+
+
 def embedding_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
     """Detector, aligner and embedder as the options and settings choose them."""
-    from filter.runtime import build_embedding_pipeline
-
-    return build_embedding_pipeline(
-        getattr(args, "embedder", None) or settings.embedder,
-        Path(getattr(args, "models_dir", None) or settings.models_dir),
-        device=getattr(args, "device", None) or settings.device,
-        facenet_weights=settings.facenet_weights,
-        detector=getattr(args, "detector", None) or settings.detector,
-    )
+    return embedding_spec(settings, args).build()
 
 
 def configured_generator(settings: Settings) -> Any:

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli import index_edit_cmd
+from service.cli import batch_cmd, index_edit_cmd
 from service.cli.common import (
     configured_generator,
     embedding_pipeline,
+    embedding_spec,
     emit,
     model_options,
     positive_int,
@@ -31,13 +32,16 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
     total = len(list(gallery_images(gallery)))
     pipeline = embedding_pipeline(settings, args)
     with progress_bar(total, "enrolling") as bar:
-        index, report = build_gallery_index(
-            gallery,
-            pipeline,
-            detector_settings=detector_manifest(pipeline),
-            index_type=args.index_type,
-            progress=bar.update,
-        )
+        if args.ray:
+            index, report = build_on_ray(settings, args, pipeline, bar.update)
+        else:
+            index, report = build_gallery_index(
+                gallery,
+                pipeline,
+                detector_settings=detector_manifest(pipeline),
+                index_type=args.index_type,
+                progress=bar.update,
+            )
     index.save(Path(args.out))
     restrict_to_owner(Path(args.out))
     summary = {
@@ -68,6 +72,33 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
     for item in report.skipped:
         print(f"warning: skipped {item['path']}: {item['error']}", file=sys.stderr)
     return 0
+
+
+def build_on_ray(
+    settings: Settings, args: argparse.Namespace, pipeline: Any, progress: Any
+) -> tuple[Any, Any]:
+    """The gallery embedded by Ray actors, enrolled here: the same index (docs/batch.md)."""
+    from batch.engine import ray_session
+    from batch.gallery import enrol_gallery_on_ray
+    from filter.gallery import Enrolment, finish_gallery_index
+    from filter.runtime import detector_manifest
+
+    gallery = Path(args.gallery)
+    enrolment = Enrolment(pipeline)
+    with ray_session(args.address):
+        enrol_gallery_on_ray(
+            gallery,
+            embedding_spec(settings, args),
+            enrolment,
+            batch_cmd.ray_options(args, batch_size=64),
+            progress,
+        )
+    return finish_gallery_index(
+        gallery,
+        enrolment,
+        detector_settings=detector_manifest(pipeline),
+        index_type=args.index_type,
+    )
 
 
 def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
@@ -118,6 +149,12 @@ def register(sub: Any) -> None:
     build.add_argument("gallery")
     build.add_argument("--out", required=True, help="index folder to write")
     build.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf"], default="auto")
+    build.add_argument(
+        "--ray",
+        action="store_true",
+        help="embed the gallery on Ray Data (same index as without; docs/batch.md)",
+    )
+    batch_cmd.ray_arguments(build)
     model_options(build)
     build.set_defaults(handler=cmd_index_build)
     info = index.add_parser("info", help="print the index manifest as JSON")

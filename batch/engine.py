@@ -1,0 +1,219 @@
+"""The Ray Data layer: where Ray runs, and the datasets that run the plain steps of
+`batch.reading`, `batch.checking` and `batch.recording` (and `batch.gallery`) as CPU
+tasks and model actors."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import pyarrow as pa
+
+import batch
+from batch.manifest import MANIFEST_SCHEMA, RunIdentity
+from batch.reading import load_rows
+from batch.recording import record_rows
+from filter.errors import FilterError
+
+if TYPE_CHECKING:  # not imported at run time: every Ray worker imports this module
+    from batch.checking import FilterSpec
+    from batch.inputs import InputItem
+    from filter.runtime import EmbeddingSpec
+
+# Logical CPUs a local Ray declares at least: read and write tasks can then always be
+# scheduled beside the actors, even on a 2-core machine (see docs/batch.md).
+MIN_LOCAL_CPUS = 4
+LOCAL_OBJECT_STORE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str | None = None  # None: RAY_ADDRESS, else a local Ray started in-process
+    actors: int = 1
+    batch_size: int = 32
+    num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Connect to `address` (or RAY_ADDRESS), else start a local Ray in this process; shut
+    down what was started here. A Ray already initialised (a test session, a notebook) is
+    used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        start_local_ray()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A private local Ray: no dashboard, a small object store, at least MIN_LOCAL_CPUS
+    logical CPUs, and workers that import this very facegate (not another installation's).
+
+    Token authentication stays on, with a random token for this process passed through
+    the environment (unless the operator set RAY_AUTH_MODE or RAY_AUTH_TOKEN): nothing is
+    written to ~/.ray/auth_token, and no other local user can submit work to it."""
+    import ray
+
+    if "RAY_AUTH_MODE" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray reads its auth mode once, at import; this is how Ray itself re-reads it
+    # (ray._private.authentication.authentication_token_setup._enable_token_auth).
+    from ray._raylet import Config  # type: ignore[attr-defined]
+
+    Config.initialize("")
+    code_root = str(Path(batch.__file__).resolve().parents[1])
+    python_path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        num_cpus=num_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1),
+        include_dashboard=False,
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+    )
+
+
+def quiet_data_context() -> None:
+    """Ray Data's own progress bars and per-run logs would bury ours and the summary."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def worker_spec(spec: EmbeddingSpec) -> EmbeddingSpec:
+    """The spec for model actors: unless set (FACEGATE_TORCH_THREADS), the torch thread
+    count of this process, the one `facegate check` and a single-process index build use
+    here, so that actors compute bitwise what they would (Ray itself would give each
+    worker one thread)."""
+    if spec.torch_threads:
+        return spec
+    import torch
+
+    return replace(spec, torch_threads=torch.get_num_threads())
+
+
+def actor_gpus(options: RayOptions) -> float:
+    import ray
+
+    available = float(ray.cluster_resources().get("GPU", 0))
+    if options.num_gpus is None:
+        return 1.0 if available > 0 else 0.0
+    if options.num_gpus > available:
+        # Ray would wait for them for ever: say so instead.
+        raise FilterError(
+            f"--num-gpus {options.num_gpus} per actor, but the Ray cluster has {available:g} GPUs"
+        )
+    return options.num_gpus
+
+
+def _rows(table: pa.Table) -> list[dict[str, Any]]:
+    return table.to_pylist()
+
+
+# Explicit schemas between the steps: a block whose optional columns are all null must
+# still have the types of the others.
+LOADED_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("copy_to", pa.string()),
+        ("row", pa.int64()),
+        ("column", pa.string()),
+        ("data", pa.binary()),
+        ("sha256", pa.string()),
+        ("pixels", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("error", pa.string()),
+    ]
+)
+CHECKED_SCHEMA = pa.schema(
+    [
+        *(field for field in MANIFEST_SCHEMA if field.name != "pass_copy"),
+        pa.field("copy_to", pa.string()),
+        pa.field("data", pa.binary()),
+    ]
+)
+
+
+def _load(table: pa.Table) -> pa.Table:
+    return pa.Table.from_pylist(load_rows(_rows(table)), schema=LOADED_SCHEMA)
+
+
+class _CheckActor:
+    """One per actor: builds the filter once, then checks batch after batch."""
+
+    def __init__(self, spec: FilterSpec, expected: RunIdentity) -> None:
+        from batch.checking import BatchChecker
+
+        self.checker = BatchChecker(spec, expected)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(self.checker.check(_rows(table)), schema=CHECKED_SCHEMA)
+
+
+def _record(table: pa.Table, out: str) -> pa.Table:
+    recorded = record_rows(Path(out), _rows(table))
+    return pa.Table.from_pylist([{"verdict": row["verdict"]} for row in recorded])
+
+
+def run_batch(
+    items: list[InputItem],
+    out: Path,
+    spec: FilterSpec,
+    expected: RunIdentity,
+    options: RayOptions,
+    progress: Callable[[int], None],
+) -> dict[str, int]:
+    """Check every item on Ray: decode on CPU tasks, filter in an actor pool, record on
+    CPU tasks, one manifest fragment per block of `batch_size` images. Returns counts."""
+    import ray.data
+
+    quiet_data_context()
+    blocks = max(1, math.ceil(len(items) / options.batch_size))
+    dataset = (
+        ray.data.from_items([item.as_row() for item in items], override_num_blocks=blocks)
+        # Half a CPU each: its own resources keep Ray Data from fusing decoding into the
+        # model actor (decoding stays on CPU tasks, beside the actors).
+        .map_batches(_load, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+        .map_batches(
+            _CheckActor,
+            fn_constructor_args=(replace(spec, embedding=worker_spec(spec.embedding)), expected),
+            batch_format="pyarrow",
+            batch_size=options.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=options.actors),
+            num_gpus=actor_gpus(options),
+        )
+        # One fragment per batch: a crash loses at most the batches in flight.
+        .map_batches(
+            partial(_record, out=str(out)), batch_format="pyarrow", batch_size=options.batch_size
+        )
+    )
+    counts = {"processed": 0, "passed": 0, "rejected": 0}
+    for result in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        verdicts = cast(Any, result).column("verdict").to_pylist()
+        counts["processed"] += len(verdicts)
+        counts["passed"] += verdicts.count("pass")
+        counts["rejected"] += verdicts.count("reject")
+        progress(len(verdicts))
+    return counts

@@ -1,0 +1,189 @@
+"""What a batch run reads: folders (recursively), globs, single files and Parquet files
+holding image bytes or paths, listed as `InputItem`s before any image is read (so that a
+resumed run can drop the images the manifest already has without touching them)."""
+
+from __future__ import annotations
+
+import glob
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+
+from filter.errors import FilterError
+from filter.images import IMAGE_SUFFIXES
+
+PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+# Column names looked for in Parquet input, in order of preference. `bytes` and `path` are
+# what Ray Data's read_binary_files(include_paths=True) writes.
+BYTES_COLUMNS = ("bytes", "image", "data", "content")
+PATH_COLUMNS = ("path", "uri", "file", "filename")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class BatchInputError(FilterError):
+    """An input the run cannot list: named, with the problem (exit 2, nothing processed)."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One image to check. `key` is what the manifest records as its path: the file's
+    absolute path, or the Parquet row's path or URI (`FILE.parquet#row=N` when the row
+    has none). `copy_to` is where a passing copy goes, relative to OUT/pass/."""
+
+    key: str
+    source: str  # the file (or URI) to read; for Parquet bytes, the Parquet file
+    copy_to: str
+    row: int = -1  # >= 0: the image bytes are in this row of `source`, column `column`
+    column: str = ""
+
+    def as_row(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def discover_inputs(specs: Sequence[str]) -> list[InputItem]:
+    """Every image named by the specs, in a stable order, each once. Raises
+    BatchInputError for a spec that names nothing, a Parquet file without an image column,
+    or two inputs whose copies would land on the same path."""
+    items: list[InputItem] = []
+    for spec in specs:
+        found = list(_expand(spec))
+        if not found:
+            raise BatchInputError(f"{spec}: no images found (folder, glob, image or Parquet file)")
+        items.extend(found)
+    return _unique(items)
+
+
+def _expand(spec: str) -> Iterable[InputItem]:
+    if _GLOB_CHARS.search(spec):
+        root = _glob_root(spec)
+        for match in sorted(glob.glob(spec, recursive=True)):
+            path = Path(match)
+            if path.is_dir():
+                yield from _folder(path, root)
+            elif path.suffix.lower() in PARQUET_SUFFIXES:
+                yield from parquet_items(path)
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                yield _file(path, root)
+        return
+    path = Path(spec)
+    if path.is_dir():
+        yield from _folder(path, path)
+    elif path.suffix.lower() in PARQUET_SUFFIXES and path.is_file():
+        yield from parquet_items(path)
+    elif path.exists() or path.is_symlink():
+        # Named explicitly: checked whatever its suffix (an unreadable one gets its reject row).
+        yield _file(path, path.parent)
+    else:
+        raise BatchInputError(f"{spec}: no such file or folder")
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder above the first wildcard: the root that copies keep their paths under."""
+    parts: list[str] = []
+    for part in Path(pattern).parts:
+        if _GLOB_CHARS.search(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _folder(folder: Path, root: Path) -> Iterable[InputItem]:
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir():
+            yield _file(path, root)
+
+
+def _file(path: Path, root: Path) -> InputItem:
+    absolute = path.absolute()
+    root = root.absolute()
+    relative = absolute.relative_to(root) if absolute.is_relative_to(root) else absolute.name
+    name = root.name or "root"
+    return InputItem(key=str(absolute), source=str(absolute), copy_to=f"{name}/{relative}")
+
+
+def parquet_items(path: Path) -> list[InputItem]:
+    """Rows of a Parquet file. With an image-bytes column, each row's bytes are checked
+    (the path column, if any, names the row); without one, each row's path is read (a
+    relative path is taken from the Parquet file's folder). Only the path column is read
+    here: the bytes are read later, and only for rows the manifest does not have yet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise BatchInputError(f"{path}: not a readable Parquet file: {exc}") from None
+    types = {name: schema.field(name).type for name in schema.names}
+    binary = [n for n, t in types.items() if pa.types.is_binary(t) or pa.types.is_large_binary(t)]
+    strings = [n for n, t in types.items() if pa.types.is_string(t) or pa.types.is_large_string(t)]
+    bytes_column = next((n for n in BYTES_COLUMNS if n in binary), binary[0] if binary else None)
+    path_column = next((n for n in PATH_COLUMNS if n in strings), None)
+    if bytes_column is None and path_column is None:
+        raise BatchInputError(
+            f"{path}: no image column: expected a binary column (image bytes) or a string "
+            f"column named one of {', '.join(PATH_COLUMNS)} (image paths)"
+        )
+    absolute = path.absolute()
+    named = (
+        pq.read_table(absolute, columns=[path_column]).column(0).to_pylist()
+        if path_column is not None
+        else [None] * pq.ParquetFile(absolute).metadata.num_rows
+    )
+    stem = absolute.stem
+    items: list[InputItem] = []
+    for row, name in enumerate(named):
+        if bytes_column is not None:
+            items.append(
+                InputItem(
+                    key=name or f"{absolute}#row={row}",
+                    source=str(absolute),
+                    copy_to=f"{stem}/{safe_relative(name) if name else f'row-{row:09d}'}",
+                    row=row,
+                    column=bytes_column,
+                )
+            )
+        elif name:
+            source = name if "://" in name else str(absolute.parent / name)
+            items.append(
+                InputItem(key=name, source=source, copy_to=f"{stem}/{safe_relative(name)}")
+            )
+        else:
+            raise BatchInputError(f"{path}: row {row} has no path")
+    return items
+
+
+def safe_relative(name: str) -> str:
+    """A path or URI as a relative path that stays inside its folder: the scheme, any
+    leading slash, `.` and `..` are dropped (`s3://b/x/../y.png` -> `b/x/y.png`)."""
+    without_scheme = name.split("://", 1)[-1]
+    parts = [
+        p
+        for p in PurePosixPath(without_scheme.replace("\\", "/")).parts
+        if p not in ("/", ".", "..")
+    ]
+    return "/".join(parts) or "unnamed"
+
+
+def _unique(items: list[InputItem]) -> list[InputItem]:
+    """Each image once (a file named twice is checked once); two different images that
+    would be recorded under one path, or copied onto one path, are refused."""
+    by_key: dict[str, InputItem] = {}
+    by_copy: dict[str, InputItem] = {}
+    out: list[InputItem] = []
+    for item in items:
+        seen = by_key.get(item.key)
+        if seen is not None:
+            if (seen.source, seen.row) == (item.source, item.row):
+                continue  # the same image named twice (its first name decides the copy)
+            raise BatchInputError(f"two inputs are both named {item.key!r}; rename one")
+        other = by_copy.get(item.copy_to)
+        if other is not None:
+            raise BatchInputError(
+                f"{other.key} and {item.key} would both be copied to pass/{item.copy_to}; "
+                "give inputs whose folders have different names"
+            )
+        by_key[item.key] = item
+        by_copy[item.copy_to] = item
+        out.append(item)
+    return out

@@ -1,0 +1,123 @@
+"""The batch manifest: OUT/manifest/part-*.parquet, one row per input image, written one
+fragment per block (atomically: a crash loses only the blocks in flight), and read back
+before a run so that images already recorded are not read again."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from filter.errors import FilterError
+
+MANIFEST_DIR = "manifest"
+PASS_DIR = "pass"
+FRAGMENT_GLOB = "part-*.parquet"
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # absolute path, or the Parquet row's path or URI
+        ("sha256", pa.string()),  # of the bytes checked; null when they could not be read
+        ("verdict", pa.string()),  # pass | reject
+        ("reason", pa.string()),  # null when passed; else filter.decide.Reason
+        ("faces", pa.int32()),
+        ("max_similarity", pa.float64()),  # best face's similarity; null: no trusted face
+        ("identity", pa.string()),  # the matched training identity when a signal fired
+        ("replica_similarity", pa.float64()),
+        ("error", pa.string()),  # why a file was unreadable or the filter rejected it
+        ("pass_copy", pa.string()),  # the copy, relative to OUT (passed images only)
+        ("index_fingerprint", pa.string()),
+        ("identity_threshold", pa.float64()),
+        ("replica_threshold", pa.float64()),  # null: the index has no replica features
+    ]
+)
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What the verdicts depend on besides the image: recorded on every row, and the same
+    for every row of one manifest (a resumed run must not mix two indexes' verdicts)."""
+
+    index_fingerprint: str
+    identity_threshold: float
+    replica_threshold: float | None
+
+    def columns(self) -> dict[str, Any]:
+        return {
+            "index_fingerprint": self.index_fingerprint,
+            "identity_threshold": self.identity_threshold,
+            "replica_threshold": self.replica_threshold,
+        }
+
+
+def manifest_dir(out: Path) -> Path:
+    return Path(out) / MANIFEST_DIR
+
+
+def fragments(out: Path) -> list[Path]:
+    return sorted(manifest_dir(out).glob(FRAGMENT_GLOB))
+
+
+def read_manifest(out: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """Every recorded row (or some columns of them); an empty table when there is none."""
+    parts = fragments(out)
+    if not parts:
+        return MANIFEST_SCHEMA.empty_table().select(list(columns or MANIFEST_SCHEMA.names))
+    try:
+        tables = [pq.read_table(part, columns=columns) for part in parts]
+    except (OSError, pa.ArrowException) as exc:
+        raise FilterError(
+            f"{manifest_dir(out)}: a manifest fragment is unreadable: {exc}"
+        ) from None
+    return pa.concat_tables(tables)
+
+
+def recorded_paths(out: Path, run: RunIdentity) -> set[str]:
+    """Paths the manifest already has. Refuses a manifest made with another index or other
+    thresholds: its passes were decided by rules this run does not apply."""
+    table = read_manifest(out, ["path", *run.columns()])
+    for row in (
+        table.select(list(run.columns())).group_by(list(run.columns())).aggregate([]).to_pylist()
+    ):
+        if row != run.columns():
+            raise FilterError(
+                f"{out} holds verdicts made with index {row['index_fingerprint']} and "
+                f"thresholds {row['identity_threshold']}/{row['replica_threshold']}; this run "
+                f"uses {run.index_fingerprint} and {run.identity_threshold}/"
+                f"{run.replica_threshold}: write to a new --out"
+            )
+    return set(table.column("path").to_pylist())
+
+
+def remove_partial_fragments(out: Path) -> None:
+    """Fragments a crashed run left half-written (never renamed into place)."""
+    for partial in manifest_dir(out).glob(".part-*.tmp"):
+        partial.unlink(missing_ok=True)
+
+
+def write_fragment(out: Path, rows: Iterable[dict[str, Any]]) -> Path | None:
+    """Write rows as one new fragment: a temporary file renamed into place, so a reader
+    (or a resumed run) sees the whole fragment or none of it."""
+    table = pa.Table.from_pylist(
+        [{name: row.get(name) for name in MANIFEST_SCHEMA.names} for row in rows],
+        schema=MANIFEST_SCHEMA,
+    )
+    if table.num_rows == 0:
+        return None
+    folder = manifest_dir(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    partial = folder / f".{name}.tmp"
+    with partial.open("wb") as sink:
+        pq.write_table(table, sink)
+        sink.flush()
+        os.fsync(sink.fileno())
+    final = folder / name
+    os.replace(partial, final)
+    return final

@@ -1,0 +1,64 @@
+"""Step 3 of a batch (a CPU task): copy the passed images, then record the rows.
+
+The copy is written from the very bytes that were hashed and checked, never re-read from
+the input (a file replaced in between would otherwise be released unchecked).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from batch.manifest import PASS_DIR, write_fragment
+from filter.errors import FilterError
+
+Row = dict[str, Any]
+
+
+def record_rows(out: Path, rows: Sequence[Row]) -> list[Row]:
+    """Copy each passed image to OUT/pass/, then write the rows as one manifest fragment
+    (in that order: a row is only recorded once its copy exists). Returns the rows as
+    recorded, without the image bytes."""
+    recorded: list[Row] = []
+    for row in rows:
+        row = dict(row)
+        data = row.pop("data", None)
+        copy_to = row.pop("copy_to", None)
+        row["pass_copy"] = None
+        if row["verdict"] == "pass":
+            if data is None or copy_to is None:
+                raise FilterError(f"{row['path']}: a passed row without its bytes")
+            relative = Path(PASS_DIR) / copy_to
+            if not relative.suffix:
+                relative = relative.with_suffix(sniff_suffix(data))
+            write_atomically(Path(out) / relative, data)
+            row["pass_copy"] = relative.as_posix()
+        recorded.append(row)
+    write_fragment(out, recorded)
+    return recorded
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+_MAGIC = (
+    (b"\x89PNG", ".png"),
+    (b"\xff\xd8", ".jpg"),
+    (b"GIF8", ".gif"),
+    (b"BM", ".bmp"),
+    (b"II*\x00", ".tif"),
+    (b"MM\x00*", ".tif"),
+)
+
+
+def sniff_suffix(data: bytes) -> str:
+    """A file suffix for image bytes that came without a name (Parquet rows)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return next((suffix for magic, suffix in _MAGIC if data.startswith(magic)), ".img")

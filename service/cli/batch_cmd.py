@@ -1,0 +1,92 @@
+"""`facegate batch`: filter folders, globs or Parquet files on Ray Data into a manifest
+and copies of the passed images (docs/batch.md). `batch` (and Ray) are imported only
+when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.cli.common import (
+    embedding_spec,
+    emit,
+    model_options,
+    positive_int,
+    progress_bar,
+    similarity,
+)
+from service.config import Settings
+
+
+def ray_options(args: argparse.Namespace, batch_size: int | None = None) -> Any:
+    from batch.engine import RayOptions
+
+    return RayOptions(
+        address=args.address,
+        actors=args.actors,
+        batch_size=batch_size or args.batch_size,
+        num_gpus=args.num_gpus,
+    )
+
+
+def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
+    from batch.checking import FilterSpec
+    from batch.runner import execute_plan, plan_batch
+
+    spec = FilterSpec(
+        embedding=embedding_spec(settings, args),
+        index_path=Path(args.index).absolute(),
+        threshold=settings.threshold if args.threshold is None else args.threshold,
+        replica_threshold=(
+            settings.replica_threshold if args.replica_threshold is None else args.replica_threshold
+        ),
+        no_face_policy=args.no_face_policy or settings.no_face_policy,
+    )
+    out = Path(args.out)
+    plan = plan_batch(args.inputs, out, spec)
+    print(f"thresholds: {plan.thresholds}", file=sys.stderr)
+    with progress_bar(len(plan.pending), "checking") as bar:
+        summary = execute_plan(plan, out, spec, ray_options(args), bar.update)
+    emit(summary)
+    return 0
+
+
+def ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to run on (default RAY_ADDRESS; unset: a local Ray in this process)",
+    )
+    parser.add_argument("--actors", type=positive_int, default=1, help="model actors (default 1)")
+    parser.add_argument(
+        "--num-gpus",
+        type=float,
+        help="GPUs per actor (default 1 when the cluster has GPUs, else 0; fractions share one)",
+    )
+
+
+def register(sub: Any) -> None:
+    batch = sub.add_parser(
+        "batch", help="filter folders, globs or Parquet files on Ray Data (docs/batch.md)"
+    )
+    batch.add_argument("--index", required=True)
+    batch.add_argument("--out", required=True, help="OUT/manifest/*.parquet and OUT/pass/")
+    batch.add_argument("--threshold", type=similarity, help="as for check")
+    batch.add_argument("--replica-threshold", type=similarity, help="as for check")
+    batch.add_argument("--no-face-policy", choices=["reject", "pass"])
+    batch.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=32,
+        help="images per model call and per manifest fragment (default 32)",
+    )
+    ray_arguments(batch)
+    batch.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="folder (recursive), glob, image, or Parquet file of image bytes or paths",
+    )
+    model_options(batch)
+    batch.set_defaults(handler=cmd_batch)
