@@ -25,13 +25,14 @@ from PIL import Image
 
 from filter.decide import ImageVerdict, Reason
 from filter.identity_filter import StageObserver
+from service import healthcheck
 from service.batcher import CandidateEngine
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.server import LoadedService, load_service
-from tests.servers import InProcessServer, requests_total, wait_until
+from tests.servers import InProcessServer, free_port, requests_total, wait_until
 from tests.test_server import settings_for
 
 MAX_ATTEMPTS = 3
@@ -200,7 +201,9 @@ def _health(target: str) -> int:
         return int(health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status)
 
 
-def test_unavailable_while_the_models_load(started: Started) -> None:
+def test_unavailable_while_the_models_load(
+    started: Started, capsys: pytest.CaptureFixture[str]
+) -> None:
     running = started.running
     assert not started.loader.go.is_set(), "this test must see the server before it loads"
     assert _health(running.target) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -215,8 +218,37 @@ def test_unavailable_while_the_models_load(started: Started) -> None:
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "starting" in (info.value.details() or "")
             assert_no_oracle(info.value, started.labels)
+    # The container probe says the same: not serving yet, exit 1.
+    assert healthcheck.main(["healthcheck", running.target]) == 1
+    assert capsys.readouterr().out.strip() == "NOT_SERVING"
     started.serving()
     assert _health(running.target) == health_pb2.HealthCheckResponse.SERVING
+    assert healthcheck.main(["healthcheck", running.target]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    assert healthcheck.main(["healthcheck", f"127.0.0.1:{free_port()}"]) == 1  # nobody there
+    assert "unhealthy: UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_facegate_generate_writes_the_images_or_says_what_the_server_refused(
+    server: InProcessServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    out = tmp_path / "out"
+    argv = ["generate", "--target", server.target, "--seed", "5", "--out", str(out)]
+    assert main([*argv, "--count", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "OK" and report["released"] == 2 and report["seed"] == 5
+    assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png"]
+    assert [w["path"] for w in report["written"]] == [str(out / "0000.png"), str(out / "0001.png")]
+    for path in out.iterdir():
+        assert Image.open(path).size == (64, 64)
+    refused = tmp_path / "refused"
+    assert main([*argv, "--count", "9", "--out", str(refused)]) == 1  # max_count is 8
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "INVALID_ARGUMENT"
+    assert "count must be between 1 and 8" in report["message"]
+    assert report["written"] == [] and not refused.exists()
 
 
 def test_nothing_passed_is_failed_precondition_with_counts_in_trailing_metadata(
@@ -378,16 +410,18 @@ def test_drain_goes_not_serving_and_cuts_a_call_still_running_at_the_grace(
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         with swapped(started, checker):
             call = stub.Generate.future(pb.GenerateRequest(count=1, seed=3))  # no deadline
-            assert checker.entered.wait(60), "the call never reached the filter"
-            drain = asyncio.run_coroutine_threadsafe(running.server.drain(), running.loop)
-            started.drained = True
-            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            with pytest.raises(grpc.RpcError) as refused:
-                stub.Generate(pb.GenerateRequest(count=1), timeout=10)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            with pytest.raises(grpc.RpcError) as cut:
-                call.result(60)  # the filter is still held: only the grace can end it
-            held.set()
+            try:
+                assert checker.entered.wait(60), "the call never reached the filter"
+                drain = asyncio.run_coroutine_threadsafe(running.server.drain(), running.loop)
+                started.drained = True
+                assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Generate(pb.GenerateRequest(count=1), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                with pytest.raises(grpc.RpcError) as cut:
+                    call.result(60)  # the filter is still held: only the grace can end it
+            finally:
+                held.set()  # let the engine thread go, whatever happened
             drain.result(60)
     assert cut.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
     assert len(checker.passed) <= 1 and checker.calls == 1
