@@ -16,6 +16,7 @@ from service.errors import (
     NotReady,
     Overloaded,
     ServiceError,
+    SigningFailure,
 )
 from service.servicer import status_for
 
@@ -38,20 +39,34 @@ def test_each_caller_error_has_its_status_and_keeps_its_message(
     assert status_for(error) == (code, str(error))
 
 
-@pytest.mark.parametrize("error", [FilterFailure(SECRET), FilterError(SECRET)])
-def test_a_filter_failure_is_internal_and_its_message_stays_in_the_log(
-    error: Exception, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (FilterFailure(SECRET), "identity filter failed; no image was released"),
+        (FilterError(SECRET), "identity filter failed; no image was released"),
+        (SigningFailure(SECRET), "content credentials could not be signed; no image was released"),
+    ],
+)
+def test_a_failure_after_the_request_is_internal_and_its_message_stays_in_the_log(
+    error: Exception, said: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.ERROR, logger="service.servicer"):
         code, message = status_for(error)
-    assert code == grpc.StatusCode.INTERNAL
-    assert message == "identity filter failed; no image was released"
+    assert (code, message) == (grpc.StatusCode.INTERNAL, said)
     assert SECRET in caplog.text  # the operator sees why; the caller does not
 
 
 def test_every_domain_error_is_mapped_on_purpose() -> None:
     """A new ServiceError subclass must get its own row above, not fall through to INTERNAL."""
-    mapped = {InvalidRequest, Overloaded, NotReady, DeadlineExceeded, NothingPassed, FilterFailure}
+    mapped = {
+        InvalidRequest,
+        Overloaded,
+        NotReady,
+        DeadlineExceeded,
+        NothingPassed,
+        FilterFailure,
+        SigningFailure,
+    }
     assert set(ServiceError.__subclasses__()) == mapped
 
 
