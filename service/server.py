@@ -299,9 +299,7 @@ class FacegateServer:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            self.loaded = await loop.run_in_executor(
-                None, self.loader, self.settings, self.metrics
-            )
+            self.loaded = await loop.run_in_executor(None, self.loader, self.settings, self.metrics)
         except Exception:
             await server.stop(0)
             self.metrics.stop_serving()
