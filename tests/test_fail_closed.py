@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from filter.decide import ImageVerdict, Reason
 from filter.identity_filter import StageObserver
+from filter.images import decode_image
+from service.audit import Rejection
 from service.batcher import CandidateEngine, DynamicBatcher
-from service.errors import FilterFailure
-from service.pipeline import GenerationPipeline, GenerationRequest, ReleasedImage
+from service.errors import FilterFailure, NothingPassed
+from service.generators import latents_for
+from service.pipeline import (
+    GenerationPipeline,
+    GenerationRequest,
+    GenerationResult,
+    GenerationSummary,
+    ReleasedImage,
+)
 
 LATENT_DIM = 8
 
@@ -182,3 +192,119 @@ def test_a_crashed_worker_fails_carried_and_queued_requests_closed() -> None:
     does not fit and is carried to open the next batch, the fourth is still queued."""
     results = _crash_batch([(1, 4), (1, 6), (2, 4), (1, 4)], max_batch=3)
     assert [type(r) for r in results] == [FilterFailure] * 4
+
+
+class Recorder:
+    """Audit sink and pipeline observer in one: what the operator would be told."""
+
+    def __init__(self) -> None:
+        self.rejections: list[Rejection] = []
+        self.released: list[int] = []
+        self.unfilled: list[int] = []
+
+    def rejection(self, record: Rejection) -> None:
+        self.rejections.append(record)
+
+    def close(self) -> None:
+        return None
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        return None
+
+    def candidate(self, verdict: ImageVerdict) -> None:
+        return None
+
+    def batch(self, size: int) -> None:
+        return None
+
+    def released_(self, attempts: int) -> None:
+        self.released.append(attempts)
+
+
+def _recorded_pipeline(
+    generator: ScriptedGenerator, checker: ScriptedFilter, recorder: Recorder, max_attempts: int
+) -> GenerationPipeline:
+    batcher = DynamicBatcher(CandidateEngine(generator, checker), max_batch=64, max_delay=0.001)
+    observer = SimpleNamespace(
+        observe_stage=recorder.observe_stage,
+        candidate=recorder.candidate,
+        batch=recorder.batch,
+        released=recorder.released_,
+        unfilled=recorder.unfilled.append,
+    )
+    return GenerationPipeline(
+        batcher,
+        LATENT_DIM,
+        max_attempts=max_attempts,
+        max_count=16,
+        observer=observer,  # type: ignore[arg-type]
+        audit=recorder,
+    )
+
+
+def test_what_is_released_and_counted_follows_the_verdicts_exactly() -> None:
+    """Round 0: slots 0 and 2 pass, slot 1 is rejected; round 1 (slot 1 alone): rejected;
+    round 2: passes. Every field of what leaves, and of what the operator is told."""
+    script = {0: [True, False, True], 1: [False], 2: [True]}
+    checker = ScriptedFilter(lambda call, position: script[call][position])
+    generator = ScriptedGenerator()
+    recorder = Recorder()
+    seen: list[np.ndarray] = []
+    original = generator.generate
+
+    def recording(latents: np.ndarray) -> np.ndarray:
+        seen.extend(latents)
+        return original(latents)
+
+    generator.generate = recording  # type: ignore[method-assign]
+
+    async def run() -> GenerationResult:
+        pipe = _recorded_pipeline(generator, checker, recorder, max_attempts=4)
+        try:
+            return await pipe.generate(GenerationRequest(count=3, seed=5, request_id="r-1"))
+        finally:
+            await pipe.batcher.close()
+
+    result = asyncio.run(run())
+    # The latents are the seed's: slot/attempt streams in the order they were drawn.
+    expected = [(0, 0), (1, 0), (2, 0), (1, 1), (1, 2)]
+    for latent, (slot, attempt) in zip(seen, expected, strict=True):
+        assert np.array_equal(latent, latents_for(5, slot, attempt, LATENT_DIM))
+    assert [(i.slot, i.attempts) for i in result.images] == [(0, 1), (1, 3), (2, 1)]
+    passed = [checker.passed[0], checker.passed[2], checker.passed[1]]  # slot order
+    for image, pixels in zip(result.images, passed, strict=True):
+        assert np.array_equal(decode_image(image.data), pixels)
+        assert (image.media_type, image.width, image.height) == ("image/png", 8, 8)
+    s = result.summary
+    assert (s.requested, s.seed, s.request_id) == (3, 5, "r-1")
+    assert (s.released, s.candidates_drawn, s.candidates_rejected, s.slots_unfilled) == (3, 5, 2, 0)
+    assert recorder.released == [1, 1, 3] and recorder.unfilled == []
+    assert [(r.slot, r.attempt) for r in recorder.rejections] == [(1, 0), (1, 1)]
+    for record in recorder.rejections:
+        assert (record.request_id, record.reason, record.faces) == ("r-1", "identity_match", 1)
+        assert (record.similarity, record.identity) == (0.9, "enrolled-person")
+
+
+def test_the_attempt_budget_is_exact_and_unfilled_slots_are_reported() -> None:
+    """Slot 0 passes at once; slot 1 is rejected every time: three attempts, not four."""
+    checker = ScriptedFilter(lambda call, position: call == 0 and position == 0)
+    recorder = Recorder()
+
+    async def run() -> tuple[GenerationResult, NothingPassed]:
+        pipe = _recorded_pipeline(ScriptedGenerator(), checker, recorder, max_attempts=3)
+        try:
+            partial = await pipe.generate(GenerationRequest(count=2, seed=9))
+            with pytest.raises(NothingPassed) as info:
+                await pipe.generate(GenerationRequest(count=2, seed=9))  # call 0 is gone now
+            return partial, info.value
+        finally:
+            await pipe.batcher.close()
+
+    partial, nothing = asyncio.run(run())
+    assert [i.slot for i in partial.images] == [0]
+    assert (partial.summary.candidates_drawn, partial.summary.slots_unfilled) == (4, 1)
+    assert recorder.unfilled == [1, 2]
+    summary = nothing.summary
+    assert isinstance(summary, GenerationSummary)
+    assert (summary.candidates_drawn, summary.candidates_rejected) == (6, 6)
+    assert (summary.released, summary.slots_unfilled) == (0, 2)
