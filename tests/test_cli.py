@@ -26,7 +26,14 @@ CHECK_KEYS = {
 def facegate(
     *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "FACEGATE_MODELS_DIR": str(REPO / "models"), **(env or {})}
+    # PYTHONPATH: this checkout's code, whatever the working folder (an editable install
+    # elsewhere would otherwise win outside the repository root).
+    full_env = {
+        **os.environ,
+        "FACEGATE_MODELS_DIR": str(REPO / "models"),
+        "PYTHONPATH": str(REPO),
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
         capture_output=True,
