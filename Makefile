@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # servers started as subprocesses are not traced). Raise it as the suite grows.
 COVERAGE_FLOOR ?= 0
 
-.PHONY: setup models protos lint typecheck test test-slow test-fast bench run eval demo-index tools deploy-check clean c2pa-test-chain
+.PHONY: setup models protos lint typecheck test test-slow test-fast bench run eval demo-index tools deploy-check clean c2pa-test-chain mutation
 
 setup: $(STAMP) models
 
@@ -64,6 +64,15 @@ test-slow: setup deploy-check
 
 test-fast: setup
 	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+# Mutation testing of the promise-carrying modules against the fast unit tests (config in
+# pyproject.toml [tool.mutmut]); minutes, niced, not part of `make test`. Works in mutants/.
+# MUTANTS narrows a run, e.g. MUTANTS='filter.decide*'.
+MUTATION_CHILDREN ?= 2
+MUTANTS ?=
+mutation: setup
+	nice -n 19 $(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
+	$(VENV)/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json && echo
 
 bench: setup
 	$(PY) -m bench.run
@@ -121,4 +130,4 @@ eval: setup
 	$(FACEGATE) evaluate --det docs/det.png | tee docs/evaluation.jsonl
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache mutants

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -126,6 +126,9 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit, reloader=reloader)
 
 
+ServiceLoader = Callable[[Settings, ServiceMetrics], LoadedService]
+
+
 def _version() -> str:
     try:
         return metadata.version("facegate")
@@ -224,8 +227,10 @@ def log_effective_config(settings: Settings, metrics: ServiceMetrics) -> None:
 class FacegateServer:
     """A running server; `start` returns once it listens, `wait_for_stop` drains."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, loader: ServiceLoader = load_service) -> None:
         self.settings = settings
+        # The loader is a seam: tests hold loading back to see the server while it loads.
+        self.loader = loader
         self.metrics = ServiceMetrics(
             DEFAULT_IDENTITY_THRESHOLD if settings.threshold is None else settings.threshold
         )
@@ -294,9 +299,7 @@ class FacegateServer:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            self.loaded = await loop.run_in_executor(
-                None, load_service, self.settings, self.metrics
-            )
+            self.loaded = await loop.run_in_executor(None, self.loader, self.settings, self.metrics)
         except Exception:
             await server.stop(0)
             self.metrics.stop_serving()

@@ -19,19 +19,36 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import Settings
-from service.server import FacegateServer
+from service.server import FacegateServer, ServiceLoader, load_service
 from tests.conftest import REPO
 
 
 class InProcessServer:
-    def __init__(self, settings: Settings) -> None:
+    """A server on its own event loop thread. With `wait=False` the constructor returns as
+    soon as the server listens (models may still be loading); `started()` waits for the rest."""
+
+    def __init__(
+        self, settings: Settings, loader: ServiceLoader = load_service, *, wait: bool = True
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = FacegateServer(settings)
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(180)
+        self.server = FacegateServer(settings, loader)
+        self._start = asyncio.run_coroutine_threadsafe(self.server.start(), self.loop)
+        if wait:
+            self.started()
+        else:
+            deadline = time.monotonic() + 60
+            while not (self.server.grpc_port and self.server.server is not None):
+                if self._start.done() or time.monotonic() > deadline:
+                    self._start.result(0)  # raises what stopped the start
+                    raise TimeoutError("the server never started listening")
+                time.sleep(0.02)
         self.target = f"127.0.0.1:{self.server.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def started(self, timeout: float = 180) -> None:
+        self._start.result(timeout)
 
     def run(self, coro: Any, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -127,3 +144,21 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
     if not found:
         raise KeyError(f"{name}{labels or ''} not in metrics")
     return total
+
+
+def requests_total(metrics_url: str, method: str, code: str) -> float:
+    try:
+        return metric_value(
+            scrape(metrics_url), "facegate_requests_total", {"method": method, "code": code}
+        )
+    except KeyError:
+        return 0.0
+
+
+def wait_until(condition: Any, what: str, timeout: float = 60.0, every: float = 0.02) -> None:
+    """Poll `condition()` until it is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)

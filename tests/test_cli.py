@@ -23,13 +23,22 @@ CHECK_KEYS = {
 }
 
 
-def facegate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "FACEGATE_MODELS_DIR": str(REPO / "models"), **(env or {})}
+def facegate(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    # PYTHONPATH: this checkout's code, whatever the working folder (an editable install
+    # elsewhere would otherwise win outside the repository root).
+    full_env = {
+        **os.environ,
+        "FACEGATE_MODELS_DIR": str(REPO / "models"),
+        "PYTHONPATH": str(REPO),
+        **(env or {}),
+    }
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=cwd,
         env=full_env,
         timeout=600,
         check=False,
@@ -151,6 +160,9 @@ def test_demo_index_and_calibration_on_generator_samples(tmp_path: Path) -> None
     assert demo.returncode == 0, demo.stderr
     built = json.loads(demo.stdout)
     assert 10 <= built["vectors"] <= 14 and built["seed"] == 1
+    index_files = {p: p.read_bytes() for p in (tmp_path / "demo").rglob("*") if p.is_file()}
+    workdir = tmp_path / "work"
+    workdir.mkdir()
     result = facegate(
         "calibrate",
         "--index",
@@ -161,13 +173,18 @@ def test_demo_index_and_calibration_on_generator_samples(tmp_path: Path) -> None
         "2",
         "--target-false-reject",
         "0.1",
+        cwd=workdir,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["images"] == 24 and report["count"] + report["no_face"] == 24
     assert report["quantiles"]["p50"] < report["threshold"] <= report["max"] + 1e-6
-    # Unfiltered generator samples are never written anywhere.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+    # Unfiltered generator samples are never written: not next to the index, not into the
+    # index (without --save it is left byte for byte), not in the working folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "work"]
+    after = {p: p.read_bytes() for p in (tmp_path / "demo").rglob("*") if p.is_file()}
+    assert after == index_files
+    assert list(workdir.iterdir()) == []
 
 
 def test_check_gives_a_thin_image_a_verdict_and_goes_on(

@@ -211,7 +211,7 @@ def test_real_prometheus_scrapes_counters_and_evaluates_rules(
     server = InProcessServer(settings_for(index, tmp_path))
     try:
         base = prometheus_against(server.server.metrics_port)
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # generous: the loop ends as soon as all are numbers
         values: dict[str, float] = {}
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
@@ -233,6 +233,8 @@ def test_real_prometheus_scrapes_counters_and_evaluates_rules(
                 if finite and values["facegate:candidates:rate5m"] > 0:
                     break
                 time.sleep(1.0)
+            else:
+                pytest.fail(f"the recording rules never all became numbers: {values}")
         assert values.get('up{job="facegate"}') == 1.0, values
         assert values["facegate_candidates_total"] > 0
         assert values["facegate:candidates:rate5m"] > 0

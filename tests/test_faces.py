@@ -118,6 +118,9 @@ def test_fast_path_finds_the_same_faces_on_generated_images(
     # Each face the fast path finds is a full-path face, box and landmarks alike; it only
     # skips faces far smaller than the frame (min size: half the short side, upscaled).
     min_face_64px = effective_min_face(GENERATED_FAST_PATH, 160) * 64 / 160
+    # The loops below must have something to check: faces the fast path must find, and did.
+    assert sum(f.width >= min_face_64px for faces in full for f in faces) >= 10
+    assert sum(len(b) for b in fast) >= 10
     for a, b in zip(full, fast, strict=True):
         large = [f for f in a if f.width >= min_face_64px]
         assert len(b) >= len(large)

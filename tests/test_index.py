@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from filter.errors import IndexCorruptError, IndexMismatchError
+from filter.errors import IdentityIndexError, IndexCorruptError, IndexMismatchError
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.index import FaissIdentityIndex
 from filter.runtime import load_index_for
@@ -78,8 +78,10 @@ def test_altered_labels_and_bad_manifest_are_refused(full_index: Path, tmp_path:
 
 
 def test_missing_index_names_the_build_command(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="facegate index build"):
+    with pytest.raises(IdentityIndexError, match="facegate index build") as info:
         FaissIdentityIndex.load(tmp_path / "nothing")
+    # Exactly the missing-index error: not one of its corrupt/mismatch subclasses.
+    assert type(info.value) is IdentityIndexError
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
@@ -91,6 +93,34 @@ def test_each_index_type_finds_exact_duplicates(tmp_path: Path, index_type: str)
     queries = index.vectors()[::37]
     matches = loaded.search(queries)
     assert all(m.similarity == pytest.approx(1.0, abs=1e-4) for m in matches)
+
+
+def test_ivf_probing_a_subset_of_its_lists_finds_perturbed_members(tmp_path: Path) -> None:
+    """Approximate search for real: nprobe < nlist, and queries near (not equal to) enrolled
+    vectors, as a new photo of an enrolled person is."""
+    import faiss
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((6000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    FaissIdentityIndex.build(
+        vectors,
+        [f"id{i}" for i in range(len(vectors))],
+        [f"f{i}.jpg" for i in range(len(vectors))],
+        embedder_name="test",
+        model_sha256="0" * 64,
+        detector={"detector": "x"},
+        index_type="ivf",
+    ).save(tmp_path / "ivf")
+    loaded = FaissIdentityIndex.load(tmp_path / "ivf")
+    ivf = faiss.extract_index_ivf(loaded.faces.index)
+    assert 1 < ivf.nprobe < ivf.nlist  # a real subset of the lists is searched
+    rows = rng.choice(len(vectors), 300, replace=False)
+    queries = vectors[rows] + 0.15 * rng.standard_normal((300, 32)).astype(np.float32) / np.sqrt(32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    assert float(np.min(np.sum(queries * vectors[rows], axis=1))) < 0.999  # not duplicates
+    found = [m.identity == f"id{row}" for m, row in zip(loaded.search(queries), rows, strict=True)]
+    assert np.mean(found) >= 0.98  # 1.0 at the shipped nprobe; 0.94 when probing one list
 
 
 def test_auto_index_type_is_exact_at_every_size() -> None:
@@ -109,6 +139,25 @@ def test_gpu_exact_search_matches_faiss() -> None:
     got = index.search(queries)
     assert [m.identity for m in got] == [m.identity for m in expected]
     assert np.allclose([m.similarity for m in got], [m.similarity for m in expected], atol=2e-3)
+
+
+def test_the_device_search_rescores_in_fp32_and_agrees_with_faiss() -> None:
+    """The GPU path's logic (fp16 candidates, fp32 rescoring), run with CPU tensors: the
+    similarities must be FAISS's to fp32 precision, or the threshold would mean something
+    else on a GPU. The real CUDA run is the gpu-marked test above."""
+    import torch
+
+    index = _random_index(500, 64)
+    rng = np.random.default_rng(3)
+    queries = index.vectors()[::25] + 0.05 * rng.standard_normal((20, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    expected = index.search(queries)
+    table = index.faces
+    vectors = torch.from_numpy(table.vectors())
+    table._device_vectors, table._device_vectors_exact = vectors.half(), vectors.float()
+    got = index.search(queries)
+    assert [m.identity for m in got] == [m.identity for m in expected]
+    assert np.allclose([m.similarity for m in got], [m.similarity for m in expected], atol=1e-5)
 
 
 def test_use_device_is_a_no_op_on_the_cpu() -> None:

@@ -1,0 +1,118 @@
+"""IdentityFilter's decision path with stand-ins for the models and the index: which face's
+neighbour is decided for which image, untrusted embeddings, and count mismatches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from filter.decide import NoFacePolicy, Reason
+from filter.errors import FilterError
+from filter.identity_filter import IdentityFilter, ImageFaces
+from filter.vector_table import Match
+
+DIM = 4
+ENROLLED = np.array([1.0, 0.0, 0.0, 0.0], np.float32)
+STRANGER = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
+
+
+class FakeEmbedder:
+    dim = DIM
+
+
+class FakeEmbedding:
+    """Each image is a list of embeddings: its faces."""
+
+    embedder = FakeEmbedder()
+
+    def embed_images(
+        self, images: Sequence[np.ndarray], observer: object = None
+    ) -> list[ImageFaces]:
+        return [
+            ImageFaces(
+                faces=[object()] * len(image),  # type: ignore[list-item]
+                embeddings=np.asarray(image, np.float32).reshape(len(image), DIM),
+            )
+            for image in images
+        ]
+
+
+class FakeIndex:
+    has_replicas = False
+
+    def __init__(self, drop_one: bool = False) -> None:
+        self.drop_one = drop_one
+        self.queries: list[np.ndarray] = []
+
+    def search(self, queries: np.ndarray) -> list[Match]:
+        self.queries.append(queries)
+        matches = [
+            Match(similarity=float(q @ ENROLLED), identity="enrolled-1")
+            if float(q @ ENROLLED) > 0.5
+            else Match(similarity=float(q @ ENROLLED), identity="someone-else")
+            for q in queries
+        ]
+        return matches[:-1] if self.drop_one else matches
+
+    def search_replicas(self, images: Sequence[np.ndarray]) -> list[Match]:
+        raise AssertionError("no replica features in this index")
+
+
+def _filter(index: FakeIndex, policy: NoFacePolicy = NoFacePolicy.REJECT) -> IdentityFilter:
+    return IdentityFilter(FakeEmbedding(), index, 0.5, no_face_policy=policy)  # type: ignore[arg-type]
+
+
+def test_each_image_is_decided_on_its_own_faces() -> None:
+    nan_face = np.full(DIM, np.nan, np.float32)
+    images = [
+        np.stack([STRANGER, ENROLLED]),  # a second face matches: the image is rejected
+        np.stack([nan_face]),  # untrusted: never searched, fails closed
+        np.stack([STRANGER]),  # after the untrusted image: must get its own neighbour
+        np.zeros((0, DIM), np.float32),  # no face
+        np.stack([ENROLLED]),
+    ]
+    index = FakeIndex()
+    verdicts = _filter(index).check(images)  # type: ignore[arg-type]
+    assert [v.passed for v in verdicts] == [False, False, True, False, False]
+    assert [v.reason for v in verdicts] == [
+        Reason.IDENTITY_MATCH,
+        Reason.FILTER_ERROR,
+        None,
+        Reason.NO_FACE,
+        Reason.IDENTITY_MATCH,
+    ]
+    assert verdicts[0].identity == verdicts[4].identity == "enrolled-1"
+    assert verdicts[2].identity is None
+    (queries,) = index.queries
+    assert len(queries) == 4 and np.isfinite(queries).all()  # the NaN face never searched
+
+
+def test_a_face_exactly_at_the_threshold_is_rejected() -> None:
+    at = np.array([0.5, np.sqrt(0.75), 0.0, 0.0], np.float32)
+    at /= np.linalg.norm(at)
+    (verdict,) = IdentityFilter(FakeEmbedding(), FakeIndex(), float(at @ ENROLLED)).check(  # type: ignore[arg-type]
+        [np.stack([at])]  # type: ignore[list-item]
+    )
+    assert not verdict.passed and verdict.reason == Reason.IDENTITY_MATCH
+
+
+def test_no_face_passes_only_under_the_pass_policy() -> None:
+    empty = [np.zeros((0, DIM), np.float32)]
+    (verdict,) = _filter(FakeIndex(), NoFacePolicy.PASS).check(empty)  # type: ignore[arg-type]
+    assert verdict.passed
+
+
+def test_an_index_answering_fewer_rows_than_asked_fails_closed() -> None:
+    with pytest.raises(FilterError, match="result count"):
+        _filter(FakeIndex(drop_one=True)).check([np.stack([STRANGER, STRANGER])])  # type: ignore[list-item]
+
+
+def test_a_replica_index_needs_a_replica_threshold() -> None:
+    from filter.decide import DecisionThresholds
+
+    index = FakeIndex()
+    index.has_replicas = True
+    with pytest.raises(ValueError, match="replica threshold"):
+        IdentityFilter(FakeEmbedding(), index, DecisionThresholds(identity=0.5))  # type: ignore[arg-type]
