@@ -1,15 +1,25 @@
-"""The `facegate` CLI contract, run as a user would: a real subprocess."""
+"""The `facegate` CLI contract: exit codes, JSON lines on stdout, messages on stderr.
 
+Most tests call the CLI's `main()` in this process with its own environment, working
+folder and streams (a fresh interpreter per call would import torch two dozen times);
+`facegate_process` runs it as a user would, in a real subprocess, for the usage errors and
+the entry point itself."""
+
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from service.cli import main as facegate_main
 from tests.conftest import REPO, make_gallery
 
 CHECK_KEYS = {
@@ -23,7 +33,48 @@ CHECK_KEYS = {
 }
 
 
+@contextlib.contextmanager
+def _environment(overrides: dict[str, str], cwd: Path) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in overrides}
+    previous_cwd = Path.cwd()
+    os.environ.update(overrides)
+    os.chdir(cwd)
+    try:
+        yield
+    finally:
+        os.chdir(previous_cwd)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def facegate(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
+    """`facegate ARGS` in this process; an uncaught exception is a traceback on stderr and
+    exit 1, as the console script would give."""
+    overrides = {"FACEGATE_MODELS_DIR": str(REPO / "models"), **(env or {})}
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        _environment(overrides, cwd),
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        try:
+            code = facegate_main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess(
+        ["facegate", *args], code, stdout.getvalue(), stderr.getvalue()
+    )
+
+
+def facegate_process(
     *args: str, env: dict[str, str] | None = None, cwd: Path = REPO
 ) -> subprocess.CompletedProcess[str]:
     # PYTHONPATH: this checkout's code, whatever the working folder (an editable install
@@ -115,11 +166,14 @@ def test_check_threshold_flag_changes_the_decision(cli_index: Path, identities_d
 
 
 def test_usage_errors_exit_2(cli_index: Path) -> None:
-    assert facegate("check", "--index", str(cli_index)).returncode == 2
-    assert facegate("check", "--index", str(cli_index), "--threshold", "3", "x.jpg").returncode == 2
-    missing = facegate("check", "--index", "/nonexistent/index", "x.jpg")
+    assert facegate_process("check", "--index", str(cli_index)).returncode == 2
+    assert (
+        facegate_process("check", "--index", str(cli_index), "--threshold", "3", "x.jpg").returncode
+        == 2
+    )
+    missing = facegate_process("check", "--index", "/nonexistent/index", "x.jpg")
     assert missing.returncode == 2 and "facegate index build" in missing.stderr
-    bad_env = facegate("index", "info", str(cli_index), env={"FACEGATE_THRESHOLD": "high"})
+    bad_env = facegate_process("index", "info", str(cli_index), env={"FACEGATE_THRESHOLD": "high"})
     assert bad_env.returncode == 2 and "FACEGATE_THRESHOLD" in bad_env.stderr
 
 
@@ -207,7 +261,7 @@ def test_batch_size_must_be_a_positive_integer(
     cli_index: Path, identities_dir: Path, size: str
 ) -> None:
     image = str(identities_dir / "id05" / "01.jpg")
-    result = facegate("check", "--index", str(cli_index), "--batch-size", size, image)
+    result = facegate_process("check", "--index", str(cli_index), "--batch-size", size, image)
     assert result.returncode == 2 and "--batch-size" in result.stderr
     assert result.stdout == "" and "Traceback" not in result.stderr
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ from filter.identity_filter import FaceEmbeddingPipeline
 from service.config import Settings
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+from service.server import main_serve
 from tests.conftest import REPO
 from tests.servers import InProcessServer, SubprocessServer, metric_value, scrape, wait_until
 
@@ -471,3 +475,30 @@ def test_tls_server_serves_a_verified_client(demo_index: Path, tmp_path: Path) -
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop()
+
+
+# A build that loaded the damaged index would serve on: the timeout turns that into a failure.
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("damage", ["truncated", "same_size"])
+def test_a_corrupt_index_stops_startup_with_exit_2_naming_the_file(
+    demo_index: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    index = tmp_path / "index"
+    shutil.copytree(demo_index, index)
+    vectors = index / "vectors.faiss"
+    data = bytearray(vectors.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # same size, one byte of a vector changed: only the hash can tell
+        data[-7] ^= 0x40
+    vectors.write_bytes(bytes(data))
+    # In process (a subprocess costs seconds of imports); main_serve resets SIGINT/SIGTERM.
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert main_serve(settings_for(index, tmp_path)) == 2
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert "vectors.faiss" in caplog.text, caplog.text
+    assert "Traceback" not in caplog.text
