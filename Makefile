@@ -13,8 +13,9 @@ C2PA ?= on
 C2PA_DIR ?= var/c2pa
 PYTEST_ARGS ?=
 # Branch coverage of filter/, service/ and batch/ measured by `make test` (tests in this process;
-# servers started as subprocesses are not traced). Raise it as the suite grows.
-COVERAGE_FLOOR ?= 0
+# servers started as subprocesses are not traced): 88.0 % on a clean clone, 2026-12-02.
+# The floor sits 2 points below, for branches that depend on timing. Raise it as the suite grows.
+COVERAGE_FLOOR ?= 86
 
 .PHONY: setup models protos lint typecheck test test-slow test-fast bench run eval demo-index tools deploy-check clean c2pa-test-chain mutation
 
