@@ -101,6 +101,24 @@ def remove_partial_fragments(out: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def remove_unrecorded_copies(out: Path) -> int:
+    """Files under OUT/pass/ that no manifest row names: copies (or half-written copies) of
+    a batch that crashed before its fragment was written. They passed under rules the
+    manifest does not vouch for (a rerun may use another index), so they go; the rerun
+    checks those images again. Returns how many were removed."""
+    pass_dir = Path(out) / PASS_DIR
+    if not pass_dir.is_dir():
+        return 0
+    table = read_manifest(out, ["pass_copy"])
+    named = {Path(out) / p for p in table.column("pass_copy").to_pylist() if p is not None}
+    removed = 0
+    for path in pass_dir.rglob("*"):
+        if (path.is_file() or path.is_symlink()) and path not in named:
+            path.unlink()
+            removed += 1
+    return removed
+
+
 def write_fragment(out: Path, rows: Iterable[dict[str, Any]]) -> Path | None:
     """Write rows as one new fragment: a temporary file renamed into place, so a reader
     (or a resumed run) sees the whole fragment or none of it."""

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from filter.errors import ImageError
-from filter.images import ImageLimits, decode_image
+from filter.images import ImageLimits, decode_image, unchecked_content
 
 Row = dict[str, Any]
 
@@ -92,6 +92,11 @@ def load_rows(items: Sequence[Row], limits: ImageLimits | None = None) -> list[R
             row["data"] = data
             row["sha256"] = hashlib.sha256(data).hexdigest()
             image = decode_image(data, limits)
+            # A passed image is copied byte for byte: the bytes must hold nothing but
+            # the pixels the filter checks (fail closed: such a file gets a reject row).
+            hidden = unchecked_content(data)
+            if hidden is not None:
+                raise ImageError(f"not copied unchanged: {hidden}")
             row["pixels"] = image.tobytes()
             row["height"], row["width"] = int(image.shape[0]), int(image.shape[1])
         except ImageError as exc:

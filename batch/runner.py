@@ -17,6 +17,7 @@ from batch.manifest import (
     manifest_dir,
     recorded_paths,
     remove_partial_fragments,
+    remove_unrecorded_copies,
 )
 from filter.errors import FilterError
 
@@ -34,6 +35,7 @@ def plan_batch(inputs: Sequence[str], out: Path, spec: FilterSpec) -> Plan:
     run, thresholds = spec.run_identity()
     remove_partial_fragments(out)
     recorded = recorded_paths(out, run)
+    remove_unrecorded_copies(out)
     # OUT may sit inside an input folder: its own copies are not inputs.
     own = Path(out).absolute()
     items = [i for i in discover_inputs(inputs) if not Path(i.source).is_relative_to(own)]

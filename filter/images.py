@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from filter.errors import ImageError
 
@@ -79,6 +79,36 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
         img = Image.alpha_composite(background, rgba)
     rgb = img.convert("RGB")
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+
+
+_EXIF_THUMBNAIL_OFFSET = 0x0201  # JPEGInterchangeFormat, in IFD1
+
+
+def unchecked_content(data: bytes) -> str | None:
+    """Why these bytes hold a picture `decode_image` does not show the filter, or None.
+
+    The filter sees one RGB frame: the first frame, EXIF-rotated, transparency over white.
+    A copy of the original bytes must hold nothing else: later frames (GIF, WebP, APNG,
+    TIFF pages, MPO), colour under transparent pixels (which `convert("RGB")` reveals) and
+    an EXIF thumbnail would all leave unchecked. Callers that release the original bytes
+    refuse such files; the bytes must already have passed `decode_image`.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            frames = int(getattr(img, "n_frames", 1))
+            if frames > 1:
+                return f"it holds {frames} frames and only the first can be checked"
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                alpha = np.asarray(img.convert("RGBA").getchannel("A"))
+                if int(alpha.min()) < 255:
+                    return "it has transparent pixels, whose colours the filter does not see"
+            thumbnail = img.getexif().get_ifd(ExifTags.IFD.IFD1)
+            if _EXIF_THUMBNAIL_OFFSET in thumbnail:
+                return "it carries an EXIF thumbnail, which the filter does not see"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return f"its content cannot be inspected: {exc}"
+    return None
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from batch.checking import FilterSpec
 from batch.inputs import BatchInputError, discover_inputs
@@ -16,6 +17,7 @@ from batch.manifest import (
     read_manifest,
     recorded_paths,
     remove_partial_fragments,
+    remove_unrecorded_copies,
     write_fragment,
 )
 from batch.reading import load_rows
@@ -170,3 +172,50 @@ def test_a_rerun_plans_only_the_images_without_a_row(
     write_fragment(out, [{**_row(done.key, "reject", done.copy_to, None), **first.run.columns()}])
     second = plan_batch([str(root)], out, spec)
     assert second.pending == first.pending[1:] and second.skipped == 1
+
+
+def test_bytes_holding_more_than_the_checked_frame_are_not_copied(
+    tmp_path: Path, identities_dir: Path
+) -> None:
+    """A copy is the original bytes: a later frame, or a face under transparent pixels,
+    would leave unchecked. Such files get an error (reject) row; plain images do not."""
+    face = Image.open(identities_dir / "id01" / "01.jpg").convert("RGB").resize((96, 96))
+    blank = Image.new("RGB", (96, 96), (128, 128, 128))
+    files = {
+        "plain.png": face,
+        "opaque_alpha.png": face.convert("RGBA"),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    # Frame 0 is blank, frame 1 is the face: only frame 0 would be checked.
+    blank.save(tmp_path / "two_frames.gif", save_all=True, append_images=[face])
+    hidden = face.convert("RGBA")
+    hidden.putalpha(0)  # the face is still in the colour channels
+    hidden.save(tmp_path / "transparent.png")
+    names = ["plain.png", "opaque_alpha.png", "two_frames.gif", "transparent.png"]
+    items = discover_inputs([str(tmp_path / n) for n in names])
+    loaded = {Path(r["source"]).name: r for r in load_rows([i.as_row() for i in items])}
+    assert loaded["plain.png"]["error"] is None and loaded["plain.png"]["pixels"]
+    assert loaded["opaque_alpha.png"]["error"] is None
+    assert "2 frames" in loaded["two_frames.gif"]["error"]
+    assert loaded["two_frames.gif"]["pixels"] is None
+    assert "transparent" in loaded["transparent.png"]["error"]
+    assert loaded["transparent.png"]["pixels"] is None
+
+
+def test_copies_no_row_names_are_removed_before_a_rerun(tmp_path: Path) -> None:
+    """A batch that crashed after copying and before its fragment leaves copies the
+    manifest does not vouch for (a rerun may use another index): they go."""
+    record_rows(tmp_path, [_row("/in/a.png", "pass", "in/a.png", PNG + b"a")])
+    stray = tmp_path / "pass" / "in" / "crashed.png"
+    stray.write_bytes(PNG + b"unrecorded")
+    half = tmp_path / "pass" / "in" / ".other.png.tmp"
+    half.write_bytes(PNG)
+    assert remove_unrecorded_copies(tmp_path) == 2
+    assert not stray.exists() and not half.exists()
+    assert (tmp_path / "pass" / "in" / "a.png").read_bytes() == PNG + b"a"
+    # With no manifest at all, every copy is unrecorded.
+    lone = tmp_path / "fresh" / "pass" / "x.png"
+    lone.parent.mkdir(parents=True)
+    lone.write_bytes(PNG)
+    assert remove_unrecorded_copies(tmp_path / "fresh") == 1 and not lone.exists()

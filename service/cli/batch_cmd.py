@@ -44,7 +44,8 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
         ),
         no_face_policy=args.no_face_policy or settings.no_face_policy,
     )
-    out = Path(args.out)
+    # Absolute: on a cluster, write tasks run in other working folders.
+    out = Path(args.out).absolute()
     plan = plan_batch(args.inputs, out, spec)
     print(f"thresholds: {plan.thresholds}", file=sys.stderr)
     with progress_bar(len(plan.pending), "checking") as bar:
