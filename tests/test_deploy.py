@@ -227,10 +227,15 @@ def test_real_prometheus_scrapes_counters_and_evaluates_rules(
                     result = _api(base, "/api/v1/query", query=f"sum({query})")["data"]["result"]
                     if result:
                         values[query] = float(result[0]["value"][1])
-                # A ratio is NaN (0/0) until its window holds samples: wait until every
-                # queried series is there and finite, not only the first to appear.
+                # A ratio is NaN (0/0) until its window holds samples, and 0 while a rejected
+                # series has only one sample in it (rate() needs two): wait until every
+                # queried series is there, finite, and has seen this test's rejections.
                 finite = len(values) == 5 and all(math.isfinite(v) for v in values.values())
-                if finite and values["facegate:candidates:rate5m"] > 0:
+                if (
+                    finite
+                    and values["facegate:candidates:rate5m"] > 0
+                    and values["facegate:candidate_reject_ratio:rate5m"] > 0
+                ):
                     break
                 time.sleep(1.0)
             else:
