@@ -5,6 +5,9 @@ From the generator, with distinct seeds:
 - a gallery of generator outputs, enrolled as "training images" (as the demo index is);
 - near-copies: the gallery's latents plus N(0, sigma^2), for each sigma (what a generator
   that memorised a training image produces);
+- augmented copies: gallery images mirrored, cropped, shifted, rotated, brighter or darker,
+  recompressed (filter.augment: what a generator trained with those augmentations gives
+  back when it memorised a training image), one set per transform;
 - a calibration set and a test set of fresh samples (non-members).
 Thresholds are calibrated on the calibration set at the target false-reject rate, then
 near-copy recall and the test set's false-reject rate are measured at those thresholds.
@@ -26,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from filter.augment import PROBE_NAMES, probe_transform, transformed
 from filter.calibrate import Calibration, calibrate_thresholds
 from filter.decide import DecisionThresholds, ImageEvidence, NoFacePolicy, decide
 from filter.gallery import Enrolment
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, ImageFaces
 from filter.images import decode_image, list_images
 from filter.index import FaissIdentityIndex
-from filter.replica import low_res
+from filter.replica import frames
 from filter.runtime import detector_manifest, resolve_thresholds
 
 Generate = Callable[[np.ndarray], np.ndarray]
@@ -48,6 +52,8 @@ class EvaluationPlan:
     test: int = 1000
     target_false_reject: float = 0.05
     seed: int = 1000  # gallery seed; the others derive from it, all distinct
+    transforms: tuple[str, ...] = PROBE_NAMES  # filter.augment.PROBE_TRANSFORMS
+    transformed: int = 200  # per transform, from the first gallery images
 
 
 @dataclass
@@ -60,6 +66,18 @@ class SetScores:
     no_face: np.ndarray  # bool
     unusable: np.ndarray  # bool: unsupported geometry or a filter error
     sigma: float | None = None
+    transform: str | None = None  # filter.augment probe name
+
+    @property
+    def is_copy(self) -> bool:
+        """A set of copies of training images (recall), not of non-members (false rejects)."""
+        return self.sigma is not None or self.transform is not None
+
+    @property
+    def label(self) -> str:
+        if self.transform is not None:
+            return self.transform
+        return f"near-copies, sigma = {self.sigma:g}" if self.sigma is not None else self.name
 
     @property
     def scored(self) -> np.ndarray:
@@ -96,6 +114,12 @@ def rejection_rates(scores: SetScores, thresholds: DecisionThresholds) -> dict[s
     )
     either = identity | replica
     count = int(mask.sum())
+    no_face = scores.no_face
+    replica_on_no_face = (
+        scores.replica[no_face] >= thresholds.replica
+        if thresholds.replica is not None
+        else np.zeros(int(no_face.sum()), dtype=bool)
+    )
     return {
         "images": len(mask),
         "scored": count,
@@ -105,6 +129,10 @@ def rejection_rates(scores: SetScores, thresholds: DecisionThresholds) -> dict[s
         "rejected": float(either.mean()) if count else math.nan,
         "rejected_identity": float(identity.mean()) if count else math.nan,
         "rejected_replica": float(replica.mean()) if count else math.nan,
+        # Scored images that pass, and no-face images the replica signal catches (what
+        # FACEGATE_NO_FACE_POLICY=pass would still hold back).
+        "passed": int(count - either.sum()),
+        "no_face_rejected_replica": int(replica_on_no_face.sum()),
     }
 
 
@@ -131,6 +159,10 @@ class GeneratedEvaluation:
             line: dict[str, object] = {"set": scores.name}
             if scores.sigma is not None:
                 line["sigma"] = scores.sigma
+            if scores.transform is not None:
+                line["transform"] = scores.transform
+                line["description"] = probe_transform(scores.transform).description
+            if scores.is_copy:
                 line["recall"] = rates.pop("rejected")
             else:
                 line["false_reject"] = rates.pop("rejected")
@@ -170,7 +202,12 @@ def evaluate_generated(
     index = enrolment.build(detector_settings=detector_manifest(pipeline))
     measuring = IdentityFilter(pipeline, index, 1.0, NoFacePolicy.REJECT)
 
-    def scored(name: str, images: np.ndarray, sigma: float | None = None) -> SetScores:
+    def scored(
+        name: str,
+        images: np.ndarray | list[np.ndarray],
+        sigma: float | None = None,
+        transform: str | None = None,
+    ) -> SetScores:
         evidence: list[ImageEvidence] = []
         for start in range(0, len(images), 64):
             evidence.extend(measuring.evidence(list(images[start : start + 64])))
@@ -178,6 +215,7 @@ def evaluate_generated(
                 progress(min(64, len(images) - start))
         result = score_evidence(name, evidence)
         result.sigma = sigma
+        result.transform = transform
         return result
 
     sets: list[SetScores] = []
@@ -186,6 +224,10 @@ def evaluate_generated(
         noise = np.random.default_rng(plan.seed + 100 + k).standard_normal(base.shape)
         near = images_for((base + sigma * noise).astype(np.float32))
         sets.append(scored(f"near_copies_sigma_{sigma:g}", near, sigma))
+    originals = gallery_images[: plan.transformed]
+    for k, name in enumerate(plan.transforms):
+        copies = transformed(originals, probe_transform(name), plan.seed + 300 + k)
+        sets.append(scored(f"copies_{name}", copies, transform=name))
     calibration_scores = scored("calibration", images_for(latents(plan.seed + 1, plan.calibration)))
     sets.append(scored("fresh_test", images_for(latents(plan.seed + 2, plan.test))))
     mask = calibration_scores.scored
@@ -237,7 +279,7 @@ def evaluate_leave_one_out(identities_dir: Path, pipeline: FaceEmbeddingPipeline
     ]
     images = [decode_image(path) for _, path in photos]
     embedded: list[ImageFaces] = pipeline.embed_images(images)
-    rows = low_res(images)
+    rows = frames(images)
     detector = detector_manifest(pipeline)
 
     def index_without(excluded: set[int]) -> FaissIdentityIndex:
@@ -281,82 +323,3 @@ def evaluate_leave_one_out(identities_dir: Path, pipeline: FaceEmbeddingPipeline
             if hit:
                 report.false_rejects.append(str(photos[i][1]))
     return report
-
-
-def det_points(
-    member_scores: np.ndarray, non_member_scores: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(false-reject rate on non-members, miss rate on members) for every threshold."""
-    members = np.sort(member_scores[np.isfinite(member_scores)])
-    non_members = np.sort(non_member_scores[np.isfinite(non_member_scores)])
-    thresholds = np.unique(np.concatenate([members, non_members, [np.inf]]))
-    false_reject = 1.0 - np.searchsorted(non_members, thresholds, side="left") / len(non_members)
-    miss = np.searchsorted(members, thresholds, side="left") / len(members)
-    return false_reject, miss
-
-
-def combined_scores(scores: SetScores, reference: SetScores) -> np.ndarray:
-    """One score for both signals: each signal's rank among the non-member reference set,
-    the higher of the two (the union rule calibration uses)."""
-
-    def rank(values: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        ref = np.sort(ref[np.isfinite(ref)])
-        return np.searchsorted(ref, values, side="right") / max(len(ref), 1)
-
-    mask = reference.scored
-    identity = rank(scores.identity, reference.identity[mask])
-    replica = rank(scores.replica, reference.replica[mask])
-    return np.where(np.isfinite(scores.replica), np.maximum(identity, replica), identity)
-
-
-def draw_det(evaluation: GeneratedEvaluation, out: Path) -> None:
-    """DET curves per near-copy sigma: identity, replica, and both combined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    near = [s for s in evaluation.sets if s.sigma is not None]
-    test = next(s for s in evaluation.sets if s.sigma is None)
-    figure, axes = plt.subplots(1, len(near), figsize=(5 * len(near), 4.4), squeeze=False)
-    for axis, members in zip(axes[0], near, strict=True):
-        m, t = members.scored, test.scored
-        curves = {
-            "identity": (members.identity[m], test.identity[t]),
-            "replica": (members.replica[m], test.replica[t]),
-            "identity OR replica": (
-                combined_scores(members, test)[m],
-                combined_scores(test, test)[t],
-            ),
-        }
-        for label, (member_scores, non_member_scores) in curves.items():
-            if not np.isfinite(member_scores).any():
-                continue
-            false_reject, miss = det_points(member_scores, non_member_scores)
-            floor = 0.5 / max(len(member_scores), 1)
-            axis.plot(
-                np.maximum(false_reject, 1e-4), np.maximum(miss, floor), label=label, linewidth=1.6
-            )
-        rates = rejection_rates(members, evaluation.thresholds)
-        test_rates = rejection_rates(test, evaluation.thresholds)
-        axis.scatter(
-            [max(float(test_rates["rejected"]), 1e-4)],
-            [max(1.0 - float(rates["rejected"]), 0.5 / max(int(m.sum()), 1))],
-            color="black",
-            zorder=5,
-            label="calibrated operating point",
-        )
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xlim(1e-3, 1.0)
-        axis.set_ylim(1e-3, 1.0)
-        axis.axvline(evaluation.calibration.target_false_reject, color="grey", linestyle=":")
-        axis.set_xlabel("false rejects (fresh non-members rejected)")
-        axis.set_ylabel("misses (near-copies released)")
-        axis.set_title(f"near-copies, sigma = {members.sigma:g}")
-        axis.grid(True, which="both", alpha=0.3)
-        axis.legend(fontsize=8, loc="lower left")
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
-    plt.close(figure)

@@ -12,7 +12,7 @@ from filter.errors import FilterError, ImageError
 from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces, embedding_problem
 from filter.images import ImageLimits, decode_image, list_images
 from filter.index import FaissIdentityIndex
-from filter.replica import MIN_REPLICA_IMAGES, ReplicaFeaturizer, low_res
+from filter.replica import MIN_REPLICA_IMAGES, ReplicaFeaturizer, frames
 from filter.vector_table import IndexType
 
 
@@ -61,7 +61,7 @@ class EnrolledRows:
     vectors: np.ndarray  # face embeddings, one row per face
     identities: list[str]
     sources: list[str]
-    low_res: np.ndarray  # one row per readable image (see filter.replica.low_res)
+    frames: np.ndarray  # one working frame per readable image (see filter.replica.frames)
     replica_identities: list[str]
     replica_sources: list[str]
 
@@ -84,7 +84,7 @@ class EmbeddedChunk:
     skipped: list[dict[str, str]]
     labels: list[tuple[str, str]]
     results: list[ImageFaces]
-    low_res: np.ndarray
+    frames: np.ndarray  # replica working frames (filter.replica.frames), in memory only
 
 
 def gallery_chunks(gallery: Path, batch_size: int = 16) -> list[list[tuple[str, Path]]]:
@@ -114,11 +114,12 @@ def decode_chunk(
 
 
 def embed_chunk(decoded: DecodedChunk, pipeline: FaceEmbeddingPipeline) -> EmbeddedChunk:
-    """Faces, embeddings and replica low-res rows of a decoded chunk (one model call)."""
+    """Faces, embeddings and replica working frames of a decoded chunk (one model call)."""
     images = decoded.images
     results = pipeline.embed_images(images) if images else []
-    rows = low_res(images) if images else np.zeros((0, 0), np.float32)
-    return EmbeddedChunk(decoded.identities, decoded.skipped, decoded.labels, results, rows)
+    return EmbeddedChunk(
+        decoded.identities, decoded.skipped, decoded.labels, results, frames(images)
+    )
 
 
 class Enrolment:
@@ -133,7 +134,7 @@ class Enrolment:
         self._vectors: list[np.ndarray] = []
         self._identities: list[str] = []
         self._sources: list[str] = []
-        self._low_res: list[np.ndarray] = []
+        self._frames: list[np.ndarray] = []
         self._replica_identities: list[str] = []
         self._replica_sources: list[str] = []
         self._faces_per_identity: dict[str, int] = {}
@@ -148,19 +149,19 @@ class Enrolment:
             return
         images = [image for _, _, image in items]
         labels = [(identity, source) for identity, source, _ in items]
-        self.add_embedded(labels, self.pipeline.embed_images(images), low_res(images))
+        self.add_embedded(labels, self.pipeline.embed_images(images), frames(images))
 
     def add_embedded(
         self,
         labels: Sequence[tuple[str, str]],
         results: Sequence[ImageFaces],
-        low_res_rows: np.ndarray,
+        replica_frames: np.ndarray,
     ) -> None:
         """Enrol images already run through this enrolment's pipeline (evaluation reuses
         one embedding of each photo across many leave-one-out indexes)."""
         if not labels:
             return
-        self._low_res.append(np.asarray(low_res_rows, dtype=np.float32))
+        self._frames.append(np.asarray(replica_frames, dtype=np.uint8))
         report = self.report
         for (identity, source), result in zip(labels, results, strict=True):
             self.expect_identity(identity)
@@ -189,16 +190,16 @@ class Enrolment:
         for identity in chunk.identities:
             self.expect_identity(identity)
         self.report.skipped.extend(chunk.skipped)
-        self.add_embedded(chunk.labels, chunk.results, chunk.low_res)
+        self.add_embedded(chunk.labels, chunk.results, chunk.frames)
 
     def rows(self) -> EnrolledRows:
-        """What was enrolled so far, as rows (faces, and every image's low-res copy)."""
+        """What was enrolled so far, as rows (faces, and every image's working frame)."""
         dim = self.pipeline.embedder.dim
         return EnrolledRows(
             vectors=np.concatenate(self._vectors) if self._vectors else np.zeros((0, dim)),
             identities=list(self._identities),
             sources=list(self._sources),
-            low_res=np.concatenate(self._low_res) if self._low_res else np.zeros((0, 0)),
+            frames=np.concatenate(self._frames) if self._frames else frames([]),
             replica_identities=list(self._replica_identities),
             replica_sources=list(self._replica_sources),
         )
@@ -215,11 +216,11 @@ class Enrolment:
                 "to enrol (an empty index would release every face)"
             )
         embedder = self.pipeline.embedder
-        rows = np.concatenate(self._low_res)
+        training_frames = np.concatenate(self._frames)
         featurizer: ReplicaFeaturizer | None = None
-        if len(rows) >= MIN_REPLICA_IMAGES:
-            featurizer = ReplicaFeaturizer.fit(rows)
-            report.replica_images = len(rows)
+        if len(training_frames) >= MIN_REPLICA_IMAGES:
+            featurizer = ReplicaFeaturizer.fit(training_frames)
+            report.replica_images = len(training_frames)
         return FaissIdentityIndex.build(
             np.concatenate(self._vectors),
             self._identities,
@@ -235,7 +236,7 @@ class Enrolment:
                 "images_unsupported_geometry": len(report.unsearchable),
                 "images_skipped": len(report.skipped),
             },
-            replica_features=None if featurizer is None else featurizer.project(rows),
+            replica_features=None if featurizer is None else featurizer.enrolled(training_frames),
             replica_identities=self._replica_identities if featurizer else (),
             replica_sources=self._replica_sources if featurizer else (),
             replica_featurizer=featurizer,

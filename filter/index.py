@@ -1,10 +1,11 @@
 """The identity index: FAISS inner-product indexes over unit-length vectors.
 
-On disk an index is a folder (format 2):
+On disk an index is a folder (format 3):
   vectors.faiss         face embeddings (row i is vector i)
   labels.json           for each row: identity id (gallery folder name) and source file
-  replicas.faiss        low-frequency features of every enrolled training image
-  replica_labels.json   for each replica row: identity id and source file
+  replicas.faiss        replica features: `views` rows per enrolled training image
+                        (filter/replica.py), image by image
+  replica_labels.json   for each training image: identity id and source file
   calibration.json      optional: thresholds saved by `facegate calibrate --save`
   manifest.json         embedder, detector settings, replica feature, index type,
                         counts, build time, and the size and sha256 of every file above
@@ -75,7 +76,7 @@ class IdentityIndex(Protocol):
         ...
 
     def search_replicas(self, images: Sequence[np.ndarray]) -> list[Match]:
-        """Nearest enrolled training image of each whole image."""
+        """Nearest enrolled training image of each whole image (as it is or mirrored)."""
         ...
 
     @property
@@ -124,7 +125,10 @@ class FaissIdentityIndex:
         replica_sources: Sequence[str] = (),
         replica_featurizer: ReplicaFeaturizer | None = None,
     ) -> FaissIdentityIndex:
-        """Build in memory. An index with no face vector is refused: it would match nothing."""
+        """Build in memory. An index with no face vector is refused: it would match nothing.
+
+        `replica_features` holds `replica_featurizer.views` rows per training image, image
+        by image; `replica_identities` and `replica_sources` one label per image."""
         if len(identities) == 0:
             raise IdentityIndexError(
                 "no face to enrol: an empty identity index would release every face"
@@ -135,19 +139,21 @@ class FaissIdentityIndex:
         replicas = None
         replica_manifest: dict[str, object] | None = None
         if replica_featurizer is not None and replica_features is not None:
+            views = replica_featurizer.views
             features = np.ascontiguousarray(replica_features, dtype=np.float32).reshape(
-                len(replica_identities), -1
+                len(replica_identities) * views, -1
             )
             replicas = VectorTable(
                 "replica features",
                 make_faiss_index(features, index_type),
-                list(replica_identities),
-                list(replica_sources),
+                [identity for identity in replica_identities for _ in range(views)],
+                [source for source in replica_sources for _ in range(views)],
             )
             replica_manifest = {
                 **replica_featurizer.spec(),
                 "dim": replicas.dim,
                 "count": replicas.count,
+                "images": len(replica_identities),
             }
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
@@ -207,12 +213,29 @@ class FaissIdentityIndex:
         return self.replicas is not None
 
     def search_replicas(self, images: Sequence[np.ndarray]) -> list[Match]:
-        """Nearest enrolled training image of each image (whole image, low frequency)."""
+        """Nearest enrolled training image of each image (whole image, low frequency),
+        searched as it is and mirrored: the better match counts. Either search finding no
+        neighbour makes the image's match NO_MATCH (the filter rejects it)."""
         if self.replicas is None or self.replica_featurizer is None:
             return [NO_MATCH] * len(images)
         if len(images) == 0:
             return []
-        return self.replicas.search(self.replica_featurizer.features(images))
+        queries = self.replica_featurizer.queries(images)
+        found = self.replicas.search(queries.reshape(len(images) * 2, -1))
+        out: list[Match] = []
+        for as_is, mirrored in zip(found[0::2], found[1::2], strict=True):
+            if not (as_is.found and mirrored.found):
+                out.append(NO_MATCH)
+            else:
+                out.append(as_is if as_is.similarity >= mirrored.similarity else mirrored)
+        return out
+
+    def replica_images(self) -> tuple[list[str], list[str]]:
+        """(identity, source) of each enrolled training image, in row order."""
+        if self.replicas is None or self.replica_featurizer is None:
+            return [], []
+        views = self.replica_featurizer.views
+        return self.replicas.identities[::views], self.replicas.sources[::views]
 
     def source_of(self, row: int) -> str:
         return self.faces.sources[row]
@@ -240,7 +263,10 @@ class FaissIdentityIndex:
             write_json(staging / LABELS_FILE, labels_of(self.faces))
             if self.replicas is not None and self.replica_featurizer is not None:
                 faiss.write_index(self.replicas.index, str(staging / REPLICAS_FILE))
-                write_json(staging / REPLICA_LABELS_FILE, labels_of(self.replicas))
+                write_json(
+                    staging / REPLICA_LABELS_FILE,
+                    labels_of(self.replicas, self.replica_featurizer.views),
+                )
                 self.replica_featurizer.save(staging)
                 written += [REPLICAS_FILE, REPLICA_LABELS_FILE, PROJECTION_FILE]
             if self.calibration is not None:
@@ -303,7 +329,13 @@ class FaissIdentityIndex:
             if not isinstance(replica_spec, dict):
                 raise IndexCorruptError(f"{folder}/{MANIFEST_FILE}: replica must be an object")
             featurizer = ReplicaFeaturizer.load(folder, replica_spec)
-            replicas = read_table(folder, "replica features", REPLICAS_FILE, REPLICA_LABELS_FILE)
+            replicas = read_table(
+                folder,
+                "replica features",
+                REPLICAS_FILE,
+                REPLICA_LABELS_FILE,
+                rows_per_label=featurizer.views,
+            )
             replicas.check_faiss(folder, featurizer.dim)
         calibration = read_calibration(folder, manifest)
         loaded = cls(

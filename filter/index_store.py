@@ -18,8 +18,15 @@ from filter.models import sha256_file
 from filter.replica import PROJECTION_FILE
 from filter.vector_table import VectorTable
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Format 1 had no replica features, no self-test guarantees and no saved calibration.
+# Format 2's replica feature was one view per training image, blind to mirrored, cropped
+# and shifted copies; format 3 enrols several views of each (filter/replica.py).
+FORMAT_CHANGES = {
+    2: "adds replica features, a load self-test and a saved calibration",
+    3: "changes the replica feature so that mirrored, cropped and shifted copies of a "
+    "training image are caught",
+}
 VECTORS_FILE = "vectors.faiss"
 LABELS_FILE = "labels.json"
 REPLICAS_FILE = "replicas.faiss"
@@ -33,9 +40,14 @@ MANIFEST_FILE = "manifest.json"
 DETECTOR_KEYS_EXCLUDED_FROM_MATCH = frozenset({"min_face_fraction"})
 
 
-def labels_of(table: VectorTable) -> list[dict[str, str]]:
+def labels_of(table: VectorTable, rows_per_label: int = 1) -> list[dict[str, str]]:
+    """One label per `rows_per_label` consecutive rows (a training image's replica views
+    share its label)."""
     return [
-        {"identity": i, "source": s} for i, s in zip(table.identities, table.sources, strict=True)
+        {"identity": i, "source": s}
+        for i, s in zip(
+            table.identities[::rows_per_label], table.sources[::rows_per_label], strict=True
+        )
     ]
 
 
@@ -58,11 +70,15 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise IndexCorruptError(f"{manifest_path} is not a valid manifest: {exc}") from None
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
+        changes = "; ".join(
+            f"format {v} {text}"
+            for v, text in FORMAT_CHANGES.items()
+            if not isinstance(version, int) or v > version
+        )
         raise IndexMismatchError(
             f"{folder} has index format {version}, this facegate reads format "
-            f"{FORMAT_VERSION} (which adds replica features, a load self-test and a saved "
-            "calibration); rebuild it with `facegate index build GALLERY --out "
-            f"{folder}` (`make run` rebuilds its demo index by itself)"
+            f"{FORMAT_VERSION} ({changes}); rebuild it with `facegate index build GALLERY "
+            f"--out {folder}` (`make run` rebuilds its demo index by itself)"
         )
     return manifest
 
@@ -140,15 +156,17 @@ def _normalised(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
-def read_table(folder: Path, name: str, vectors_file: str, labels_file: str) -> VectorTable:
+def read_table(
+    folder: Path, name: str, vectors_file: str, labels_file: str, rows_per_label: int = 1
+) -> VectorTable:
     try:
         index = faiss.read_index(str(folder / vectors_file))
     except RuntimeError as exc:
         raise IndexCorruptError(f"cannot read {folder / vectors_file}: {exc}") from None
     try:
         labels = json.loads((folder / labels_file).read_text())
-        identities = [str(row["identity"]) for row in labels]
-        sources = [str(row["source"]) for row in labels]
+        identities = [str(row["identity"]) for row in labels for _ in range(rows_per_label)]
+        sources = [str(row["source"]) for row in labels for _ in range(rows_per_label)]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise IndexCorruptError(f"{folder / labels_file} is not valid: {exc}") from None
     return VectorTable(name, index, identities, sources)

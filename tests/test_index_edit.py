@@ -11,8 +11,10 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from filter.augment import crop, mirror
 from filter.decide import DecisionThresholds, NoFacePolicy
 from filter.errors import FilterError
 from filter.faces import DetectorSettings
@@ -22,6 +24,7 @@ from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from filter.index_edit import add_gallery, remove_identities
 from filter.index_release import publish, publish_folder
+from filter.replica import VIEWS
 from filter.runtime import load_index_for
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
@@ -68,7 +71,13 @@ def test_add_enrols_faces_and_replicas_and_drops_the_calibration(
     assert report.calibration.startswith("dropped") and report.replicas == "in step"
     assert before.replicas is not None and edited.replicas is not None
     images = len(list((identities_dir / "id04").glob("*.jpg")))
-    assert edited.replicas.count == before.replicas.count + images  # one row per image
+    assert len(edited.replica_images()[0]) == len(before.replica_images()[0]) + images
+    assert edited.replicas.count == before.replicas.count + images * VIEWS  # views per image
+    # The added rows are the index's own feature: a mirrored, cropped copy of an added
+    # training image meets it at once, an old training image still meets its own rows.
+    copy = crop(mirror(decode_image(photo)), 0.88, 1.0, 0.0)
+    (found,) = edited.search_replicas([copy])
+    assert found.identity == "id04" and found.similarity > 0.99
     assert edited.faces.count > before.faces.count
     assert _rows(edited) == (
         set(before.faces.identities) | {"id04"},
@@ -101,6 +110,15 @@ def test_remove_drops_every_row_of_the_identity_and_keeps_the_calibration(
     )
     assert edited.replicas.count == before.replicas.count - sum(
         1 for i in before.replicas.identities if i == REMOVED
+    )
+    assert edited.replicas.count == VIEWS * len(edited.replica_images()[0])
+    kept = [i for i, identity in enumerate(before.replica_images()[0]) if identity != REMOVED]
+    # Each kept image keeps its whole block of views, in order.
+    assert np.array_equal(
+        edited.replicas.vectors(),
+        before.replicas.vectors()
+        .reshape(-1, VIEWS, before.replicas.dim)[kept]
+        .reshape(-1, before.replicas.dim),
     )
     assert edited.calibration == CALIBRATION and report.calibration.startswith("kept")
     out = tmp_path / "removed"

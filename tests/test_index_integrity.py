@@ -31,10 +31,10 @@ def _index(n: int = 60, dim: int = 16) -> FaissIdentityIndex:
     rng = np.random.default_rng(3)
     vectors = _unit(rng.standard_normal((n, dim)))
     images = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
-    from filter.replica import low_res
+    from filter.replica import frames
 
-    rows = low_res(list(images))
-    featurizer = ReplicaFeaturizer.fit(rows, components=8)
+    framed = frames(list(images))
+    featurizer = ReplicaFeaturizer.fit(framed, components=8)
     return FaissIdentityIndex.build(
         vectors,
         [f"id{i % 6}" for i in range(n)],
@@ -42,7 +42,7 @@ def _index(n: int = 60, dim: int = 16) -> FaissIdentityIndex:
         embedder_name="test",
         model_sha256="0" * 64,
         detector=DETECTOR,
-        replica_features=featurizer.project(rows),
+        replica_features=featurizer.enrolled(framed),
         replica_identities=[f"id{i % 6}" for i in range(n)],
         replica_sources=[f"f{i}.jpg" for i in range(n)],
         replica_featurizer=featurizer,

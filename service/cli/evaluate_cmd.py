@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli.common import (
+    CliError,
     configured_generator,
     embedding_pipeline,
     emit,
@@ -32,14 +33,19 @@ def _faces_dir(args: argparse.Namespace) -> Path | None:
 
 
 def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
-    from filter.evaluate import (
-        EvaluationPlan,
-        draw_det,
-        evaluate_generated,
-        evaluate_leave_one_out,
-    )
+    from filter.augment import PROBE_NAMES
+    from filter.det_plot import draw_det
+    from filter.evaluate import EvaluationPlan, evaluate_generated, evaluate_leave_one_out
     from service.generators import latents_for
 
+    transforms = tuple(args.transform or PROBE_NAMES)
+    if transforms == ("none",):
+        transforms = ()
+    unknown = [t for t in transforms if t not in PROBE_NAMES]
+    if unknown:
+        raise CliError(
+            f"unknown --transform {', '.join(unknown)}; known: {', '.join(PROBE_NAMES)}, or none"
+        )
     plan = EvaluationPlan(
         gallery=args.gallery,
         near_copies=min(args.near_copies, args.gallery),
@@ -48,11 +54,19 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
         test=args.test,
         target_false_reject=args.target_false_reject,
         seed=args.seed,
+        transforms=transforms,
+        transformed=min(args.transformed, args.gallery),
     )
     pipeline = embedding_pipeline(settings, args)
     generator = configured_generator(settings)
     key = seed_key(settings)
-    total = plan.gallery + plan.near_copies * len(plan.sigmas) + plan.calibration + plan.test
+    total = (
+        plan.gallery
+        + plan.near_copies * len(plan.sigmas)
+        + plan.transformed * len(plan.transforms)
+        + plan.calibration
+        + plan.test
+    )
     with progress_bar(total, "evaluating") as bar:
         evaluation, _ = evaluate_generated(
             generator.generate,
@@ -84,6 +98,16 @@ def register(sub: Any) -> None:
     evaluate.add_argument(
         "--sigma", type=float, action="append", help="near-copy noise (default 0.1, 0.2, 0.3)"
     )
+    evaluate.add_argument(
+        "--transform",
+        action="append",
+        metavar="NAME",
+        help="augmented copies to measure (repeat; default all of filter.augment's probe "
+        "transforms; 'none' for none)",
+    )
+    evaluate.add_argument(
+        "--transformed", type=positive_int, default=200, help="gallery images per transform"
+    )
     evaluate.add_argument("--calibration", type=positive_int, default=1000)
     evaluate.add_argument("--test", type=positive_int, default=1000)
     evaluate.add_argument("--target-false-reject", type=rate, default=0.05)
@@ -91,4 +115,4 @@ def register(sub: Any) -> None:
     evaluate.add_argument("--faces", help="test faces folder (with identities/); default ours")
     evaluate.add_argument("--det", metavar="PNG", help="write DET curves to this file")
     model_options(evaluate)
-    evaluate.set_defaults(handler=cmd_evaluate, sigma=None)
+    evaluate.set_defaults(handler=cmd_evaluate, sigma=None, transform=None)
