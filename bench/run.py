@@ -70,6 +70,7 @@ def main(argv: list[str]) -> int:
                     "fast_path_agreement",
                     "speedup",
                     "embedder_fraction",
+                    "replica_throughput_ratio",
                 )
             }
         )

@@ -35,8 +35,10 @@ def crop(image: np.ndarray, side: float, fx: float = 0.5, fy: float = 0.5) -> np
     height, width = image.shape[:2]
     w, h = side * width, side * height
     x0, y0 = fx * (width - w), fy * (height - h)
-    # An affine map of the window onto the frame: sub-pixel windows stay exact.
-    matrix = np.array([[1.0 / side, 0.0, -x0 / side], [0.0, 1.0 / side, -y0 / side]])
+    # An affine map of the window onto the frame, pixel centres to pixel centres
+    # (x + 0.5 = (u + 0.5 - x0) / side): sub-pixel windows stay exact.
+    tx, ty = (0.5 - x0) / side - 0.5, (0.5 - y0) / side - 0.5
+    matrix = np.array([[1.0 / side, 0.0, tx], [0.0, 1.0 / side, ty]])
     return cv2.warpAffine(
         np.ascontiguousarray(image),
         matrix,

@@ -38,10 +38,11 @@ def combined_scores(scores: SetScores, reference: SetScores) -> np.ndarray:
     return np.where(np.isfinite(scores.replica), np.maximum(identity, replica), identity)
 
 
-def draw_det(evaluation: GeneratedEvaluation, out: Path) -> None:
+def draw_det(evaluation: GeneratedEvaluation, out: Path) -> list[str]:
     """DET curves: one panel per near-copy sigma (identity, replica, and both combined),
     and one panel of the augmented copies (both combined, one curve per transform). Every
-    legend entry of a set of copies carries its recall at the calibrated thresholds."""
+    legend entry of a set of copies carries its recall at the calibrated thresholds.
+    Returns the legend entries, panel by panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,10 +108,17 @@ def draw_det(evaluation: GeneratedEvaluation, out: Path) -> None:
             )
         axis.axvline(operating_x, color="black", linestyle="--", linewidth=0.8)
         _det_axes(axis, evaluation, "augmented copies of training images (identity OR replica)")
+    legends = [
+        text.get_text()
+        for axis in axes[0]
+        if axis.get_legend() is not None
+        for text in axis.get_legend().get_texts()
+    ]
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
     plt.close(figure)
+    return legends
 
 
 def _det_axes(axis: Any, evaluation: GeneratedEvaluation, title: str) -> None:

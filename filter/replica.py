@@ -165,8 +165,8 @@ class ReplicaFeaturizer:
         return cls(mean=mean.astype(np.float32), basis=basis.astype(np.float32))
 
     def project(self, low_res_rows: np.ndarray) -> np.ndarray:
-        """Unit rows; a flat image (no variation) gives a NaN row, which finds no
-        neighbour and so is rejected as a filter error rather than passed."""
+        """Unit rows; a row that projects to nothing (norm ~0) becomes NaN, which finds
+        no neighbour and so is rejected as a filter error rather than passed."""
         projected = (np.asarray(low_res_rows, dtype=np.float32) - self.mean) @ self.basis.T
         norms = np.linalg.norm(projected, axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
