@@ -202,12 +202,20 @@ def test_leave_one_out_real_photos_at_the_default_thresholds(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # 1,600 generated images through the whole filter
-def test_near_copy_recall_at_the_calibrated_false_reject_rate(
+@pytest.mark.timeout(2400)  # 4,000 generated images through the whole filter
+def test_copy_recall_at_the_calibrated_false_reject_rate(
     pipeline: FaceEmbeddingPipeline, generator: object
 ) -> None:
+    """Issue 23's targets at a 5 % false-reject target: near-copies, and copies changed by
+    the augmentations generators are trained with (filter.augment), one set of 200 each."""
     plan = EvaluationPlan(
-        gallery=200, near_copies=200, sigmas=(0.2,), calibration=600, test=600, seed=4242
+        gallery=200,
+        near_copies=200,
+        sigmas=(0.2, 0.3),
+        calibration=600,
+        test=600,
+        seed=4242,
+        transformed=200,
     )
     evaluation, _ = evaluate_generated(
         generator.generate,  # type: ignore[attr-defined]
@@ -215,11 +223,21 @@ def test_near_copy_recall_at_the_calibrated_false_reject_rate(
         pipeline,
         plan,
     )
-    lines = {line["set"]: line for line in evaluation.lines()}
-    near, fresh = lines["near_copies_sigma_0.2"], lines["fresh_test"]
-    assert float(near["recall"]) >= 0.97  # type: ignore[arg-type]
+    lines = {str(line["set"]): line for line in evaluation.lines()}
+
+    def recall(name: str) -> float:
+        return float(lines[name]["recall"])  # type: ignore[arg-type]
+
+    assert recall("near_copies_sigma_0.2") >= 0.97
+    # Format 2's feature measured 0.974 at sigma 0.3 (README); the views must not cost it.
+    assert recall("near_copies_sigma_0.3") >= 0.96
+    assert recall("copies_mirrored") >= 0.99
+    for name in ("crop_center_85", "crop_random_15", "shift_15", "mirrored_crop_15"):
+        assert recall(f"copies_{name}") >= 0.97, name
+    for name in ("rotate_5", "brightness_10", "contrast_10", "jpeg", "webp", "augmented"):
+        assert recall(f"copies_{name}") >= 0.97, name
     # 5 % targeted on the calibration set; 600 fresh samples measure it within ~2 points.
-    assert float(fresh["false_reject"]) <= 0.07  # type: ignore[arg-type]
+    assert float(lines["fresh_test"]["false_reject"]) <= 0.07  # type: ignore[arg-type]
     assert evaluation.thresholds.replica is not None
     assert math.isfinite(evaluation.thresholds.identity)
     assert isinstance(evaluation.thresholds, DecisionThresholds)
