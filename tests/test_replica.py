@@ -29,6 +29,7 @@ from filter.evaluate import EvaluationPlan, evaluate_generated
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.index import FaissIdentityIndex
 from filter.replica import VIEWS, ReplicaFeaturizer, frames
+from filter.vector_table import NO_MATCH
 from service.generators import latents_for, load_dcgan_digiface
 
 DETECTOR = {"detector": "test", "detector_version": 1}
@@ -172,6 +173,50 @@ def test_every_augmentation_is_caught_at_a_5_percent_false_reject_rate(
         own = [m.identity == f"train-{i}" for i, m in enumerate(found)]
         assert np.mean(caught) >= 0.95, (transform.name, np.mean(caught), threshold)
         assert np.mean(own) >= 0.95, (transform.name, np.mean(own))
+
+
+def test_the_worst_crops_and_shifts_are_caught_too(
+    replica_index: FaissIdentityIndex, generated: dict[str, np.ndarray]
+) -> None:
+    """The corners of the issue's bounds: an 85 % window in a corner, a 15 % diagonal
+    shift, each mirrored or not. Random draws rarely reach them."""
+    fresh = np.array(
+        [m.similarity for m in replica_index.search_replicas(list(generated["fresh"]))]
+    )
+    threshold = float(np.quantile(fresh, 0.95))
+    training = list(generated["training"])
+    worst = {
+        "corner crop": [crop(image, 0.85, i % 2, (i // 2) % 2) for i, image in enumerate(training)],
+        "diagonal shift": [
+            shift(image, 0.15 * (1 - 2 * (i % 2)), 0.15 * (1 - 2 * ((i // 2) % 2)))
+            for i, image in enumerate(training)
+        ],
+    }
+    worst["mirrored corner crop"] = [mirror(image) for image in worst["corner crop"]]
+    for name, copies in worst.items():
+        found = replica_index.search_replicas(copies)
+        caught = np.mean([m.similarity >= threshold for m in found])
+        assert caught >= 0.95, (name, caught, threshold)
+
+
+def test_an_image_whose_either_search_finds_nothing_is_no_match(
+    replica_index: FaissIdentityIndex,
+    generated: dict[str, np.ndarray],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fail closed: the as-is search alone must not decide when the other found nothing
+    (a NaN query reaches no neighbour); the filter then rejects the image."""
+    real = ReplicaFeaturizer.queries
+
+    def half_broken(self: ReplicaFeaturizer, images: list[np.ndarray]) -> np.ndarray:
+        rows = real(self, images)
+        rows[0, 0] = np.nan  # image 0: the as-is search finds nothing
+        rows[1, 1] = np.nan  # image 1: the mirrored one
+        return rows
+
+    monkeypatch.setattr(ReplicaFeaturizer, "queries", half_broken)
+    found = replica_index.search_replicas(list(generated["training"][:3]))
+    assert found[:2] == [NO_MATCH, NO_MATCH] and found[2].identity == "train-2"
 
 
 def test_an_index_with_the_previous_replica_feature_is_refused_with_the_rebuild_command(
