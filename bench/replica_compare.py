@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
     codes = args.code or [REPO]
     with tempfile.TemporaryDirectory(prefix="replica-compare-") as scratch:
         sets_file = Path(scratch) / "sets.npz"
-        np.savez(sets_file, **build_sets(args.per_probe, args.calibration, args.test))
+        np.savez(sets_file, **build_sets(args.per_probe, args.calibration, args.test))  # type: ignore[arg-type]
         results: dict[str, list[dict[str, Any]]] = {}
         for code in codes:
             from bench.common import MODELS

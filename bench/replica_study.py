@@ -33,6 +33,7 @@ Features tried:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -114,7 +115,7 @@ def collect(out: Path, seed: int) -> None:
         arrays[f"{name}/no_face"] = np.array(no_face)
         arrays[f"{name}/landmarks"] = np.stack(landmarks)
         print(f"collected {name}: {len(images)}", file=sys.stderr, flush=True)
-    np.savez_compressed(out, names=np.array(list(sets)), **arrays)
+    np.savez_compressed(out, names=np.array(list(sets)), **arrays)  # type: ignore[arg-type]
 
 
 # --- features ----------------------------------------------------------------------------
@@ -357,11 +358,9 @@ def features(sscd_dir: Path | None) -> list[Feature]:
         AlignedFrame(),
         Descriptor("Fourier magnitude (invariant)", fourier_magnitude, centre=True),
     ]
-    try:
-        import pdqhash  # type: ignore[import-not-found]  # noqa: F401
-
+    if importlib.util.find_spec("pdqhash") is not None:
         out.append(Descriptor("PDQ hash (pdqhash), mirrored enrolled", pdq, centre=False))
-    except ImportError:
+    else:
         print("pdqhash not installed: PDQ skipped", file=sys.stderr)
     if sscd_dir is not None:
         out.append(
