@@ -28,7 +28,7 @@ from service.config import Settings
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.server import main_serve
-from tests.conftest import REPO
+from tests.conftest import REPO, write_seed_key
 from tests.servers import InProcessServer, SubprocessServer, metric_value, scrape, wait_until
 
 DEMO_THRESHOLD = 0.56
@@ -45,6 +45,7 @@ def settings_for(index: Path, tmp_path: Path, **overrides: object) -> Settings:
         "device": "cpu",
         "audit_log": str(tmp_path / "audit.jsonl"),
         "grace_seconds": 10.0,
+        "seed_key_file": write_seed_key(tmp_path),
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
