@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from filter.detection_policy import uses_fast_path
 from filter.errors import FilterError
 from filter.runtime import DEFAULT_IDENTITY_THRESHOLD, build_embedding_pipeline
-from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog
+from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog, open_owner_only
 from service.client_identity import ClientAllowlist
 from service.config import Settings, unknown_env_warnings
 from service.encoding import ContentSigner
@@ -172,6 +172,17 @@ def keys_for(settings: Settings) -> ServiceKeys:
         raise StartupError(str(exc)) from None
 
 
+def check_audit_destination(settings: Settings) -> None:
+    """Open (and create) an audit file once before the models load, so that a symlink, a
+    second hard link or a missing permission stops startup at once, naming the file."""
+    if settings.audit_log in ("stderr", "none"):
+        return
+    try:
+        open_owner_only(Path(settings.audit_log)).close()
+    except AuditFileError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def seed_key_for(settings: Settings) -> bytes | None:
     """The seed key; StartupError without one (unless opted out) or if it is unusable."""
     return keys_for(settings).seed_key
@@ -265,8 +276,9 @@ class FacegateServer:
         log_effective_config(self.settings, self.metrics)
         check_content_credentials(self.settings)
         # After the configuration checks, before anything is served or loaded: no key, no
-        # server (unless opted out), and the audit log's key is settled.
+        # server (unless opted out); the audit log's key and file are settled.
         keys_for(self.settings)
+        check_audit_destination(self.settings)
         if self.settings.metrics_enabled:
             self._serve_metrics()
         allowlist = ClientAllowlist(self.settings.tls_client_allowed)

@@ -29,7 +29,7 @@ TEST_SEED_KEY = bytes(range(100, 132))
 
 def write_seed_key(folder: Path, key: bytes = TEST_SEED_KEY) -> Path:
     """The test key as a file in `folder` (owner-only), for FACEGATE_SEED_KEY_FILE."""
-    path = Path(folder) / "seed.key"
+    path = Path(folder) / "test-seed.key"
     if not path.exists() or path.read_bytes() != key:
         path.write_bytes(key)
         path.chmod(0o600)

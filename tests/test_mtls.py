@@ -149,12 +149,14 @@ def _healthcheck(target: str, env: dict[str, str]) -> subprocess.CompletedProces
 
 def test_health_check_follows_the_tls_settings(mtls_server: InProcessServer, pki: Path) -> None:
     target = f"127.0.0.1:{mtls_server.server.grpc_port}"
-    # The server's own pair, here signed by the client CA, is the probe's client certificate.
+    # The probe presents a client certificate of its own (FACEGATE_TLS_CLIENT_CERT/_KEY).
     env = {
         "FACEGATE_TLS_CERT": str(pki / "server.crt"),
         "FACEGATE_TLS_KEY": str(pki / "server.key"),
         "FACEGATE_TLS_CLIENT_CA": str(pki / "ca.crt"),
         "FACEGATE_TLS_CA": str(pki / "ca.crt"),
+        "FACEGATE_TLS_CLIENT_CERT": str(pki / "alice.crt"),
+        "FACEGATE_TLS_CLIENT_KEY": str(pki / "alice.key"),
     }
     ok = _healthcheck(target, env)
     assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
