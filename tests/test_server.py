@@ -264,7 +264,10 @@ def test_responses_carry_no_membership_oracle() -> None:
 
 
 def test_audit_log_records_rejections_without_image_data(
-    server: InProcessServer, stub: pb_grpc.GenerationServiceStub, demo_index: Path
+    server: InProcessServer,
+    stub: pb_grpc.GenerationServiceStub,
+    demo_index: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Seed 1 slot k attempt 0 is enrolled in the demo index: the first candidates are rejected.
     response = stub.Generate(pb.GenerateRequest(count=2, seed=1), timeout=60)
@@ -298,6 +301,78 @@ def test_audit_log_records_rejections_without_image_data(
     assert matched and all(identity in pseudonyms for identity in matched)
     assert not any(label in line for line in audit for label in labels)
     assert max(len(line) for line in audit) < 1000  # no image data in any line
+    # `facegate audit hash` gives an operator the same pseudonym for a label they know.
+    from service.cli import main as cli_main
+
+    label = pseudonyms[matched[0]]
+    key_file = server.server.settings.seed_key_file
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FACEGATE_SEED_KEY_FILE", str(key_file))
+        env.delenv("FACEGATE_AUDIT_KEY_FILE", raising=False)
+        assert cli_main(["audit", "hash", label]) == 0
+    assert capsys.readouterr().out.strip() == matched[0]
+
+
+def test_the_server_makes_its_own_request_id_and_keeps_the_callers_in_the_audit_log(
+    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    caller_id = "client-trace:42.a_b-c"
+    response = stub.Generate(
+        pb.GenerateRequest(count=2, seed=1), timeout=60, metadata=(("x-request-id", caller_id),)
+    )
+    request_id = response.summary.request_id
+    assert request_id != caller_id and len(request_id) == 32 and int(request_id, 16) >= 0
+    records = [
+        json.loads(line) for line in Path(server.server.settings.audit_log).read_text().splitlines()
+    ]
+    mine = [r for r in records if r["request_id"] == request_id]
+    assert mine and all(r["caller_request_id"] == caller_id for r in mine)
+    assert not [r for r in records if r["request_id"] == caller_id]
+    for bad in ("has space", "x" * 65, "-leading-dash", 'quote"', "semi;colon"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(
+                pb.GenerateRequest(count=1), timeout=30, metadata=(("x-request-id", bad),)
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "x-request-id" in (info.value.details() or "")
+
+
+def test_one_anonymous_peer_cannot_hold_every_slot(server: InProcessServer) -> None:
+    """With FACEGATE_MAX_CONCURRENT_PER_PEER=1, a second call from the same address is
+    refused at once while the first is held in the generator; the first then completes."""
+    from tests.test_status_table import CountingGenerator
+
+    assert server.server.loaded is not None
+    engine = server.server.loaded.batcher.engine
+    admission = server.server.admission
+    real, held = engine.generator, CountingGenerator(engine.generator)
+    held.gate.clear()
+    engine.generator = held  # type: ignore[assignment]
+    admission.max_per_peer = 1
+    results: dict[str, object] = {}
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+
+            def long_call() -> None:
+                results["long"] = stub.Generate(pb.GenerateRequest(count=2), timeout=120)
+
+            thread = threading.Thread(target=long_call)
+            thread.start()
+            try:
+                assert held.entered.wait(60), "the long call never reached the generator"
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Generate(pb.GenerateRequest(count=1), timeout=30)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "this client" in (info.value.details() or "")
+                assert admission.inflight == 1 < admission.max_concurrent
+            finally:
+                held.gate.set()
+            thread.join(120)
+    finally:
+        engine.generator = real
+        admission.max_per_peer = 0
+    assert len(results["long"].images) == 2  # type: ignore[attr-defined]
 
 
 def test_concurrency_cap_answers_resource_exhausted_at_once(
