@@ -15,6 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from service.cli import main as cli_main
 from service.errors import Overloaded
@@ -122,6 +125,9 @@ def test_client_signed_by_the_ca_is_served_and_audited(
     )
     with channel:
         response = _call(channel, seed=1)  # seed 1 meets enrolled faces: rejections are audited
+        # Allowed (by subject, in another RDN order than gRPC writes it): reflection too.
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "facegate.v1.GenerationService" in services
     assert len(response.images) == 2 and response.summary.candidates_rejected >= 1
     audit = Path(mtls_server.server.settings.audit_log).read_text().splitlines()
     mine = [
@@ -223,7 +229,9 @@ def test_a_certificate_of_the_client_ca_not_on_the_allowlist_is_denied_everywher
                     pb.GenerateRequest(count=1), timeout=10
                 )
             )
-    for refused in (generate, health, stream):
+        with pytest.raises(grpc.RpcError) as reflection:
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+    for refused in (generate, health, stream, reflection):
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "FACEGATE_TLS_CLIENT_ALLOWED" in (refused.value.details() or "")
 
