@@ -14,16 +14,44 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.audit import identity_hasher
+from service.audit import AuditFileError, identity_hasher, open_owner_only
 from service.config import Settings
+from service.errors import StartupError
 from service.generators import MIN_SEED_KEY_BYTES, load_seed_key
 from service.metrics_http import MetricsEndpoint
 
 log = logging.getLogger("facegate.server")
 
 
-class SecurityError(Exception):
-    """A setting the server cannot start with; the message says what to set."""
+def preflight(settings: Settings) -> None:
+    """Cheap checks that give a clear message before anything heavy starts."""
+    index = Path(settings.index_path)
+    if not (index / "manifest.json").is_file():
+        raise StartupError(
+            f"no identity index at {index} (FACEGATE_INDEX_PATH). A privacy filter without its "
+            "index protects no one: build one with `facegate index build GALLERY --out "
+            f"{index}` (or `make demo-index` for the demo)"
+        )
+    for variable, path in (
+        ("FACEGATE_TLS_CERT", settings.tls_cert),
+        ("FACEGATE_TLS_KEY", settings.tls_key),
+        ("FACEGATE_TLS_CLIENT_CA", settings.tls_client_ca),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise StartupError(f"{variable} {path} does not exist")
+    for warning in transport_warnings(settings):
+        log.warning("%s", warning)
+
+
+def check_audit_destination(settings: Settings) -> None:
+    """Open (and create) an audit file once before the models load, so that a symlink, a
+    second hard link or a missing permission stops startup at once, naming the file."""
+    if settings.audit_log in ("stderr", "none"):
+        return
+    try:
+        open_owner_only(Path(settings.audit_log)).close()
+    except AuditFileError as exc:
+        raise StartupError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -39,11 +67,11 @@ def seed_key_or_refuse(settings: Settings) -> bytes | None:
     try:
         key = load_seed_key(settings.seed_key_file)
     except ValueError as exc:
-        raise SecurityError(str(exc)) from None
+        raise StartupError(str(exc)) from None
     if key is not None:
         return key
     if not settings.allow_unkeyed_seeds:
-        raise SecurityError(
+        raise StartupError(
             "no seed key: FACEGATE_SEED_KEY_FILE is not set. Without it a latent is a public "
             "function of the seed, so any caller who sees `attempts > 1` can regenerate the "
             "held-back candidates (the training faces the filter caught) from the public "
@@ -69,11 +97,11 @@ def audit_master_key(settings: Settings, seed_key: bytes | None) -> bytes | None
     try:
         key = path.read_bytes()
     except OSError as exc:
-        raise SecurityError(
+        raise StartupError(
             f"FACEGATE_AUDIT_KEY_FILE {path} cannot be read: {exc.strerror}"
         ) from None
     if len(key) < MIN_SEED_KEY_BYTES:
-        raise SecurityError(
+        raise StartupError(
             f"FACEGATE_AUDIT_KEY_FILE {path} holds {len(key)} bytes; at least "
             f"{MIN_SEED_KEY_BYTES} are needed"
         )
@@ -96,7 +124,7 @@ def audit_identity_hasher(
         return None
     master = audit_master_key(settings, seed_key)
     if master is None:
-        raise SecurityError(
+        raise StartupError(
             "the audit log hashes identities under a key derived from FACEGATE_SEED_KEY_FILE, "
             "which is not set (FACEGATE_ALLOW_UNKEYED_SEEDS=true): set FACEGATE_AUDIT_KEY_FILE "
             "to a key of its own, or FACEGATE_AUDIT_CLEAR_IDENTITIES=true to write identities "
@@ -111,6 +139,8 @@ def audit_identity_hasher(
 
 
 def service_keys(settings: Settings) -> ServiceKeys:
+    """The seed key and the audit log's identity hashing; StartupError (saying what to set)
+    without a seed key unless unkeyed seeds are opted into, or with an unusable key file."""
     seed_key = seed_key_or_refuse(settings)
     return ServiceKeys(seed_key, audit_identity_hasher(settings, seed_key))
 

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -22,10 +21,11 @@ from grpc_reflection.v1alpha import reflection
 from filter.detection_policy import uses_fast_path
 from filter.errors import FilterError
 from filter.runtime import DEFAULT_IDENTITY_THRESHOLD, build_embedding_pipeline
-from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog, open_owner_only
+from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog
 from service.client_identity import ClientAllowlist
 from service.config import Settings, unknown_env_warnings
 from service.encoding import ContentSigner
+from service.errors import StartupError
 from service.generators import load_generator
 from service.metrics import ServiceMetrics
 from service.metrics_http import MetricsConfigError
@@ -33,11 +33,10 @@ from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.reload import IndexReloader, LiveFilter, SwappableChecker, load_live_filter
 from service.security import (
-    SecurityError,
-    ServiceKeys,
+    check_audit_destination,
     metrics_endpoint,
+    preflight,
     service_keys,
-    transport_warnings,
 )
 from service.servicer import Admission, GenerationServicer, add_to_server
 from service.tls import MAX_MESSAGE_BYTES as TLS_MAX_MESSAGE_BYTES
@@ -50,10 +49,6 @@ log = logging.getLogger("facegate.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 MAX_MESSAGE_BYTES = TLS_MAX_MESSAGE_BYTES  # clients (service.tls) accept as much
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says why and what to do."""
 
 
 @dataclass
@@ -110,7 +105,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
             "torch": torch.__version__,
         }
     )
-    keys = keys_for(settings)
+    keys = service_keys(settings)
     engine = CandidateEngine(generator, identity_filter, observer=metrics, seed_key=keys.seed_key)
     batcher = DynamicBatcher(
         engine, max_batch=settings.max_batch, max_delay=settings.max_batch_delay_ms / 1000.0
@@ -144,48 +139,9 @@ def _version() -> str:
         return "0+unknown"
 
 
-def preflight(settings: Settings) -> None:
-    """Cheap checks that give a clear message before anything heavy starts."""
-    index = Path(settings.index_path)
-    if not (index / "manifest.json").is_file():
-        raise StartupError(
-            f"no identity index at {index} (FACEGATE_INDEX_PATH). A privacy filter without its "
-            "index protects no one: build one with `facegate index build GALLERY --out "
-            f"{index}` (or `make demo-index` for the demo)"
-        )
-    if settings.tls_cert is not None and not Path(settings.tls_cert).is_file():
-        raise StartupError(f"FACEGATE_TLS_CERT {settings.tls_cert} does not exist")
-    if settings.tls_key is not None and not Path(settings.tls_key).is_file():
-        raise StartupError(f"FACEGATE_TLS_KEY {settings.tls_key} does not exist")
-    if settings.tls_client_ca is not None and not Path(settings.tls_client_ca).is_file():
-        raise StartupError(f"FACEGATE_TLS_CLIENT_CA {settings.tls_client_ca} does not exist")
-    for warning in transport_warnings(settings):
-        log.warning("%s", warning)
-
-
-def keys_for(settings: Settings) -> ServiceKeys:
-    """The seed key and the audit log's identity hashing; StartupError (saying what to set)
-    without a seed key unless unkeyed seeds are opted into, or with an unusable key file."""
-    try:
-        return service_keys(settings)
-    except SecurityError as exc:
-        raise StartupError(str(exc)) from None
-
-
-def check_audit_destination(settings: Settings) -> None:
-    """Open (and create) an audit file once before the models load, so that a symlink, a
-    second hard link or a missing permission stops startup at once, naming the file."""
-    if settings.audit_log in ("stderr", "none"):
-        return
-    try:
-        open_owner_only(Path(settings.audit_log)).close()
-    except AuditFileError as exc:
-        raise StartupError(str(exc)) from None
-
-
 def seed_key_for(settings: Settings) -> bytes | None:
     """The seed key; StartupError without one (unless opted out) or if it is unusable."""
-    return keys_for(settings).seed_key
+    return service_keys(settings).seed_key
 
 
 def signing_credentials_for(settings: Settings) -> SigningCredentials | None:
@@ -277,7 +233,7 @@ class FacegateServer:
         check_content_credentials(self.settings)
         # After the configuration checks, before anything is served or loaded: no key, no
         # server (unless opted out); the audit log's key and file are settled.
-        keys_for(self.settings)
+        service_keys(self.settings)
         check_audit_destination(self.settings)
         if self.settings.metrics_enabled:
             self._serve_metrics()

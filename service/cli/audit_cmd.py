@@ -17,12 +17,13 @@ from service.config import Settings
 
 def cmd_audit_hash(settings: Settings, args: argparse.Namespace) -> int:
     from service.audit import identity_hasher
+    from service.errors import StartupError
     from service.generators import load_seed_key
-    from service.security import SecurityError, audit_master_key
+    from service.security import audit_master_key
 
     try:
         master = audit_master_key(settings, load_seed_key(settings.seed_key_file))
-    except (SecurityError, ValueError) as exc:
+    except (StartupError, ValueError) as exc:
         raise CliError(str(exc)) from None
     if master is None:
         raise CliError(
