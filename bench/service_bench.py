@@ -32,6 +32,7 @@ def _start(index: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Pope
     full = {
         **os.environ,
         "FACEGATE_INDEX_PATH": str(index),
+        "FACEGATE_SEED_KEY_FILE": str(index.parent / "seed.key"),
         "FACEGATE_THRESHOLD": THRESHOLD,
         "FACEGATE_GRPC_HOST": "127.0.0.1",
         "FACEGATE_GRPC_PORT": str(port),
@@ -100,11 +101,14 @@ async def _load(target: str, callers: int, count: int, seconds: float) -> dict[s
 def run(callers: int = 16, count: int = 8, seconds: float = 40.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="facegate-bench-") as tmp:
         index = Path(tmp) / "index"
+        key = os.urandom(32)  # a server refuses to start without a seed key
+        (Path(tmp) / "seed.key").write_bytes(key)
         build_demo_index(
             load_dcgan_digiface(MODELS),
             build_embedding_pipeline("sface", MODELS, "cpu"),
             identities=200,
             seed=1,
+            seed_key=key,
         ).save(index)
         modes = {
             "per_request": {"FACEGATE_MAX_BATCH": str(count), "FACEGATE_MAX_BATCH_DELAY_MS": "0"},

@@ -204,7 +204,11 @@ class Enrolment:
         )
 
     def build(
-        self, *, detector_settings: dict[str, object], index_type: IndexType = "auto"
+        self,
+        *,
+        detector_settings: dict[str, object],
+        index_type: IndexType = "auto",
+        salt: bytes | None = None,
     ) -> FaissIdentityIndex:
         report = self.report
         report.identities = sum(1 for n in self._faces_per_identity.values() if n)
@@ -239,6 +243,7 @@ class Enrolment:
             replica_identities=self._replica_identities if featurizer else (),
             replica_sources=self._replica_sources if featurizer else (),
             replica_featurizer=featurizer,
+            salt=salt,
         )
 
 

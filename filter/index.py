@@ -7,7 +7,8 @@ On disk an index is a folder (format 2):
   replica_labels.json   for each replica row: identity id and source file
   calibration.json      optional: thresholds saved by `facegate calibrate --save`
   manifest.json         embedder, detector settings, replica feature, index type,
-                        counts, build time, and the size and sha256 of every file above
+                        counts, build time, the salt of its seeds, and the size and
+                        sha256 of every file above
 
 Loading checks everything in the manifest against the files, the embedder and the
 detector in use, refuses foreign FAISS indexes (another metric or dimension) and empty
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import shutil
 import tempfile
 import time
@@ -59,6 +61,19 @@ from filter.vector_table import (
     index_kind,
     make_faiss_index,
 )
+
+# The manifest's `salt` (hex): a random value chosen when an index is built, anew by every
+# edit of its membership (`index add`, `index remove`), and kept by everything else
+# (`calibrate --save`, `index publish`). The service derives latents from (seed key, salt,
+# seed, slot, attempt), so replaying a seed across a membership change meets new
+# candidates everywhere: a before/after comparison tells nothing about who changed.
+SALT_KEY = "salt"
+SALT_BYTES = 16
+
+
+def new_salt() -> bytes:
+    return secrets.token_bytes(SALT_BYTES)
+
 
 # Re-exported: callers that name the index's types import them from here.
 __all__ = ["NO_MATCH", "FaissIdentityIndex", "IdentityIndex", "IndexType", "Match", "VectorTable"]
@@ -123,8 +138,10 @@ class FaissIdentityIndex:
         replica_identities: Sequence[str] = (),
         replica_sources: Sequence[str] = (),
         replica_featurizer: ReplicaFeaturizer | None = None,
+        salt: bytes | None = None,
     ) -> FaissIdentityIndex:
-        """Build in memory. An index with no face vector is refused: it would match nothing."""
+        """Build in memory. An index with no face vector is refused: it would match nothing.
+        `salt` is the one its seeds were drawn under (`index demo`); None draws a new one."""
         if len(identities) == 0:
             raise IdentityIndexError(
                 "no face to enrol: an empty identity index would release every face"
@@ -162,6 +179,7 @@ class FaissIdentityIndex:
                 **(counts or {}),
             },
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            SALT_KEY: (new_salt() if salt is None else salt).hex(),
         }
         return cls(
             index,
@@ -186,6 +204,11 @@ class FaissIdentityIndex:
         exact index that is live, in logs, metrics and batch manifests."""
         canonical = json.dumps(self.manifest, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def salt(self) -> bytes:
+        """The salt of this index's seeds; empty for an index built before salts existed."""
+        return salt_of(self.manifest)
 
     @property
     def dim(self) -> int:
@@ -275,6 +298,10 @@ class FaissIdentityIndex:
         folder = Path(folder)
         manifest = read_manifest(folder)
         verify_files(folder, manifest)
+        try:
+            salt_of(manifest)
+        except ValueError as exc:
+            raise IndexCorruptError(f"{folder}/{MANIFEST_FILE}: {exc}") from None
         embedder = manifest["embedder"]
         if expect_embedder is not None and embedder.get("name") != expect_embedder:
             raise IndexMismatchError(
@@ -319,3 +346,19 @@ class FaissIdentityIndex:
         if replicas is not None:
             replicas.self_test(folder)
         return loaded
+
+
+def salt_of(manifest: dict[str, Any]) -> bytes:
+    """The manifest's salt as bytes (empty when absent); ValueError when malformed."""
+    value = manifest.get(SALT_KEY)
+    if value is None:
+        return b""
+    if not isinstance(value, str):
+        raise ValueError("salt must be a hex string")
+    try:
+        salt = bytes.fromhex(value)
+    except ValueError:
+        raise ValueError("salt is not hexadecimal") from None
+    if len(salt) < SALT_BYTES:
+        raise ValueError(f"salt must hold at least {SALT_BYTES} bytes, it has {len(salt)}")
+    return salt

@@ -30,7 +30,7 @@ from filter.errors import FilterError
 from filter.gallery import GalleryReport, enrol_gallery
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.images import ImageLimits
-from filter.index import FaissIdentityIndex, IndexType
+from filter.index import FaissIdentityIndex, IndexType, new_salt
 from filter.replica import MIN_REPLICA_IMAGES
 
 CALIBRATION_KEPT_REMOVE = (
@@ -210,6 +210,9 @@ def _rebuild(
         index_type=index_type,
         counts=counts,
         replica_featurizer=index.replica_featurizer if replica_parts else None,
+        # Membership changed: a new salt, so that every seed meets new candidates and
+        # replaying seeds across the edit tells nothing about who was added or removed.
+        salt=new_salt(),
         **replica_parts,
     )
     history = list(manifest.get("edits", []))

@@ -4,6 +4,11 @@ and the dynamic batcher that feeds it from the event loop without blocking it.
 The batcher is the one place where requests meet; it keeps a fault in one request's
 candidates from failing its neighbours, and fails every waiting request closed if it
 dies itself.
+
+What travels through the batcher are draws, rows of (seed, slot, attempt), not latents:
+the engine reads the filter in force once per batch and derives each latent under that
+filter's index salt (service.generators.latents_for), so the candidate drawn and the
+filter that checks it always belong to the same index, also across a hot reload.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from filter.decide import ImageVerdict
 from filter.identity_filter import StageObserver
 from service.errors import FilterFailure
-from service.generators import Generator
+from service.generators import Generator, latents_for_draws
 from service.provenance import FilterInForce
 
 log = logging.getLogger(__name__)
@@ -70,30 +75,50 @@ class ImageChecker(Protocol):
     ) -> list[ImageVerdict]: ...
 
 
-@runtime_checkable
-class AttributedChecker(Protocol):
-    """A checker that also says which index and thresholds checked the batch, read in
-    the same step as the check (service.reload.SwappableChecker implements it)."""
+@dataclass(frozen=True)
+class FilterSnapshot:
+    """The filter in force for one batch, read in one step: the checker, what it was loaded
+    from (index fingerprint, thresholds; None when unknown) and its index's salt."""
 
-    def check_attributed(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
-    ) -> tuple[list[ImageVerdict], FilterInForce | None]: ...
+    checker: ImageChecker
+    in_force: FilterInForce | None = None
+    salt: bytes = b""
+
+
+@runtime_checkable
+class SnapshotSource(Protocol):
+    """A filter that can change between batches (service.reload.SwappableChecker)."""
+
+    def snapshot(self) -> FilterSnapshot: ...
 
 
 class CandidateEngine:
-    """Generates and filters a batch of candidates, synchronously (run off the loop)."""
+    """Draws, generates and filters a batch of candidates, synchronously (run off the loop).
+
+    `seed_key` keys the latents (FACEGATE_SEED_KEY_FILE); the salt comes with the filter
+    snapshot taken for the batch."""
 
     def __init__(
         self,
         generator: Generator,
         identity_filter: ImageChecker,
         observer: PipelineObserver | None = None,
+        seed_key: bytes | None = None,
     ) -> None:
         self.generator = generator
         self.identity_filter = identity_filter
         self.observer = observer or NullObserver()
+        self.seed_key = seed_key
 
-    def run(self, latents: np.ndarray) -> list[CandidateOutcome]:
+    def snapshot(self) -> FilterSnapshot:
+        if isinstance(self.identity_filter, SnapshotSource):
+            return self.identity_filter.snapshot()
+        return FilterSnapshot(self.identity_filter)
+
+    def run(self, draws: np.ndarray) -> list[CandidateOutcome]:
+        """`draws`: (N, 3) rows of (seed, slot, attempt); one outcome per row, in order."""
+        snapshot = self.snapshot()  # the whole batch is drawn for, and checked by, one filter
+        latents = latents_for_draws(draws, self.generator.latent_dim, self.seed_key, snapshot.salt)
         start = time.perf_counter()
         images = self.generator.generate(latents)
         self.observer.observe_stage("generate", time.perf_counter() - start)
@@ -102,25 +127,19 @@ class CandidateEngine:
                 f"generator returned {len(images)} images for {len(latents)} latents"
             )
         batch = list(images)
-        filtered_by: FilterInForce | None = None
-        if isinstance(self.identity_filter, AttributedChecker):
-            verdicts, filtered_by = self.identity_filter.check_attributed(
-                batch, observer=self.observer
-            )
-        else:
-            verdicts = self.identity_filter.check(batch, observer=self.observer)
+        verdicts = snapshot.checker.check(batch, observer=self.observer)
         if len(verdicts) != len(batch):
             raise FilterFailure("filter returned a verdict count that differs from its input")
         self.observer.batch(len(batch))
         return [
-            CandidateOutcome(image=img, verdict=v, filtered_by=filtered_by)
+            CandidateOutcome(image=img, verdict=v, filtered_by=snapshot.in_force)
             for img, v in zip(batch, verdicts, strict=True)
         ]
 
 
 @dataclass
 class _Pending:
-    latents: np.ndarray
+    draws: np.ndarray
     future: asyncio.Future[list[CandidateOutcome]]
 
 
@@ -172,10 +191,11 @@ class DynamicBatcher:
             self._worker = None
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def submit(self, latents: np.ndarray) -> list[CandidateOutcome]:
+    async def submit(self, draws: np.ndarray) -> list[CandidateOutcome]:
+        """`draws`: (N, 3) rows of (seed, slot, attempt) (service.generators.draw_rows)."""
         self.start()
         future: asyncio.Future[list[CandidateOutcome]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(latents, future))
+        await self._queue.put(_Pending(draws, future))
         return await future
 
     async def _run(self) -> None:
@@ -184,7 +204,7 @@ class DynamicBatcher:
             first = self._carry or await self._queue.get()
             self._carry = None
             batch = self._gathered = [first]
-            size = len(first.latents)
+            size = len(first.draws)
             deadline = loop.time() + self.max_delay
             while size < self.max_batch:
                 timeout = deadline - loop.time()
@@ -196,17 +216,17 @@ class DynamicBatcher:
                     )
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
-                if size + len(item.latents) > self.max_batch and size > 0:
+                if size + len(item.draws) > self.max_batch and size > 0:
                     self._carry = item
                     break
                 batch.append(item)
-                size += len(item.latents)
+                size += len(item.draws)
             live = [p for p in batch if not p.future.done()]
             if not live:
                 continue
-            latents = np.concatenate([p.latents for p in live])
+            draws = np.concatenate([p.draws for p in live])
             try:
-                outcomes = await loop.run_in_executor(self._executor, self.engine.run, latents)
+                outcomes = await loop.run_in_executor(self._executor, self.engine.run, draws)
             except asyncio.CancelledError:
                 for p in live:
                     if not p.future.done():
@@ -236,8 +256,8 @@ class DynamicBatcher:
                 continue
             offset = 0
             for p in live:
-                part = outcomes[offset : offset + len(p.latents)]
-                offset += len(p.latents)
+                part = outcomes[offset : offset + len(p.draws)]
+                offset += len(p.draws)
                 if not p.future.done():
                     p.future.set_result(part)
 
@@ -245,7 +265,7 @@ class DynamicBatcher:
         if pending.future.done():
             return
         try:
-            outcomes = await loop.run_in_executor(self._executor, self.engine.run, pending.latents)
+            outcomes = await loop.run_in_executor(self._executor, self.engine.run, pending.draws)
         except Exception as exc:
             log.exception("filter failed on one request's candidates alone; failing it closed")
             _fail(pending, exc)

@@ -9,10 +9,10 @@ import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import start_http_server
 
 from filter.decide import ImageVerdict
 from filter.shadow import SHADOW_CHANGES
+from service.metrics_http import MetricsEndpoint, MetricsHttpServer
 from service.pipeline import verdict_outcome
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ def quantize_similarity(value: float, edges: tuple[float, ...]) -> float:
 
 class ServiceMetrics:
     def __init__(self, threshold: float, registry: CollectorRegistry | None = None) -> None:
+        self._http_server: MetricsHttpServer | None = None
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.candidates = Counter(
@@ -292,14 +293,17 @@ class ServiceMetrics:
         self.requests.labels(method, code if code in GRPC_CODES else "UNKNOWN").inc()
         self.request_seconds.labels(method).observe(seconds)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP server; returns the bound port (useful with port 0)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http_server = server
-        return int(server.server_port)
+    def serve(self, endpoint: MetricsEndpoint) -> int:
+        """Start the /metrics endpoint (service.metrics_http); returns the bound port."""
+        self._http_server = MetricsHttpServer(self.registry, endpoint)
+        return self._http_server.port
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """Where /metrics listens (host, port), None when it does not."""
+        return None if self._http_server is None else self._http_server.address
 
     def stop_serving(self) -> None:
-        server = getattr(self, "_http_server", None)
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        if self._http_server is not None:
+            self._http_server.stop()
+            self._http_server = None

@@ -31,6 +31,7 @@ from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageO
 from filter.index import MANIFEST_FILE, FaissIdentityIndex
 from filter.runtime import Thresholds, load_index_for, resolve_thresholds
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
+from service.batcher import FilterSnapshot
 from service.config import Settings
 from service.pipeline import ImageChecker
 from service.provenance import FilterInForce
@@ -71,6 +72,11 @@ class LiveFilter:
         """What a released image's content credentials say it was checked against."""
         return FilterInForce(self.index.fingerprint, self.thresholds)
 
+    @property
+    def snapshot(self) -> FilterSnapshot:
+        """What the engine reads once per batch: the checker, its provenance, its salt."""
+        return FilterSnapshot(self.checker, self.in_force, self.index.salt)
+
 
 def load_live_filter(
     settings: Settings,
@@ -85,6 +91,14 @@ def load_live_filter(
     index = load_index_for(embedding, folder)
     thresholds = resolve_thresholds(index, settings.threshold, settings.replica_threshold)
     log.info("thresholds in force: %s", thresholds.describe())
+    if not index.salt:
+        log.warning(
+            "index %s has no salt (built before facegate salted seeds): the same seed keeps "
+            "its candidates across this index's edits, which lets a caller compare before "
+            "and after. Rebuild it, or edit it once with `facegate index add` / `remove`, "
+            "which give it one",
+            folder,
+        )
     index.use_device(str(resolve_device(settings.device)))
     full = IdentityFilter(embedding, index, thresholds.decision, settings.no_face_policy)
     scoped = filter_for_generator(full, generator_name, settings.generated_fast_path)
@@ -105,36 +119,38 @@ def load_live_filter(
 
 
 class SwappableChecker:
-    """The engine's filter: one reference, replaced whole, read once per batch. The checker
-    and what it was loaded from (index fingerprint, thresholds) are one pair, swapped
-    together, so a batch is attributed to the filter that really checked it."""
+    """The engine's filter: one reference, replaced whole, read once per batch. The checker,
+    what it was loaded from (index fingerprint, thresholds) and its index's salt are one
+    snapshot, swapped together, so a batch is drawn for, checked by and attributed to the
+    same filter."""
 
-    def __init__(self, current: ImageChecker, in_force: FilterInForce | None = None) -> None:
-        self._pair: tuple[ImageChecker, FilterInForce | None] = (current, in_force)
+    def __init__(
+        self, current: ImageChecker, in_force: FilterInForce | None = None, salt: bytes = b""
+    ) -> None:
+        self._snapshot = FilterSnapshot(current, in_force, salt)
 
     @property
     def current(self) -> ImageChecker:
-        return self._pair[0]
+        return self._snapshot.checker
 
-    def swap(self, new: ImageChecker, in_force: FilterInForce | None = None) -> None:
-        self._pair = (new, in_force)
+    def swap(
+        self, new: ImageChecker, in_force: FilterInForce | None = None, salt: bytes = b""
+    ) -> None:
+        self._snapshot = FilterSnapshot(new, in_force, salt)
+
+    def snapshot(self) -> FilterSnapshot:
+        return self._snapshot
 
     def check(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None
     ) -> list[ImageVerdict]:
-        return self.check_attributed(images, observer)[0]
-
-    def check_attributed(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
-    ) -> tuple[list[ImageVerdict], FilterInForce | None]:
-        checker, in_force = self._pair  # the whole batch uses one filter
-        return checker.check(images, observer=observer), in_force
+        return self._snapshot.checker.check(images, observer=observer)
 
     def __getattr__(self, name: str) -> object:
         # Anything else (embedding, thresholds, index) is the filter in force's.
-        if name == "_pair":  # not set yet (copy, unpickle): no endless recursion
+        if name == "_snapshot":  # not set yet (copy, unpickle): no endless recursion
             raise AttributeError(name)
-        return getattr(self._pair[0], name)
+        return getattr(self._snapshot.checker, name)
 
 
 class ReloadObserver(Protocol):
@@ -181,7 +197,7 @@ class IndexReloader:
                 )
                 self.observer.reload_finished("failure")
                 return False
-            self.target.swap(live.checker, live.in_force)
+            self.target.swap(live.checker, live.in_force, live.index.salt)
             self.live = live
             self.observer.index_loaded(live)
             self.observer.reload_finished("success")

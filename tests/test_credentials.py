@@ -280,7 +280,12 @@ def test_released_images_verify_as_signed_ai_generated_and_filtered(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    png = stub.Generate(pb.GenerateRequest(count=2, seed=1), timeout=60)
+    caller_id = "caller-chosen-id-7"  # kept in the audit log only, never signed
+    png = stub.Generate(
+        pb.GenerateRequest(count=2, seed=1), timeout=60, metadata=(("x-request-id", caller_id),)
+    )
+    assert png.summary.request_id != caller_id
+    assert not any(caller_id.encode() in image.data for image in png.images)
     jpeg = stub.Generate(pb.GenerateRequest(count=1, format=pb.IMAGE_FORMAT_JPEG), timeout=60)
     paths = []
     for n, image in enumerate([*png.images, *jpeg.images]):

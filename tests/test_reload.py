@@ -28,7 +28,7 @@ from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from tests.conftest import REPO, make_gallery
+from tests.conftest import REPO, TEST_SEED_KEY, make_gallery, write_seed_key
 from tests.servers import InProcessServer, SubprocessServer, metric_value, scrape
 
 DEMO_CALIBRATION = {"threshold": 0.56, "replica_threshold": 0.9}
@@ -47,7 +47,9 @@ def releases(
         gallery, pipeline, detector_settings=DetectorSettings().as_dict()
     )
     photos.save(root / "photos")
-    demo = build_demo_index(load_dcgan_digiface(models_dir), pipeline, identities=8, seed=1)
+    demo = build_demo_index(
+        load_dcgan_digiface(models_dir), pipeline, identities=8, seed=1, seed_key=TEST_SEED_KEY
+    )
     demo.with_calibration(DEMO_CALIBRATION).save(root / "demo")
     broken = shutil.copytree(root / "photos", root / "broken")
     vectors = bytearray((broken / "vectors.faiss").read_bytes())
@@ -176,6 +178,7 @@ def _settings(index: Path, tmp_path: Path, **overrides: object) -> Settings:
         "audit_log": "none",
         "grace_seconds": 5.0,
         "max_count": 8,
+        "seed_key_file": write_seed_key(tmp_path),
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

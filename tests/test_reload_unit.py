@@ -36,6 +36,7 @@ class Named:
 class Index:
     def __init__(self, fingerprint: str) -> None:
         self.fingerprint = fingerprint
+        self.salt = fingerprint.encode() * 16  # each index its own salt
 
 
 class Thresholds:
