@@ -95,9 +95,7 @@ def test_check_rejects_every_file_that_carries_an_enrolled_face(
             assert line["images"] == 2 and line["part"] not in ("image", "frame 1", "page 1")
 
 
-def test_unchecked_content_wins_over_the_no_face_pass_policy(
-    index: Path, tmp_path: Path
-) -> None:
+def test_unchecked_content_wins_over_the_no_face_pass_policy(index: Path, tmp_path: Path) -> None:
     blank = np.full((96, 96, 3), 200, np.uint8)  # no face: passes under --no-face-policy pass
     files = {"blank": tmp_path / "blank.png", "padded": tmp_path / "padded.png"}
     files["blank"].write_bytes(encode(blank, "PNG"))
