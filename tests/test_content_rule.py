@@ -223,7 +223,17 @@ def _content(count: int, unaccounted: tuple[str, ...] = ()) -> FileContent:
 
 
 def test_the_file_verdict_is_the_worst_of_its_images_in_the_product_order() -> None:
-    assert SEVERITY[0] is Reason.IDENTITY_MATCH and SEVERITY[-1] is None
+    # The product-wide order (issue 19); a new reason takes its place in this one tuple.
+    assert SEVERITY == (
+        Reason.IDENTITY_MATCH,
+        Reason.REPLICA,
+        Reason.UNCHECKED_CONTENT,
+        Reason.UNSUPPORTED_GEOMETRY,
+        Reason.FILTER_ERROR,
+        Reason.UNREADABLE,
+        Reason.NO_FACE,
+        None,
+    )
     order = list(SEVERITY)
     for better, worse in [(a, b) for a in order for b in order if order.index(b) < order.index(a)]:
         result = file_verdict(_content(2), [_verdict(better), _verdict(worse)])

@@ -120,6 +120,32 @@ def test_a_load_reads_the_version_it_verified(
     assert loaded.faces.identities == first.faces.identities
 
 
+def test_a_folder_swapped_and_removed_mid_read_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader opened the old folder and read its manifest; then a writer exchanged a
+    new version in and removed the old files before the reader opened them. The reader
+    reads the path again and gets the new version, whole (not an error, not a mix)."""
+    target = tmp_path / "index"
+    first, second = small_index(1), small_index(2)
+    first.save(target)
+    second.save(tmp_path / "second")  # its manifest now lists its files
+    real_verify = index_module.verify_files
+    calls: list[int] = []
+
+    def swap_first(*args: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            second.save(target)  # exchange, then the old folder's files are removed
+        real_verify(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(index_module, "verify_files", swap_first)
+    loaded = FaissIdentityIndex.load(target)
+    assert len(calls) == 2  # read again
+    assert loaded.fingerprint == second.fingerprint
+    assert np.array_equal(loaded.vectors(), second.vectors())
+
+
 @pytest.mark.parametrize("when", ["after verification", "before it is opened"])
 def test_a_file_that_vanishes_mid_load_is_a_clean_exit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
