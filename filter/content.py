@@ -50,6 +50,9 @@ FRAME_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
 ACCOUNTED_FORMATS = "PNG, JPEG, MPO, GIF, WebP, TIFF, BMP and PNM"
 MAX_DEPTH = 3  # an image inside an image inside an image
 MAX_REASONS = 8  # unaccounted reasons kept per file (the first ones)
+# Embedded images a file may ask the reader to try: a payload stuffed with signatures
+# would otherwise cost one decode attempt each.
+MAX_EMBEDDED = 256
 _FRAME_ERRORS: tuple[type[BaseException], ...] = (
     *DECODE_ERRORS,
     ImageError,
@@ -109,8 +112,8 @@ class _Reader:
     extra: list[ImageView] = field(default_factory=list)  # everything else it shows
     unaccounted: list[str] = field(default_factory=list)
     pixels: int = 0
-
     full: bool = False  # the budget is spent: nothing more is decoded
+    attempts: int = 0  # embedded images tried
 
     def add(self, name: str, pixels: np.ndarray, own_frame: bool = False) -> None:
         count = len(self.views) + len(self.extra)
@@ -219,6 +222,13 @@ class _Reader:
     def embedded(self, found: Embedded, depth: int) -> int:
         """Decode and walk an embedded image; returns how many bytes it spans (0: none)."""
         if self.full:
+            return 0
+        self.attempts += 1
+        if self.attempts > MAX_EMBEDDED:
+            self.unaccounted.append(
+                f"more than {MAX_EMBEDDED} embedded images, from {found.name} on"
+            )
+            self.full = True
             return 0
         if depth > MAX_DEPTH:
             self.unaccounted.append(f"{found.name} is nested deeper than facegate reads")

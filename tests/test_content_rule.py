@@ -167,6 +167,14 @@ def test_more_images_than_a_file_may_hold_are_not_checked(shown: np.ndarray) -> 
     assert read_content(data).complete
 
 
+def test_a_payload_stuffed_with_signatures_is_bounded(shown: np.ndarray) -> None:
+    stuffed = b"\xff\xd8\xff\xdb" * 2000  # 2000 would-be JPEGs in one comment
+    data = with_segments(encode(shown, "JPEG"), segment(0xFE, stuffed))
+    content = read_content(data)
+    assert any("more than 256 embedded images" in r for r in content.unaccounted)
+    assert len(content.views) == 1
+
+
 def test_a_format_whose_structure_is_not_read_is_unaccounted(shown: np.ndarray) -> None:
     ico = encode(_resized(shown, (64, 64)), "ICO")
     content = read_content(ico)
