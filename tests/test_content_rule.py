@@ -132,6 +132,64 @@ def test_jpeg_segments_it_does_not_read_are_named(
     assert any(named in reason for reason in content.unaccounted), content.unaccounted
 
 
+def _gif_with(shown: np.ndarray, block: bytes) -> bytes:
+    """A GIF with an extension block inserted before its first image."""
+    gif = encode(_resized(shown, (32, 32)), "GIF")
+    flags = gif[10]
+    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the colour table
+    return gif[:at] + block + gif[at:]
+
+
+def _riff(webp: bytes, extra: bytes) -> bytes:
+    body = webp[12:] + extra
+    return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
+
+
+@pytest.mark.parametrize(
+    ("fmt", "build", "named"),
+    [
+        ("BMP", lambda d: d, None),
+        ("BMP", lambda d: d + b"more pixels", "bytes after the end of the BMP image"),
+        ("PPM", lambda d: d, None),
+        ("PPM", lambda d: d + d, "bytes after the end of the PPM image"),  # a second image
+        ("GIF", lambda d: d + b"GIF89a and more", "bytes after the end of the GIF image"),
+        ("WEBP", lambda d: d, None),
+        ("WEBP", lambda d: d + b"RIFFmore", "bytes after the end of the WEBP image"),
+        ("WEBP", lambda d: _riff(d, b"ZZZZ\x04\x00\x00\x00abcd"), "WebP chunk 'ZZZZ'"),
+    ],
+)
+def test_each_format_ends_where_its_structure_says(
+    shown: np.ndarray, fmt: str, build: object, named: str | None
+) -> None:
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    data = build(encode(_resized(shown, (32, 32)), fmt, **options))  # type: ignore[operator]
+    content = read_content(data)
+    assert content.format == fmt
+    if named is None:
+        assert content.complete, content.unaccounted
+    else:
+        assert any(named in reason for reason in content.unaccounted), content.unaccounted
+
+
+def test_gif_extensions_are_read_scanned_or_named(shown: np.ndarray) -> None:
+    face = encode(_resized(shown, (40, 40)), "PNG")
+    comment = b"\x21\xfe" + bytes([len(face[:255])]) + face[:255]  # first sub-block only
+    sub_blocks = b"".join(
+        bytes([len(face[i : i + 255])]) + face[i : i + 255] for i in range(0, len(face), 255)
+    )
+    with_image = read_content(_gif_with(shown, b"\x21\xfe" + sub_blocks + b"\x00"))
+    assert [v.name for v in with_image.views] == ["image", "an image in a GIF comment"]
+    broken = read_content(_gif_with(shown, comment + b"\x00"))  # a PNG cut short
+    assert any("cannot be decoded" in r for r in broken.unaccounted)
+    unknown = read_content(_gif_with(shown, b"\x21\x77\x03abc\x00"))
+    assert any("GIF extension 0x77" in r for r in unknown.unaccounted)
+    application = b"\x21\xff\x0b" + b"SOMEAPP01.0" + b"\x02ab\x00"  # not a known one
+    named = read_content(_gif_with(shown, application)).unaccounted
+    assert any("GIF extension 0xff" in r for r in named)
+    looping = b"\x21\xff\x0b" + b"NETSCAPE2.0" + b"\x03\x01\x00\x00\x00"
+    assert read_content(_gif_with(shown, looping)).complete
+
+
 def test_an_embedded_image_that_does_not_decode_is_unaccounted(shown: np.ndarray) -> None:
     broken = b"\xff\xd8\xff\xe0" + b"\x00\x10JFIF" + b"\x17" * 300  # a JPEG that breaks off
     data = with_segments(encode(shown, "JPEG"), segment(0xFE, b"look: " + broken))
