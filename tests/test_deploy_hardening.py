@@ -125,6 +125,18 @@ def test_every_accepted_threshold_starts_and_reloads(threshold: float) -> None:
     assert buckets['facegate_similarity_bucket{le="+Inf"}'] == 2
 
 
+@pytest.mark.parametrize("threshold", [-1.0, -0.95, 1.0])
+def test_the_server_builds_with_any_accepted_threshold(threshold: float) -> None:
+    """Where `FACEGATE_THRESHOLD=-1` ended startup on main: the server's metrics."""
+    from service.server import FacegateServer
+
+    server = FacegateServer(Settings(threshold=threshold))  # type: ignore[call-arg]
+    assert server.metrics.similarity.edges[-1] == threshold
+    text = generate_latest(server.metrics.registry).decode()
+    # A refused looser reload has its own result, exported from 0 for the alert's rate.
+    assert 'facegate_index_reloads_total{result="refused_looser"} 0.0' in text
+
+
 def _verdict(*similarities: float) -> ImageVerdict:
     return ImageVerdict(
         passed=False,
