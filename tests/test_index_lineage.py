@@ -196,6 +196,10 @@ def test_an_earlier_history_with_names_is_scrubbed_by_the_next_edit(
     index = FaissIdentityIndex.load(calibrated)
     index.manifest["edits"] = [{"op": "remove", "identities": ["person-0042"], "at": "then"}]
     index.save(tmp_path / "old")
+    info = facegate("index", "info", str(tmp_path / "old"))
+    assert info.returncode == 0 and "person-0042" not in info.stdout
+    assert json.loads(info.stdout)["edits"][0]["identities"] == 1
+    assert "names identities" in info.stderr
     env = {"FACEGATE_SEED_KEY_FILE": str(key_file)}
     out = tmp_path / "edited"
     result = facegate(
