@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow as pa
 
 import batch
-from batch.manifest import MANIFEST_SCHEMA, RunIdentity
+from batch.manifest import COPY_ORIGINAL, MANIFEST_SCHEMA, RunIdentity
 from batch.reading import load_rows
 from batch.recording import record_rows
 from filter.errors import FilterError
@@ -139,25 +139,33 @@ LOADED_SCHEMA = pa.schema(
         ("copy_to", pa.string()),
         ("row", pa.int64()),
         ("column", pa.string()),
-        ("data", pa.binary()),
+        ("supersedes", pa.string()),
         ("sha256", pa.string()),
-        ("pixels", pa.binary()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
+        ("source_size", pa.int64()),
+        ("source_mtime_ns", pa.int64()),
+        ("view_names", pa.list_(pa.string())),
+        ("view_pixels", pa.list_(pa.binary())),
+        ("view_heights", pa.list_(pa.int32())),
+        ("view_widths", pa.list_(pa.int32())),
+        ("frames", pa.int32()),
+        ("unaccounted", pa.list_(pa.string())),
+        ("copy", pa.binary()),
         ("error", pa.string()),
     ]
 )
+_RECORDED_ONLY = {"pass_copy", "pass_sha256", "recorded_at"}  # set by the record step
 CHECKED_SCHEMA = pa.schema(
     [
-        *(field for field in MANIFEST_SCHEMA if field.name != "pass_copy"),
+        *(field for field in MANIFEST_SCHEMA if field.name not in _RECORDED_ONLY),
         pa.field("copy_to", pa.string()),
-        pa.field("data", pa.binary()),
+        pa.field("copy", pa.binary()),
     ]
 )
 
 
-def _load(table: pa.Table) -> pa.Table:
-    return pa.Table.from_pylist(load_rows(_rows(table)), schema=LOADED_SCHEMA)
+def _load(table: pa.Table, copy_original: bool) -> pa.Table:
+    rows = load_rows(_rows(table), copy_original=copy_original)
+    return pa.Table.from_pylist(rows, schema=LOADED_SCHEMA)
 
 
 class _CheckActor:
@@ -195,7 +203,12 @@ def run_batch(
         ray.data.from_items([item.as_row() for item in items], override_num_blocks=blocks)
         # Half a CPU each: its own resources keep Ray Data from fusing decoding into the
         # model actor (decoding stays on CPU tasks, beside the actors).
-        .map_batches(_load, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+        .map_batches(
+            partial(_load, copy_original=spec.copy_mode == COPY_ORIGINAL),
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=0.5,
+        )
         .map_batches(
             _CheckActor,
             fn_constructor_args=(replace(spec, embedding=worker_spec(spec.embedding)), expected),

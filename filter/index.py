@@ -41,6 +41,7 @@ from filter.index_store import (
     REPLICA_LABELS_FILE,
     REPLICAS_FILE,
     VECTORS_FILE,
+    IndexSnapshot,
     check_detector,
     fsync_dir,
     labels_of,
@@ -74,6 +75,9 @@ SALT_BYTES = 16
 def new_salt() -> bytes:
     return secrets.token_bytes(SALT_BYTES)
 
+
+# Reads of a folder that keeps being swapped under the reader before it gives up.
+SWAPPED_RETRIES = 5
 
 # Re-exported: callers that name the index's types import them from here.
 __all__ = ["NO_MATCH", "FaissIdentityIndex", "IdentityIndex", "IndexType", "Match", "VectorTable"]
@@ -296,8 +300,37 @@ class FaissIdentityIndex:
         expect_detector: dict[str, object] | None = None,
     ) -> FaissIdentityIndex:
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        verify_files(folder, manifest)
+        # One snapshot of the folder: a swap or an edit while it loads cannot mix two
+        # versions, and a file that vanishes is a clean error (index_store). A folder
+        # swapped (and its old files removed) mid-read is read again from the path.
+        for attempt in range(1, SWAPPED_RETRIES + 1):
+            with IndexSnapshot(folder) as snapshot:
+                try:
+                    return cls._load(
+                        snapshot,
+                        expect_embedder=expect_embedder,
+                        expect_model_sha256=expect_model_sha256,
+                        expect_dim=expect_dim,
+                        expect_detector=expect_detector,
+                    )
+                except IndexCorruptError:
+                    if attempt == SWAPPED_RETRIES or not snapshot.replaced():
+                        raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load(
+        cls,
+        snapshot: IndexSnapshot,
+        *,
+        expect_embedder: str | None,
+        expect_model_sha256: str | None,
+        expect_dim: int | None,
+        expect_detector: dict[str, object] | None,
+    ) -> FaissIdentityIndex:
+        folder = snapshot.folder
+        manifest = read_manifest(snapshot)
+        verify_files(snapshot, manifest)
         try:
             salt_of(manifest)
         except ValueError as exc:
@@ -322,17 +355,19 @@ class FaissIdentityIndex:
             )
         if expect_detector is not None:
             check_detector(folder, manifest.get("detector"), expect_detector)
-        faces = read_table(folder, "face vectors", VECTORS_FILE, LABELS_FILE)
+        faces = read_table(snapshot, "face vectors", VECTORS_FILE, LABELS_FILE)
         faces.check_faiss(folder, int(embedder.get("dim", -1)))
         replicas = featurizer = None
         replica_spec = manifest.get("replica")
         if replica_spec is not None:
             if not isinstance(replica_spec, dict):
                 raise IndexCorruptError(f"{folder}/{MANIFEST_FILE}: replica must be an object")
-            featurizer = ReplicaFeaturizer.load(folder, replica_spec)
-            replicas = read_table(folder, "replica features", REPLICAS_FILE, REPLICA_LABELS_FILE)
+            featurizer = ReplicaFeaturizer.load(
+                snapshot.open(PROJECTION_FILE), replica_spec, folder / PROJECTION_FILE
+            )
+            replicas = read_table(snapshot, "replica features", REPLICAS_FILE, REPLICA_LABELS_FILE)
             replicas.check_faiss(folder, featurizer.dim)
-        calibration = read_calibration(folder, manifest)
+        calibration = read_calibration(snapshot, manifest)
         loaded = cls(
             faces.index,
             faces.identities,

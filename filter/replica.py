@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -113,15 +114,15 @@ class ReplicaFeaturizer:
         np.save(folder / PROJECTION_FILE, np.vstack([self.mean[None, :], self.basis]))
 
     @classmethod
-    def load(cls, folder: Path, spec: dict[str, object]) -> ReplicaFeaturizer:
+    def load(cls, source: BinaryIO, spec: dict[str, object], path: Path) -> ReplicaFeaturizer:
+        """The projection from an open file (`path` names it in messages)."""
         if spec.get("feature") != FEATURE_NAME or spec.get("low_res_side") != LOW_RES_SIDE:
             raise IndexCorruptError(
-                f"{folder}: replica feature {spec.get('feature')!r} is not {FEATURE_NAME!r}; "
-                "rebuild the index with this facegate"
+                f"{path.parent}: replica feature {spec.get('feature')!r} is not "
+                f"{FEATURE_NAME!r}; rebuild the index with this facegate"
             )
-        path = folder / PROJECTION_FILE
         try:
-            stacked = np.load(path, allow_pickle=False)
+            stacked = np.load(source, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise IndexCorruptError(f"cannot read {path}: {exc}") from None
         expected = (int(str(spec.get("components", -1))) + 1, LOW_RES_SIDE * LOW_RES_SIDE * 3)

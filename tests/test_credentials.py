@@ -31,6 +31,7 @@ from service.credentials import (
     FILTER_ASSERTION,
     FORBIDDEN_KEY_PARTS,
     TRAINED_ALGORITHMIC_MEDIA,
+    C2paContentSigner,
     CredentialsError,
     SigningCredentials,
     manifest_json_of,
@@ -387,3 +388,22 @@ def test_a_signing_failure_is_internal_and_releases_nothing_unsigned(
     # Only the image signed before the failure went out, and it is signed.
     assert len(received) == 1 and received[0].HasField("image")
     assert manifest_json_of(received[0].image.data, "image/png")["active_manifest"]
+
+
+@pytest.mark.parametrize(("fmt", "media_type"), [("PNG", "image/png"), ("JPEG", "image/jpeg")])
+def test_a_signed_image_is_accounted_for_by_the_content_rule(
+    c2pa_chain: Path, fmt: str, media_type: str
+) -> None:
+    """facegate's own released images pass `check` and `batch`: the C2PA manifest (PNG
+    caBX chunk, JPEG APP11 JUMBF) is read and scanned, not rejected as unchecked."""
+    from filter.content import read_content
+
+    credentials = SigningCredentials.load(c2pa_chain / "chain.pem", c2pa_chain / "signer.key")
+    signer = C2paContentSigner(credentials, "dcgan-digiface", "0" * 64)
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    signed = signer.sign_manifest(buffer.getvalue(), media_type, signer.manifest(None))
+    content = read_content(signed)
+    assert content.complete, content.unaccounted
+    assert [view.name for view in content.views] == ["image"]
