@@ -7,7 +7,8 @@ On disk an index is a folder (format 2):
   replica_labels.json   for each replica row: identity id and source file
   calibration.json      optional: thresholds saved by `facegate calibrate --save`
   manifest.json         embedder, detector settings, replica feature, index type,
-                        counts, build time, and the size and sha256 of every file above
+                        counts, build time, the device and precision that built it
+                        ("compute"), and the size and sha256 of every file above
 
 Loading checks everything in the manifest against the files, the embedder and the
 detector in use, refuses foreign FAISS indexes (another metric or dimension) and empty
@@ -123,8 +124,11 @@ class FaissIdentityIndex:
         replica_identities: Sequence[str] = (),
         replica_sources: Sequence[str] = (),
         replica_featurizer: ReplicaFeaturizer | None = None,
+        compute: dict[str, object] | None = None,
     ) -> FaissIdentityIndex:
-        """Build in memory. An index with no face vector is refused: it would match nothing."""
+        """Build in memory. An index with no face vector is refused: it would match nothing.
+        `compute` (filter.numerics.compute_manifest) records the device and precision that
+        embedded the vectors; a record, not checked at load."""
         if len(identities) == 0:
             raise IdentityIndexError(
                 "no face to enrol: an empty identity index would release every face"
@@ -163,6 +167,8 @@ class FaissIdentityIndex:
             },
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        if compute is not None:
+            manifest["compute"] = compute
         return cls(
             index,
             list(identities),

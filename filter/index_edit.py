@@ -31,6 +31,7 @@ from filter.gallery import GalleryReport, enrol_gallery
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.images import ImageLimits
 from filter.index import FaissIdentityIndex, IndexType
+from filter.numerics import compute_manifest
 from filter.replica import MIN_REPLICA_IMAGES
 
 CALIBRATION_KEPT_REMOVE = (
@@ -128,6 +129,8 @@ def add_gallery(
         replica_parts,
         edit={"op": "add", "identities": added},
     )
+    # The added faces' own compute record; the index keeps its original one.
+    edited.manifest["edits"][-1]["compute"] = compute_manifest(pipeline.device, pipeline.embedder)
     if index.calibration is not None:
         report.calibration = CALIBRATION_DROPPED_ADD.format(index=index_name)
     if not replica_parts:
@@ -222,6 +225,8 @@ def _rebuild(
     )
     edited.manifest["edits"] = history
     edited.manifest["built_at"] = manifest.get("built_at")
+    if "compute" in manifest:
+        edited.manifest["compute"] = manifest["compute"]
     return edited
 
 
