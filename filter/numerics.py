@@ -44,29 +44,15 @@ def tf32_enabled() -> bool:
         return True
 
 
-def _force_ieee() -> None:
-    """torch's newer per-backend switches, for a process in which something used them
-    (then the older ones can neither be read nor set consistently)."""
-    backends: Any = torch.backends  # these switches are newer than torch's type stubs
-    backends.cuda.matmul.fp32_precision = "ieee"
-    backends.cudnn.conv.fp32_precision = "ieee"
-    backends.cudnn.rnn.fp32_precision = "ieee"
-
-
 def apply_device_numerics(device: torch.device) -> None:
     """For a CUDA device, turn TF32 off for this process (cuBLAS matmuls, cuDNN
     convolutions), and log it; nothing for the CPU, which has no TF32. Fails closed: if
     TF32 cannot be turned off, no pipeline is built."""
     if device.type != "cuda":
         return
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-    except RuntimeError:
-        _force_ieee()
-    if tf32_enabled():
-        _force_ieee()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
     if tf32_enabled():
         raise ModelError(
             "cannot turn TF32 off for this process; the filter on a GPU would not give the "

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from filter.detection_policy import uses_fast_path
 from filter.errors import FilterError
+from filter.overlap import batches_in_flight
 from filter.runtime import DEFAULT_IDENTITY_THRESHOLD, build_embedding_pipeline
 from service.audit import AuditSink, JsonLinesAuditLog
 from service.config import Settings, unknown_env_warnings
@@ -102,8 +103,13 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         }
     )
     engine = CandidateEngine(generator, identity_filter, observer=metrics)
+    in_flight = batches_in_flight(settings.batches_in_flight, embedding.device)
+    log.info("filter batches in flight: %d (stages overlap across batches)", in_flight)
     batcher = DynamicBatcher(
-        engine, max_batch=settings.max_batch, max_delay=settings.max_batch_delay_ms / 1000.0
+        engine,
+        max_batch=settings.max_batch,
+        max_delay=settings.max_batch_delay_ms / 1000.0,
+        in_flight=in_flight,
     )
     seed_key = seed_key_for(settings)
     audit = JsonLinesAuditLog.open(
