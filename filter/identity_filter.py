@@ -188,11 +188,11 @@ class IdentityFilter:
         """What the filter measures on each image, before thresholds: the nearest identity
         of each face and the nearest training image. Shared by check and evaluate."""
         with thread_stream(self.device):
-            return self._evidence(images, observer)
+            return self._evidence(images, observer)[0]
 
     def _evidence(
         self, images: Sequence[np.ndarray], observer: StageObserver | None
-    ) -> list[ImageEvidence]:
+    ) -> tuple[list[ImageEvidence], list[ImageFaces]]:
         per_image = self.embedding.embed_images(images, observer)
         dim = self.embedding.embedder.dim
         problems = [embedding_problem(p.embeddings, len(p.faces), dim) for p in per_image]
@@ -226,7 +226,7 @@ class IdentityFilter:
                     error=problem,
                 )
             )
-        return out
+        return out, per_image
 
     def check(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None
@@ -235,3 +235,10 @@ class IdentityFilter:
             decide(evidence, self.thresholds, self.no_face_policy)
             for evidence in self.evidence(images, observer)
         ]
+
+    def inspect(self, images: Sequence[np.ndarray]) -> tuple[list[ImageEvidence], list[ImageFaces]]:
+        """The evidence on each image and the faces behind it (boxes, landmarks,
+        embeddings), from one run: for comparing the filter across devices and batch sizes
+        (`filter.agreement`), never for a caller of the service."""
+        with thread_stream(self.device):
+            return self._evidence(images, None)
