@@ -50,6 +50,16 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the suite's smoke run
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cpu_reference_threads() -> Iterator[None]:
+    """The CPU side is only a reference here: on a GPU machine it may use every core."""
+    saved = torch.get_num_threads()
+    if torch.cuda.is_available():
+        torch.set_num_threads(os.cpu_count() or saved)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def gpu_pipeline(models_dir: Path) -> FaceEmbeddingPipeline:
     return build_embedding_pipeline("sface", models_dir, device=_device())
