@@ -42,7 +42,7 @@ def batches_in_flight(setting: int, device: torch.device | str) -> int:
 def thread_stream(device: torch.device | str) -> AbstractContextManager[Any]:
     """This thread's own CUDA stream on `device` (made once per thread), or nothing for the
     CPU. Tensors never cross streams here: each batch is uploaded, computed and read back
-    in the thread that checks it; the models' weights are read-only."""
+    in the thread that checks it; the models' weights and the index are read-only."""
     device = torch.device(device)
     if device.type != "cuda":
         return nullcontext()
@@ -50,7 +50,11 @@ def thread_stream(device: torch.device | str) -> AbstractContextManager[Any]:
     _local.streams = streams
     if device not in streams:
         streams[device] = torch.cuda.Stream(device=device)
-    return torch.cuda.stream(streams[device])
+    stream = streams[device]
+    # Work queued before on the thread's current stream (the models' and the index's
+    # uploads, on the default stream) completes before this batch's kernels read it.
+    stream.wait_stream(torch.cuda.current_stream(device))
+    return torch.cuda.stream(stream)
 
 
 def overlapped(fn: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[R]:

@@ -288,3 +288,11 @@ def test_a_crashed_worker_with_a_batch_in_flight_fails_only_what_it_held() -> No
     assert isinstance(first, list) and first[0].verdict.passed
     assert [type(r) for r in crashed] == [FilterFailure, FilterFailure]
     assert isinstance(after, list) and after[0].verdict.passed
+
+
+def test_batch_actors_check_two_blocks_at_once_only_on_a_gpu() -> None:
+    from batch.engine import RayOptions, actor_calls
+
+    assert actor_calls(RayOptions(), gpus=1.0) == 2
+    assert actor_calls(RayOptions(), gpus=0.0) == 1
+    assert actor_calls(RayOptions(in_flight=3), gpus=0.0) == 3
