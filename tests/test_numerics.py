@@ -87,17 +87,20 @@ def test_tf32_that_stays_on_stops_the_build(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.usefixtures("tf32_on")
 def test_switches_set_through_torchs_newer_api_are_turned_off_too() -> None:
-    """A library that set cuDNN's newer per-operator switch leaves torch's older switches
-    unreadable (a mixed state, counted as enabled); the policy still turns TF32 off."""
+    """A library that set torch's newer per-operator switches leaves the older ones
+    unreadable (torch raises on reading them): counted as TF32 on, then turned off."""
     backends: Any = torch.backends
-    backends.cudnn.conv.fp32_precision = "tf32"
+    switches = (backends.cudnn.conv, backends.cudnn.rnn, backends.cuda.matmul)
+    for switch in switches:
+        switch.fp32_precision = "ieee"
     try:
+        with pytest.raises(RuntimeError):
+            _ = torch.backends.cudnn.allow_tf32
         assert tf32_enabled()  # unreadable, so counted as enabled
         apply_device_numerics(torch.device("cuda"))
         assert not tf32_enabled()
-        assert backends.cudnn.conv.fp32_precision != "tf32"
     finally:
-        for switch in (backends.cudnn.conv, backends.cudnn.rnn, backends.cuda.matmul):
+        for switch in switches:
             switch.fp32_precision = "none"
 
 

@@ -115,6 +115,7 @@ class _StageProbe:
             # Batch 0 stays in the embed stage until batch 1 is in the detect stage: a
             # serial filter would never get there.
             assert self.second_batch_detecting.wait(WAIT), "batch 1 was not detected meanwhile"
+            time.sleep(0.1)  # still here when batch 1 is ready to embed
         self._leave("embed")
         out = np.zeros((len(crops), self.dim), np.float32)
         out[:, batch] = 1.0
