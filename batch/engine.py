@@ -40,6 +40,9 @@ class RayOptions:
     actors: int = 1
     batch_size: int = 32
     num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
+    # Blocks each actor checks at once (FACEGATE_BATCHES_IN_FLIGHT): two overlap stage by
+    # stage (filter.overlap); 0: 2 for an actor with a GPU, 1 without.
+    in_flight: int = 0
 
 
 @contextmanager
@@ -126,6 +129,12 @@ def actor_gpus(options: RayOptions) -> float:
     return options.num_gpus
 
 
+def actor_calls(options: RayOptions, gpus: float) -> int:
+    """Calls each model actor runs at once: the option, or 2 on a GPU and 1 on CPUs (where
+    the stages already use every core the actor has)."""
+    return options.in_flight or (2 if gpus > 0 else 1)
+
+
 def _rows(table: pa.Table) -> list[dict[str, Any]]:
     return table.to_pylist()
 
@@ -198,6 +207,8 @@ def run_batch(
     import ray.data
 
     quiet_data_context()
+    gpus = actor_gpus(options)
+    calls = actor_calls(options, gpus)
     blocks = max(1, math.ceil(len(items) / options.batch_size))
     dataset = (
         ray.data.from_items([item.as_row() for item in items], override_num_blocks=blocks)
@@ -214,8 +225,12 @@ def run_batch(
             fn_constructor_args=(replace(spec, embedding=worker_spec(spec.embedding)), expected),
             batch_format="pyarrow",
             batch_size=options.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=options.actors),
-            num_gpus=actor_gpus(options),
+            compute=ray.data.ActorPoolStrategy(
+                size=options.actors,
+                max_concurrent_calls_per_actor=calls,
+                enable_true_multi_threading=calls > 1,
+            ),
+            num_gpus=gpus,
         )
         # One fragment per batch: a crash loses at most the batches in flight.
         .map_batches(

@@ -12,6 +12,7 @@ from filter.errors import FilterError, ImageError
 from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces, embedding_problem
 from filter.images import ImageLimits, decode_image, list_images
 from filter.index import FaissIdentityIndex
+from filter.numerics import compute_manifest
 from filter.replica import MIN_REPLICA_IMAGES, ReplicaFeaturizer, low_res
 from filter.vector_table import IndexType
 
@@ -244,6 +245,7 @@ class Enrolment:
             replica_sources=self._replica_sources if featurizer else (),
             replica_featurizer=featurizer,
             salt=salt,
+            compute=compute_manifest(self.pipeline.device, embedder),
         )
 
 

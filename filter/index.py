@@ -7,8 +7,9 @@ On disk an index is a folder (format 2):
   replica_labels.json   for each replica row: identity id and source file
   calibration.json      optional: thresholds saved by `facegate calibrate --save`
   manifest.json         embedder, detector settings, replica feature, index type,
-                        counts, build time, the salt of its seeds, and the size and
-                        sha256 of every file above
+                        counts, build time, the salt of its seeds, the device and
+                        precision that built it ("compute"), and the size and sha256 of
+                        every file above
 
 Loading checks everything in the manifest against the files, the embedder and the
 detector in use, refuses foreign FAISS indexes (another metric or dimension) and empty
@@ -143,9 +144,12 @@ class FaissIdentityIndex:
         replica_sources: Sequence[str] = (),
         replica_featurizer: ReplicaFeaturizer | None = None,
         salt: bytes | None = None,
+        compute: dict[str, object] | None = None,
     ) -> FaissIdentityIndex:
         """Build in memory. An index with no face vector is refused: it would match nothing.
-        `salt` is the one its seeds were drawn under (`index demo`); None draws a new one."""
+        `salt` is the one its seeds were drawn under (`index demo`); None draws a new one.
+        `compute` (filter.numerics.compute_manifest) records the device and precision that
+        embedded the vectors; a record, not checked at load."""
         if len(identities) == 0:
             raise IdentityIndexError(
                 "no face to enrol: an empty identity index would release every face"
@@ -185,6 +189,8 @@ class FaissIdentityIndex:
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             SALT_KEY: (new_salt() if salt is None else salt).hex(),
         }
+        if compute is not None:
+            manifest["compute"] = compute
         return cls(
             index,
             list(identities),

@@ -37,6 +37,7 @@ from filter.index_lineage import (
     edited_manifest,
     identity_hashes,
 )
+from filter.numerics import compute_manifest
 from filter.replica import MIN_REPLICA_IMAGES
 
 CALIBRATION_KEPT_REMOVE = (
@@ -140,6 +141,8 @@ def add_gallery(
         record=edit_record("add", added, index.fingerprint, key),
         key=key,
     )
+    # The added faces' own compute record; the index keeps its original one.
+    edited.manifest["edits"][-1]["compute"] = compute_manifest(pipeline.device, pipeline.embedder)
     if index.calibration is not None:
         edited = edited.with_calibration(
             carried_calibration(index.calibration, "add", index.fingerprint)

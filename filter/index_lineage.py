@@ -17,7 +17,7 @@ Manifest fields across a change, in one place (`EDIT_FIELDS`, `RECALIBRATION_DRO
 |---|---|---|
 | calibration (`calibration.json`) | carried, noted as carried | replaced |
 | `edits` (history) | carried as counts and keyed hashes, plus this edit | carried |
-| `built_at` | carried | carried |
+| `built_at`, `compute` (the edit records its own) | carried | carried |
 | `looser_acknowledged` | dropped: it was for one release | dropped, or given anew |
 | everything else | rebuilt from the edited tables | carried |
 
@@ -39,7 +39,7 @@ LOOSER_ACK = "looser_acknowledged"
 EDITS = "edits"
 # Fields an edited index takes over from the index it came from as they are. Fields a
 # change must draw anew (a per-release salt, say) go in EDIT_ROLLED with their maker.
-EDIT_FIELDS = ("built_at",)
+EDIT_FIELDS = ("built_at", "compute")
 EDIT_ROLLED: dict[str, Any] = {}
 # Fields a recalibrated index does not keep (it keeps everything else).
 RECALIBRATION_DROPS = (LOOSER_ACK,)

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     audit_log: str = Field("stderr", description="'stderr', 'none', or a file path")
     max_batch: int = Field(64, ge=1, description="candidates per filter batch")
     max_batch_delay_ms: float = Field(5.0, ge=0.0, description="wait to fill a batch")
+    batches_in_flight: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="filter batches overlapped stage by stage; 0: 2 on a GPU, 1 on the CPU",
+    )
     generated_fast_path: FastPathMode = Field(
         FastPathMode.AUTO, description="auto: only for the embedded generator; on; off"
     )

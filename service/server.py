@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from filter.detection_policy import uses_fast_path
 from filter.errors import FilterError
+from filter.overlap import batches_in_flight
 from filter.runtime import DEFAULT_IDENTITY_THRESHOLD, build_embedding_pipeline
 from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog
 from service.client_identity import ClientAllowlist
@@ -107,8 +108,13 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     )
     keys = service_keys(settings)
     engine = CandidateEngine(generator, identity_filter, observer=metrics, seed_key=keys.seed_key)
+    in_flight = batches_in_flight(settings.batches_in_flight, embedding.device)
+    log.info("filter batches in flight: %d (stages overlap across batches)", in_flight)
     batcher = DynamicBatcher(
-        engine, max_batch=settings.max_batch, max_delay=settings.max_batch_delay_ms / 1000.0
+        engine,
+        max_batch=settings.max_batch,
+        max_delay=settings.max_batch_delay_ms / 1000.0,
+        in_flight=in_flight,
     )
     try:
         audit = JsonLinesAuditLog.open(

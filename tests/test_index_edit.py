@@ -89,6 +89,9 @@ def test_add_enrols_faces_and_replicas_and_carries_the_calibration(
     assert reloaded.manifest["edits"][-1]["identities"] == 1  # a count, not a name
     assert reloaded.manifest["edits"][-1]["from_fingerprint"] == before.fingerprint
     assert "id04" not in json.dumps(reloaded.manifest)
+    # The index keeps the record of the compute that built it; the edit records its own.
+    assert reloaded.manifest["compute"] == before.manifest["compute"]
+    assert reloaded.manifest["edits"][-1]["compute"]["embedder"]["backend"] == "opencv"
     # The old rows are untouched: every old vector still finds its own identity.
     found = reloaded.search(before.vectors())
     assert [m.identity for m in found] == before.faces.identities

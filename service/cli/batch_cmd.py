@@ -20,7 +20,7 @@ from service.cli.common import (
 from service.config import Settings
 
 
-def ray_options(args: argparse.Namespace, batch_size: int | None = None) -> Any:
+def ray_options(args: argparse.Namespace, batch_size: int | None = None, in_flight: int = 0) -> Any:
     from batch.engine import RayOptions
 
     return RayOptions(
@@ -28,6 +28,7 @@ def ray_options(args: argparse.Namespace, batch_size: int | None = None) -> Any:
         actors=args.actors,
         batch_size=batch_size or args.batch_size,
         num_gpus=args.num_gpus,
+        in_flight=in_flight,
     )
 
 
@@ -57,7 +58,9 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     with progress_bar(len(plan.pending), "checking") as bar:
-        summary = execute_plan(plan, out, spec, ray_options(args), bar.update)
+        summary = execute_plan(
+            plan, out, spec, ray_options(args, in_flight=settings.batches_in_flight), bar.update
+        )
     emit(summary)
     return 0
 
