@@ -243,9 +243,7 @@ def test_a_poison_batch_in_flight_fails_only_its_own_request() -> None:
             CandidateEngine(_Generator(), checker), max_batch=4, max_delay=0.05, in_flight=2
         )
         try:
-            return await _submit_all(
-                batcher, [_draws(2), _draws(13), _draws(4, 6), _draws(8)]
-            )
+            return await _submit_all(batcher, [_draws(2), _draws(13), _draws(4, 6), _draws(8)])
         finally:
             await batcher.close()
 
