@@ -1,6 +1,7 @@
 """Step 2 of a batch (a model actor): the identity filter, exactly as `facegate check`
-builds and runs it, on rows that `batch.reading` decoded; `batch.recording` then copies
-what passed and writes the manifest rows."""
+builds and runs it, with the same content rule (`filter.file_check`), on rows that
+`batch.reading` read; `batch.recording` then copies what passed and writes the manifest
+rows."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from batch.manifest import RunIdentity
-from filter.decide import ImageVerdict, NoFacePolicy, Reason, unreadable_verdict
+from batch.manifest import COPY_PIXELS, RunIdentity
+from filter.content import FileContent, ImageView
+from filter.decide import NoFacePolicy, unreadable_verdict
 from filter.errors import FilterError
+from filter.file_check import FileVerdict, check_files
 
 if TYPE_CHECKING:
     from filter.runtime import EmbeddingSpec
@@ -32,6 +35,7 @@ class FilterSpec:
     threshold: float | None = None
     replica_threshold: float | None = None
     no_face_policy: str = NoFacePolicy.REJECT.value
+    copy_mode: str = COPY_PIXELS  # batch.manifest: COPY_PIXELS or COPY_ORIGINAL
 
     def run_identity(self) -> tuple[RunIdentity, str]:
         """The index fingerprint and thresholds in force (and their description), from the
@@ -41,16 +45,15 @@ class FilterSpec:
 
         index = FaissIdentityIndex.load(self.index_path)
         thresholds = resolve_thresholds(index, self.threshold, self.replica_threshold)
-        run = RunIdentity(index.fingerprint, thresholds.identity, thresholds.replica)
+        run = RunIdentity(
+            index.fingerprint, thresholds.identity, thresholds.replica, self.copy_mode
+        )
         return run, thresholds.describe()
 
 
-def verdict_columns(verdict: ImageVerdict, error: str | None, shape: tuple[int, int] | None) -> Row:
+def verdict_columns(result: FileVerdict) -> Row:
     """The manifest's verdict columns, as `facegate check` reports them (unrounded)."""
-    if error is None and verdict.detail is not None:
-        error = verdict.detail
-    if verdict.reason is Reason.UNSUPPORTED_GEOMETRY and shape is not None:
-        error = f"a {shape[1]}x{shape[0]} image is too thin to search for faces"
+    verdict = result.verdict
     return {
         "verdict": verdict.verdict,
         "reason": None if verdict.reason is None else str(verdict.reason),
@@ -58,12 +61,29 @@ def verdict_columns(verdict: ImageVerdict, error: str | None, shape: tuple[int, 
         "max_similarity": _finite(verdict.max_similarity),
         "identity": verdict.identity,
         "replica_similarity": _finite(verdict.replica_similarity),
-        "error": error,
+        "error": result.detail,
+        "images": result.images,
+        "part": result.part,
     }
 
 
 def _finite(value: float | None) -> float | None:
     return None if value is None or value != value else float(value)
+
+
+def row_content(row: Row) -> FileContent:
+    """The images a read row carries, as `filter.content` read them."""
+    views = tuple(
+        ImageView(name, np.frombuffer(pixels, np.uint8).reshape(height, width, 3))
+        for name, pixels, height, width in zip(
+            row["view_names"],
+            row["view_pixels"],
+            row["view_heights"],
+            row["view_widths"],
+            strict=True,
+        )
+    )
+    return FileContent("", views, int(row["frames"]), tuple(row["unaccounted"]))
 
 
 class BatchChecker:
@@ -77,7 +97,9 @@ class BatchChecker:
         pipeline = spec.embedding.build()
         index = load_index_for(pipeline, spec.index_path)
         thresholds = resolve_thresholds(index, spec.threshold, spec.replica_threshold)
-        self.run = RunIdentity(index.fingerprint, thresholds.identity, thresholds.replica)
+        self.run = RunIdentity(
+            index.fingerprint, thresholds.identity, thresholds.replica, spec.copy_mode
+        )
         if self.run != expected:
             # The index was replaced between the driver's look and this actor's load.
             raise FilterError(f"the index at {spec.index_path} changed during the run")
@@ -86,25 +108,24 @@ class BatchChecker:
         )
 
     def check(self, rows: Sequence[Row]) -> list[Row]:
+        """The rule `facegate check` applies (`filter.file_check`): every image of each
+        readable file, the worst verdict, `unchecked_content` for what was not read."""
         readable = [i for i, row in enumerate(rows) if row["error"] is None]
-        images = [
-            np.frombuffer(rows[i]["pixels"], np.uint8).reshape(
-                rows[i]["height"], rows[i]["width"], 3
-            )
-            for i in readable
-        ]
-        verdicts = dict(zip(readable, self.filter.check(images), strict=True))
+        checked = check_files(self.filter, [row_content(rows[i]) for i in readable])
+        verdicts = dict(zip(readable, checked, strict=True))
         out: list[Row] = []
         for i, row in enumerate(rows):
-            verdict = verdicts.get(i) or unreadable_verdict()
-            shape = (row["height"], row["width"]) if i in verdicts else None
+            result = verdicts.get(i) or FileVerdict(unreadable_verdict(), 0, None, row["error"])
             out.append(
                 {
                     "path": row["key"],
                     "sha256": row["sha256"],
                     "copy_to": row["copy_to"],
-                    "data": row["data"] if verdict.passed else None,
-                    **verdict_columns(verdict, row["error"], shape),
+                    "copy": row["copy"] if result.passed else None,
+                    "source_size": row["source_size"],
+                    "source_mtime_ns": row["source_mtime_ns"],
+                    "supersedes": row["supersedes"] or None,
+                    **verdict_columns(result),
                     **self.run.columns(),
                 }
             )

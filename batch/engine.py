@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow as pa
 
 import batch
-from batch.manifest import MANIFEST_SCHEMA, RunIdentity
+from batch.manifest import COPY_ORIGINAL, MANIFEST_SCHEMA, RunIdentity
 from batch.reading import load_rows
 from batch.recording import record_rows
 from filter.errors import FilterError
@@ -40,6 +40,9 @@ class RayOptions:
     actors: int = 1
     batch_size: int = 32
     num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
+    # Blocks each actor checks at once (FACEGATE_BATCHES_IN_FLIGHT): two overlap stage by
+    # stage (filter.overlap); 0: 2 for an actor with a GPU, 1 without.
+    in_flight: int = 0
 
 
 @contextmanager
@@ -126,6 +129,12 @@ def actor_gpus(options: RayOptions) -> float:
     return options.num_gpus
 
 
+def actor_calls(options: RayOptions, gpus: float) -> int:
+    """Calls each model actor runs at once: the option, or 2 on a GPU and 1 on CPUs (where
+    the stages already use every core the actor has)."""
+    return options.in_flight or (2 if gpus > 0 else 1)
+
+
 def _rows(table: pa.Table) -> list[dict[str, Any]]:
     return table.to_pylist()
 
@@ -139,25 +148,33 @@ LOADED_SCHEMA = pa.schema(
         ("copy_to", pa.string()),
         ("row", pa.int64()),
         ("column", pa.string()),
-        ("data", pa.binary()),
+        ("supersedes", pa.string()),
         ("sha256", pa.string()),
-        ("pixels", pa.binary()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
+        ("source_size", pa.int64()),
+        ("source_mtime_ns", pa.int64()),
+        ("view_names", pa.list_(pa.string())),
+        ("view_pixels", pa.list_(pa.binary())),
+        ("view_heights", pa.list_(pa.int32())),
+        ("view_widths", pa.list_(pa.int32())),
+        ("frames", pa.int32()),
+        ("unaccounted", pa.list_(pa.string())),
+        ("copy", pa.binary()),
         ("error", pa.string()),
     ]
 )
+_RECORDED_ONLY = {"pass_copy", "pass_sha256", "recorded_at"}  # set by the record step
 CHECKED_SCHEMA = pa.schema(
     [
-        *(field for field in MANIFEST_SCHEMA if field.name != "pass_copy"),
+        *(field for field in MANIFEST_SCHEMA if field.name not in _RECORDED_ONLY),
         pa.field("copy_to", pa.string()),
-        pa.field("data", pa.binary()),
+        pa.field("copy", pa.binary()),
     ]
 )
 
 
-def _load(table: pa.Table) -> pa.Table:
-    return pa.Table.from_pylist(load_rows(_rows(table)), schema=LOADED_SCHEMA)
+def _load(table: pa.Table, copy_original: bool) -> pa.Table:
+    rows = load_rows(_rows(table), copy_original=copy_original)
+    return pa.Table.from_pylist(rows, schema=LOADED_SCHEMA)
 
 
 class _CheckActor:
@@ -190,19 +207,30 @@ def run_batch(
     import ray.data
 
     quiet_data_context()
+    gpus = actor_gpus(options)
+    calls = actor_calls(options, gpus)
     blocks = max(1, math.ceil(len(items) / options.batch_size))
     dataset = (
         ray.data.from_items([item.as_row() for item in items], override_num_blocks=blocks)
         # Half a CPU each: its own resources keep Ray Data from fusing decoding into the
         # model actor (decoding stays on CPU tasks, beside the actors).
-        .map_batches(_load, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+        .map_batches(
+            partial(_load, copy_original=spec.copy_mode == COPY_ORIGINAL),
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=0.5,
+        )
         .map_batches(
             _CheckActor,
             fn_constructor_args=(replace(spec, embedding=worker_spec(spec.embedding)), expected),
             batch_format="pyarrow",
             batch_size=options.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=options.actors),
-            num_gpus=actor_gpus(options),
+            compute=ray.data.ActorPoolStrategy(
+                size=options.actors,
+                max_concurrent_calls_per_actor=calls,
+                enable_true_multi_threading=calls > 1,
+            ),
+            num_gpus=gpus,
         )
         # One fragment per batch: a crash loses at most the batches in flight.
         .map_batches(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import glob
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from filter.errors import FilterError
@@ -36,22 +36,34 @@ class InputItem:
     copy_to: str
     row: int = -1  # >= 0: the image bytes are in this row of `source`, column `column`
     column: str = ""
+    # A rerun re-checks a file whose bytes changed: the sha256 of the row it replaces
+    # ("" when it replaces none, or one whose bytes could not be read).
+    supersedes: str = ""
 
     def as_row(self) -> dict[str, object]:
         return asdict(self)
 
 
-def discover_inputs(specs: Sequence[str]) -> list[InputItem]:
-    """Every image named by the specs, in a stable order, each once. Raises
-    BatchInputError for a spec that names nothing, a Parquet file without an image column,
-    or two inputs whose copies would land on the same path."""
+def discover_inputs(specs: Sequence[str], copy_suffix: str | None = None) -> list[InputItem]:
+    """Every image named by the specs, in a stable order, each once. `copy_suffix`: the
+    suffix every copy gets (".png" for re-encoded copies; None keeps each file's own).
+    Raises BatchInputError for a spec that names nothing, a Parquet file without an image
+    column, or two inputs whose copies would land on the same path."""
     items: list[InputItem] = []
     for spec in specs:
         found = list(_expand(spec))
         if not found:
             raise BatchInputError(f"{spec}: no images found (folder, glob, image or Parquet file)")
         items.extend(found)
+    if copy_suffix is not None:
+        items = [replace(item, copy_to=with_suffix(item.copy_to, copy_suffix)) for item in items]
     return _unique(items)
+
+
+def with_suffix(copy_to: str, suffix: str) -> str:
+    """`gen/a.jpg` -> `gen/a.png`; a name without a suffix gets one."""
+    path = PurePosixPath(copy_to)
+    return str(path.with_suffix(suffix) if path.suffix else path.with_name(path.name + suffix))
 
 
 def _expand(spec: str) -> Iterable[InputItem]:
@@ -181,7 +193,9 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
         if other is not None:
             raise BatchInputError(
                 f"{other.key} and {item.key} would both be copied to pass/{item.copy_to}; "
-                "give inputs whose folders have different names"
+                "give inputs whose folders have different names (copies are PNGs, so files "
+                "that differ only by their suffix collide too: rename one, or use "
+                "--copy-original)"
             )
         by_key[item.key] = item
         by_copy[item.copy_to] = item

@@ -1,6 +1,11 @@
-"""The batch manifest: OUT/manifest/part-*.parquet, one row per input image, written one
-fragment per block (atomically: a crash loses only the blocks in flight), and read back
-before a run so that images already recorded are not read again."""
+"""The batch manifest: OUT/manifest/part-*.parquet, one row per checked version of each
+input image, written one fragment per block (atomically: a crash loses only the blocks in
+flight), and read back before a run so that images whose bytes were already checked are
+not checked again (`batch.resume`).
+
+A path can have several rows: a rerun that finds a file's bytes changed checks them again
+and records a new row, which names the sha256 of the row it replaces (`supersedes`). The
+current row of a path is its newest (`recorded_at`)."""
 
 from __future__ import annotations
 
@@ -26,17 +31,27 @@ MANIFEST_SCHEMA = pa.schema(
         ("sha256", pa.string()),  # of the bytes checked; null when they could not be read
         ("verdict", pa.string()),  # pass | reject
         ("reason", pa.string()),  # null when passed; else filter.decide.Reason
-        ("faces", pa.int32()),
+        ("faces", pa.int32()),  # of the image that decided (the first image for a pass)
         ("max_similarity", pa.float64()),  # best face's similarity; null: no trusted face
         ("identity", pa.string()),  # the matched training identity when a signal fired
         ("replica_similarity", pa.float64()),
-        ("error", pa.string()),  # why a file was unreadable or the filter rejected it
+        ("error", pa.string()),  # why a file was unreadable, unchecked or rejected
+        ("images", pa.int32()),  # images of the file checked: frames, pages, thumbnails
+        ("part", pa.string()),  # which of them decided a rejection ("frame 2", ...)
         ("pass_copy", pa.string()),  # the copy, relative to OUT (passed images only)
+        ("pass_sha256", pa.string()),  # of the copy's bytes
+        ("source_size", pa.int64()),  # of the file (the Parquet file for its rows) when read
+        ("source_mtime_ns", pa.int64()),  # null for URIs whose filesystem gives none
+        ("recorded_at", pa.timestamp("us", tz="UTC")),
+        ("supersedes", pa.string()),  # sha256 of the row this one replaces (same path)
         ("index_fingerprint", pa.string()),
         ("identity_threshold", pa.float64()),
         ("replica_threshold", pa.float64()),  # null: the index has no replica features
+        ("copy_mode", pa.string()),  # pixels (re-encoded checked pixels) | original
     ]
 )
+COPY_PIXELS = "pixels"
+COPY_ORIGINAL = "original"
 
 
 @dataclass(frozen=True)
@@ -47,12 +62,14 @@ class RunIdentity:
     index_fingerprint: str
     identity_threshold: float
     replica_threshold: float | None
+    copy_mode: str = COPY_PIXELS  # what a copy holds: one OUT, one kind of copy
 
     def columns(self) -> dict[str, Any]:
         return {
             "index_fingerprint": self.index_fingerprint,
             "identity_threshold": self.identity_threshold,
             "replica_threshold": self.replica_threshold,
+            "copy_mode": self.copy_mode,
         }
 
 
@@ -70,6 +87,13 @@ def read_manifest(out: Path, columns: Sequence[str] | None = None) -> pa.Table:
     if not parts:
         return MANIFEST_SCHEMA.empty_table().select(list(columns or MANIFEST_SCHEMA.names))
     try:
+        for part in parts:
+            missing = set(MANIFEST_SCHEMA.names) - set(pq.read_schema(part).names)
+            if missing:
+                raise FilterError(
+                    f"{part} was written by an earlier facegate (no {', '.join(sorted(missing))}"
+                    "): its copies were made under another content rule. Write to a new --out"
+                )
         tables = [pq.read_table(part, columns=columns) for part in parts]
     except (OSError, pa.ArrowException) as exc:
         raise FilterError(
@@ -78,21 +102,30 @@ def read_manifest(out: Path, columns: Sequence[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def recorded_paths(out: Path, run: RunIdentity) -> set[str]:
-    """Paths the manifest already has. Refuses a manifest made with another index or other
-    thresholds: its passes were decided by rules this run does not apply."""
-    table = read_manifest(out, ["path", *run.columns()])
-    for row in (
-        table.select(list(run.columns())).group_by(list(run.columns())).aggregate([]).to_pylist()
-    ):
+def check_run_identity(out: Path, run: RunIdentity) -> None:
+    """Refuse a manifest made with another index, other thresholds or another kind of
+    copy: its passes were decided (or copied) by rules this run does not apply."""
+    table = read_manifest(out, list(run.columns()))
+    for row in table.group_by(list(run.columns())).aggregate([]).to_pylist():
         if row != run.columns():
             raise FilterError(
-                f"{out} holds verdicts made with index {row['index_fingerprint']} and "
-                f"thresholds {row['identity_threshold']}/{row['replica_threshold']}; this run "
-                f"uses {run.index_fingerprint} and {run.identity_threshold}/"
-                f"{run.replica_threshold}: write to a new --out"
+                f"{out} holds verdicts made with index {row['index_fingerprint']}, "
+                f"thresholds {row['identity_threshold']}/{row['replica_threshold']} and "
+                f"{row['copy_mode']} copies; this run uses {run.index_fingerprint}, "
+                f"{run.identity_threshold}/{run.replica_threshold} and {run.copy_mode} "
+                "copies: write to a new --out"
             )
-    return set(table.column("path").to_pylist())
+
+
+def current_rows(out: Path) -> dict[str, dict[str, Any]]:
+    """Each recorded path's current row: its newest (`recorded_at`)."""
+    table = read_manifest(
+        out, ["path", "sha256", "source_size", "source_mtime_ns", "pass_copy", "recorded_at"]
+    )
+    current: dict[str, dict[str, Any]] = {}
+    for row in table.sort_by("recorded_at").to_pylist():
+        current[row["path"]] = row
+    return current
 
 
 def remove_partial_fragments(out: Path) -> None:
@@ -102,15 +135,19 @@ def remove_partial_fragments(out: Path) -> None:
 
 
 def remove_unrecorded_copies(out: Path) -> int:
-    """Files under OUT/pass/ that no manifest row names: copies (or half-written copies) of
-    a batch that crashed before its fragment was written. They passed under rules the
+    """Files under OUT/pass/ that no current manifest row names: copies (or half-written
+    copies) of a batch that crashed before its fragment was written, or of bytes a later
+    row superseded. They passed under rules the
     manifest does not vouch for (a rerun may use another index), so they go; the rerun
     checks those images again. Returns how many were removed."""
     pass_dir = Path(out) / PASS_DIR
     if not pass_dir.is_dir():
         return 0
-    table = read_manifest(out, ["pass_copy"])
-    named = {Path(out) / p for p in table.column("pass_copy").to_pylist() if p is not None}
+    named = {
+        Path(out) / row["pass_copy"]
+        for row in current_rows(out).values()
+        if row["pass_copy"] is not None
+    }
     removed = 0
     for path in pass_dir.rglob("*"):
         if (path.is_file() or path.is_symlink()) and path not in named:

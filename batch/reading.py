@@ -1,24 +1,42 @@
-"""Step 1 of a batch (a CPU task): read each image's bytes, hash them, decode them.
-Light imports only: every Ray worker that runs it imports this module."""
+"""Step 1 of a batch (a CPU task): read each image's bytes, hash them, and read every
+image they can show (`filter.content`); prepare the copy a pass will get. Light imports
+only: every Ray worker that runs it imports this module."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from filter.content import checked_pixels_png, read_content
 from filter.errors import ImageError
-from filter.images import ImageLimits, decode_image, unchecked_content
+from filter.images import ImageLimits
 
 Row = dict[str, Any]
 
 
+def source_stat(source: str) -> tuple[int, int | None]:
+    """Size and modification time (ns) of a file or URI, as resume's fast mode records
+    and compares them (None: the filesystem gives no time)."""
+    if "://" in source:
+        import pyarrow.fs
+
+        filesystem, location = pyarrow.fs.FileSystem.from_uri(source)
+        info = filesystem.get_file_info(location)
+        if info.size is None:
+            raise OSError(f"{source}: no such file")
+        return int(info.size), None if info.mtime_ns is None else int(info.mtime_ns)
+    stat = os.stat(source)
+    return stat.st_size, stat.st_mtime_ns
+
+
 def read_source(item: Row, limits: ImageLimits) -> bytes:
-    """The bytes of one file or URI (Parquet rows are read by `_parquet_bytes`)."""
+    """The bytes of one file or URI (Parquet rows are read by `parquet_bytes`)."""
     source = str(item["source"])
     if "://" in source:
         import pyarrow.fs
@@ -27,17 +45,17 @@ def read_source(item: Row, limits: ImageLimits) -> bytes:
         with filesystem.open_input_stream(location) as stream:
             data = bytes(stream.read(limits.max_bytes + 1))
     else:
-        path = Path(source)
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise ImageError(f"file is {size} bytes, over the limit of {limits.max_bytes}")
-        data = path.read_bytes()
+        with open(source, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > limits.max_bytes:
+                raise ImageError(f"file is {size} bytes, over the limit of {limits.max_bytes}")
+            data = handle.read(limits.max_bytes + 1)
     if len(data) > limits.max_bytes:
         raise ImageError(f"image is over the limit of {limits.max_bytes} bytes")
     return data
 
 
-def _parquet_bytes(items: Sequence[Row]) -> dict[int, bytes | None]:
+def parquet_bytes(items: Sequence[Row]) -> dict[int, bytes | None]:
     """Bytes of Parquet rows, reading only the row groups that hold them (by item index)."""
     import pyarrow.parquet as pq
 
@@ -67,19 +85,40 @@ def _parquet_bytes(items: Sequence[Row]) -> dict[int, bytes | None]:
     return out
 
 
-def load_rows(items: Sequence[Row], limits: ImageLimits | None = None) -> list[Row]:
-    """Read, hash and decode each item; a problem becomes that row's `error` (it will get
-    an `unreadable` reject row) and the others go on."""
+def load_rows(
+    items: Sequence[Row], limits: ImageLimits | None = None, copy_original: bool = False
+) -> list[Row]:
+    """Read, hash and read the content of each item; a problem becomes that row's `error`
+    (it will get an `unreadable` reject row) and the others go on.
+
+    `copy` is what a pass will be copied as: the checked pixels re-encoded as PNG, or with
+    `copy_original` the bytes as they are. Only a file accounted for completely gets one
+    (the others are rejected as `unchecked_content` anyway)."""
     limits = limits or ImageLimits()
     try:
-        from_parquet = _parquet_bytes(items)
+        from_parquet = parquet_bytes(items)
         parquet_error = None
     except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
         from_parquet, parquet_error = {}, f"cannot read the Parquet file: {exc}"
     out: list[Row] = []
     for i, item in enumerate(items):
-        row: Row = {**item, "data": None, "sha256": None, "pixels": None, "height": 0, "width": 0}
-        row["error"] = None
+        row: Row = {
+            **item,
+            "sha256": None,
+            "source_size": None,
+            "source_mtime_ns": None,
+            "view_names": [],
+            "view_pixels": [],
+            "view_heights": [],
+            "view_widths": [],
+            "frames": 0,
+            "unaccounted": [],
+            "copy": None,
+            "error": None,
+        }
+        # Unknown when it cannot be taken: resume's fast mode then reads the bytes.
+        with contextlib.suppress(OSError, ValueError):
+            row["source_size"], row["source_mtime_ns"] = source_stat(str(item["source"]))
         try:
             if int(item["row"]) >= 0:
                 if parquet_error is not None:
@@ -89,16 +128,16 @@ def load_rows(items: Sequence[Row], limits: ImageLimits | None = None) -> list[R
                     raise ImageError("the Parquet row holds no image bytes")
             else:
                 data = read_source(item, limits)
-            row["data"] = data
             row["sha256"] = hashlib.sha256(data).hexdigest()
-            image = decode_image(data, limits)
-            # A passed image is copied byte for byte: the bytes must hold nothing but
-            # the pixels the filter checks (fail closed: such a file gets a reject row).
-            hidden = unchecked_content(data)
-            if hidden is not None:
-                raise ImageError(f"not copied unchanged: {hidden}")
-            row["pixels"] = image.tobytes()
-            row["height"], row["width"] = int(image.shape[0]), int(image.shape[1])
+            content = read_content(data, limits)
+            row["view_names"] = [view.name for view in content.views]
+            row["view_pixels"] = [view.pixels.tobytes() for view in content.views]
+            row["view_heights"] = [int(view.pixels.shape[0]) for view in content.views]
+            row["view_widths"] = [int(view.pixels.shape[1]) for view in content.views]
+            row["frames"] = content.frames
+            row["unaccounted"] = list(content.unaccounted)
+            if content.complete:
+                row["copy"] = data if copy_original else checked_pixels_png(content)
         except ImageError as exc:
             row["error"] = str(exc)
         except OSError as exc:

@@ -1,13 +1,16 @@
 """Step 3 of a batch (a CPU task): copy the passed images, then record the rows.
 
-The copy is written from the very bytes that were hashed and checked, never re-read from
-the input (a file replaced in between would otherwise be released unchecked).
+A copy is made from what the read step read and the actors checked (the checked pixels
+re-encoded, or the very bytes that were hashed), never re-read from the input: a file
+replaced in between would otherwise be released unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,13 @@ def record_rows(out: Path, rows: Sequence[Row]) -> list[Row]:
     (in that order: a row is only recorded once its copy exists). Returns the rows as
     recorded, without the image bytes."""
     recorded: list[Row] = []
+    now = datetime.now(UTC)
     for row in rows:
         row = dict(row)
-        data = row.pop("data", None)
+        data = row.pop("copy", None)
         copy_to = row.pop("copy_to", None)
-        row["pass_copy"] = None
+        row["pass_copy"] = row["pass_sha256"] = None
+        row["recorded_at"] = now
         if row["verdict"] == "pass":
             if data is None or copy_to is None:
                 raise FilterError(f"{row['path']}: a passed row without its bytes")
@@ -35,6 +40,7 @@ def record_rows(out: Path, rows: Sequence[Row]) -> list[Row]:
                 relative = relative.with_suffix(sniff_suffix(data))
             write_atomically(Path(out) / relative, data)
             row["pass_copy"] = relative.as_posix()
+            row["pass_sha256"] = hashlib.sha256(data).hexdigest()
         recorded.append(row)
     write_fragment(out, recorded)
     return recorded

@@ -1,5 +1,5 @@
-"""A whole `facegate batch` run, driver side: list the inputs, drop those the manifest
-already has (before any image is read), run the rest on Ray, count."""
+"""A whole `facegate batch` run, driver side: list the inputs, drop those whose bytes the
+manifest already has (batch.resume), run the rest on Ray, count."""
 
 from __future__ import annotations
 
@@ -12,14 +12,19 @@ from batch.checking import FilterSpec
 from batch.engine import RayOptions
 from batch.inputs import InputItem, discover_inputs
 from batch.manifest import (
+    COPY_PIXELS,
     PASS_DIR,
     RunIdentity,
+    check_run_identity,
+    current_rows,
     manifest_dir,
-    recorded_paths,
     remove_partial_fragments,
     remove_unrecorded_copies,
 )
+from batch.resume import RESUME_CONTENT, resume
 from filter.errors import FilterError
+
+PNG_SUFFIX = ".png"  # copies of checked pixels are PNGs
 
 
 @dataclass(frozen=True)
@@ -27,20 +32,24 @@ class Plan:
     run: RunIdentity
     thresholds: str  # the thresholds in force and where each came from
     pending: list[InputItem]
-    skipped: int  # already in the manifest
+    skipped: int  # their current manifest row holds the same bytes
+    changed: int = 0  # had a row, but their bytes changed: checked again
 
 
-def plan_batch(inputs: Sequence[str], out: Path, spec: FilterSpec) -> Plan:
-    """What a run over `inputs` into `out` has left to do."""
+def plan_batch(
+    inputs: Sequence[str], out: Path, spec: FilterSpec, resume_by: str = RESUME_CONTENT
+) -> Plan:
+    """What a run over `inputs` into `out` has left to do (batch.resume)."""
     run, thresholds = spec.run_identity()
     remove_partial_fragments(out)
-    recorded = recorded_paths(out, run)
-    remove_unrecorded_copies(out)
+    check_run_identity(out, run)
     # OUT may sit inside an input folder: its own copies are not inputs.
     own = Path(out).absolute()
-    items = [i for i in discover_inputs(inputs) if not Path(i.source).is_relative_to(own)]
-    pending = [item for item in items if item.key not in recorded]
-    return Plan(run, thresholds, pending, len(items) - len(pending))
+    suffix = PNG_SUFFIX if spec.copy_mode == COPY_PIXELS else None
+    items = [i for i in discover_inputs(inputs, suffix) if not Path(i.source).is_relative_to(own)]
+    resumed = resume(items, current_rows(out), out, resume_by)
+    remove_unrecorded_copies(out)
+    return Plan(run, thresholds, resumed.pending, resumed.skipped, resumed.changed)
 
 
 def execute_plan(
@@ -70,6 +79,7 @@ def execute_plan(
     return {
         "processed": counts["processed"],
         "skipped": plan.skipped,
+        "changed": plan.changed,
         "passed": counts["passed"],
         "rejected": counts["rejected"],
         "manifest": str(manifest_dir(out)),

@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.run [filter] [service] [index] [signing]   # default: all
 
-The last line sums up: speedup and embedder_fraction (filter), service_speedup and
+The last line sums up: embedder_fraction (filter; with one and two batches in flight), the
+naive speedup for reference only, service_speedup and
 service_p99_ratio, fast_path_agreement, and the largest index's result.
 
 `BENCH_INDEX_SIZES` sizes the index runs (default 100000, so that `make bench` takes
@@ -64,12 +65,15 @@ def main(argv: list[str]) -> int:
                 k: result[k]
                 for k in (
                     "filter_faces_per_s",
+                    "filter_faces_per_s_in_flight_2",
                     "filter_faces_per_s_mtcnn",
                     "naive_faces_per_s",
                     "embedder_alone_faces_per_s",
                     "fast_path_agreement",
-                    "speedup",
+                    "naive_speedup_reference",
                     "embedder_fraction",
+                    "embedder_fraction_in_flight_2",
+                    "detect_ms_per_face_for_0_80",
                     "replica_throughput_ratio",
                 )
             }

@@ -144,11 +144,13 @@ class Soak:
 
 
 def inject_poison(server: FacegateServer, key: bytes) -> None:
-    """The generator raises on the poison seed's first latent: the one fault of the soak."""
+    """The generator raises on the poison seed's first latent: the one fault of the soak.
+    The latent is drawn under the live index's salt, as the engine draws it."""
     assert server.loaded is not None
     engine = server.loaded.batcher.engine
     generator = engine.generator
-    poison = latents_for(POISON_SEED, 0, 0, generator.latent_dim, key)
+    salt = server.loaded.reloader.live.index.salt
+    poison = latents_for(POISON_SEED, 0, 0, generator.latent_dim, key, salt)
     real = generator.generate
 
     def generate(latents: np.ndarray) -> np.ndarray:

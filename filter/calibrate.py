@@ -52,6 +52,20 @@ class Calibration:
 SAME_PERSON_FLOOR = {"sface": 0.50}
 
 
+def same_person_floor_warning(embedder: str, identity_threshold: float) -> str | None:
+    """Why an identity threshold is risky for this embedder, or None (calibrate, startup
+    and every reload say it)."""
+    floor = SAME_PERSON_FLOOR.get(embedder)
+    if floor is None or identity_threshold <= floor:
+        return None
+    return (
+        f"the identity threshold {identity_threshold:g} is above {floor:g}, the lowest "
+        f"same-person similarity measured for {embedder} on real photos (README, 'The "
+        "threshold'): another photo of an enrolled person may pass; near-copies are the "
+        "replica signal's to catch"
+    )
+
+
 def just_above(value: float) -> float:
     """The smallest float32 above `value`, as a short decimal when one exists: a face
     matches at similarity >= threshold, so a threshold just above a score rejects it not."""

@@ -34,6 +34,32 @@ class Reason(enum.StrEnum):
     UNREADABLE = "unreadable"
     UNSUPPORTED_GEOMETRY = "unsupported_geometry"
     FILTER_ERROR = "filter_error"
+    # A file holds bytes the content rule could not account for (data after the end
+    # marker, a chunk or segment it does not read, a thumbnail it cannot decode): what
+    # they would show was never checked (filter.content).
+    UNCHECKED_CONTENT = "unchecked_content"
+
+
+# Worst first: the verdict of a file that shows several images (frames, pages,
+# thumbnails) is the worst of theirs, in this order; None is a pass. Positive evidence of
+# a training identity outranks everything, so an operator sees the match; content that was
+# never checked outranks every "could not check" and the no-face policy (a `pass` policy
+# never releases bytes nobody looked at). New reasons take their place in this one tuple.
+SEVERITY: tuple[Reason | None, ...] = (
+    Reason.IDENTITY_MATCH,
+    Reason.REPLICA,
+    Reason.UNCHECKED_CONTENT,
+    Reason.UNSUPPORTED_GEOMETRY,
+    Reason.FILTER_ERROR,
+    Reason.UNREADABLE,
+    Reason.NO_FACE,
+    None,
+)
+
+
+def severity(reason: Reason | None) -> int:
+    """Rank of a reason in SEVERITY: 0 is the worst."""
+    return SEVERITY.index(reason)
 
 
 @dataclass(frozen=True)
@@ -130,6 +156,18 @@ def decide(
         identity=None,
         face_similarities=similarities,
         replica_similarity=None if replica is None else replica.similarity,
+    )
+
+
+def unchecked_verdict(detail: str, faces: int = 0) -> ImageVerdict:
+    """A file some of whose bytes the content rule could not account for."""
+    return ImageVerdict(
+        passed=False,
+        reason=Reason.UNCHECKED_CONTENT,
+        faces=faces,
+        max_similarity=None,
+        identity=None,
+        detail=detail,
     )
 
 

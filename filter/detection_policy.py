@@ -86,5 +86,6 @@ def filter_for_generator(
         ),
         full.embedding.embedder,
         full.embedding.max_embed_batch,
+        device=full.embedding.device,
     )
     return IdentityFilter(scoped, full.index, full.thresholds, full.no_face_policy)

@@ -1,6 +1,7 @@
 """Face embedders behind one interface.
 
-`sface` (default, offline): OpenCV Zoo SFace, 128-d, run by onnxruntime.
+`sface` (default, offline): OpenCV Zoo SFace, 128-d, run by OpenCV's DNN module on the
+CPU and by a torch port of the same graph on a GPU.
 `facenet`: facenet-pytorch InceptionResnetV1 (512-d) with VGGFace2 weights read
 from a local path; the production choice where those weights can be baked in.
 Both take aligned RGB uint8 crops and return L2-normalised float32 rows.
@@ -113,51 +114,79 @@ def _broadcast_quant_params(
     return scales.reshape(shape), zeros.reshape(shape)
 
 
+SFACE_BACKENDS = ("auto", "opencv", "torch", "onnxruntime")
+
+
 class SFaceEmbedder:
     """SFace. Input RGB 0..255, NCHW, 112x112.
 
-    Runs on OpenCV's DNN module on the CPU (about 1.8x onnxruntime's throughput on 2
-    cores for this graph, same outputs within 1e-5) in chunks of 16 (its best batch
-    size here), and on onnxruntime where a CUDA provider is available.
+    Backends, all computing the same graph in fp32 (embeddings equal within cosine
+    1 - 1e-6; `tests/test_embedders.py`):
+    - `opencv`: OpenCV's DNN module, on the CPU, in chunks of 16 (its best batch size
+      here); about 1.8x onnxruntime's and 2.5x torch's throughput on 2 cores;
+    - `torch`: the graph ported to torch (`filter/sface_torch.py`), on the pipeline's
+      device; what runs on a GPU;
+    - `onnxruntime`: its CPU provider, or its CUDA provider (TF32 off) where installed.
+    `auto` (the default) is `torch` on a CUDA device and `opencv` on the CPU.
     """
 
     name = "sface"
     dim = 128
     crop_size = 112
-    chunk = 16
+    precision = "fp32"
 
     def __init__(
         self, models_dir: Path, device: str = "cpu", threads: int = 0, backend: str = "auto"
     ) -> None:
+        if backend not in SFACE_BACKENDS:
+            raise ModelError(f"unknown SFace backend {backend!r}; choose one of {SFACE_BACKENDS}")
         path = verified_model_path(models_dir, SFACE)
         self.model_sha256 = SFACE.sha256
         graph = prepare_sface_graph(path.read_bytes())
         self._lock = threading.Lock()
         self._net: Any = None
-        if backend in ("auto", "opencv") and resolve_device(device).type == "cpu":
+        self._module: torch.nn.Module | None = None
+        torch_device = resolve_device(device)
+        if backend == "auto":
+            backend = "torch" if torch_device.type == "cuda" else "opencv"
+        self.backend = backend
+        self.device = torch.device("cpu")
+        self.chunk = 16
+        if backend == "opencv":
             import cv2
 
             try:
                 self._net = cv2.dnn.readNetFromONNX(np.frombuffer(graph, dtype=np.uint8))
             except cv2.error as exc:
                 raise ModelError(f"cannot load SFace model {path}: {exc}") from exc
-            self.backend = "opencv"
-            return
-        self.backend = "onnxruntime"
-        self._init_onnxruntime(graph, path, device, threads)
+        elif backend == "torch":
+            from filter.sface_torch import GraphNotSupported, build_sface_module
 
-    def _init_onnxruntime(self, graph: bytes, path: Path, device: str, threads: int) -> None:
+            try:
+                module = build_sface_module(graph)
+            except GraphNotSupported as exc:
+                raise ModelError(f"cannot port SFace model {path} to torch: {exc}") from exc
+            self.device = torch_device
+            self.chunk = 512 if torch_device.type == "cuda" else 64
+            self._module = module.to(torch_device).to(memory_format=torch.channels_last)
+        else:
+            self._init_onnxruntime(graph, path, torch_device, threads)
+
+    def _init_onnxruntime(
+        self, graph: bytes, path: Path, device: torch.device, threads: int
+    ) -> None:
         import onnxruntime as ort
+
+        from filter.numerics import ORT_CUDA_PROVIDER_OPTIONS
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        if resolve_device(device).type == "cuda":
-            available = ort.get_available_providers()
-            if "CUDAExecutionProvider" in available:
-                providers.insert(0, "CUDAExecutionProvider")
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", dict(ORT_CUDA_PROVIDER_OPTIONS)))
+            self.device = device
         try:
             self._session = ort.InferenceSession(graph, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
@@ -168,6 +197,8 @@ class SFaceEmbedder:
         if len(crops) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         _check_crops(crops, self.crop_size)
+        if self._module is not None:
+            return l2_normalise(self._embed_torch(crops))
         batch = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32)
         if self._net is None:
             (out,) = self._session.run(None, {self._input: batch})
@@ -179,6 +210,18 @@ class SFaceEmbedder:
                 parts.append(np.array(self._net.forward(), dtype=np.float32))
         return l2_normalise(np.concatenate(parts))
 
+    def _embed_torch(self, crops: np.ndarray) -> np.ndarray:
+        assert self._module is not None
+        parts = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(crops), self.chunk):
+                pixels = torch.from_numpy(np.ascontiguousarray(crops[start : start + self.chunk]))
+                # NHWC uint8 viewed as NCHW: already the channels_last layout the convolutions
+                # run fastest in, so the only copy is the upload (and the float conversion).
+                batch = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+                parts.append(self._module(batch).float().cpu().numpy())
+        return np.concatenate(parts)
+
 
 class FacenetEmbedder:
     """InceptionResnetV1 (VGGFace2) from a local state-dict file. Input 160x160."""
@@ -186,6 +229,7 @@ class FacenetEmbedder:
     name = "facenet"
     dim = 512
     crop_size = 160
+    backend = "torch"
 
     def __init__(self, weights_path: Path, device: str = "cpu", bf16: bool = False) -> None:
         from facenet_pytorch import InceptionResnetV1
@@ -207,6 +251,7 @@ class FacenetEmbedder:
         except Exception as exc:
             raise ModelError(f"cannot load facenet weights {weights_path}: {exc}") from exc
         self.dtype = torch.bfloat16 if bf16 and self.device.type == "cuda" else torch.float32
+        self.precision = "bf16" if self.dtype == torch.bfloat16 else "fp32"
         self._model = model.to(self.device, dtype=self.dtype).eval()
         self._lock = threading.Lock()
 

@@ -12,6 +12,7 @@ from filter.errors import FilterError, ImageError
 from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces, embedding_problem
 from filter.images import ImageLimits, decode_image, list_images
 from filter.index import FaissIdentityIndex
+from filter.numerics import compute_manifest
 from filter.replica import MIN_REPLICA_IMAGES, ReplicaFeaturizer, frames
 from filter.vector_table import IndexType
 
@@ -205,7 +206,11 @@ class Enrolment:
         )
 
     def build(
-        self, *, detector_settings: dict[str, object], index_type: IndexType = "auto"
+        self,
+        *,
+        detector_settings: dict[str, object],
+        index_type: IndexType = "auto",
+        salt: bytes | None = None,
     ) -> FaissIdentityIndex:
         report = self.report
         report.identities = sum(1 for n in self._faces_per_identity.values() if n)
@@ -240,6 +245,8 @@ class Enrolment:
             replica_identities=self._replica_identities if featurizer else (),
             replica_sources=self._replica_sources if featurizer else (),
             replica_featurizer=featurizer,
+            salt=salt,
+            compute=compute_manifest(self.pipeline.device, embedder),
         )
 
 

@@ -1,13 +1,15 @@
 """The identity filter: images in, verdicts out, in batches.
 
 All faces of all images in a call are aligned, embedded in one batch and searched
-in one FAISS call; the cost per face approaches the embedder's own. Evidence the
+in one FAISS call; the cost per face approaches the embedder's own. Calls from two
+threads overlap stage by stage (see `FaceEmbeddingPipeline`). Evidence the
 filter cannot trust (an embedding that is not finite or not unit length, a search
 with no neighbour) becomes a `filter_error` rejection of that image only.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -15,12 +17,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from filter.decide import DecisionThresholds, ImageEvidence, ImageVerdict, NoFacePolicy, decide
 from filter.embedders import Embedder
 from filter.errors import FilterError
 from filter.faces import DetectedFace, FaceAligner
 from filter.index import IdentityIndex
+from filter.overlap import thread_stream
 from filter.replica import DEFAULT_REPLICA_THRESHOLD
 from filter.vector_table import NO_MATCH, Match
 
@@ -61,19 +65,45 @@ class ImageFaces:
 
 
 class FaceEmbeddingPipeline:
-    """Detect, align and embed: shared by index building, calibration and checking."""
+    """Detect, align and embed: shared by index building, calibration and checking.
 
-    def __init__(self, aligner: FaceAligner, embedder: Embedder, max_embed_batch: int = 256):
+    Stages and overlap: detection (with alignment) and embedding each serve one batch at a
+    time (a lock per stage), so two threads checking two batches at once form a pipeline:
+    one batch is detected while the other is embedded or searched (`filter.overlap`). A
+    stage's time is measured once its lock is held, so it never counts the wait. On a CUDA
+    device each calling thread computes on its own stream (`filter.overlap.thread_stream`),
+    so one batch's host synchronisations do not wait for the other's kernels.
+    """
+
+    def __init__(
+        self,
+        aligner: FaceAligner,
+        embedder: Embedder,
+        max_embed_batch: int = 256,
+        device: torch.device | str | None = None,
+    ):
         if aligner.crop_size != embedder.crop_size:
             raise ValueError("aligner crop size must match the embedder's input size")
         self.aligner = aligner
         self.embedder = embedder
         self.max_embed_batch = max_embed_batch
+        # The detector's device (where the pipeline computes); the embedder says its own.
+        self.device = torch.device(
+            device if device is not None else getattr(aligner.detector, "device", "cpu")
+        )
+        self._detect_lock = threading.Lock()
+        self._embed_lock = threading.Lock()
 
     def embed_images(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None
     ) -> list[ImageFaces]:
-        with _timed(observer, "detect"):
+        with thread_stream(self.device):
+            return self._embed_images(images, observer)
+
+    def _embed_images(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None
+    ) -> list[ImageFaces]:
+        with self._detect_lock, _timed(observer, "detect"):
             detected, crops = self.aligner.faces(images)
         counts = [len(c) for c in crops]
         all_crops = (
@@ -81,7 +111,7 @@ class FaceEmbeddingPipeline:
             if crops
             else np.zeros((0, self.embedder.crop_size, self.embedder.crop_size, 3), np.uint8)
         )
-        with _timed(observer, "embed"):
+        with self._embed_lock, _timed(observer, "embed"):
             parts = [
                 self.embedder.embed(all_crops[i : i + self.max_embed_batch])
                 for i in range(0, len(all_crops), self.max_embed_batch)
@@ -144,6 +174,9 @@ class IdentityFilter:
         self.index = index
         self.thresholds = thresholds
         self.no_face_policy = no_face_policy
+        self._search_lock = threading.Lock()
+        # Where the pipeline computes (its CUDA stream per thread); stand-ins have none.
+        self.device = torch.device(getattr(embedding, "device", "cpu"))
 
     @property
     def threshold(self) -> float:
@@ -154,6 +187,12 @@ class IdentityFilter:
     ) -> list[ImageEvidence]:
         """What the filter measures on each image, before thresholds: the nearest identity
         of each face and the nearest training image. Shared by check and evaluate."""
+        with thread_stream(self.device):
+            return self._evidence(images, observer)[0]
+
+    def _evidence(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None
+    ) -> tuple[list[ImageEvidence], list[ImageFaces]]:
         per_image = self.embedding.embed_images(images, observer)
         dim = self.embedding.embedder.dim
         problems = [embedding_problem(p.embeddings, len(p.faces), dim) for p in per_image]
@@ -161,7 +200,7 @@ class IdentityFilter:
             p.embeddings for p, problem in zip(per_image, problems, strict=True) if not problem
         ]
         queries = np.concatenate(trusted) if trusted else np.zeros((0, dim), np.float32)
-        with _timed(observer, "search"):
+        with self._search_lock, _timed(observer, "search"):
             matches = self.index.search(queries)
             replicas: Sequence[Match | None] = (
                 self.index.search_replicas(images)
@@ -187,7 +226,7 @@ class IdentityFilter:
                     error=problem,
                 )
             )
-        return out
+        return out, per_image
 
     def check(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None
@@ -196,3 +235,10 @@ class IdentityFilter:
             decide(evidence, self.thresholds, self.no_face_policy)
             for evidence in self.evidence(images, observer)
         ]
+
+    def inspect(self, images: Sequence[np.ndarray]) -> tuple[list[ImageEvidence], list[ImageFaces]]:
+        """The evidence on each image and the faces behind it (boxes, landmarks,
+        embeddings), from one run: for comparing the filter across devices and batch sizes
+        (`filter.agreement`), never for a caller of the service."""
+        with thread_stream(self.device):
+            return self._evidence(images, None)

@@ -2,20 +2,39 @@
 
 EXIF orientation is applied, every PIL mode becomes RGB (alpha is composited on
 white, 16-bit and float images are rescaled), and size limits stop decompression
-bombs before they allocate.
+bombs before they allocate. `filter.content` uses the same conversion for every frame,
+page and thumbnail of a file.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from filter.errors import ImageError
+
+# What PIL's decoders raise on hostile or broken files (fuzzed in tests/test_fuzz.py): each
+# means the image cannot be decoded, never a bug of ours.
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    OverflowError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    struct.error,
+)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
@@ -23,12 +42,12 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 50 * 1024 * 1024
-    max_pixels: int = 64_000_000
+    max_pixels: int = 64_000_000  # per image, and for all the images of one file together
+    max_images: int = 64  # frames, pages and thumbnails checked in one file
 
 
-def decode_image(source: bytes | Path | str, limits: ImageLimits | None = None) -> np.ndarray:
-    """Return an HxWx3 uint8 RGB array; raise ImageError naming the problem."""
-    limits = limits or ImageLimits()
+def read_image_bytes(source: bytes | Path | str, limits: ImageLimits) -> bytes:
+    """The bytes of a file (or the bytes given), within the size limit; ImageError if not."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
@@ -43,72 +62,69 @@ def decode_image(source: bytes | Path | str, limits: ImageLimits | None = None) 
             raise ImageError(f"cannot read file: {exc.strerror or exc}") from exc
     else:
         data = source
-        if len(data) > limits.max_bytes:
-            raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
     if not data:
         raise ImageError("file is empty")
+    return data
+
+
+@contextmanager
+def opened_image(data: bytes, limits: ImageLimits) -> Iterator[Image.Image]:
+    """PIL's view of the bytes, with the pixel limit checked before anything decodes and
+    PIL's errors turned into ImageError (the message names the problem)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > limits.max_pixels:
-                    raise ImageError(
-                        f"image is {width}x{height} pixels, over the limit of {limits.max_pixels}"
-                    )
-                img.load()
-                return _to_rgb_array(img)
+                check_pixels(img, limits)
+                yield img
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("not a recognised image format, or the image is too large") from None
-    except (OSError, ValueError, SyntaxError) as exc:
+    except DECODE_ERRORS as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
 
 
-def _to_rgb_array(img: Image.Image) -> np.ndarray:
+def check_pixels(img: Image.Image, limits: ImageLimits) -> None:
+    width, height = img.size
+    if width * height > limits.max_pixels:
+        raise ImageError(f"image is {width}x{height} pixels, over the limit of {limits.max_pixels}")
+
+
+def decode_image(source: bytes | Path | str, limits: ImageLimits | None = None) -> np.ndarray:
+    """Return an HxWx3 uint8 RGB array of the first frame; raise ImageError naming the
+    problem. (Enrolment, calibration and evaluation see this frame; what a released file
+    must hold besides it is `filter.content`'s to account for.)"""
+    limits = limits or ImageLimits()
+    data = read_image_bytes(source, limits)
+    with opened_image(data, limits) as img:
+        img.load()
+        return frame_views(img)[0]
+
+
+def frame_views(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """The current frame as the filter sees it (EXIF-oriented, every mode as 8-bit RGB,
+    transparency composited on white), and, when some pixels are not opaque, the colour
+    channels under them as a program that drops the alpha channel shows them (else None)."""
     img = ImageOps.exif_transpose(img) or img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         low, high = float(arr.min()), float(arr.max())
         scaled = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
         img = Image.fromarray(scaled.astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    hidden = None
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
         rgba = img.convert("RGBA")
+        if int(np.asarray(rgba.getchannel("A")).min()) < 255:
+            hidden = np.ascontiguousarray(np.asarray(rgba, dtype=np.uint8)[..., :3])
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     rgb = img.convert("RGB")
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
-
-
-_EXIF_THUMBNAIL_OFFSET = 0x0201  # JPEGInterchangeFormat, in IFD1
-
-
-def unchecked_content(data: bytes) -> str | None:
-    """Why these bytes hold a picture `decode_image` does not show the filter, or None.
-
-    The filter sees one RGB frame: the first frame, EXIF-rotated, transparency over white.
-    A copy of the original bytes must hold nothing else: later frames (GIF, WebP, APNG,
-    TIFF pages, MPO), colour under transparent pixels (which `convert("RGB")` reveals) and
-    an EXIF thumbnail would all leave unchecked. Callers that release the original bytes
-    refuse such files; the bytes must already have passed `decode_image`.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            frames = int(getattr(img, "n_frames", 1))
-            if frames > 1:
-                return f"it holds {frames} frames and only the first can be checked"
-            img.load()
-            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-                alpha = np.asarray(img.convert("RGBA").getchannel("A"))
-                if int(alpha.min()) < 255:
-                    return "it has transparent pixels, whose colours the filter does not see"
-            thumbnail = img.getexif().get_ifd(ExifTags.IFD.IFD1)
-            if _EXIF_THUMBNAIL_OFFSET in thumbnail:
-                return "it carries an EXIF thumbnail, which the filter does not see"
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        return f"its content cannot be inspected: {exc}"
-    return None
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), hidden
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -8,7 +8,9 @@ On disk an index is a folder (format 3):
   replica_labels.json   for each training image: identity id and source file
   calibration.json      optional: thresholds saved by `facegate calibrate --save`
   manifest.json         embedder, detector settings, replica feature, index type,
-                        counts, build time, and the size and sha256 of every file above
+                        counts, build time, the salt of its seeds, the device and
+                        precision that built it ("compute"), and the size and sha256 of
+                        every file above
 
 Loading checks everything in the manifest against the files, the embedder and the
 detector in use, refuses foreign FAISS indexes (another metric or dimension) and empty
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import shutil
 import tempfile
 import time
@@ -40,6 +43,7 @@ from filter.index_store import (
     REPLICA_LABELS_FILE,
     REPLICAS_FILE,
     VECTORS_FILE,
+    IndexSnapshot,
     check_detector,
     fsync_dir,
     labels_of,
@@ -60,6 +64,22 @@ from filter.vector_table import (
     index_kind,
     make_faiss_index,
 )
+
+# The manifest's `salt` (hex): a random value chosen when an index is built, anew by every
+# edit of its membership (`index add`, `index remove`), and kept by everything else
+# (`calibrate --save`, `index publish`). The service derives latents from (seed key, salt,
+# seed, slot, attempt), so replaying a seed across a membership change meets new
+# candidates everywhere: a before/after comparison tells nothing about who changed.
+SALT_KEY = "salt"
+SALT_BYTES = 16
+
+
+def new_salt() -> bytes:
+    return secrets.token_bytes(SALT_BYTES)
+
+
+# Reads of a folder that keeps being swapped under the reader before it gives up.
+SWAPPED_RETRIES = 5
 
 # Re-exported: callers that name the index's types import them from here.
 __all__ = ["NO_MATCH", "FaissIdentityIndex", "IdentityIndex", "IndexType", "Match", "VectorTable"]
@@ -124,11 +144,16 @@ class FaissIdentityIndex:
         replica_identities: Sequence[str] = (),
         replica_sources: Sequence[str] = (),
         replica_featurizer: ReplicaFeaturizer | None = None,
+        salt: bytes | None = None,
+        compute: dict[str, object] | None = None,
     ) -> FaissIdentityIndex:
         """Build in memory. An index with no face vector is refused: it would match nothing.
 
         `replica_features` holds `replica_featurizer.views` rows per training image, image
-        by image; `replica_identities` and `replica_sources` one label per image."""
+        by image; `replica_identities` and `replica_sources` one label per image.
+        `salt` is the one its seeds were drawn under (`index demo`); None draws a new one.
+        `compute` (filter.numerics.compute_manifest) records the device and precision that
+        embedded the vectors; a record, not checked at load."""
         if len(identities) == 0:
             raise IdentityIndexError(
                 "no face to enrol: an empty identity index would release every face"
@@ -168,7 +193,10 @@ class FaissIdentityIndex:
                 **(counts or {}),
             },
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            SALT_KEY: (new_salt() if salt is None else salt).hex(),
         }
+        if compute is not None:
+            manifest["compute"] = compute
         return cls(
             index,
             list(identities),
@@ -192,6 +220,11 @@ class FaissIdentityIndex:
         exact index that is live, in logs, metrics and batch manifests."""
         canonical = json.dumps(self.manifest, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def salt(self) -> bytes:
+        """The salt of this index's seeds; empty for an index built before salts existed."""
+        return salt_of(self.manifest)
 
     @property
     def dim(self) -> int:
@@ -299,8 +332,41 @@ class FaissIdentityIndex:
         expect_detector: dict[str, object] | None = None,
     ) -> FaissIdentityIndex:
         folder = Path(folder)
-        manifest = read_manifest(folder)
-        verify_files(folder, manifest)
+        # One snapshot of the folder: a swap or an edit while it loads cannot mix two
+        # versions, and a file that vanishes is a clean error (index_store). A folder
+        # swapped (and its old files removed) mid-read is read again from the path.
+        for attempt in range(1, SWAPPED_RETRIES + 1):
+            with IndexSnapshot(folder) as snapshot:
+                try:
+                    return cls._load(
+                        snapshot,
+                        expect_embedder=expect_embedder,
+                        expect_model_sha256=expect_model_sha256,
+                        expect_dim=expect_dim,
+                        expect_detector=expect_detector,
+                    )
+                except IndexCorruptError:
+                    if attempt == SWAPPED_RETRIES or not snapshot.replaced():
+                        raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load(
+        cls,
+        snapshot: IndexSnapshot,
+        *,
+        expect_embedder: str | None,
+        expect_model_sha256: str | None,
+        expect_dim: int | None,
+        expect_detector: dict[str, object] | None,
+    ) -> FaissIdentityIndex:
+        folder = snapshot.folder
+        manifest = read_manifest(snapshot)
+        verify_files(snapshot, manifest)
+        try:
+            salt_of(manifest)
+        except ValueError as exc:
+            raise IndexCorruptError(f"{folder}/{MANIFEST_FILE}: {exc}") from None
         embedder = manifest["embedder"]
         if expect_embedder is not None and embedder.get("name") != expect_embedder:
             raise IndexMismatchError(
@@ -321,23 +387,25 @@ class FaissIdentityIndex:
             )
         if expect_detector is not None:
             check_detector(folder, manifest.get("detector"), expect_detector)
-        faces = read_table(folder, "face vectors", VECTORS_FILE, LABELS_FILE)
+        faces = read_table(snapshot, "face vectors", VECTORS_FILE, LABELS_FILE)
         faces.check_faiss(folder, int(embedder.get("dim", -1)))
         replicas = featurizer = None
         replica_spec = manifest.get("replica")
         if replica_spec is not None:
             if not isinstance(replica_spec, dict):
                 raise IndexCorruptError(f"{folder}/{MANIFEST_FILE}: replica must be an object")
-            featurizer = ReplicaFeaturizer.load(folder, replica_spec)
+            featurizer = ReplicaFeaturizer.load(
+                snapshot.open(PROJECTION_FILE), replica_spec, folder / PROJECTION_FILE
+            )
             replicas = read_table(
-                folder,
+                snapshot,
                 "replica features",
                 REPLICAS_FILE,
                 REPLICA_LABELS_FILE,
                 rows_per_label=featurizer.views,
             )
             replicas.check_faiss(folder, featurizer.dim)
-        calibration = read_calibration(folder, manifest)
+        calibration = read_calibration(snapshot, manifest)
         loaded = cls(
             faces.index,
             faces.identities,
@@ -351,3 +419,19 @@ class FaissIdentityIndex:
         if replicas is not None:
             replicas.self_test(folder)
         return loaded
+
+
+def salt_of(manifest: dict[str, Any]) -> bytes:
+    """The manifest's salt as bytes (empty when absent); ValueError when malformed."""
+    value = manifest.get(SALT_KEY)
+    if value is None:
+        return b""
+    if not isinstance(value, str):
+        raise ValueError("salt must be a hex string")
+    try:
+        salt = bytes.fromhex(value)
+    except ValueError:
+        raise ValueError("salt is not hexadecimal") from None
+    if len(salt) < SALT_BYTES:
+        raise ValueError(f"salt must hold at least {SALT_BYTES} bytes, it has {len(salt)}")
+    return salt

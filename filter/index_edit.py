@@ -6,11 +6,12 @@ ids. Added images are projected with the index's own replica projection, so old 
 replica rows are comparable; removal keeps the projection (fitted on a superset, still
 valid).
 
-The calibration saved with the index is kept only where it stays true:
-- removing identities can only lower a non-member's highest similarity to the index,
-  so the false-reject rate measured at calibration stays an upper bound: kept;
-- adding identities can raise it, so the measured rate no longer holds: dropped, and
-  the report says so (recalibrate with `facegate calibrate --save`).
+The calibration saved with the index is carried forward by both: an edit never loosens
+the filter (filter.index_lineage). Removing identities can only lower a non-member's
+highest similarity to the index, so the measured false-reject rate stays an upper bound;
+adding identities can raise it, so the same thresholds reject more: stricter, never
+looser, and the report says to recalibrate (`facegate calibrate --save`) to get back to
+the target rate. The edit history records counts and keyed hashes, never identity labels.
 
 The edited index is rebuilt in memory with the same FAISS type and self-tested like a
 loaded one; `filter.index_release.publish` then writes it so that a reader, such as a
@@ -19,7 +20,6 @@ server reloading, sees the old index or the new one, whole.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,16 +31,24 @@ from filter.errors import FilterError
 from filter.gallery import GalleryReport, enrol_gallery
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.images import ImageLimits
-from filter.index import FaissIdentityIndex, IndexType
+from filter.index import FaissIdentityIndex, IndexType, new_salt
+from filter.index_lineage import (
+    carried_calibration,
+    edit_record,
+    edited_manifest,
+    identity_hashes,
+)
+from filter.numerics import compute_manifest
 from filter.replica import MIN_REPLICA_IMAGES
 
 CALIBRATION_KEPT_REMOVE = (
     "kept: removing identities can only lower non-members' similarity to the index, so the "
     "measured false-reject rate stays an upper bound"
 )
-CALIBRATION_DROPPED_ADD = (
-    "dropped: it was measured against the index before these identities were added; the "
-    "defaults apply until you run `facegate calibrate --index {index} ... --save`"
+CALIBRATION_CARRIED_ADD = (
+    "carried: the thresholds stay, so nothing loosens; with more identities they may reject "
+    "more than the measured rate: recalibrate (`facegate calibrate --index {index} ... "
+    "--save`) to get back to the target"
 )
 
 # A faces-only index (built from fewer than MIN_REPLICA_IMAGES images) cannot gain a
@@ -59,7 +67,8 @@ class EditReport:
     fingerprint_after: str = ""
     identities_new: list[str] = field(default_factory=list)
     identities_extended: list[str] = field(default_factory=list)
-    identities_removed: list[str] = field(default_factory=list)
+    identities_removed: int = 0  # a count: the report names no removed identity
+    identity_hashes: list[str] | None = None  # keyed hashes of the removed (with a key)
     face_rows: dict[str, int] = field(default_factory=dict)  # before, after
     replica_rows: dict[str, int] = field(default_factory=dict)
     calibration: str = "none saved"
@@ -74,6 +83,7 @@ class EditReport:
             "identities_new": self.identities_new,
             "identities_extended": self.identities_extended,
             "identities_removed": self.identities_removed,
+            "identity_hashes": self.identity_hashes,
             "face_rows": self.face_rows,
             "replica_rows": self.replica_rows,
             "calibration": self.calibration,
@@ -92,9 +102,11 @@ def add_gallery(
     limits: ImageLimits | None = None,
     progress: Callable[[int], None] | None = None,
     index_name: str = "INDEX",
+    key: bytes | None = None,
 ) -> tuple[FaissIdentityIndex, EditReport]:
     """Enrol every image of GALLERY/<identity>/ into a copy of `index`. The pipeline must
-    be the one the index was built with (load it with `load_index_for`)."""
+    be the one the index was built with (load it with `load_index_for`). `key`: the
+    operator's secret, for keyed hashes in the edit history (None: counts only)."""
     enrolment = enrol_gallery(gallery, pipeline, limits=limits, progress=progress)
     rows = enrolment.rows()
     report = EditReport("add", index.fingerprint, gallery=enrolment.report)
@@ -128,19 +140,26 @@ def add_gallery(
         [*index.faces.identities, *rows.identities],
         [*index.faces.sources, *rows.sources],
         replica_parts,
-        edit={"op": "add", "identities": added},
+        record=edit_record("add", added, index.fingerprint, key),
+        key=key,
     )
+    # The added faces' own compute record; the index keeps its original one.
+    edited.manifest["edits"][-1]["compute"] = compute_manifest(pipeline.device, pipeline.embedder)
     if index.calibration is not None:
-        report.calibration = CALIBRATION_DROPPED_ADD.format(index=index_name)
+        edited = edited.with_calibration(
+            carried_calibration(index.calibration, "add", index.fingerprint)
+        )
+        report.calibration = CALIBRATION_CARRIED_ADD.format(index=index_name)
     if not replica_parts:
         report.replicas = NO_REPLICA_SIGNAL
     return _finish(index, edited, report)
 
 
 def remove_identities(
-    index: FaissIdentityIndex, identities: Sequence[str]
+    index: FaissIdentityIndex, identities: Sequence[str], key: bytes | None = None
 ) -> tuple[FaissIdentityIndex, EditReport]:
-    """A copy of `index` without any face or replica row of these identities."""
+    """A copy of `index` without any face or replica row of these identities; its
+    manifest records how many were removed and, with `key`, their keyed hashes."""
     wanted = sorted(set(identities))
     known = set(index.faces.identities) | set(
         index.replicas.identities if index.replicas is not None else ()
@@ -174,13 +193,21 @@ def remove_identities(
         [index.faces.identities[r] for r in keep],
         [index.faces.sources[r] for r in keep],
         replica_parts,
-        edit={"op": "remove", "identities": wanted},
+        record=edit_record("remove", wanted, index.fingerprint, key),
+        key=key,
     )
-    report = EditReport("remove", index.fingerprint, identities_removed=wanted)
+    report = EditReport(
+        "remove",
+        index.fingerprint,
+        identities_removed=len(wanted),
+        identity_hashes=identity_hashes(wanted, key),
+    )
     if not replica_parts:
         report.replicas = NO_REPLICA_SIGNAL
     if index.calibration is not None:
-        edited = edited.with_calibration(index.calibration)
+        edited = edited.with_calibration(
+            carried_calibration(index.calibration, "remove", index.fingerprint)
+        )
         report.calibration = CALIBRATION_KEPT_REMOVE
     return _finish(index, edited, report)
 
@@ -191,7 +218,8 @@ def _rebuild(
     identities: list[str],
     sources: list[str],
     replica_parts: dict[str, Any],
-    edit: dict[str, object],
+    record: dict[str, Any],
+    key: bytes | None,
 ) -> FaissIdentityIndex:
     manifest = index.manifest
     embedder = manifest["embedder"]
@@ -215,18 +243,12 @@ def _rebuild(
         index_type=index_type,
         counts=counts,
         replica_featurizer=index.replica_featurizer if replica_parts else None,
+        # Membership changed: a new salt, so that every seed meets new candidates and
+        # replaying seeds across the edit tells nothing about who was added or removed.
+        salt=new_salt(),
         **replica_parts,
     )
-    history = list(manifest.get("edits", []))
-    history.append(
-        {
-            **edit,
-            "from_fingerprint": index.fingerprint,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-    )
-    edited.manifest["edits"] = history
-    edited.manifest["built_at"] = manifest.get("built_at")
+    edited.manifest = edited_manifest(manifest, edited.manifest, record, key)
     return edited
 
 

@@ -5,19 +5,31 @@ The layout that makes this atomic is a symlink: FACEGATE_INDEX_PATH names a link
 `/index/current`) to a release folder (`/index/releases/<name>`). A new index is written
 to a new release folder, verified, and the link is replaced with one rename(2). The
 server resolves the link at each reload; old releases stay for a rollback (flip back).
+A plain folder is replaced by an atomic exchange (filter.index_store.swap_in).
+
+Publishing never loosens silently: a release whose thresholds are looser than those of
+the index the link points to now is refused unless it carries an acknowledgement, or the
+operator gives one for it (`--allow-looser`), which is recorded in its manifest
+(filter.index_lineage).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from filter.decide import DecisionThresholds
 from filter.errors import FilterError
 from filter.index import FaissIdentityIndex
+from filter.index_lineage import acknowledge, acknowledgement, loosenings
+from filter.index_store import LABELS_FILE, MANIFEST_FILE, REPLICA_LABELS_FILE, write_json
 
 RELEASES_DIR = "releases"
 _RELEASE_SUFFIX = re.compile(r"\.\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -59,31 +71,150 @@ def publish(index: FaissIdentityIndex, path: Path) -> Path:
     return release
 
 
-def publish_folder(source: Path, link: Path, name: str | None = None) -> Path:
+class LooserIndexError(FilterError):
+    """A release looser than the one it replaces, without an acknowledgement."""
+
+
+@dataclass(frozen=True)
+class Published:
+    release: Path
+    fingerprint: str
+    looser: list[str]  # how it is looser than what the link pointed to ([]: it is not)
+    acknowledgement: dict[str, Any] | None  # the release's, when it is looser
+
+
+def publish_folder(
+    source: Path, link: Path, name: str | None = None, allow_looser: bool = False
+) -> Published:
     """Copy a built index folder into `<link's folder>/releases/`, verify the copy
     (manifest, hashes, self-test), then flip `link` to it. The files are copied as they
-    are, so the fingerprint does not change. Returns the release folder."""
+    are, so the fingerprint does not change, unless `allow_looser` records an
+    acknowledgement in the copy's manifest. Refuses (LooserIndexError) a release looser
+    than the link's current target that carries no acknowledgement."""
     source, link = Path(source), Path(link)
-    fingerprint = FaissIdentityIndex.load(source).fingerprint  # refuse a broken source early
+    built = FaissIdentityIndex.load(source)  # refuse a broken source early
+    fingerprint = built.fingerprint
     if link.exists() and not link.is_symlink():
         raise FilterError(
             f"{link} is a folder, not a symlink; publish needs a link to flip (move the "
             f"folder into {link.parent / RELEASES_DIR} and link to it)"
         )
+    live = FaissIdentityIndex.load(link) if link.exists() else None
+    looser: list[str] = []
+    record: dict[str, Any] | None = None
+    if live is not None:
+        before, after = index_thresholds(live), index_thresholds(built)
+        looser = loosenings(before, after)
+        if looser and acknowledgement(built.manifest) is None:
+            if not allow_looser:
+                raise LooserIndexError(
+                    f"{source} is looser than the index {link} points to ({'; '.join(looser)})"
+                    ": servers watching the link would release faces the current index "
+                    "holds back. Publish it with --allow-looser to acknowledge that for this "
+                    "release (recorded in its manifest), or recalibrate"
+                )
+            record = dict(built.manifest)
+            acknowledge(
+                record,
+                by="index publish --allow-looser",
+                replaces=live.fingerprint,
+                before=before,
+                after=after,
+            )
     releases = link.parent / RELEASES_DIR
     releases.mkdir(parents=True, exist_ok=True)
-    release = releases / _release_name(name or source.resolve().name, fingerprint)
-    staging = Path(tempfile.mkdtemp(prefix=f".{release.name}.staging-", dir=releases))
+    expected = fingerprint if record is None else _fingerprint(record)
+    release = _existing_release(releases, expected)  # a rollback: that very release again
+    if release is None:
+        release = _free_name(releases, _release_name(name or source.resolve().name, expected))
+        _copy_verified(source, release, record, expected)
+    flip_link(link, release)
+    ack = None
+    if looser:
+        ack = acknowledgement(built.manifest if record is None else record)
+    return Published(release, expected, looser, ack)
+
+
+def _existing_release(releases: Path, fingerprint: str) -> Path | None:
+    """A release folder already holding this very index (fingerprint), verified."""
+    for folder in sorted(releases.glob(f"*-{fingerprint[:8]}*")):
+        if folder.name.startswith("."):
+            continue
+        try:
+            if FaissIdentityIndex.load(folder).fingerprint == fingerprint:
+                return folder
+        except FilterError:
+            continue
+    return None
+
+
+def _free_name(releases: Path, name: str) -> Path:
+    release, number = releases / name, 2
+    while release.exists():
+        release, number = releases / f"{name}-{number}", number + 1
+    return release
+
+
+def _copy_verified(
+    source: Path, release: Path, manifest: dict[str, Any] | None, expected: str
+) -> None:
+    """Copy the index files to a staging folder, write `manifest` if given, load the copy
+    (manifest, hashes, self-test) and rename it into place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{release.name}.staging-", dir=release.parent))
     try:
         for item in source.iterdir():
             if item.is_file():
                 shutil.copy2(item, staging / item.name)
-        copied = FaissIdentityIndex.load(staging)
-        if copied.fingerprint != fingerprint:
+        if manifest is not None:
+            write_json(staging / MANIFEST_FILE, manifest)
+        if FaissIdentityIndex.load(staging).fingerprint != expected:
             raise FilterError(f"the copy of {source} differs from the source; not published")
         os.replace(staging, release)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    flip_link(link, release)
-    return release
+
+
+def _fingerprint(manifest: dict[str, Any]) -> str:
+    twin = object.__new__(FaissIdentityIndex)
+    twin.manifest = manifest
+    return twin.fingerprint
+
+
+def index_thresholds(index: FaissIdentityIndex) -> DecisionThresholds:
+    """The thresholds a server with no override would apply to this index."""
+    from filter.runtime import resolve_thresholds
+
+    return resolve_thresholds(index).decision
+
+
+def releases_holding(
+    folders: list[Path], identities: list[str], exclude: Path | None = None, only: bool = False
+) -> list[Path]:
+    """The index folders among `folders` and, unless `only`, the releases beside them,
+    whose face or replica rows name any of `identities`: copies that still hold a removed
+    person's vectors."""
+    wanted = set(identities)
+    candidates: set[Path] = set()
+    for folder in folders:
+        candidates.add(folder.resolve())
+        if not only:
+            candidates |= {
+                sibling.resolve()
+                for sibling in folder.resolve().parent.iterdir()
+                if sibling.is_dir() and (sibling / MANIFEST_FILE).is_file()
+            }
+    if exclude is not None:
+        candidates.discard(exclude.resolve())
+    return [folder for folder in sorted(candidates) if _holds(folder, wanted)]
+
+
+def _holds(folder: Path, identities: set[str]) -> bool:
+    for labels in (LABELS_FILE, REPLICA_LABELS_FILE):
+        try:
+            rows = json.loads((folder / labels).read_text())
+        except (OSError, ValueError):
+            continue
+        if any(isinstance(row, dict) and row.get("identity") in identities for row in rows):
+            return True
+    return False

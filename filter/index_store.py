@@ -1,20 +1,33 @@
 """The index folder on disk: manifest, file hashes, labels, calibration, and atomic
-writes (a staging folder renamed over the target, so a reader never sees half an index)."""
+reads and writes.
+
+Reads go through an `IndexSnapshot`: the folder is opened once (a directory descriptor)
+and every file is opened relative to it, hashed, and parsed from that same open file. A
+folder swapped while it is read stays, for this reader, the folder it opened; if the
+writer removes it before the reader has opened every file, the reader reads the new
+folder from the start (`FaissIdentityIndex.load`). A file that vanishes from a folder
+nobody swapped is a clean IndexCorruptError (exit 2), never a traceback.
+
+Writes go to a staging folder, then replace the target in one step: a rename onto a new
+path, or an atomic exchange (renameat2 RENAME_EXCHANGE) with an existing folder, so a
+reader never finds the path missing. Where the filesystem cannot exchange, the write is
+refused and the message names the layout that can (a symlink: `facegate index publish`)."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import faiss
 
 from filter.errors import IdentityIndexError, IndexCorruptError, IndexMismatchError
-from filter.models import sha256_file
 from filter.replica import PROJECTION_FILE
 from filter.vector_table import VectorTable
 
@@ -51,17 +64,85 @@ def labels_of(table: VectorTable, rows_per_label: int = 1) -> list[dict[str, str
     ]
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+class IndexSnapshot:
+    """One consistent view of an index folder (see the module's docstring). Files are
+    opened once each and stay open until `close`, so what was hashed is what is parsed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        try:
+            self._fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise IdentityIndexError(
+                f"identity index {folder} does not exist; build one with "
+                "`facegate index build GALLERY --out INDEX`"
+            ) from None
+        except OSError as exc:
+            raise IdentityIndexError(f"cannot open identity index {folder}: {exc}") from None
+        self._files: dict[str, BinaryIO] = {}
+
+    def replaced(self) -> bool:
+        """Whether the path now names another folder than the one this snapshot opened
+        (it was swapped while being read: read it again)."""
+        try:
+            return os.stat(self.folder).st_ino != os.fstat(self._fd).st_ino
+        except OSError:
+            return False
+
+    def open(self, name: str) -> BinaryIO:
+        """The file `name` of this folder, at its start (opened once)."""
+        handle = self._files.get(name)
+        if handle is None:
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=self._fd)
+            except FileNotFoundError:
+                raise IndexCorruptError(
+                    f"identity index {self.folder} is missing {name} (or it vanished while "
+                    "being read: a folder replaced in place; retry, or publish through a "
+                    "symlink)"
+                ) from None
+            except OSError as exc:
+                raise IndexCorruptError(f"cannot read {self.folder / name}: {exc}") from None
+            handle = os.fdopen(fd, "rb")
+            self._files[name] = handle
+        handle.seek(0)
+        return handle
+
+    def read(self, name: str) -> bytes:
+        return self.open(name).read()
+
+    def size(self, name: str) -> int:
+        return os.fstat(self.open(name).fileno()).st_size
+
+    def sha256(self, name: str) -> str:
+        handle = self.open(name)
+        digest = hashlib.sha256()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+        os.close(self._fd)
+
+    def __enter__(self) -> IndexSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_manifest(snapshot: IndexSnapshot) -> dict[str, Any]:
+    folder = snapshot.folder
     manifest_path = folder / MANIFEST_FILE
-    if not folder.is_dir():
-        raise IdentityIndexError(
-            f"identity index {folder} does not exist; build one with "
-            "`facegate index build GALLERY --out INDEX`"
-        )
-    if not manifest_path.is_file():
-        raise IndexCorruptError(f"identity index {folder} has no {MANIFEST_FILE}")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        text = snapshot.read(MANIFEST_FILE)
+    except IndexCorruptError:
+        raise IndexCorruptError(f"identity index {folder} has no {MANIFEST_FILE}") from None
+    try:
+        manifest = json.loads(text)
         if not isinstance(manifest, dict):
             raise TypeError("the manifest is not a JSON object")
         if not isinstance(manifest["files"], dict) or not isinstance(manifest["embedder"], dict):
@@ -83,7 +164,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+def verify_files(snapshot: IndexSnapshot, manifest: dict[str, Any]) -> None:
+    folder = snapshot.folder
     files = manifest["files"]
     required = [VECTORS_FILE, LABELS_FILE]
     if manifest.get("replica") is not None:
@@ -95,15 +177,13 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
         if name not in (*required, CALIBRATION_FILE) or not isinstance(expected, dict):
             raise IndexCorruptError(f"{folder}/{MANIFEST_FILE} lists an unknown file {name!r}")
         path = folder / name
-        if not path.is_file():
-            raise IndexCorruptError(f"identity index {folder} is missing {name}")
-        size = path.stat().st_size
+        size = snapshot.size(name)
         if size != expected.get("bytes"):
             raise IndexCorruptError(
                 f"{path} is {size} bytes, the manifest says {expected.get('bytes')}: "
                 "truncated or replaced; rebuild the index"
             )
-        if sha256_file(path) != expected.get("sha256"):
+        if snapshot.sha256(name) != expected.get("sha256"):
             raise IndexCorruptError(
                 f"{path} does not match the sha256 in the manifest; rebuild the index"
             )
@@ -157,14 +237,21 @@ def _normalised(value: object) -> object:
 
 
 def read_table(
-    folder: Path, name: str, vectors_file: str, labels_file: str, rows_per_label: int = 1
+    snapshot: IndexSnapshot,
+    name: str,
+    vectors_file: str,
+    labels_file: str,
+    rows_per_label: int = 1,
 ) -> VectorTable:
+    folder = snapshot.folder
     try:
-        index = faiss.read_index(str(folder / vectors_file))
+        # From the file that was hashed, not from the path (which may name another by now).
+        reader = faiss.PyCallbackIOReader(snapshot.open(vectors_file).read)  # type: ignore[attr-defined]
+        index = faiss.read_index(reader)
     except RuntimeError as exc:
         raise IndexCorruptError(f"cannot read {folder / vectors_file}: {exc}") from None
     try:
-        labels = json.loads((folder / labels_file).read_text())
+        labels = json.loads(snapshot.read(labels_file))
         identities = [str(row["identity"]) for row in labels for _ in range(rows_per_label)]
         sources = [str(row["source"]) for row in labels for _ in range(rows_per_label)]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
@@ -172,12 +259,12 @@ def read_table(
     return VectorTable(name, index, identities, sources)
 
 
-def read_calibration(folder: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+def read_calibration(snapshot: IndexSnapshot, manifest: dict[str, Any]) -> dict[str, Any] | None:
     if CALIBRATION_FILE not in manifest["files"]:
         return None
-    path = folder / CALIBRATION_FILE
+    path = snapshot.folder / CALIBRATION_FILE
     try:
-        calibration = json.loads(path.read_text())
+        calibration = json.loads(snapshot.read(CALIBRATION_FILE))
         for key in ("threshold", "replica_threshold"):
             value = calibration.get(key)
             if value is not None and not (
@@ -207,12 +294,55 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class IndexLayoutError(IdentityIndexError):
+    """The index cannot be replaced atomically where it is."""
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange(first: Path, second: Path) -> None:
+    """Swap two paths in one step (renameat2 RENAME_EXCHANGE): no moment without either.
+    OSError (ENOSYS, EINVAL, ENOTSUP...) where the kernel or filesystem cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        renameat2 = libc.renameat2
+    except AttributeError:
+        raise OSError(errno.ENOSYS, "renameat2 is not available") from None
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    if (
+        renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE)
+        != 0
+    ):
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 def swap_in(staging: Path, target: Path) -> None:
-    """Replace `target` by `staging`; a reader sees the old or the new folder, whole."""
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(target, retired)
+    """Replace `target` by `staging`; a reader sees the old folder or the new one, whole,
+    and the path never goes missing (see the module's docstring)."""
+    if target.is_symlink():
+        raise IndexLayoutError(
+            f"{target} is a symlink: write a new release and flip it "
+            "(filter.index_release.publish), not the link itself"
+        )
+    if not target.exists():
         os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+        return
+    try:
+        exchange(staging, target)
+    except OSError as exc:
+        raise IndexLayoutError(
+            f"cannot replace the folder {target} atomically here ({exc.strerror or exc}): "
+            "readers could see it missing. Use the symlink layout: move it into "
+            f"{target.parent}/releases/, link {target} to it, and edit or publish through "
+            "the link (`facegate index publish`, docs/operations.md)"
+        ) from None
+    shutil.rmtree(staging, ignore_errors=True)  # the old folder, now at the staging name

@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -210,7 +211,8 @@ class ReplicaFeaturizer:
         np.save(folder / PROJECTION_FILE, np.vstack([self.mean[None, :], self.basis]))
 
     @classmethod
-    def load(cls, folder: Path, spec: dict[str, object]) -> ReplicaFeaturizer:
+    def load(cls, source: BinaryIO, spec: dict[str, object], path: Path) -> ReplicaFeaturizer:
+        """The projection from an open file (`path` names it in messages)."""
         expected_spec = {
             "feature": FEATURE_NAME,
             "frame_side": FRAME_SIDE,
@@ -221,13 +223,12 @@ class ReplicaFeaturizer:
         differing = [k for k, v in expected_spec.items() if spec.get(k) != v]
         if differing:
             raise IndexCorruptError(
-                f"{folder}: replica feature {spec.get('feature')!r} ({', '.join(differing)} "
+                f"{path.parent}: replica feature {spec.get('feature')!r} ({', '.join(differing)} "
                 f"differ) is not this facegate's {FEATURE_NAME!r}; rebuild the index with "
-                f"`facegate index build GALLERY --out {folder}`"
+                f"`facegate index build GALLERY --out {path.parent}`"
             )
-        path = folder / PROJECTION_FILE
         try:
-            stacked = np.load(path, allow_pickle=False)
+            stacked = np.load(source, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise IndexCorruptError(f"cannot read {path}: {exc}") from None
         expected = (int(str(spec.get("components", -1))) + 1, LOW_RES_DIM)

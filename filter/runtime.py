@@ -14,6 +14,7 @@ from filter.faces import DetectorSettings, FaceAligner, MtcnnDetector
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.index import FaissIdentityIndex
 from filter.models import verify_mtcnn_weights
+from filter.numerics import apply_device_numerics
 from filter.replica import DEFAULT_REPLICA_THRESHOLD, MIN_REPLICA_IMAGES
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,12 @@ def build_embedding_pipeline(
     detector: str | None = None,
 ) -> FaceEmbeddingPipeline:
     """`detector` (FACEGATE_DETECTOR, --detector) picks the MTCNN implementation; None
-    keeps the one in `detector_settings`, whose default is the batched one."""
+    keeps the one in `detector_settings`, whose default is the batched one. On a CUDA
+    device the process's floating-point policy (TF32 off) is set first, before any model
+    loads: every caller, a Ray actor too, builds through here (`filter.numerics`)."""
     verify_mtcnn_weights()
     torch_device = resolve_device(device)
+    apply_device_numerics(torch_device)
     model = load_embedder(
         embedder, models_dir, device=str(torch_device), facenet_weights=facenet_weights
     )
@@ -42,7 +46,7 @@ def build_embedding_pipeline(
     if detector is not None:
         settings = replace(settings, implementation=detector)
     mtcnn = MtcnnDetector(settings, device=torch_device)
-    return FaceEmbeddingPipeline(FaceAligner(mtcnn, model.crop_size), model)
+    return FaceEmbeddingPipeline(FaceAligner(mtcnn, model.crop_size), model, device=torch_device)
 
 
 @dataclass(frozen=True)

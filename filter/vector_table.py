@@ -167,7 +167,9 @@ class VectorTable:
         q = torch.from_numpy(queries).to(vectors.device)
         k = min(RESCORE_CANDIDATES, vectors.shape[0])
         _, candidates = (q.to(torch.float16) @ vectors.T).topk(k, dim=1)
-        scores = torch.einsum("qd,qkd->qk", q.float(), exact[candidates])
+        # Products and a sum, not a matrix product: no TF32 path can touch the scores the
+        # threshold is applied to, whatever the process's settings (filter/numerics.py).
+        scores = (q.float()[:, None, :] * exact[candidates]).sum(dim=2)
         best, position = scores.max(dim=1)
         rows = candidates.gather(1, position[:, None])
         return best.cpu().numpy()[:, None], rows.cpu().numpy()

@@ -9,18 +9,20 @@ queue is full a line is dropped, counted (`on_drop`, the metric
 facegate_audit_dropped_lines_total) and reported in the log itself by an
 `audit_lines_dropped` line as soon as the writer catches up: no line is lost silently.
 
-The log says who is in the training set (identities): a file destination is created
-owner-only (0600), and `hash_identities` writes each identity as a keyed hash.
+The log says who is in the training set (identities). The server writes each identity
+as a keyed pseudonym (HMAC-SHA256 under a subkey of the seed key, or of an audit key of its
+own: filter.keys), unless the operator opted into clear text; `facegate audit hash LABEL`
+gives an operator the pseudonym of a label they already know. A file destination is opened
+owner-only (0600) and never through a symlink or a second hard link.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -28,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Protocol
+
+from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
 
 DEFAULT_QUEUE_LINES = 10_000
 _STOP = object()
@@ -43,6 +47,7 @@ class Rejection:
     identity: str | None
     faces: int
     client: str | None = None  # verified client-certificate subject, when mutual TLS is on
+    caller_request_id: str | None = None  # the caller's x-request-id (validated), if sent
 
 
 class AuditSink(Protocol):
@@ -51,26 +56,56 @@ class AuditSink(Protocol):
     def close(self) -> None: ...
 
 
-def identity_hasher(key: bytes | None) -> Callable[[str], str]:
-    """Identity -> pseudonym. Keyed (HMAC-SHA256 with the seed key) when a key is given, so
-    that nobody without the key can test a guessed name against the log; plain SHA-256
-    otherwise (still linkable by whoever holds the index's labels)."""
+class AuditFileError(OSError):
+    """The audit file cannot be opened safely; the message names it and why."""
+
+
+def identity_hasher(master: bytes) -> Callable[[str], str]:
+    """Identity -> keyed pseudonym, under the audit subkey of `master` (the seed key, or an
+    audit key of its own): the same digest `facegate audit hash` prints and index-edit
+    records carry. Nobody without the key can test a guessed name against the log."""
+    subkey = derive_subkey(master, AUDIT_IDENTITY)
 
     def digest(identity: str) -> str:
-        data = identity.encode("utf-8")
-        if key is not None:
-            return "hmac-sha256:" + hmac.new(key, data, hashlib.sha256).hexdigest()[:32]
-        return "sha256:" + hashlib.sha256(data).hexdigest()[:32]
+        return identity_digest(subkey, identity)
 
     return digest
 
 
 def open_owner_only(path: Path) -> IO[str]:
-    """Append to `path`, creating it 0600 (and its folder 0700) if missing."""
+    """Append to `path`, creating it 0600 (and a missing folder 0700). The file itself is
+    never opened through a symlink, must be a regular file with no other hard link (either
+    would let whoever planted it redirect identities into a file of their choosing), and is
+    made owner-only whatever its mode was."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if path.is_symlink():
+            raise AuditFileError(
+                f"FACEGATE_AUDIT_LOG {path} is a symlink; the audit log is never written "
+                "through one: name the file itself"
+            ) from None
+        raise AuditFileError(
+            f"FACEGATE_AUDIT_LOG {path} cannot be opened: {exc.strerror}"
+        ) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AuditFileError(f"FACEGATE_AUDIT_LOG {path} is not a regular file")
+        if info.st_nlink > 1:
+            raise AuditFileError(
+                f"FACEGATE_AUDIT_LOG {path} has {info.st_nlink} hard links; the audit log "
+                "must be a file of its own"
+            )
+        os.set_blocking(fd, True)
+        os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class JsonLinesAuditLog:
@@ -100,12 +135,12 @@ class JsonLinesAuditLog:
         destination: str,
         *,
         on_drop: Callable[[], None] | None = None,
-        hash_identities: bool = False,
-        key: bytes | None = None,
+        hash_identity: Callable[[str], str] | None = None,
     ) -> AuditSink:
+        """`hash_identity` None writes identities in clear text (an explicit opt-in)."""
         if destination == "none":
             return NullAuditLog()
-        hasher = identity_hasher(key) if hash_identities else None
+        hasher = hash_identity
         if destination == "stderr":
             return cls(sys.stderr, on_drop=on_drop, hash_identity=hasher)
         return cls(

@@ -4,6 +4,11 @@ and the dynamic batcher that feeds it from the event loop without blocking it.
 The batcher is the one place where requests meet; it keeps a fault in one request's
 candidates from failing its neighbours, and fails every waiting request closed if it
 dies itself.
+
+What travels through the batcher are draws, rows of (seed, slot, attempt), not latents:
+the engine reads the filter in force once per batch and derives each latent under that
+filter's index salt (service.generators.latents_for), so the candidate drawn and the
+filter that checks it always belong to the same index, also across a hot reload.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from filter.decide import ImageVerdict
 from filter.identity_filter import StageObserver
 from service.errors import FilterFailure
-from service.generators import Generator
+from service.generators import Generator, latents_for_draws
 from service.provenance import FilterInForce
 
 log = logging.getLogger(__name__)
@@ -70,30 +75,50 @@ class ImageChecker(Protocol):
     ) -> list[ImageVerdict]: ...
 
 
-@runtime_checkable
-class AttributedChecker(Protocol):
-    """A checker that also says which index and thresholds checked the batch, read in
-    the same step as the check (service.reload.SwappableChecker implements it)."""
+@dataclass(frozen=True)
+class FilterSnapshot:
+    """The filter in force for one batch, read in one step: the checker, what it was loaded
+    from (index fingerprint, thresholds; None when unknown) and its index's salt."""
 
-    def check_attributed(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
-    ) -> tuple[list[ImageVerdict], FilterInForce | None]: ...
+    checker: ImageChecker
+    in_force: FilterInForce | None = None
+    salt: bytes = b""
+
+
+@runtime_checkable
+class SnapshotSource(Protocol):
+    """A filter that can change between batches (service.reload.SwappableChecker)."""
+
+    def snapshot(self) -> FilterSnapshot: ...
 
 
 class CandidateEngine:
-    """Generates and filters a batch of candidates, synchronously (run off the loop)."""
+    """Draws, generates and filters a batch of candidates, synchronously (run off the loop).
+
+    `seed_key` keys the latents (FACEGATE_SEED_KEY_FILE); the salt comes with the filter
+    snapshot taken for the batch."""
 
     def __init__(
         self,
         generator: Generator,
         identity_filter: ImageChecker,
         observer: PipelineObserver | None = None,
+        seed_key: bytes | None = None,
     ) -> None:
         self.generator = generator
         self.identity_filter = identity_filter
         self.observer = observer or NullObserver()
+        self.seed_key = seed_key
 
-    def run(self, latents: np.ndarray) -> list[CandidateOutcome]:
+    def snapshot(self) -> FilterSnapshot:
+        if isinstance(self.identity_filter, SnapshotSource):
+            return self.identity_filter.snapshot()
+        return FilterSnapshot(self.identity_filter)
+
+    def run(self, draws: np.ndarray) -> list[CandidateOutcome]:
+        """`draws`: (N, 3) rows of (seed, slot, attempt); one outcome per row, in order."""
+        snapshot = self.snapshot()  # the whole batch is drawn for, and checked by, one filter
+        latents = latents_for_draws(draws, self.generator.latent_dim, self.seed_key, snapshot.salt)
         start = time.perf_counter()
         images = self.generator.generate(latents)
         self.observer.observe_stage("generate", time.perf_counter() - start)
@@ -102,25 +127,19 @@ class CandidateEngine:
                 f"generator returned {len(images)} images for {len(latents)} latents"
             )
         batch = list(images)
-        filtered_by: FilterInForce | None = None
-        if isinstance(self.identity_filter, AttributedChecker):
-            verdicts, filtered_by = self.identity_filter.check_attributed(
-                batch, observer=self.observer
-            )
-        else:
-            verdicts = self.identity_filter.check(batch, observer=self.observer)
+        verdicts = snapshot.checker.check(batch, observer=self.observer)
         if len(verdicts) != len(batch):
             raise FilterFailure("filter returned a verdict count that differs from its input")
         self.observer.batch(len(batch))
         return [
-            CandidateOutcome(image=img, verdict=v, filtered_by=filtered_by)
+            CandidateOutcome(image=img, verdict=v, filtered_by=snapshot.in_force)
             for img, v in zip(batch, verdicts, strict=True)
         ]
 
 
 @dataclass
 class _Pending:
-    latents: np.ndarray
+    draws: np.ndarray
     future: asyncio.Future[list[CandidateOutcome]]
 
 
@@ -128,21 +147,39 @@ class DynamicBatcher:
     """Gathers candidates across requests into batches, like Triton's dynamic batcher.
 
     A batch closes when it holds `max_batch` candidates or `max_delay` seconds have
-    passed since its first entry. One worker thread runs the engine, so torch and
-    FAISS never block the event loop and never compete with each other for cores.
-    A request whose future was cancelled (client gone, deadline) is dropped before
-    its candidates are drawn. When a batch of several requests fails, each request is
-    retried alone once, so only the request whose candidate fails is failed (closed).
+    passed since its first entry. Worker threads run the engine, so torch and FAISS never
+    block the event loop. With `in_flight` 1 (the CPU's default) one batch runs at a time,
+    never competing with another for cores; with 2 (a GPU's), the next batch is generated
+    and detected while the last is embedded and searched: the filter's stages pipeline
+    (`filter.overlap`), each batch still checked whole, so verdicts are unchanged. A slot
+    is taken before a batch is gathered, so requests keep joining the next batch while
+    the pipeline is full. A request whose future was cancelled (client gone, deadline) is
+    dropped before its candidates are drawn. When a batch of several requests fails, each
+    request is retried alone once, so only the request whose candidate fails is failed
+    (closed).
     """
 
-    def __init__(self, engine: CandidateEngine, max_batch: int = 64, max_delay: float = 0.005):
+    def __init__(
+        self,
+        engine: CandidateEngine,
+        max_batch: int = 64,
+        max_delay: float = 0.005,
+        in_flight: int = 1,
+    ):
+        if in_flight < 1:
+            raise ValueError("in_flight must be at least 1")
         self.engine = engine
         self.max_batch = max_batch
         self.max_delay = max_delay
+        self.in_flight = in_flight
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facegate-engine")
+        self._executor = ThreadPoolExecutor(
+            max_workers=in_flight, thread_name_prefix="facegate-engine"
+        )
+        self._slots = asyncio.Semaphore(in_flight)
         self._worker: asyncio.Task[None] | None = None
-        self._gathered: list[_Pending] = []  # taken from the queue, not yet answered
+        self._batches: set[asyncio.Task[None]] = set()  # dispatched, running (in_flight > 1)
+        self._gathered: list[_Pending] = []  # taken from the queue, not yet dispatched
         self._carry: _Pending | None = None  # taken, too big for the batch, opens the next
 
     def start(self) -> None:
@@ -151,12 +188,14 @@ class DynamicBatcher:
             self._worker.add_done_callback(self._worker_ended)
 
     def _worker_ended(self, task: asyncio.Task[None]) -> None:
-        """If the worker dies of a bug, fail every waiting request closed, now."""
+        """If the worker dies of a bug, fail every waiting request closed, now. Batches
+        already dispatched finish on their own (and fail closed on their own)."""
         if task.cancelled() or task.exception() is None:
             return
         log.error("batcher worker crashed; failing queued requests", exc_info=task.exception())
         self._worker = None  # the next submit starts a fresh worker
         waiting = [*self._gathered, *([self._carry] if self._carry else [])]
+        self._gathered = []
         self._carry = None
         while not self._queue.empty():
             waiting.append(self._queue.get_nowait())
@@ -170,82 +209,122 @@ class DynamicBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        for batch in list(self._batches):
+            batch.cancel()
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def submit(self, latents: np.ndarray) -> list[CandidateOutcome]:
+    async def submit(self, draws: np.ndarray) -> list[CandidateOutcome]:
+        """`draws`: (N, 3) rows of (seed, slot, attempt) (service.generators.draw_rows)."""
         self.start()
         future: asyncio.Future[list[CandidateOutcome]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(latents, future))
+        await self._queue.put(_Pending(draws, future))
         return await future
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = self._carry or await self._queue.get()
-            self._carry = None
-            batch = self._gathered = [first]
-            size = len(first.latents)
-            deadline = loop.time() + self.max_delay
-            while size < self.max_batch:
-                timeout = deadline - loop.time()
-                try:
-                    item = (
-                        self._queue.get_nowait()
-                        if timeout <= 0
-                        else await asyncio.wait_for(self._queue.get(), timeout)
-                    )
-                except (TimeoutError, asyncio.QueueEmpty):
-                    break
-                if size + len(item.latents) > self.max_batch and size > 0:
-                    self._carry = item
-                    break
-                batch.append(item)
-                size += len(item.latents)
-            live = [p for p in batch if not p.future.done()]
-            if not live:
-                continue
-            latents = np.concatenate([p.latents for p in live])
+            await self._slots.acquire()
             try:
-                outcomes = await loop.run_in_executor(self._executor, self.engine.run, latents)
-            except asyncio.CancelledError:
-                for p in live:
-                    if not p.future.done():
-                        p.future.cancel()
+                gathered = await self._gather(loop)
+            except BaseException:
+                self._slots.release()
                 raise
-            except Exception as exc:
-                if len(live) == 1:
-                    log.exception("filter batch failed; failing its request closed")
-                    _fail(live[0], exc)
-                    continue
-                # Isolate the fault: one request's candidate must not fail its neighbours
-                # (seeds are caller-chosen and replayable). Each request runs alone once;
-                # only the one whose candidates fail again gets INTERNAL.
-                log.warning(
-                    "filter batch of %d requests failed (%s); retrying each request alone",
-                    len(live),
-                    type(exc).__name__,
-                )
-                try:
-                    for p in live:
-                        await self._run_alone(loop, p)
-                except asyncio.CancelledError:
-                    for p in live:
-                        if not p.future.done():
-                            p.future.cancel()
-                    raise
+            if gathered is None:
+                self._slots.release()
                 continue
-            offset = 0
+            live, draws = gathered
+            if self.in_flight == 1:
+                await self._dispatch(loop, live, draws)
+                continue
+            self._gathered = []
+            batch = loop.create_task(self._dispatch(loop, live, draws), name="filter-batch")
+            self._batches.add(batch)
+            batch.add_done_callback(self._batches.discard)
+
+    async def _gather(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> tuple[list[_Pending], np.ndarray] | None:
+        """The next batch's live requests and their draws (None: all were cancelled)."""
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch = self._gathered = [first]
+        size = len(first.draws)
+        deadline = loop.time() + self.max_delay
+        while size < self.max_batch:
+            timeout = deadline - loop.time()
+            try:
+                item = (
+                    self._queue.get_nowait()
+                    if timeout <= 0
+                    else await asyncio.wait_for(self._queue.get(), timeout)
+                )
+            except (TimeoutError, asyncio.QueueEmpty):
+                break
+            if size + len(item.draws) > self.max_batch and size > 0:
+                self._carry = item
+                break
+            batch.append(item)
+            size += len(item.draws)
+        live = [p for p in batch if not p.future.done()]
+        if not live:
+            return None
+        return live, np.concatenate([p.draws for p in live])
+
+    async def _dispatch(
+        self, loop: asyncio.AbstractEventLoop, live: list[_Pending], draws: np.ndarray
+    ) -> None:
+        """Run one batch and answer its requests; frees its slot in the pipeline."""
+        try:
+            await self._answer(loop, live, draws)
+        except asyncio.CancelledError:
             for p in live:
-                part = outcomes[offset : offset + len(p.latents)]
-                offset += len(p.latents)
                 if not p.future.done():
-                    p.future.set_result(part)
+                    p.future.cancel()
+            raise
+        except Exception as exc:  # a bug here must not leave a request waiting
+            log.exception("filter batch dispatch crashed; failing its requests closed")
+            for p in live:
+                _fail(p, exc)
+        finally:
+            self._slots.release()
+
+    async def _answer(
+        self, loop: asyncio.AbstractEventLoop, live: list[_Pending], draws: np.ndarray
+    ) -> None:
+        try:
+            outcomes = await loop.run_in_executor(self._executor, self.engine.run, draws)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(live) == 1:
+                log.exception("filter batch failed; failing its request closed")
+                _fail(live[0], exc)
+                return
+            # Isolate the fault: one request's candidate must not fail its neighbours
+            # (seeds are caller-chosen and replayable). Each request runs alone once;
+            # only the one whose candidates fail again gets INTERNAL.
+            log.warning(
+                "filter batch of %d requests failed (%s); retrying each request alone",
+                len(live),
+                type(exc).__name__,
+            )
+            for p in live:
+                await self._run_alone(loop, p)
+            return
+        offset = 0
+        for p in live:
+            part = outcomes[offset : offset + len(p.draws)]
+            offset += len(p.draws)
+            if not p.future.done():
+                p.future.set_result(part)
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, pending: _Pending) -> None:
         if pending.future.done():
             return
         try:
-            outcomes = await loop.run_in_executor(self._executor, self.engine.run, pending.latents)
+            outcomes = await loop.run_in_executor(self._executor, self.engine.run, pending.draws)
         except Exception as exc:
             log.exception("filter failed on one request's candidates alone; failing it closed")
             _fail(pending, exc)

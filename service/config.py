@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from filter.decide import NoFacePolicy
 from filter.fast_path_mode import FastPathMode
 from filter.models import default_models_dir
+from service.client_identity import AllowlistError, ClientAllowlist
 
 ENV_PREFIX = "FACEGATE_"
 
@@ -31,6 +32,21 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9095, ge=0, le=65535, description="0 picks a free port")
     metrics_enabled: bool = True
+    # Metrics are for the monitoring system only (issue 20): loopback unless the operator
+    # opens them, optionally behind TLS with client certificates and/or a bearer token.
+    metrics_host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="address of /metrics; 0.0.0.0 for a Prometheus on the network",
+    )
+    metrics_tls_cert: Path | None = Field(None, description="serve /metrics over TLS")
+    metrics_tls_key: Path | None = Field(None, description="secret: the metrics cert's key")
+    metrics_tls_client_ca: Path | None = Field(
+        None, description="CA bundle: scrapers must present a certificate it issued"
+    )
+    metrics_bearer_token_file: Path | None = Field(
+        None, description="secret: scrapers must send `Authorization: Bearer <token>`"
+    )
     index_path: Path = Path("var/index")
     threshold: float | None = Field(
         None, ge=-1.0, le=1.0, description="identity threshold; overrides the saved calibration"
@@ -70,6 +86,12 @@ class Settings(BaseSettings):
     audit_log: str = Field("stderr", description="'stderr', 'none', or a file path")
     max_batch: int = Field(64, ge=1, description="candidates per filter batch")
     max_batch_delay_ms: float = Field(5.0, ge=0.0, description="wait to fill a batch")
+    batches_in_flight: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="filter batches overlapped stage by stage; 0: 2 on a GPU, 1 on the CPU",
+    )
     generated_fast_path: FastPathMode = Field(
         FastPathMode.AUTO, description="auto: only for the embedded generator; on; off"
     )
@@ -78,7 +100,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Hardening (issue 9).
     seed_key_file: Path | None = Field(
-        None, description="secret: raw bytes (>= 32) keying seed -> latent; unset = unkeyed"
+        None, description="secret: raw bytes (>= 32) keying seed -> latent; required"
+    )
+    allow_unkeyed_seeds: bool = Field(
+        False,
+        description="serve without a seed key: latents become a public function of the seed "
+        "and the index salt (demos only)",
     )
     max_request_seconds: float = Field(
         60.0, gt=0.0, description="every call ends by then (DEADLINE_EXCEEDED)"
@@ -94,15 +121,40 @@ class Settings(BaseSettings):
     tls_server_name: str = Field(
         "localhost", description="name in the server certificate, for the health check"
     )
+    tls_client_allowed: list[str] = Field(
+        default_factory=list,
+        description="JSON list of the client subjects or SANs allowed under mutual TLS, e.g. "
+        '["CN=batch,O=acme", "DNS:probe.facegate", "URI:spiffe://acme/batch"]',
+    )
+    tls_client_cert: Path | None = Field(
+        None,
+        description="the client certificate the health check and `facegate generate` present "
+        "under mutual TLS (never the server's own)",
+    )
+    tls_client_key: Path | None = Field(None, description="secret: that client certificate's key")
     max_concurrent_per_client: int = Field(
         0, ge=0, description="per client-certificate subject; 0 = only the global limit"
+    )
+    max_concurrent_per_peer: int = Field(
+        0,
+        ge=0,
+        description="per peer address when a call has no client certificate; 0 = off "
+        "(behind a load balancer every call shares its address)",
     )
     client_concurrency: dict[str, int] = Field(
         default_factory=dict,
         description='JSON, client-certificate subject -> its own limit, e.g. {"CN=batch": 2}',
     )
-    audit_hash_identities: bool = Field(
-        False, description="write identities to the audit log as keyed hashes"
+    audit_key_file: Path | None = Field(
+        None,
+        description="secret (>= 32 bytes) keying the audit log's identity hashes; default: "
+        "a subkey of the seed key",
+    )
+    audit_clear_identities: bool = Field(
+        False, description="write identities to the audit log in clear text (opt-in)"
+    )
+    audit_hash_identities: bool | None = Field(
+        None, description="deprecated: identities are hashed by default"
     )
     # Content credentials (issue 12).
     c2pa_cert: Path | None = Field(
@@ -138,7 +190,60 @@ class Settings(BaseSettings):
             raise ValueError("FACEGATE_TLS_CLIENT_CA needs FACEGATE_TLS_CERT and FACEGATE_TLS_KEY")
         if self.embedder == "facenet" and self.facenet_weights is None:
             raise ValueError("FACEGATE_FACENET_WEIGHTS is required when FACEGATE_EMBEDDER=facenet")
+        self._check_security_combinations()
         return self
+
+    def _check_security_combinations(self) -> None:
+        if self.tls_client_allowed and self.tls_client_ca is None:
+            raise ValueError(
+                "FACEGATE_TLS_CLIENT_ALLOWED needs FACEGATE_TLS_CLIENT_CA (mutual TLS): without "
+                "client certificates there is no subject to allow"
+            )
+        try:
+            ClientAllowlist(self.tls_client_allowed)
+        except AllowlistError as exc:
+            raise ValueError(f"FACEGATE_TLS_CLIENT_ALLOWED: {exc}") from None
+        if (self.tls_client_cert is None) != (self.tls_client_key is None):
+            raise ValueError(
+                "FACEGATE_TLS_CLIENT_CERT and FACEGATE_TLS_CLIENT_KEY must be set together"
+            )
+        if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
+            raise ValueError(
+                "FACEGATE_METRICS_TLS_CERT and FACEGATE_METRICS_TLS_KEY must be set together"
+            )
+        if self.metrics_tls_client_ca is not None and self.metrics_tls_cert is None:
+            raise ValueError(
+                "FACEGATE_METRICS_TLS_CLIENT_CA needs FACEGATE_METRICS_TLS_CERT and "
+                "FACEGATE_METRICS_TLS_KEY"
+            )
+        if self.audit_hash_identities is False:
+            raise ValueError(
+                "FACEGATE_AUDIT_HASH_IDENTITIES=false no longer writes identities in clear "
+                "text: they are hashed by default; opt in with FACEGATE_AUDIT_CLEAR_IDENTITIES="
+                "true, and remove FACEGATE_AUDIT_HASH_IDENTITIES"
+            )
+        if self.audit_clear_identities and self.audit_key_file is not None:
+            raise ValueError(
+                "FACEGATE_AUDIT_CLEAR_IDENTITIES=true writes no hash: unset "
+                "FACEGATE_AUDIT_KEY_FILE, or the clear-text opt-in"
+            )
+
+    @property
+    def metrics_auth(self) -> str:
+        """How scrapers are authenticated: none, tls (server only), mtls, bearer, or both."""
+        parts = []
+        if self.metrics_tls_cert is not None:
+            parts.append("mtls" if self.metrics_tls_client_ca is not None else "tls")
+        if self.metrics_bearer_token_file is not None:
+            parts.append("bearer")
+        return "+".join(parts) or "none"
+
+    @property
+    def audit_identities(self) -> str:
+        """What the audit log writes for an identity: hashed, clear, or off (no audit log)."""
+        if self.audit_log == "none":
+            return "off"
+        return "clear" if self.audit_clear_identities else "hashed"
 
     def effective(self) -> dict[str, str]:
         """The values in use, as strings, for the startup log and the info metric."""
@@ -148,7 +253,7 @@ class Settings(BaseSettings):
         """The effective config for the info metric: no file paths (a path can name the
         deployment's layout or a secret's mount); a path setting reads `set` or `unset`."""
         info: dict[str, str] = {}
-        path_like = ("_path", "_file", "_dir", "_weights", "_cert", "_key")
+        path_like = ("_path", "_file", "_dir", "_weights", "_cert", "_key", "_ca")
         for name, value in self.effective().items():
             raw = getattr(self, name)
             if isinstance(raw, Path) or name.endswith(path_like):
@@ -157,12 +262,16 @@ class Settings(BaseSettings):
                 info[name] = "file"
             elif name == "client_concurrency":
                 info[name] = f"{len(raw)} subjects"
+            elif name == "tls_client_allowed":
+                info[name] = f"{len(raw)} entries"
             elif name in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca"):
                 info[name] = "unset" if raw is None else "set"
             else:
                 info[name] = value
         info["seeds"] = "keyed" if self.seed_key_file is not None else "unkeyed"
         info["content_credentials"] = "c2pa" if self.c2pa_cert is not None else "off"
+        info["metrics_auth"] = self.metrics_auth
+        info["audit_identities"] = self.audit_identities
         return info
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from filter.gallery import Enrolment
 from filter.identity_filter import FaceEmbeddingPipeline
-from filter.index import FaissIdentityIndex
+from filter.index import FaissIdentityIndex, new_salt
 from filter.runtime import detector_manifest
 from service.generators import Generator, latents_for
 
@@ -19,17 +19,22 @@ def build_demo_index(
     identities: int,
     seed: int,
     seed_key: bytes | None = None,
+    salt: bytes | None = None,
 ) -> FaissIdentityIndex:
     """Enrol the first candidate of slots 0..identities-1 of `seed` (attempt 0).
 
-    A request with the same seed (and the server's seed key) therefore meets enrolled
-    faces first and must resample.
+    The index's salt is chosen first (or given) and the candidates are drawn under it, so
+    a request with the same seed (and the server's seed key) against this index meets
+    enrolled faces first and must resample.
     """
     keyed = ":keyed" if seed_key is not None else ""
+    salt = new_salt() if salt is None else salt
     enrolment = Enrolment(pipeline)
     for start in range(0, identities, 64):
         slots = range(start, min(start + 64, identities))
-        latents = np.stack([latents_for(seed, s, 0, generator.latent_dim, seed_key) for s in slots])
+        latents = np.stack(
+            [latents_for(seed, s, 0, generator.latent_dim, seed_key, salt) for s in slots]
+        )
         images = generator.generate(latents)
         enrolment.add(
             [
@@ -41,4 +46,4 @@ def build_demo_index(
                 for slot, image in zip(slots, images, strict=True)
             ]
         )
-    return enrolment.build(detector_settings=detector_manifest(pipeline))
+    return enrolment.build(detector_settings=detector_manifest(pipeline), salt=salt)

@@ -5,6 +5,10 @@ class ServiceError(Exception):
     """Base of the errors the core raises on purpose."""
 
 
+class StartupError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
 class InvalidRequest(ServiceError):
     """The request is malformed or out of range."""
 

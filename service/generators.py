@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import struct
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -45,31 +46,80 @@ class Generator(Protocol):
 
 MIN_SEED_KEY_BYTES = 32
 _LATENT_DOMAIN = b"facegate/latent/v1"
+# Salted derivation (issue 20): the index's salt joins the message, so that an edit of the
+# index's membership maps every seed to new candidates.
+_SALTED_LATENT_DOMAIN = b"facegate/latent/v2"
+_UNKEYED_SALTED_DOMAIN = b"facegate/latent/v2/unkeyed"
+
+# A candidate to draw: one row (seed, slot, attempt) of an unsigned 64-bit array. The
+# batcher carries these rows, not latents: the engine turns them into latents under the
+# salt of the very filter that checks them (see `latents_for_draws`).
+DRAW_COLUMNS = 3
+
+
+def draw_rows(seed: int, slot_attempts: Sequence[tuple[int, int]]) -> np.ndarray:
+    """(N, 3) uint64 rows (seed, slot, attempt) for the candidates of one request."""
+    rows = np.empty((len(slot_attempts), DRAW_COLUMNS), dtype=np.uint64)
+    for row, (slot, attempt) in enumerate(slot_attempts):
+        rows[row] = (seed, slot, attempt)
+    return rows
 
 
 def latents_for(
-    seed: int, slot: int, attempt: int, dim: int, key: bytes | None = None
+    seed: int,
+    slot: int,
+    attempt: int,
+    dim: int,
+    key: bytes | None = None,
+    salt: bytes = b"",
 ) -> np.ndarray:
-    """The latent of one candidate, a pure function of (key, seed, slot, attempt).
+    """The latent of one candidate, a pure function of (key, salt, seed, slot, attempt).
 
     Each candidate has its own stream, so a slot's sequence does not depend on how
     many other slots a request has, which of them were rejected, or how candidates
     were batched with other requests.
 
     With a key (FACEGATE_SEED_KEY_FILE), the stream is seeded by
-    HMAC-SHA256(key, domain || seed || slot || attempt): a caller who knows the seed and
-    the public generator weights still cannot regenerate a held-back candidate offline.
-    Without a key the latent is a public function of the seed (the unkeyed demo mode).
+    HMAC-SHA256(key, domain || salt || seed || slot || attempt): a caller who knows the seed
+    and the public generator weights still cannot regenerate a held-back candidate offline.
+    The salt is the index's (a random value in its manifest, rolled by every edit of its
+    membership): replaying a seed after an `index add` or `remove` meets all new candidates,
+    so comparing before and after says nothing about who was added or removed.
+    Without a salt (an index made before salts existed) the derivation is the earlier one,
+    so such an index keeps its seeds; without a key the latent is a function of the seed
+    and the salt alone (FACEGATE_ALLOW_UNKEYED_SEEDS, demos only).
     """
-    if key is None:
-        sequence = np.random.SeedSequence(entropy=seed, spawn_key=(slot, attempt))
+    position = struct.pack(">QQQ", seed, slot, attempt)
+    if key is not None and len(key) < MIN_SEED_KEY_BYTES:
+        raise ValueError(f"seed key must be at least {MIN_SEED_KEY_BYTES} bytes")
+    if not salt:
+        if key is None:
+            sequence = np.random.SeedSequence(entropy=seed, spawn_key=(slot, attempt))
+        else:
+            digest = hmac.new(key, _LATENT_DOMAIN + position, hashlib.sha256).digest()
+            sequence = np.random.SeedSequence(entropy=int.from_bytes(digest, "big"))
     else:
-        if len(key) < MIN_SEED_KEY_BYTES:
-            raise ValueError(f"seed key must be at least {MIN_SEED_KEY_BYTES} bytes")
-        message = _LATENT_DOMAIN + struct.pack(">QQQ", seed, slot, attempt)
-        digest = hmac.new(key, message, hashlib.sha256).digest()
+        salted = struct.pack(">H", len(salt)) + salt + position
+        if key is None:
+            digest = hashlib.sha256(_UNKEYED_SALTED_DOMAIN + salted).digest()
+        else:
+            digest = hmac.new(key, _SALTED_LATENT_DOMAIN + salted, hashlib.sha256).digest()
         sequence = np.random.SeedSequence(entropy=int.from_bytes(digest, "big"))
     return np.random.default_rng(sequence).standard_normal(dim, dtype=np.float32)
+
+
+def latents_for_draws(
+    draws: np.ndarray, dim: int, key: bytes | None = None, salt: bytes = b""
+) -> np.ndarray:
+    """(N, 3) draw rows -> (N, dim) float32 latents (see `latents_for`)."""
+    rows = np.asarray(draws)
+    if rows.ndim != 2 or rows.shape[1] != DRAW_COLUMNS:
+        raise ValueError(f"draws must be (N, {DRAW_COLUMNS}) rows; got {rows.shape}")
+    if len(rows) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.stack(
+        [latents_for(int(s), int(slot), int(a), dim, key, salt) for s, slot, a in rows.tolist()]
+    )
 
 
 def load_seed_key(path: Path | None) -> bytes | None:

@@ -5,15 +5,20 @@ labels take values from small fixed sets only."""
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
 
 from filter.decide import ImageVerdict
 from filter.shadow import SHADOW_CHANGES
+from service.metrics_http import MetricsEndpoint, MetricsHttpServer
 from service.pipeline import verdict_outcome
+from service.reload import RELOAD_FAILURE, RELOAD_REFUSED_LOOSER, RELOAD_SUCCESS
 
 if TYPE_CHECKING:
     from service.reload import LiveFilter
@@ -38,7 +43,7 @@ GRPC_CODES = (
     "UNKNOWN",
 )
 METHODS = ("Generate", "GenerateStream")
-RELOAD_RESULTS = ("success", "failure")
+RELOAD_RESULTS = (RELOAD_SUCCESS, RELOAD_FAILURE, RELOAD_REFUSED_LOOSER)
 SIGNALS = ("identity", "replica")
 LATENCY_BUCKETS = (
     0.005,
@@ -61,8 +66,9 @@ SIMILARITY_STEP = 0.1
 
 
 def similarity_buckets(threshold: float) -> tuple[float, ...]:
-    """Deliberately coarse: below 0, then 0.1-wide bins up to the threshold, then one bin
-    for everything at or above it.
+    """Upper edges of the similarity buckets, deliberately coarse: up to three 0.1-wide
+    bins below the threshold (and one edge at 0 when they start above 0.1), the threshold
+    itself, then +Inf: everything above the threshold is one bucket.
 
     Whoever reads /metrics on a quiet replica can tie a bucket increment to one request's
     face. Fine buckets would make the histogram the membership oracle the API refuses to
@@ -70,26 +76,78 @@ def similarity_buckets(threshold: float) -> tuple[float, ...]:
     what an SRE needs (drift of the distribution, the share of faces just under the
     threshold, the rejection share) and no more than 0.1 about any one face; above the
     threshold they say nothing beyond "rejected", which the caller already knows.
+
+    Every threshold the configuration accepts, [-1, 1], gives at least the threshold's own
+    edge (cosine similarities are never below -1).
     """
-    edges = [round(threshold - SIMILARITY_STEP * k, 4) for k in (3, 2, 1, 0)]
-    if edges[0] >= SIMILARITY_STEP:
+    below = [round(threshold - SIMILARITY_STEP * k, 4) for k in (3, 2, 1)]
+    edges = [edge for edge in below if edge > -1.0]
+    if edges and edges[0] >= SIMILARITY_STEP:
         edges.insert(0, 0.0)
-    return tuple(e for e in edges if -1.0 < e <= 1.0)
+    return (*edges, round(threshold, 4))
+
+
+def bucket_of(value: float, edges: tuple[float, ...]) -> int:
+    """Index of the bucket a value lands in: the first whose upper edge is at or above it
+    (Prometheus' `le`); len(edges) is the +Inf bucket."""
+    return next((i for i, edge in enumerate(edges) if value <= edge), len(edges))
 
 
 def quantize_similarity(value: float, edges: tuple[float, ...]) -> float:
-    """The lower edge of the value's bucket (-1 below the first), so that the histogram's
-    _sum carries no more than its buckets do."""
-    lower = -1.0
-    for edge in edges:
-        if value < edge:
-            break
-        lower = edge
-    return lower
+    """The lower edge of the value's bucket (-1 for the first), which is all the
+    histogram's _sum adds: it carries no more than its buckets do."""
+    index = bucket_of(value, edges)
+    return -1.0 if index == 0 else edges[index - 1]
+
+
+class SimilarityHistogram:
+    """`facegate_similarity`: counts per bucket (cumulative on export, as Prometheus reads
+    them) and a _sum of bucket lower edges. A collector of its own, because a plain
+    Histogram's _sum adds the values observed, and observing a quantized value would put it
+    in the bucket below."""
+
+    name = "facegate_similarity"
+    documentation = (
+        "Each checked face's maximum cosine similarity to the training identities, coarse by "
+        "design (0.1 bins below the threshold, one above it; _sum of bucket lower edges)"
+    )
+
+    def __init__(self, threshold: float) -> None:
+        self._lock = threading.Lock()
+        self.rebin(threshold)
+
+    def rebin(self, threshold: float) -> None:
+        """Cut the buckets at a new threshold; the counts restart from zero."""
+        with self._lock:
+            self.edges = similarity_buckets(threshold)
+            self._counts = [0] * (len(self.edges) + 1)
+            self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._counts[bucket_of(value, self.edges)] += 1
+            self._sum += quantize_similarity(value, self.edges)
+
+    def collect(self) -> Iterator[Metric]:
+        # Samples written out: prometheus_client's HistogramMetricFamily drops _count and
+        # _sum when an edge is negative (thresholds below 0.3 give such edges).
+        family = Metric(self.name, self.documentation, "histogram")
+        with self._lock:
+            total = 0
+            for edge, count in zip((*self.edges, math.inf), self._counts, strict=True):
+                total += count
+                family.add_sample(f"{self.name}_bucket", {"le": floatToGoString(edge)}, total)
+            family.add_sample(f"{self.name}_count", {}, total)
+            family.add_sample(f"{self.name}_sum", {}, round(self._sum, 4))
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield Metric(self.name, self.documentation, "histogram")
 
 
 class ServiceMetrics:
     def __init__(self, threshold: float, registry: CollectorRegistry | None = None) -> None:
+        self._http_server: MetricsHttpServer | None = None
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.candidates = Counter(
@@ -113,14 +171,8 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.similarity_edges = similarity_buckets(threshold)
-        self.similarity = Histogram(
-            "facegate_similarity",
-            "Each checked face's maximum cosine similarity to the training identities, "
-            "coarse by design (0.1 bins below the threshold, one at or above it)",
-            buckets=self.similarity_edges,
-            registry=r,
-        )
+        self.similarity = SimilarityHistogram(threshold)
+        r.register(self.similarity)
         self.filter_seconds = Histogram(
             "facegate_filter_seconds",
             "Identity filter time per batch by stage",
@@ -188,7 +240,8 @@ class ServiceMetrics:
     def _reload_metrics(self, r: CollectorRegistry) -> None:
         self.index_reloads = Counter(
             "facegate_index_reloads",
-            "Index reloads (SIGHUP or file watch) by result",
+            "Index reloads (SIGHUP or file watch) by result: success, failure (refused: "
+            "corrupt, mismatched...), refused_looser (looser thresholds, no acknowledgement)",
             ["result"],
             registry=r,
         )
@@ -241,7 +294,7 @@ class ServiceMetrics:
         self.index_loaded_at.set(live.loaded_at or time.time())
 
     def reload_finished(self, result: str) -> None:
-        self.index_reloads.labels(result if result in RELOAD_RESULTS else "failure").inc()
+        self.index_reloads.labels(result if result in RELOAD_RESULTS else RELOAD_FAILURE).inc()
 
     # ShadowObserver
     def shadow(self, change: str) -> None:
@@ -259,25 +312,15 @@ class ServiceMetrics:
         self.candidates.labels(verdict_outcome(verdict)).inc()
         for similarity in verdict.face_similarities:
             if math.isfinite(similarity):  # one NaN would poison the histogram's sum for good
-                self.similarity.observe(quantize_similarity(similarity, self.similarity_edges))
+                self.similarity.observe(similarity)
 
     def set_thresholds(self, identity: float, replica: float | None) -> None:
         """Export the thresholds in force and align the similarity bins with the identity
         threshold (known only once the index and its saved calibration are loaded)."""
         self.threshold.set(identity)
         self.replica_threshold.set(float("nan") if replica is None else replica)
-        edges = similarity_buckets(identity)
-        if edges == self.similarity_edges:
-            return
-        self.registry.unregister(self.similarity)
-        self.similarity_edges = edges
-        self.similarity = Histogram(
-            "facegate_similarity",
-            "Each checked face's maximum cosine similarity to the training identities, "
-            "coarse by design (0.1 bins below the threshold, one at or above it)",
-            buckets=edges,
-            registry=self.registry,
-        )
+        if similarity_buckets(identity) != self.similarity.edges:
+            self.similarity.rebin(identity)
 
     def released(self, attempts: int) -> None:
         self.attempts.observe(attempts)
@@ -292,14 +335,17 @@ class ServiceMetrics:
         self.requests.labels(method, code if code in GRPC_CODES else "UNKNOWN").inc()
         self.request_seconds.labels(method).observe(seconds)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP server; returns the bound port (useful with port 0)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http_server = server
-        return int(server.server_port)
+    def serve(self, endpoint: MetricsEndpoint) -> int:
+        """Start the /metrics endpoint (service.metrics_http); returns the bound port."""
+        self._http_server = MetricsHttpServer(self.registry, endpoint)
+        return self._http_server.port
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """Where /metrics listens (host, port), None when it does not."""
+        return None if self._http_server is None else self._http_server.address
 
     def stop_serving(self) -> None:
-        server = getattr(self, "_http_server", None)
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        if self._http_server is not None:
+            self._http_server.stop()
+            self._http_server = None

@@ -1,8 +1,9 @@
 """Slots, candidates and resampling: the gRPC-free core of Generate.
 
 A request asks for `count` slots. Each round, every open slot draws one candidate
-(latent = f(seed, slot, attempt)); the candidates of all open requests are
-generated and filtered together by the batcher; passing candidates fill their
+(seed, slot, attempt; the engine derives its latent under the seed key and the salt of the
+index that checks it); the candidates of all open requests are generated and filtered
+together by the batcher; passing candidates fill their
 slots, rejected ones are resampled until the attempt budget runs out. Only images
 that passed the filter are ever encoded or returned.
 """
@@ -16,8 +17,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from filter.decide import ImageVerdict, Reason
 from service.audit import AuditSink, NullAuditLog, Rejection
 from service.batcher import (
@@ -30,7 +29,7 @@ from service.batcher import (
 )
 from service.encoding import ContentSigner, ImageFormat, encode_image, encode_released
 from service.errors import DeadlineExceeded, InvalidRequest, NothingPassed
-from service.generators import latents_for
+from service.generators import draw_rows
 from service.provenance import ReleaseFacts
 
 # Re-exported: the batcher and encoding lived here before they had their own modules.
@@ -60,8 +59,11 @@ class GenerationRequest:
     seed: int | None = None
     image_format: ImageFormat = ImageFormat.PNG
     jpeg_quality: int | None = None
+    # Made by the server for this call: the summary, the audit log and the content
+    # credentials name it. Never the caller's own id (which goes to the audit log only).
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     client: str | None = None  # verified client-certificate subject (mutual TLS)
+    caller_request_id: str | None = None  # the caller's x-request-id, validated
 
 
 @dataclass(frozen=True)
@@ -91,13 +93,6 @@ class GenerationResult:
     summary: GenerationSummary
 
 
-@dataclass(frozen=True)
-class Candidate:
-    slot: int
-    attempt: int
-    latent: np.ndarray
-
-
 ImageCallback = Callable[[ReleasedImage], Awaitable[None]]
 
 
@@ -114,12 +109,10 @@ class GenerationPipeline:
         jpeg_quality: int = 90,
         observer: PipelineObserver | None = None,
         audit: AuditSink | None = None,
-        seed_key: bytes | None = None,
         signer: ContentSigner | None = None,
     ) -> None:
         self.batcher = batcher
         self.signer = signer  # None: images carry no content credentials
-        self.seed_key = seed_key
         self.latent_dim = latent_dim
         self.max_attempts = max_attempts
         self.max_count = max_count
@@ -159,18 +152,11 @@ class GenerationPipeline:
         while open_slots:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the slots were filled")
-            candidates = [
-                Candidate(
-                    slot,
-                    attempts[slot],
-                    latents_for(seed, slot, attempts[slot], self.latent_dim, self.seed_key),
-                )
-                for slot in open_slots
-            ]
-            outcomes = await self.batcher.submit(np.stack([c.latent for c in candidates]))
+            candidates = [(slot, attempts[slot]) for slot in open_slots]
+            outcomes = await self.batcher.submit(draw_rows(seed, candidates))
             still_open: list[int] = []
-            for candidate, outcome in zip(candidates, outcomes, strict=True):
-                attempts[candidate.slot] += 1
+            for (slot, attempt), outcome in zip(candidates, outcomes, strict=True):
+                attempts[slot] += 1
                 summary.candidates_drawn += 1
                 self.observer.candidate(outcome.verdict)
                 if outcome.verdict.passed:
@@ -190,10 +176,10 @@ class GenerationPipeline:
                         facts,
                     )
                     image = ReleasedImage(
-                        slot=candidate.slot,
+                        slot=slot,
                         data=data,
                         media_type=request.image_format.media_type,
-                        attempts=attempts[candidate.slot],
+                        attempts=attempts[slot],
                         width=int(outcome.image.shape[1]),
                         height=int(outcome.image.shape[0]),
                     )
@@ -206,17 +192,18 @@ class GenerationPipeline:
                 self.audit.rejection(
                     Rejection(
                         request_id=request.request_id,
-                        slot=candidate.slot,
-                        attempt=candidate.attempt,
+                        slot=slot,
+                        attempt=attempt,
                         reason=str(outcome.verdict.reason or Reason.FILTER_ERROR),
                         similarity=outcome.verdict.max_similarity,
                         identity=outcome.verdict.identity,
                         faces=outcome.verdict.faces,
                         client=request.client,
+                        caller_request_id=request.caller_request_id,
                     )
                 )
-                if attempts[candidate.slot] < self.max_attempts:
-                    still_open.append(candidate.slot)
+                if attempts[slot] < self.max_attempts:
+                    still_open.append(slot)
             open_slots = still_open
         released.sort(key=lambda img: img.slot)
         summary.released = len(released)

@@ -10,6 +10,10 @@ Only a filter that loaded completely replaces the one in use. The swap is one re
 assignment in `SwappableChecker`, read once per batch by the engine: the batch in
 progress finishes with the old index, the next one uses the new. A reload that fails for
 any reason keeps the old index serving and says why in the log and the metrics.
+
+A reload never loosens silently: an index whose thresholds (as this server resolves them)
+are looser than those serving now is refused (`refused_looser`) unless its manifest
+carries an acknowledgement given for that release (filter.index_lineage).
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ from typing import Protocol
 
 import numpy as np
 
+from filter.calibrate import same_person_floor_warning
 from filter.decide import DecisionThresholds, ImageVerdict
 from filter.detection_policy import filter_for_generator
 from filter.embedders import resolve_device
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
 from filter.index import MANIFEST_FILE, FaissIdentityIndex
+from filter.index_lineage import acknowledgement, describe_acknowledgement, loosenings
 from filter.runtime import Thresholds, load_index_for, resolve_thresholds
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
+from service.batcher import FilterSnapshot
 from service.config import Settings
 from service.pipeline import ImageChecker
 from service.provenance import FilterInForce
@@ -71,6 +78,11 @@ class LiveFilter:
         """What a released image's content credentials say it was checked against."""
         return FilterInForce(self.index.fingerprint, self.thresholds)
 
+    @property
+    def snapshot(self) -> FilterSnapshot:
+        """What the engine reads once per batch: the checker, its provenance, its salt."""
+        return FilterSnapshot(self.checker, self.in_force, self.index.salt)
+
 
 def load_live_filter(
     settings: Settings,
@@ -85,6 +97,17 @@ def load_live_filter(
     index = load_index_for(embedding, folder)
     thresholds = resolve_thresholds(index, settings.threshold, settings.replica_threshold)
     log.info("thresholds in force: %s", thresholds.describe())
+    if not index.salt:
+        log.warning(
+            "index %s has no salt (built before facegate salted seeds): the same seed keeps "
+            "its candidates across this index's edits, which lets a caller compare before "
+            "and after. Rebuild it, or edit it once with `facegate index add` / `remove`, "
+            "which give it one",
+            folder,
+        )
+    floor = same_person_floor_warning(embedding.embedder.name, thresholds.identity)
+    if floor is not None:
+        log.warning("%s", floor)
     index.use_device(str(resolve_device(settings.device)))
     full = IdentityFilter(embedding, index, thresholds.decision, settings.no_face_policy)
     scoped = filter_for_generator(full, generator_name, settings.generated_fast_path)
@@ -105,43 +128,72 @@ def load_live_filter(
 
 
 class SwappableChecker:
-    """The engine's filter: one reference, replaced whole, read once per batch. The checker
-    and what it was loaded from (index fingerprint, thresholds) are one pair, swapped
-    together, so a batch is attributed to the filter that really checked it."""
+    """The engine's filter: one reference, replaced whole, read once per batch. The checker,
+    what it was loaded from (index fingerprint, thresholds) and its index's salt are one
+    snapshot, swapped together, so a batch is drawn for, checked by and attributed to the
+    same filter."""
 
-    def __init__(self, current: ImageChecker, in_force: FilterInForce | None = None) -> None:
-        self._pair: tuple[ImageChecker, FilterInForce | None] = (current, in_force)
+    def __init__(
+        self, current: ImageChecker, in_force: FilterInForce | None = None, salt: bytes = b""
+    ) -> None:
+        self._snapshot = FilterSnapshot(current, in_force, salt)
 
     @property
     def current(self) -> ImageChecker:
-        return self._pair[0]
+        return self._snapshot.checker
 
-    def swap(self, new: ImageChecker, in_force: FilterInForce | None = None) -> None:
-        self._pair = (new, in_force)
+    def swap(
+        self, new: ImageChecker, in_force: FilterInForce | None = None, salt: bytes = b""
+    ) -> None:
+        self._snapshot = FilterSnapshot(new, in_force, salt)
+
+    def snapshot(self) -> FilterSnapshot:
+        return self._snapshot
 
     def check(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None
     ) -> list[ImageVerdict]:
-        return self.check_attributed(images, observer)[0]
-
-    def check_attributed(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
-    ) -> tuple[list[ImageVerdict], FilterInForce | None]:
-        checker, in_force = self._pair  # the whole batch uses one filter
-        return checker.check(images, observer=observer), in_force
+        return self._snapshot.checker.check(images, observer=observer)
 
     def __getattr__(self, name: str) -> object:
         # Anything else (embedding, thresholds, index) is the filter in force's.
-        if name == "_pair":  # not set yet (copy, unpickle): no endless recursion
+        if name == "_snapshot":  # not set yet (copy, unpickle): no endless recursion
             raise AttributeError(name)
-        return getattr(self._pair[0], name)
+        return getattr(self._snapshot.checker, name)
+
+
+RELOAD_SUCCESS = "success"
+RELOAD_FAILURE = "failure"
+RELOAD_REFUSED_LOOSER = "refused_looser"
 
 
 class ReloadObserver(Protocol):
     def index_loaded(self, live: LiveFilter) -> None: ...
     def reload_finished(self, result: str) -> None:
-        """`result` is "success" or "failure"."""
+        """`result` is RELOAD_SUCCESS, RELOAD_FAILURE or RELOAD_REFUSED_LOOSER."""
         ...
+
+
+def looser_refusal(serving: LiveFilter, loaded: LiveFilter) -> str | None:
+    """Why `loaded` must not replace `serving`: its thresholds are looser and it carries no
+    acknowledgement (None: it may)."""
+    looser = loosenings(serving.thresholds.decision, loaded.thresholds.decision)
+    if not looser:
+        return None
+    ack = acknowledgement(loaded.index.manifest)
+    if ack is not None:
+        log.warning(
+            "index %s loosens the filter (%s), %s",
+            loaded.fingerprint,
+            "; ".join(looser),
+            describe_acknowledgement(ack),
+        )
+        return None
+    return (
+        f"its thresholds are looser than those serving ({'; '.join(looser)}) and it carries "
+        "no acknowledgement: publish it with `facegate index publish --allow-looser` (or save "
+        "its calibration with `calibrate --save --allow-looser`) if that is intended"
+    )
 
 
 class IndexReloader:
@@ -153,11 +205,13 @@ class IndexReloader:
         target: SwappableChecker,
         live: LiveFilter,
         observer: ReloadObserver,
+        guard: Callable[[LiveFilter, LiveFilter], str | None] = looser_refusal,
     ) -> None:
         self._load = load
         self.target = target
         self.live = live
         self.observer = observer
+        self.guard = guard
         self._lock = asyncio.Lock()
 
     async def reload(self, reason: str, state: IndexState | None = None) -> bool:
@@ -179,12 +233,26 @@ class IndexReloader:
                     old.path,
                     exc,
                 )
-                self.observer.reload_finished("failure")
+                self.observer.reload_finished(RELOAD_FAILURE)
                 return False
-            self.target.swap(live.checker, live.in_force)
+            refusal = self.guard(old, live)
+            if refusal is not None:
+                log.error(
+                    "index reload (%s) refused; still serving index %s from %s: index %s "
+                    "from %s: %s",
+                    reason,
+                    old.fingerprint,
+                    old.path,
+                    live.fingerprint,
+                    live.path,
+                    refusal,
+                )
+                self.observer.reload_finished(RELOAD_REFUSED_LOOSER)
+                return False
+            self.target.swap(live.checker, live.in_force, live.index.salt)
             self.live = live
             self.observer.index_loaded(live)
-            self.observer.reload_finished("success")
+            self.observer.reload_finished(RELOAD_SUCCESS)
             log.info(
                 "index reloaded in %.1f s (%s): %s -> %s from %s; thresholds %s",
                 time.perf_counter() - started,

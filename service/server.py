@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -21,18 +20,28 @@ from grpc_reflection.v1alpha import reflection
 
 from filter.detection_policy import uses_fast_path
 from filter.errors import FilterError
+from filter.overlap import batches_in_flight
 from filter.runtime import DEFAULT_IDENTITY_THRESHOLD, build_embedding_pipeline
-from service.audit import AuditSink, JsonLinesAuditLog
+from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog
+from service.client_identity import ClientAllowlist
 from service.config import Settings, unknown_env_warnings
 from service.encoding import ContentSigner
-from service.generators import load_generator, load_seed_key
+from service.errors import StartupError
+from service.generators import load_generator
 from service.metrics import ServiceMetrics
+from service.metrics_http import MetricsConfigError
 from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.reload import IndexReloader, LiveFilter, SwappableChecker, load_live_filter
+from service.security import (
+    check_audit_destination,
+    metrics_endpoint,
+    preflight,
+    service_keys,
+)
 from service.servicer import Admission, GenerationServicer, add_to_server
 from service.tls import MAX_MESSAGE_BYTES as TLS_MAX_MESSAGE_BYTES
-from service.tls import server_credentials
+from service.tls import AllowlistInterceptor, server_credentials
 
 if TYPE_CHECKING:
     from service.credentials import SigningCredentials
@@ -41,10 +50,6 @@ log = logging.getLogger("facegate.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 MAX_MESSAGE_BYTES = TLS_MAX_MESSAGE_BYTES  # clients (service.tls) accept as much
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says why and what to do."""
 
 
 @dataclass
@@ -88,7 +93,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         if uses_fast_path(generator.name, settings.generated_fast_path)
         else "full pyramid (every face size)",
     )
-    identity_filter = SwappableChecker(live.checker, live.in_force)
+    identity_filter = SwappableChecker(live.checker, live.in_force, live.index.salt)
     reloader = IndexReloader(load, identity_filter, live, metrics)
     metrics.build_info.info(
         {
@@ -101,17 +106,22 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
             "torch": torch.__version__,
         }
     )
-    engine = CandidateEngine(generator, identity_filter, observer=metrics)
+    keys = service_keys(settings)
+    engine = CandidateEngine(generator, identity_filter, observer=metrics, seed_key=keys.seed_key)
+    in_flight = batches_in_flight(settings.batches_in_flight, embedding.device)
+    log.info("filter batches in flight: %d (stages overlap across batches)", in_flight)
     batcher = DynamicBatcher(
-        engine, max_batch=settings.max_batch, max_delay=settings.max_batch_delay_ms / 1000.0
+        engine,
+        max_batch=settings.max_batch,
+        max_delay=settings.max_batch_delay_ms / 1000.0,
+        in_flight=in_flight,
     )
-    seed_key = seed_key_for(settings)
-    audit = JsonLinesAuditLog.open(
-        settings.audit_log,
-        on_drop=metrics.audit_dropped.inc,
-        hash_identities=settings.audit_hash_identities,
-        key=seed_key,
-    )
+    try:
+        audit = JsonLinesAuditLog.open(
+            settings.audit_log, on_drop=metrics.audit_dropped.inc, hash_identity=keys.hash_identity
+        )
+    except AuditFileError as exc:
+        raise StartupError(str(exc)) from None
     pipeline = GenerationPipeline(
         batcher,
         generator.latent_dim,
@@ -120,7 +130,6 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         jpeg_quality=settings.jpeg_quality,
         observer=metrics,
         audit=audit,
-        seed_key=seed_key,
         signer=content_signer_for(settings, generator.name, generator.model_sha256),
     )
     return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit, reloader=reloader)
@@ -136,39 +145,9 @@ def _version() -> str:
         return "0+unknown"
 
 
-def preflight(settings: Settings) -> None:
-    """Cheap checks that give a clear message before anything heavy starts."""
-    index = Path(settings.index_path)
-    if not (index / "manifest.json").is_file():
-        raise StartupError(
-            f"no identity index at {index} (FACEGATE_INDEX_PATH). A privacy filter without its "
-            "index protects no one: build one with `facegate index build GALLERY --out "
-            f"{index}` (or `make demo-index` for the demo)"
-        )
-    if settings.tls_cert is not None and not Path(settings.tls_cert).is_file():
-        raise StartupError(f"FACEGATE_TLS_CERT {settings.tls_cert} does not exist")
-    if settings.tls_key is not None and not Path(settings.tls_key).is_file():
-        raise StartupError(f"FACEGATE_TLS_KEY {settings.tls_key} does not exist")
-    if settings.tls_client_ca is not None and not Path(settings.tls_client_ca).is_file():
-        raise StartupError(f"FACEGATE_TLS_CLIENT_CA {settings.tls_client_ca} does not exist")
-    if settings.tls_cert is None:
-        log.warning("FACEGATE_TLS_CERT is not set: gRPC is plaintext and callers are anonymous")
-    elif settings.tls_client_ca is None:
-        log.warning("FACEGATE_TLS_CLIENT_CA is not set: any client may call (no mutual TLS)")
-
-
 def seed_key_for(settings: Settings) -> bytes | None:
-    """The seed key, or None (unkeyed, with a warning); StartupError if it is unusable."""
-    try:
-        key = load_seed_key(settings.seed_key_file)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
-    if key is None:
-        log.warning(
-            "FACEGATE_SEED_KEY_FILE is not set: latents are a public function of the seed, so "
-            "a caller can regenerate held-back candidates offline. Set it in production."
-        )
-    return key
+    """The seed key; StartupError without one (unless opted out) or if it is unusable."""
+    return service_keys(settings).seed_key
 
 
 def signing_credentials_for(settings: Settings) -> SigningCredentials | None:
@@ -239,6 +218,7 @@ class FacegateServer:
             self.metrics,
             max_per_client=settings.max_concurrent_per_client,
             client_limits=settings.client_concurrency,
+            max_per_peer=settings.max_concurrent_per_peer,
         )
         self.servicer = GenerationServicer(
             None, self.admission, self.metrics, max_request_seconds=settings.max_request_seconds
@@ -257,14 +237,20 @@ class FacegateServer:
         preflight(self.settings)
         log_effective_config(self.settings, self.metrics)
         check_content_credentials(self.settings)
+        # After the configuration checks, before anything is served or loaded: no key, no
+        # server (unless opted out); the audit log's key and file are settled.
+        service_keys(self.settings)
+        check_audit_destination(self.settings)
         if self.settings.metrics_enabled:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_port)
+            self._serve_metrics()
+        allowlist = ClientAllowlist(self.settings.tls_client_allowed)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", 1024 * 1024),
                 ("grpc.so_reuseport", 0),
             ],
+            interceptors=[AllowlistInterceptor(allowlist)] if allowlist else None,
         )
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -290,11 +276,14 @@ class FacegateServer:
         self.metrics.ready.set(0)
         await server.start()
         self.server = server
+        metrics_at = self.metrics.http_address
         log.info(
-            "gRPC listening on %s (port %d), metrics on :%d; loading models",
+            "gRPC listening on %s (port %d), metrics %s; loading models",
             address,
             self.grpc_port,
-            self.metrics_port,
+            f"on {metrics_at[0]}:{metrics_at[1]} ({self.settings.metrics_auth})"
+            if metrics_at
+            else "off",
         )
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
@@ -318,6 +307,15 @@ class FacegateServer:
         self.metrics.ready.set(1)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: SERVING after %.1f s", time.perf_counter() - started)
+
+    def _serve_metrics(self) -> None:
+        endpoint = metrics_endpoint(self.settings)
+        for warning in endpoint.warnings():
+            log.warning("%s", warning)
+        try:
+            self.metrics_port = self.metrics.serve(endpoint)
+        except MetricsConfigError as exc:
+            raise StartupError(str(exc)) from None
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -15,6 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from filter.errors import FilterError
+from service.client_identity import peer_address
 from service.errors import (
     DeadlineExceeded,
     FilterFailure,
@@ -105,8 +106,30 @@ def add_to_server(servicer: GenerationServicer, server: grpc.aio.Server) -> None
     server.add_registered_method_handlers(name, handlers)
 
 
+# A caller's own request id (x-request-id) is kept, for the operator, in the audit log
+# only: never in the summary, never in the signed content credentials, which carry the
+# server's id. What may be kept is narrow: an id, not a message.
+CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+def caller_request_id(metadata: Any) -> str | None:
+    """The caller's x-request-id if it sent one; InvalidRequest unless it is 1-64
+    characters of letters, digits and . _ : - (starting with a letter or digit)."""
+    values = [str(value) for key, value in (metadata or ()) if key == "x-request-id"]
+    if not values:
+        return None
+    if len(values) > 1 or not CALLER_REQUEST_ID.fullmatch(values[0]):
+        raise InvalidRequest(
+            "x-request-id must be one value of 1 to 64 characters: letters, digits and "
+            ". _ : - (the server makes its own id; yours is kept in its audit log only)"
+        )
+    return values[0]
+
+
 def to_domain(
-    request: pb.GenerateRequest | MalformedRequest, request_id: str, client: str | None = None
+    request: pb.GenerateRequest | MalformedRequest,
+    client: str | None = None,
+    caller_id: str | None = None,
 ) -> GenerationRequest:
     if isinstance(request, MalformedRequest):
         raise InvalidRequest("the request is not a valid facegate.v1.GenerateRequest")
@@ -118,8 +141,8 @@ def to_domain(
         seed=request.seed if request.HasField("seed") else None,
         image_format=image_format,
         jpeg_quality=request.jpeg_quality or None,
-        request_id=request_id,
         client=client,
+        caller_request_id=caller_id,
     )
 
 
@@ -162,17 +185,30 @@ class Admission:
         metrics: ServiceMetrics,
         max_per_client: int = 0,
         client_limits: dict[str, int] | None = None,
+        max_per_peer: int = 0,
     ) -> None:
         self.max_concurrent = max_concurrent
         self.max_per_client = max_per_client  # per client-certificate subject; 0: no limit
         self.client_limits = dict(client_limits or {})  # a subject's own limit
+        # Per peer address for calls without a client certificate; 0: no limit. Behind a
+        # load balancer or NAT every call shares one address, and so one budget.
+        self.max_per_peer = max_per_peer
         self.metrics = metrics
         self.ready = False
         self.draining = False
         self.inflight = 0
         self.per_client: dict[str, int] = {}
 
-    def enter(self, client: str | None = None) -> None:
+    def budget(self, client: str | None, peer: str | None = None) -> tuple[str | None, int]:
+        """Whose budget a call draws on, and its limit (0: none): the verified subject's
+        under mutual TLS, else the peer address's."""
+        if client is not None:
+            return client, self.client_limits.get(client, self.max_per_client)
+        if peer is not None and self.max_per_peer:
+            return f"peer {peer}", self.max_per_peer
+        return None, 0
+
+    def enter(self, client: str | None = None, peer: str | None = None) -> None:
         if self.draining:
             raise NotReady("server is shutting down; retry on another replica")
         if not self.ready:
@@ -181,19 +217,20 @@ class Admission:
             raise Overloaded(
                 f"server is at its limit of {self.max_concurrent} concurrent requests; retry later"
             )
-        limit = self.client_limits.get(client, self.max_per_client) if client else 0
-        if client is not None and limit:
-            if self.per_client.get(client, 0) >= limit:
+        holder, limit = self.budget(client, peer)
+        if holder is not None and limit:
+            if self.per_client.get(holder, 0) >= limit:
                 raise Overloaded(f"this client is at its limit of {limit} concurrent requests")
-            self.per_client[client] = self.per_client.get(client, 0) + 1
+            self.per_client[holder] = self.per_client.get(holder, 0) + 1
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
 
-    def leave(self, client: str | None = None) -> None:
-        if client is not None and client in self.per_client:
-            self.per_client[client] -= 1
-            if not self.per_client[client]:
-                del self.per_client[client]
+    def leave(self, client: str | None = None, peer: str | None = None) -> None:
+        holder, _ = self.budget(client, peer)
+        if holder is not None and holder in self.per_client:
+            self.per_client[holder] -= 1
+            if not self.per_client[holder]:
+                del self.per_client[holder]
         self.inflight -= 1
         self.metrics.inflight.set(self.inflight)
 
@@ -212,9 +249,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.max_request_seconds = max_request_seconds
 
     def _domain_request(self, request: pb.GenerateRequest, context: Any) -> GenerationRequest:
-        metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:64]
-        return to_domain(request, request_id, client_subject(context))
+        caller_id = caller_request_id(context.invocation_metadata())
+        return to_domain(request, client_subject(context), caller_id)
 
     def _budget(self, context: Any) -> float:
         """Seconds this call may run: the caller's deadline, never past the server's bound."""
@@ -251,12 +287,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         code = grpc.StatusCode.OK
         failure: tuple[grpc.StatusCode, str] | None = None
         client = client_subject(context)
+        peer = peer_address(context.peer()) if client is None else None
         try:
-            self.admission.enter(client)
+            self.admission.enter(client, peer)
             try:
                 return await self._bounded(context, body)
             finally:
-                self.admission.leave(client)
+                self.admission.leave(client, peer)
         except asyncio.CancelledError:
             # gRPC cancels the handler both when the caller cancels and when the caller's
             # deadline passes; the label tells the two apart.

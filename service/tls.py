@@ -1,12 +1,20 @@
 """TLS and mutual TLS: server credentials from the settings, client channels for the CLI
-and the health check, and the verified client identity of a call."""
+and the health check, the verified client identity of a call, and the interceptor that
+admits only the allowed client certificates (FACEGATE_TLS_CLIENT_ALLOWED)."""
 
 from __future__ import annotations
 
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from service.client_identity import ClientAllowlist, ClientNames
+
+log = logging.getLogger("facegate.tls")
 
 # The largest response the server sends (service.server.MAX_MESSAGE_BYTES): clients must
 # accept it, or a large Generate fails with RESOURCE_EXHAUSTED on the client side.
@@ -58,12 +66,16 @@ def open_channel(
     return grpc.secure_channel(target, credentials, options=client_options(server_name))
 
 
+def _auth_context(context: Any) -> dict[str, Any]:
+    try:
+        return dict(context.auth_context() or {})
+    except Exception:  # a context without transport security information
+        return {}
+
+
 def client_subject(context: Any) -> str | None:
     """The verified client certificate's subject (mutual TLS), else None."""
-    try:
-        auth = context.auth_context() or {}
-    except Exception:  # a context without transport security information
-        return None
+    auth = _auth_context(context)
     for key in ("x509_subject", "x509_common_name"):
         values = auth.get(key)
         if values:
@@ -71,3 +83,63 @@ def client_subject(context: Any) -> str | None:
             text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
             return text[:256]
     return None
+
+
+def client_names(context: Any) -> ClientNames:
+    """Subject and SANs of the verified client certificate (empty without mutual TLS)."""
+    return ClientNames.from_auth_context(_auth_context(context))
+
+
+DENIED = "this client certificate is not allowed to call this server (FACEGATE_TLS_CLIENT_ALLOWED)"
+
+
+class AllowlistInterceptor(grpc.aio.ServerInterceptor):
+    """Every method (generation, health, reflection) answers PERMISSION_DENIED to a client
+    certificate the allowlist does not name, before its handler runs. gRPC has no hook in
+    the handshake itself, so the check wraps each handler."""
+
+    def __init__(self, allowlist: ClientAllowlist) -> None:
+        self.allowlist = allowlist
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = str(getattr(handler_call_details, "method", "?"))
+        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return handler._replace(**{kind: self._guard(behaviour, method)})
+        return handler
+
+    def _admit(self, context: Any, method: str) -> bool:
+        names = client_names(context)
+        if self.allowlist.allows(names):
+            return True
+        log.warning(
+            "refused %s: client certificate with %s is not allowed", method, names.describe()
+        )
+        return False
+
+    def _guard(self, behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+                if not self._admit(context, method):
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, DENIED)
+                async for response in behaviour(request, context):
+                    yield response
+
+            return streaming
+
+        async def call(request: Any, context: Any) -> Any:
+            if not self._admit(context, method):
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, DENIED)
+            result = behaviour(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return call

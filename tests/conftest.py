@@ -21,13 +21,29 @@ from filter.runtime import build_embedding_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every server a test starts is keyed (a server refuses to start without a seed key unless
+# FACEGATE_ALLOW_UNKEYED_SEEDS=true), and the demo index is enrolled under the same key, so
+# that seed 1 meets enrolled faces first, as in `make run`.
+TEST_SEED_KEY = bytes(range(100, 132))
+
+
+def write_seed_key(folder: Path, key: bytes = TEST_SEED_KEY) -> Path:
+    """The test key as a file in `folder` (owner-only), for FACEGATE_SEED_KEY_FILE."""
+    path = Path(folder) / "test-seed.key"
+    if not path.exists() or path.read_bytes() != key:
+        path.write_bytes(key)
+        path.chmod(0o600)
+    return path
+
 
 def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
+    # FACEGATE_GPU_TESTS_ON_CPU=1 (bench/gpu_suite.sh --smoke): run them on the CPU, to check
+    # their code before a GPU is lent.
+    if torch.cuda.is_available() or os.environ.get("FACEGATE_GPU_TESTS_ON_CPU") == "1":
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
@@ -102,11 +118,14 @@ def copy_tree(src: Path, dst: Path) -> Path:
 def demo_index(
     tmp_path_factory: pytest.TempPathFactory, models_dir: Path, pipeline: FaceEmbeddingPipeline
 ) -> Path:
-    """40 generator faces of seed 1 (unkeyed) enrolled: seed 1 requests must resample."""
+    """40 generator faces of seed 1 enrolled under the test key and the index's own salt:
+    seed 1 requests to a server with the test key must resample."""
     from service.demo import build_demo_index
     from service.generators import load_dcgan_digiface
 
-    index = build_demo_index(load_dcgan_digiface(models_dir), pipeline, identities=40, seed=1)
+    index = build_demo_index(
+        load_dcgan_digiface(models_dir), pipeline, identities=40, seed=1, seed_key=TEST_SEED_KEY
+    )
     out = tmp_path_factory.mktemp("demo") / "index"
     index.save(out)
     return out

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import Settings
 from service.server import FacegateServer, ServiceLoader, load_service
-from tests.conftest import REPO
+from tests.conftest import REPO, write_seed_key
 
 
 class InProcessServer:
@@ -66,7 +66,7 @@ def free_port() -> int:
 
 
 class SubprocessServer:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str | None], log_path: Path) -> None:
         self.grpc_port = free_port()
         self.metrics_port = free_port()
         self.log_path = log_path
@@ -76,8 +76,11 @@ class SubprocessServer:
             "FACEGATE_GRPC_PORT": str(self.grpc_port),
             "FACEGATE_METRICS_PORT": str(self.metrics_port),
             "FACEGATE_MODELS_DIR": str(REPO / "models"),
+            # The test key, the demo index's (tests.conftest); `env` may replace or drop it.
+            "FACEGATE_SEED_KEY_FILE": str(write_seed_key(log_path.parent)),
             **env,
         }
+        full_env = {k: v for k, v in full_env.items() if v is not None}
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service"],

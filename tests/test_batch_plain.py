@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,13 +13,14 @@ from PIL import Image
 from batch.checking import FilterSpec
 from batch.inputs import BatchInputError, discover_inputs
 from batch.manifest import (
+    COPY_ORIGINAL,
     RunIdentity,
+    check_run_identity,
+    current_rows,
     fragments,
     read_manifest,
-    recorded_paths,
     remove_partial_fragments,
     remove_unrecorded_copies,
-    write_fragment,
 )
 from batch.reading import load_rows
 from batch.recording import record_rows
@@ -44,6 +46,9 @@ def test_folders_are_listed_recursively_with_copies_under_the_root_name(
     items = discover_inputs([str(root)])
     assert [i.copy_to for i in items] == ["gen/a.jpg", "gen/sub/deeper/b.JPG"]
     assert items[0].key == str((root / "a.jpg").absolute()) and items[0].row == -1
+    # Copies of checked pixels are PNGs: the suffix changes with them.
+    as_png = discover_inputs([str(root)], ".png")
+    assert [i.copy_to for i in as_png] == ["gen/a.png", "gen/sub/deeper/b.png"]
     # A glob keeps paths under the folder above its first wildcard; a file named twice is
     # listed once.
     globbed = discover_inputs([str(root / "**" / "*.JPG"), str(root / "sub/deeper/b.JPG")])
@@ -58,6 +63,11 @@ def test_inputs_that_name_nothing_or_collide_are_refused(tmp_path: Path) -> None
         (tmp_path / name / "same" / "1.png").write_bytes(PNG)
     with pytest.raises(BatchInputError, match="both be copied"):
         discover_inputs([str(tmp_path / "x" / "same"), str(tmp_path / "y" / "same")])
+    # Two files that differ by their suffix only would both become x/1.png.
+    (tmp_path / "x" / "same" / "1.jpg").write_bytes(PNG)
+    assert len(discover_inputs([str(tmp_path / "x" / "same")])) == 2
+    with pytest.raises(BatchInputError, match="differ only by their suffix"):
+        discover_inputs([str(tmp_path / "x" / "same")], ".png")
     pq.write_table(pa.table({"n": [1]}), tmp_path / "numbers.parquet")
     with pytest.raises(BatchInputError, match="no image column"):
         discover_inputs([str(tmp_path / "numbers.parquet")])
@@ -89,7 +99,7 @@ def test_parquet_rows_are_read_from_the_row_groups_that_hold_them(tmp_path: Path
     ]
     # Rows from the second and third row groups only, out of order: each gets its bytes.
     loaded = load_rows([items[4].as_row(), items[3].as_row(), items[2].as_row()])
-    assert [r["data"] for r in loaded] == [None, images[3], images[2]]
+    assert [r["sha256"] for r in loaded] == [None, _sha(images[3]), _sha(images[2])]
     assert loaded[0]["error"] == "the Parquet row holds no image bytes"
     assert all("corrupt" in r["error"] or "not a recognised" in r["error"] for r in loaded[1:])
     assert loaded[1]["sha256"] is not None and loaded[0]["sha256"] is None
@@ -104,14 +114,21 @@ def test_parquet_paths_are_read_beside_the_parquet_file(
     items = discover_inputs([str(tmp_path / "p.parquet")])
     assert [i.key for i in items] == ["imgs/a.jpg", "imgs/gone.jpg"]
     loaded = load_rows([i.as_row() for i in items])
-    assert loaded[0]["error"] is None and loaded[0]["height"] > 0 and loaded[0]["pixels"]
+    assert loaded[0]["error"] is None and loaded[0]["view_heights"][0] > 0
+    assert loaded[0]["view_pixels"] and loaded[0]["copy"].startswith(PNG)
     assert loaded[1]["error"].startswith("cannot read file")
 
 
-def _row(path: str, verdict: str, copy_to: str, data: bytes | None) -> dict[str, object]:
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _row(
+    path: str, verdict: str, copy_to: str, data: bytes | None, sha256: str = "0" * 64
+) -> dict[str, object]:
     return {
         "path": path,
-        "sha256": "0" * 64,
+        "sha256": sha256,
         "verdict": verdict,
         "reason": None if verdict == "pass" else "identity_match",
         "faces": 1,
@@ -119,8 +136,13 @@ def _row(path: str, verdict: str, copy_to: str, data: bytes | None) -> dict[str,
         "identity": None,
         "replica_similarity": None,
         "error": None,
+        "images": 1,
+        "part": None if verdict == "pass" else "image",
         "copy_to": copy_to,
-        "data": data,
+        "copy": data,
+        "source_size": 10,
+        "source_mtime_ns": 1,
+        "supersedes": None,
         **RUN.columns(),
     }
 
@@ -136,6 +158,7 @@ def test_only_passed_images_are_copied_and_then_recorded(tmp_path: Path) -> None
     assert not (tmp_path / "pass" / "in" / "b.png").exists()
     assert (tmp_path / "pass" / "x" / "row-000000003.png").read_bytes() == PNG + b"c"
     assert [r["pass_copy"] for r in recorded] == ["pass/in/a.png", None, "pass/x/row-000000003.png"]
+    assert [r["pass_sha256"] for r in recorded] == [_sha(PNG + b"a"), None, _sha(PNG + b"c")]
     table = read_manifest(tmp_path)
     assert table.column("path").to_pylist() == ["/in/a.png", "/in/b.png", "x.parquet#row=3"]
     # A passed row whose bytes are missing stops the block before anything is recorded.
@@ -145,17 +168,30 @@ def test_only_passed_images_are_copied_and_then_recorded(tmp_path: Path) -> None
 
 
 def test_resume_sees_whole_fragments_only_and_refuses_another_index(tmp_path: Path) -> None:
-    write_fragment(tmp_path, [_row("/in/a.png", "reject", "in/a.png", None)])
+    record_rows(tmp_path, [_row("/in/a.png", "reject", "in/a.png", None)])
     half_written = tmp_path / "manifest" / ".part-crashed.parquet.tmp"
     half_written.write_bytes(b"PAR1 half a fragment")
-    assert recorded_paths(tmp_path, RUN) == {"/in/a.png"}
+    assert set(current_rows(tmp_path)) == {"/in/a.png"}
     remove_partial_fragments(tmp_path)
     assert not half_written.exists() and len(fragments(tmp_path)) == 1
-    with pytest.raises(Exception, match="new --out"):
-        recorded_paths(tmp_path, RunIdentity("another", 0.4, None))
-    with pytest.raises(Exception, match="new --out"):
-        recorded_paths(tmp_path, RunIdentity("fingerprint1", 0.5, None))
-    assert recorded_paths(tmp_path / "fresh", RUN) == set()
+    check_run_identity(tmp_path, RUN)
+    for other in (
+        RunIdentity("another", 0.4, None),
+        RunIdentity("fingerprint1", 0.5, None),
+        RunIdentity("fingerprint1", 0.4, None, COPY_ORIGINAL),  # another kind of copy
+    ):
+        with pytest.raises(Exception, match="new --out"):
+            check_run_identity(tmp_path, other)
+    assert current_rows(tmp_path / "fresh") == {}
+
+
+def test_a_manifest_of_an_earlier_facegate_is_refused(tmp_path: Path) -> None:
+    """Its copies were made byte for byte under the old rule: never resumed into."""
+    old = pa.table({"path": ["/in/a.png"], "verdict": ["pass"], "pass_copy": ["pass/a.png"]})
+    (tmp_path / "manifest").mkdir()
+    pq.write_table(old, tmp_path / "manifest" / "part-old.parquet")
+    with pytest.raises(Exception, match="earlier facegate"):
+        check_run_identity(tmp_path, RUN)
 
 
 def test_a_rerun_plans_only_the_images_without_a_row(
@@ -164,43 +200,48 @@ def test_a_rerun_plans_only_the_images_without_a_row(
     root = _tree(tmp_path / "gen", identities_dir)
     out = root / "out"  # inside the input: its copies are not inputs
     (out / "pass" / "gen").mkdir(parents=True)
-    (out / "pass" / "gen" / "a.jpg").write_bytes((root / "a.jpg").read_bytes())
+    (out / "pass" / "gen" / "a.png").write_bytes((root / "a.jpg").read_bytes())
     spec = FilterSpec(EmbeddingSpec("sface", models_dir), full_index)
     first = plan_batch([str(root)], out, spec)
     assert len(first.pending) == 2 and first.skipped == 0
+    assert first.pending[0].copy_to == "gen/a.png"  # a PNG of the checked pixels
+    assert not (out / "pass" / "gen" / "a.png").exists()  # no row vouches for it
     done = first.pending[0]
-    write_fragment(out, [{**_row(done.key, "reject", done.copy_to, None), **first.run.columns()}])
+    digest = _sha((root / "a.jpg").read_bytes())
+    record_rows(
+        out, [{**_row(done.key, "reject", done.copy_to, None, digest), **first.run.columns()}]
+    )
     second = plan_batch([str(root)], out, spec)
     assert second.pending == first.pending[1:] and second.skipped == 1
 
 
-def test_bytes_holding_more_than_the_checked_frame_are_not_copied(
+def test_rows_carry_every_image_and_a_copy_only_when_accounted_for(
     tmp_path: Path, identities_dir: Path
 ) -> None:
-    """A copy is the original bytes: a later frame, or a face under transparent pixels,
-    would leave unchecked. Such files get an error (reject) row; plain images do not."""
+    """The read step hands the actors every image a file shows (later frames, the colour
+    under transparent pixels) and what it could not read; only a file accounted for
+    completely gets a copy, and by default that copy is a PNG of the checked pixels."""
     face = Image.open(identities_dir / "id01" / "01.jpg").convert("RGB").resize((96, 96))
     blank = Image.new("RGB", (96, 96), (128, 128, 128))
-    files = {
-        "plain.png": face,
-        "opaque_alpha.png": face.convert("RGBA"),
-    }
-    for name, image in files.items():
-        image.save(tmp_path / name)
-    # Frame 0 is blank, frame 1 is the face: only frame 0 would be checked.
+    face.save(tmp_path / "plain.png")
     blank.save(tmp_path / "two_frames.gif", save_all=True, append_images=[face])
     hidden = face.convert("RGBA")
     hidden.putalpha(0)  # the face is still in the colour channels
     hidden.save(tmp_path / "transparent.png")
-    names = ["plain.png", "opaque_alpha.png", "two_frames.gif", "transparent.png"]
+    (tmp_path / "trailing.png").write_bytes((tmp_path / "plain.png").read_bytes() + b"more")
+    names = ["plain.png", "two_frames.gif", "transparent.png", "trailing.png"]
     items = discover_inputs([str(tmp_path / n) for n in names])
     loaded = {Path(r["source"]).name: r for r in load_rows([i.as_row() for i in items])}
-    assert loaded["plain.png"]["error"] is None and loaded["plain.png"]["pixels"]
-    assert loaded["opaque_alpha.png"]["error"] is None
-    assert "2 frames" in loaded["two_frames.gif"]["error"]
-    assert loaded["two_frames.gif"]["pixels"] is None
-    assert "transparent" in loaded["transparent.png"]["error"]
-    assert loaded["transparent.png"]["pixels"] is None
+    assert loaded["plain.png"]["view_names"] == ["image"]
+    assert loaded["two_frames.gif"]["view_names"] == ["frame 1", "frame 2"]
+    assert loaded["two_frames.gif"]["frames"] == 2
+    assert loaded["transparent.png"]["view_names"][1].endswith("transparent pixels")
+    assert loaded["trailing.png"]["unaccounted"] and loaded["trailing.png"]["copy"] is None
+    for name in names[:3]:
+        copy = loaded[name]["copy"]
+        assert copy.startswith(PNG) and b"tEXt" not in copy and b"eXIf" not in copy, name
+    original = load_rows([items[0].as_row()], copy_original=True)[0]
+    assert original["copy"] == (tmp_path / "plain.png").read_bytes()
 
 
 def test_copies_no_row_names_are_removed_before_a_rerun(tmp_path: Path) -> None:

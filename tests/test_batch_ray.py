@@ -16,12 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.manifest import fragments, read_manifest
+from filter.content import read_content
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline
+from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from filter.runtime import detector_manifest
 from service.cli import main
 from tests.conftest import make_gallery
+from tests.content_probes import encode, hiding_places, load
+from tests.test_content_verdicts import probe_files
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -61,23 +65,27 @@ def test_index_built_on_ray_has_the_single_process_vectors_and_manifest(
     assert on_ray.faces.sources == single.faces.sources
 
     def without_build_time(manifest: dict[str, object]) -> dict[str, object]:
-        return {k: v for k, v in manifest.items() if k != "built_at"}
+        # Each build has its own time and draws its own salt (the seeds' salt, issue 20).
+        return {k: v for k, v in manifest.items() if k not in ("built_at", "salt")}
 
     # The same manifest, file hashes included: the saved FAISS bytes are the same.
     single.save(ray_index.parent / "single")
     saved = FaissIdentityIndex.load(ray_index.parent / "single").manifest
     assert without_build_time(on_ray.manifest) == without_build_time(saved)
+    assert on_ray.salt and saved["salt"] and on_ray.salt.hex() != saved["salt"]
 
 
 def _inputs(root: Path, identities_dir: Path, faces_dir: Path) -> tuple[list[str], dict[str, Path]]:
-    """A folder of images (one unreadable), a Parquet file of image bytes and one of
-    paths; and for each manifest path, a file holding the same bytes, for `check`."""
+    """A folder of images (one unreadable, and the probes of issue 19: a stranger that also
+    carries an enrolled face), a Parquet file of image bytes and one of paths; and for
+    each manifest path, a file holding the same bytes, for `check`."""
     folder = root / "generated"
     (folder / "sub").mkdir(parents=True)
     shutil.copy(identities_dir / "id01" / "03.jpg", folder / "member.jpg")
     shutil.copy(identities_dir / "id05" / "01.jpg", folder / "sub" / "stranger.jpg")
     shutil.copy(faces_dir / "multi" / "two-people.jpg", folder / "sub" / "two.jpg")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    probe_files(folder / "probes", identities_dir)
     junk = root / "junk.bin"
     junk.write_bytes(b"not an image at all")
     as_bytes = root / "rows.parquet"
@@ -111,10 +119,11 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     summary = _last_json(capsys)
     rows = read_manifest(out).to_pylist()
     assert sorted(r["path"] for r in rows) == sorted(same_bytes)
-    assert summary["processed"] == len(rows) == 7 and summary["skipped"] == 0
+    probes = len(hiding_places()) + 2  # and a camera JPEG and a plain PNG of the stranger
+    assert summary["processed"] == len(rows) == 7 + probes and summary["skipped"] == 0
     assert summary["passed"] == sum(r["verdict"] == "pass" for r in rows)
     assert summary["rejected"] == sum(r["verdict"] == "reject" for r in rows)
-    assert len(fragments(out)) >= 3  # one per block of 3: a crash loses only blocks in flight
+    assert len(fragments(out)) >= 8  # one per block of 3: a crash loses only blocks in flight
 
     # The very verdicts of `facegate check` on the same bytes.
     assert (
@@ -129,37 +138,81 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     by_file = {line["path"]: line for line in checked}
     for row in rows:
         expected = by_file[str(same_bytes[row["path"]])]
-        assert (row["verdict"], row["reason"], row["faces"], row["identity"]) == (
-            expected["verdict"],
-            expected["reason"],
-            expected["faces"],
-            expected["identity"],
-        ), row["path"]
+        columns = ("verdict", "reason", "faces", "identity", "images", "part")
+        assert tuple(row[c] for c in columns) == tuple(expected[c] for c in columns), row["path"]
         similarity = None if row["max_similarity"] is None else round(row["max_similarity"], 6)
         assert similarity == expected["max_similarity"], row["path"]
     reasons = {r["reason"] for r in rows}
-    assert {"identity_match", "unreadable", None} <= reasons  # passes, members, broken files
+    # passes, members, broken files, and bytes after the end of a probe
+    assert {"identity_match", "unreadable", "unchecked_content", None} <= reasons
+    for row in rows:
+        if "/probes/" in row["path"] and "camera" not in row["path"] and "plain" not in row["path"]:
+            assert row["verdict"] == "reject", row  # on main, 3 of these were copied
 
-    # Copies of exactly the passed images, byte for byte, under the input root's name.
+    # Copies of exactly the passed images, under the input root's name: PNGs of the
+    # pixels that were checked, nothing else (no EXIF, no thumbnail, no trailing bytes).
     copies = {p.relative_to(out).as_posix() for p in (out / "pass").rglob("*") if p.is_file()}
     assert copies == {r["pass_copy"] for r in rows if r["verdict"] == "pass"}
-    assert "pass/generated/sub/stranger.jpg" in copies
-    assert "pass/rows/row-000000000.jpg" in copies
+    assert "pass/generated/sub/stranger.png" in copies
+    assert "pass/rows/row-000000000.png" in copies
     for row in rows:
         source = same_bytes[row["path"]].read_bytes()
         assert row["sha256"] == hashlib.sha256(source).hexdigest()
         if row["pass_copy"]:
-            assert (out / row["pass_copy"]).read_bytes() == source
+            copy = (out / row["pass_copy"]).read_bytes()
+            assert row["pass_sha256"] == hashlib.sha256(copy).hexdigest()
+            assert np.array_equal(decode_image(copy), decode_image(source)), row["path"]
+            assert read_content(copy).complete and len(read_content(copy).views) == 1
     assert {r["index_fingerprint"] for r in rows} == {
         FaissIdentityIndex.load(ray_index).fingerprint
     }
 
-    # A second run over the same input adds nothing (and reads no image).
+    # A second run over the same input adds nothing (and checks no image again).
     before = fragments(out)
     assert main(command + _models(models_dir) + inputs) == 0
     again = _last_json(capsys)
-    assert again["processed"] == 0 and again["skipped"] == 7
-    assert fragments(out) == before and read_manifest(out).num_rows == 7
+    assert again["processed"] == 0 and again["skipped"] == 7 + probes
+    assert fragments(out) == before and read_manifest(out).num_rows == 7 + probes
+
+    # A passed file replaced by an enrolled face: checked again, its row superseded, its
+    # old copy gone (on main it was skipped and its row still said pass).
+    stranger = next(r for r in rows if r["path"].endswith("sub/stranger.jpg"))
+    Path(stranger["path"]).write_bytes((identities_dir / "id02" / "03.jpg").read_bytes())
+    assert main(command + _models(models_dir) + inputs) == 0
+    third = _last_json(capsys)
+    assert (third["processed"], third["changed"], third["skipped"]) == (1, 1, 6 + probes)
+    history = [r for r in read_manifest(out).to_pylist() if r["path"] == stranger["path"]]
+    assert len(history) == 2
+    newest = max(history, key=lambda r: r["recorded_at"])
+    assert (newest["verdict"], newest["identity"]) == ("reject", "id02")
+    assert newest["supersedes"] == stranger["sha256"]
+    assert not (out / stranger["pass_copy"]).exists()
+
+
+def test_copy_original_copies_the_bytes_of_files_accounted_for(
+    ray_index: Path,
+    identities_dir: Path,
+    models_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shown = load(identities_dir / "id05" / "01.jpg")
+    (folder / "stranger.jpg").write_bytes(encode(shown, "JPEG"))
+    (folder / "padded.jpg").write_bytes(encode(shown, "JPEG") + b"after the end")
+    out = tmp_path / "out"
+    command = ["batch", "--index", str(ray_index), "--out", str(out), "--copy-original"]
+    assert main(command + _models(models_dir) + [str(folder)]) == 0
+    rows = {Path(r["path"]).name: r for r in read_manifest(out).to_pylist()}
+    assert rows["stranger.jpg"]["pass_copy"] == "pass/in/stranger.jpg"
+    assert (out / "pass/in/stranger.jpg").read_bytes() == (folder / "stranger.jpg").read_bytes()
+    assert rows["stranger.jpg"]["pass_sha256"] == rows["stranger.jpg"]["sha256"]
+    assert rows["padded.jpg"]["reason"] == "unchecked_content"
+    assert {r["copy_mode"] for r in rows.values()} == {"original"}
+    # The same OUT without the option would mix two kinds of copy: refused.
+    assert main(command[:-1] + _models(models_dir) + [str(folder)]) == 2
+    assert "new --out" in capsys.readouterr().err
 
 
 def test_gpus_the_cluster_lacks_are_refused_rather_than_waited_for() -> None:

@@ -31,6 +31,7 @@ from service.credentials import (
     FILTER_ASSERTION,
     FORBIDDEN_KEY_PARTS,
     TRAINED_ALGORITHMIC_MEDIA,
+    C2paContentSigner,
     CredentialsError,
     SigningCredentials,
     manifest_json_of,
@@ -280,7 +281,12 @@ def test_released_images_verify_as_signed_ai_generated_and_filtered(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    png = stub.Generate(pb.GenerateRequest(count=2, seed=1), timeout=60)
+    caller_id = "caller-chosen-id-7"  # kept in the audit log only, never signed
+    png = stub.Generate(
+        pb.GenerateRequest(count=2, seed=1), timeout=60, metadata=(("x-request-id", caller_id),)
+    )
+    assert png.summary.request_id != caller_id
+    assert not any(caller_id.encode() in image.data for image in png.images)
     jpeg = stub.Generate(pb.GenerateRequest(count=1, format=pb.IMAGE_FORMAT_JPEG), timeout=60)
     paths = []
     for n, image in enumerate([*png.images, *jpeg.images]):
@@ -382,3 +388,22 @@ def test_a_signing_failure_is_internal_and_releases_nothing_unsigned(
     # Only the image signed before the failure went out, and it is signed.
     assert len(received) == 1 and received[0].HasField("image")
     assert manifest_json_of(received[0].image.data, "image/png")["active_manifest"]
+
+
+@pytest.mark.parametrize(("fmt", "media_type"), [("PNG", "image/png"), ("JPEG", "image/jpeg")])
+def test_a_signed_image_is_accounted_for_by_the_content_rule(
+    c2pa_chain: Path, fmt: str, media_type: str
+) -> None:
+    """facegate's own released images pass `check` and `batch`: the C2PA manifest (PNG
+    caBX chunk, JPEG APP11 JUMBF) is read and scanned, not rejected as unchecked."""
+    from filter.content import read_content
+
+    credentials = SigningCredentials.load(c2pa_chain / "chain.pem", c2pa_chain / "signer.key")
+    signer = C2paContentSigner(credentials, "dcgan-digiface", "0" * 64)
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    signed = signer.sign_manifest(buffer.getvalue(), media_type, signer.manifest(None))
+    content = read_content(signed)
+    assert content.complete, content.unaccounted
+    assert [view.name for view in content.views] == ["image"]

@@ -23,7 +23,7 @@ import yaml
 from service.config import Settings
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_SEED_KEY
 from tests.servers import InProcessServer, free_port
 
 DEPLOY = REPO / "deploy"
@@ -155,10 +155,15 @@ def prometheus_against(tmp_path: Path) -> Iterator[Any]:
         )
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(metrics_port: int) -> str:
+    def start(metrics_port: int, token_file: Path) -> str:
         config = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
         config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-        config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
+        scrape = config["scrape_configs"][0]
+        scrape["static_configs"][0]["targets"] = [f"127.0.0.1:{metrics_port}"]
+        # The shipped scrape config authenticates with the bearer token; here the token
+        # is the test's file instead of the compose secret.
+        assert scrape["authorization"]["type"] == "Bearer"
+        scrape["authorization"]["credentials_file"] = str(token_file)
         rule_files = []
         for name in config["rule_files"]:
             rules = yaml.safe_load((DEPLOY / "prometheus" / name).read_text())
@@ -207,10 +212,13 @@ def test_real_prometheus_scrapes_counters_and_evaluates_rules(
         build_embedding_pipeline("sface", REPO / "models", "cpu"),
         identities=20,
         seed=1,
+        seed_key=TEST_SEED_KEY,
     ).save(index)
-    server = InProcessServer(settings_for(index, tmp_path))
+    token = tmp_path / "metrics.token"
+    token.write_text("prometheus-scrape-token-0123456789\n")
+    server = InProcessServer(settings_for(index, tmp_path, metrics_bearer_token_file=token))
     try:
-        base = prometheus_against(server.server.metrics_port)
+        base = prometheus_against(server.server.metrics_port, token)
         deadline = time.monotonic() + 240  # generous: the loop ends as soon as all are numbers
         values: dict[str, float] = {}
         with grpc.insecure_channel(server.target) as channel:

@@ -8,7 +8,10 @@ import torch
 
 from filter.embedders import FacenetEmbedder, SFaceEmbedder, prepare_sface_graph
 from filter.errors import ModelError
+from filter.identity_filter import FaceEmbeddingPipeline
+from filter.images import decode_image
 from filter.models import SFACE
+from filter.sface_torch import GraphNotSupported, build_sface_module
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +93,70 @@ def test_opencv_and_onnxruntime_backends_agree(models_dir: Path, crops: np.ndarr
     onnx_rt = SFaceEmbedder(models_dir, backend="onnxruntime")
     assert (opencv.backend, onnx_rt.backend) == ("opencv", "onnxruntime")
     assert np.abs(opencv.embed(crops) - onnx_rt.embed(crops)).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def photo_crops(faces_dir: Path, pipeline: FaceEmbeddingPipeline) -> np.ndarray:
+    """Every face of every test photo, aligned as the filter aligns it."""
+    images = [decode_image(path) for path in sorted(faces_dir.rglob("*.jpg"))]
+    _, crops = pipeline.aligner.faces(images)
+    stacked = np.concatenate(crops)
+    assert len(stacked) >= len(images)  # every photo has a face, the group photos more
+    return stacked
+
+
+def test_the_torch_port_equals_opencv_on_the_test_photos(
+    models_dir: Path, photo_crops: np.ndarray, crops: np.ndarray
+) -> None:
+    """The GPU's SFace (the torch port), run here on the CPU, against the CPU's default
+    (OpenCV DNN): the same embeddings, so an index built on either serves on the other."""
+    opencv = SFaceEmbedder(models_dir, backend="opencv")
+    ported = SFaceEmbedder(models_dir, backend="torch")
+    assert (opencv.backend, ported.backend) == ("opencv", "torch")
+    for batch in (photo_crops, crops):
+        cosine = (opencv.embed(batch) * ported.embed(batch)).sum(axis=1)
+        assert cosine.min() >= 0.9999, cosine.min()
+    one_by_one = np.concatenate([ported.embed(photo_crops[i : i + 1]) for i in range(5)])
+    assert np.abs(one_by_one - ported.embed(photo_crops[:5])).max() < 1e-5
+
+
+def test_the_default_backend_on_the_cpu_is_opencv(models_dir: Path) -> None:
+    embedder = SFaceEmbedder(models_dir)
+    assert (embedder.backend, embedder.device.type, embedder.precision) == ("opencv", "cpu", "fp32")
+    with pytest.raises(ModelError, match="unknown SFace backend"):
+        SFaceEmbedder(models_dir, backend="tensorrt")
+
+
+def test_the_port_refuses_a_graph_it_does_not_know(models_dir: Path) -> None:
+    model = onnx.load_from_string(prepare_sface_graph((models_dir / SFACE.filename).read_bytes()))
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    conv.op_type = "ConvTranspose"
+    with pytest.raises(GraphNotSupported, match="ConvTranspose"):
+        build_sface_module(model.SerializeToString())
+    model = onnx.load_from_string(prepare_sface_graph((models_dir / SFACE.filename).read_bytes()))
+    model.graph.output[0].name = "elsewhere"
+    with pytest.raises(GraphNotSupported, match="output"):
+        build_sface_module(model.SerializeToString())
+
+
+def test_onnxruntime_on_cuda_is_asked_for_fp32_without_tf32(
+    models_dir: Path, crops: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime's CUDA provider has its own TF32 switch. That provider is not installed
+    here, so it is reported available and the providers requested are recorded (the
+    session itself runs on the CPU provider)."""
+    requested: list[object] = []
+    real_session = ort.InferenceSession
+
+    def session(graph: bytes, options: object, providers: list[object]) -> object:
+        requested.extend(providers)
+        return real_session(graph, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    embedder = SFaceEmbedder(models_dir, device="cuda", backend="onnxruntime")
+    assert requested[0] == ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert embedder.embed(crops).shape == (len(crops), 128)

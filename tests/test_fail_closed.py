@@ -157,9 +157,9 @@ def test_a_failure_after_some_slots_passed_releases_only_those(stream: bool) -> 
 
 
 def _crash_batch(shapes: Sequence[tuple[int, int]], max_batch: int) -> list[object]:
-    """Submit one request per latent shape, all queued before the worker runs. Latents of
-    different widths cannot be concatenated: the worker raises outside its per-batch try,
-    as any bug in its own code would. Returns each request's result or exception."""
+    """Submit one request per draw-array shape, all queued before the worker runs. Arrays
+    of different widths cannot be concatenated: the worker raises outside its per-batch
+    try, as any bug in its own code would. Returns each request's result or exception."""
     generator = ScriptedGenerator()
     checker = ScriptedFilter(lambda call, position: True)
 
@@ -169,12 +169,12 @@ def _crash_batch(shapes: Sequence[tuple[int, int]], max_batch: int) -> list[obje
         )
         # Everything is queued before the worker's first step, so what is gathered, carried
         # and left queued does not depend on the delay.
-        submits = [batcher.submit(np.zeros(shape, dtype=np.float32)) for shape in shapes]
+        submits = [batcher.submit(np.zeros(shape, dtype=np.uint64)) for shape in shapes]
         # A request the crash forgot would wait forever: the timeout turns that into a failure.
         results = await asyncio.wait_for(asyncio.gather(*submits, return_exceptions=True), 10)
         assert generator.calls == 0  # the crash came before anything was generated
         # A fresh worker serves the next request: the crash did not take the batcher down.
-        after = await asyncio.wait_for(batcher.submit(np.zeros((2, 4), dtype=np.float32)), 10)
+        after = await asyncio.wait_for(batcher.submit(np.zeros((2, 3), dtype=np.uint64)), 10)
         assert len(after) == 2 and all(o.verdict.passed for o in after)
         await batcher.close()
         return list(results)
@@ -183,14 +183,14 @@ def _crash_batch(shapes: Sequence[tuple[int, int]], max_batch: int) -> list[obje
 
 
 def test_a_crashed_worker_fails_its_gathered_requests_closed() -> None:
-    results = _crash_batch([(1, 4), (1, 6)], max_batch=64)
+    results = _crash_batch([(1, 3), (1, 6)], max_batch=64)
     assert [type(r) for r in results] == [FilterFailure, FilterFailure]
 
 
 def test_a_crashed_worker_fails_carried_and_queued_requests_closed() -> None:
     """max_batch 3: the first two requests (1 + 1 latents) are gathered, the third (2 more)
     does not fit and is carried to open the next batch, the fourth is still queued."""
-    results = _crash_batch([(1, 4), (1, 6), (2, 4), (1, 4)], max_batch=3)
+    results = _crash_batch([(1, 3), (1, 6), (2, 3), (1, 3)], max_batch=3)
     assert [type(r) for r in results] == [FilterFailure] * 4
 
 

@@ -83,6 +83,38 @@ def test_mutated_png_jpeg_gif_webp_decode_or_raise_image_error(data: bytes) -> N
     _assert_decodes_or_refuses(data)
 
 
+def _container_samples() -> dict[str, bytes]:
+    """Files with the structures the content rule walks: thumbnails, frames, pages,
+    metadata (issue 19); small, so that mutations hit the structure."""
+    from tests.content_probes import hiding_places
+
+    rng = np.random.default_rng(1)
+    shown = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    hidden = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    return {place: build(shown, hidden) for place, build in hiding_places((12, 10)).items()}
+
+
+CONTAINERS = _container_samples()
+
+
+@FUZZ
+@given(st.sampled_from(sorted(CONTAINERS)).flatmap(lambda name: mutated(CONTAINERS[name])))
+def test_mutated_containers_are_read_or_refused_never_crash(data: bytes) -> None:
+    """The content rule on hostile structure: an ImageError (unreadable), or its images and
+    what it could not account for; never another exception."""
+    from filter.content import checked_pixels_png, read_content
+
+    try:
+        content = read_content(data)
+    except ImageError as exc:
+        assert str(exc)
+        return
+    assert content.views and content.frames >= 1
+    assert np.array_equal(content.views[0].pixels, decode_image(data))
+    if content.complete:
+        assert checked_pixels_png(content).startswith(b"\x89PNG")
+
+
 @pytest.fixture(scope="module")
 def small_index(demo_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fuzz") / "index"

@@ -248,7 +248,7 @@ def test_a_stream_whose_reader_stopped_is_ended_at_the_bound(bounded: InProcessS
     assert bounded.server.admission.inflight == 0
 
 
-def test_config_info_carries_no_file_paths_and_says_unkeyed(bounded: InProcessServer) -> None:
+def test_config_info_carries_no_file_paths_and_says_keyed(bounded: InProcessServer) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = scrape(bounded.metrics_url)
@@ -258,7 +258,8 @@ def test_config_info_carries_no_file_paths_and_says_unkeyed(bounded: InProcessSe
         for s in f.samples
         if s.name == "facegate_config_info"
     ]
-    assert info["seeds"] == "unkeyed"
+    assert info["seeds"] == "keyed" and info["allow_unkeyed_seeds"] == "False"
+    assert info["seed_key_file"] == "set" and info["audit_identities"] == "hashed"
     assert info["index_path"] == "set" and info["audit_log"] == "file"
     assert not [v for v in info.values() if "/" in v], info
 
@@ -267,10 +268,11 @@ def test_config_info_carries_no_file_paths_and_says_unkeyed(bounded: InProcessSe
 def keyed(
     models_dir: Path, pipeline: FaceEmbeddingPipeline, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[InProcessServer]:
-    """`make run`'s demo under a seed key: the index enrols seed 1's keyed candidates."""
+    """`make run`'s demo under another seed key: the index enrols seed 1's candidates
+    under that key."""
     tmp = tmp_path_factory.mktemp("keyed")
     key = tmp / "seed.key"
-    key.write_bytes(bytes(range(100, 132)))
+    key.write_bytes(bytes(range(200, 232)))
     build_demo_index(
         load_dcgan_digiface(models_dir), pipeline, identities=40, seed=1, seed_key=key.read_bytes()
     ).save(tmp / "index")
@@ -289,10 +291,10 @@ def test_keyed_demo_seed_1_meets_enrolled_faces_and_resamples(
     assert first.summary.candidates_rejected >= 2
     assert any(image.attempts > 1 for image in first.images)
     assert [i.data for i in first.images] == [i.data for i in again.images]
-    with grpc.insecure_channel(bounded.target) as channel:  # unkeyed server, same seed
-        public = pb_grpc.GenerationServiceStub(channel).Generate(
+    with grpc.insecure_channel(bounded.target) as channel:  # another key, same seed
+        other = pb_grpc.GenerationServiceStub(channel).Generate(
             pb.GenerateRequest(count=4, seed=1), timeout=60
         )
-    assert not {i.data for i in first.images} & {i.data for i in public.images}
+    assert not {i.data for i in first.images} & {i.data for i in other.images}
     text = scrape(keyed.metrics_url)
     assert metric_value(text, "facegate_config_info", {"seeds": "keyed"}) == 1

@@ -1,5 +1,5 @@
 """Enrolment without a rebuild: `index add` / `index remove` keep faces and replicas in
-step, keep the calibration only while it holds, and publish atomically.
+step, carry the calibration forward (an edit never loosens), and publish atomically.
 
 The base index enrols 40 generator samples (enough images for a replica signal); the
 added identity is a set of real photos (an opt-out request)."""
@@ -58,7 +58,7 @@ def _verdict(index: FaissIdentityIndex, pipeline: FaceEmbeddingPipeline, photo: 
     return f"{verdict.verdict}:{verdict.identity}"
 
 
-def test_add_enrols_faces_and_replicas_and_drops_the_calibration(
+def test_add_enrols_faces_and_replicas_and_carries_the_calibration(
     base_index: Path, identities_dir: Path, pipeline: FaceEmbeddingPipeline, tmp_path: Path
 ) -> None:
     before = load_index_for(pipeline, base_index)
@@ -68,7 +68,7 @@ def test_add_enrols_faces_and_replicas_and_drops_the_calibration(
     gallery = make_gallery(identities_dir, tmp_path / "optout", ["id04"])
     edited, report = add_gallery(before, pipeline, gallery)
     assert report.identities_new == ["id04"] and report.identities_extended == []
-    assert report.calibration.startswith("dropped") and report.replicas == "in step"
+    assert report.calibration.startswith("carried") and report.replicas == "in step"
     assert before.replicas is not None and edited.replicas is not None
     images = len(list((identities_dir / "id04").glob("*.jpg")))
     assert len(edited.replica_images()[0]) == len(before.replica_images()[0]) + images
@@ -83,7 +83,11 @@ def test_add_enrols_faces_and_replicas_and_drops_the_calibration(
         set(before.faces.identities) | {"id04"},
         set(before.replicas.identities) | {"id04"},  # also images with no face
     )
-    assert edited.calibration is None
+    # The thresholds stay: more identities can only reject more, never less (issue 19:
+    # dropping the calibration raised the replica threshold from 0.575 to the 0.90 default).
+    assert edited.calibration is not None
+    assert edited.calibration["threshold"] == CALIBRATION["threshold"]
+    assert edited.calibration["replica_threshold"] == CALIBRATION["replica_threshold"]
 
     out = tmp_path / "added"
     publish(edited, out)
@@ -91,7 +95,12 @@ def test_add_enrols_faces_and_replicas_and_drops_the_calibration(
     assert reloaded.fingerprint == edited.fingerprint != before.fingerprint
     assert _verdict(reloaded, pipeline, photo) == "reject:id04"
     assert reloaded.manifest["edits"][-1]["op"] == "add"
+    assert reloaded.manifest["edits"][-1]["identities"] == 1  # a count, not a name
     assert reloaded.manifest["edits"][-1]["from_fingerprint"] == before.fingerprint
+    assert "id04" not in json.dumps(reloaded.manifest)
+    # The index keeps the record of the compute that built it; the edit records its own.
+    assert reloaded.manifest["compute"] == before.manifest["compute"]
+    assert reloaded.manifest["edits"][-1]["compute"]["embedder"]["backend"] == "opencv"
     # The old rows are untouched: every old vector still finds its own identity.
     found = reloaded.search(before.vectors())
     assert [m.identity for m in found] == before.faces.identities
@@ -102,7 +111,7 @@ def test_remove_drops_every_row_of_the_identity_and_keeps_the_calibration(
 ) -> None:
     before = FaissIdentityIndex.load(base_index)
     edited, report = remove_identities(before, [REMOVED])
-    assert report.identities_removed == [REMOVED]
+    assert report.identities_removed == 1 and report.identity_hashes is None  # no key
     assert before.replicas is not None and edited.replicas is not None
     assert _rows(edited) == (
         set(before.faces.identities) - {REMOVED},
@@ -120,11 +129,13 @@ def test_remove_drops_every_row_of_the_identity_and_keeps_the_calibration(
         .reshape(-1, VIEWS, before.replicas.dim)[kept]
         .reshape(-1, before.replicas.dim),
     )
-    assert edited.calibration == CALIBRATION and report.calibration.startswith("kept")
+    assert edited.calibration is not None and report.calibration.startswith("kept")
+    assert {k: edited.calibration[k] for k in CALIBRATION} == CALIBRATION
     out = tmp_path / "removed"
     publish(edited, out)
     reloaded = load_index_for(pipeline, out)
-    assert reloaded.calibration == CALIBRATION
+    assert reloaded.calibration == edited.calibration
+    assert REMOVED not in json.dumps(reloaded.manifest)
     own = [r for r, i in enumerate(before.faces.identities) if i == REMOVED]
     assert own
     assert all(m.identity != REMOVED for m in reloaded.search(before.vectors()[own]))
@@ -174,7 +185,7 @@ def test_publish_through_a_symlink_flips_it_and_keeps_the_old_release(
 
 def test_publish_folder_copies_verifies_and_flips(base_index: Path, tmp_path: Path) -> None:
     link = tmp_path / "index" / "current"
-    first = publish_folder(base_index, link, name="v1")
+    first = publish_folder(base_index, link, name="v1").release
     assert first.parent == tmp_path / "index" / "releases" and first.name.startswith("v1.")
     expected = FaissIdentityIndex.load(base_index).fingerprint
     assert FaissIdentityIndex.load(link).fingerprint == expected
@@ -193,7 +204,7 @@ def test_cli_remove_then_info(base_index: Path, tmp_path: Path) -> None:
     result = facegate("index", "remove", str(base_index), "--identity", REMOVED, "--out", str(out))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["identities_removed"] == [REMOVED]
+    assert summary["identities_removed"] == 1 and REMOVED not in result.stdout
     assert summary["face_rows"]["after"] < summary["face_rows"]["before"]
     assert summary["replica_rows"]["after"] < summary["replica_rows"]["before"]
     info = json.loads(facegate("index", "info", str(out)).stdout)
@@ -209,15 +220,16 @@ def test_cli_add_through_the_live_link(
     base_index: Path, identities_dir: Path, tmp_path: Path
 ) -> None:
     link = tmp_path / "index" / "current"
-    first = publish_folder(base_index, link, name="v1")
+    first = publish_folder(base_index, link, name="v1").release
     gallery = make_gallery(identities_dir, tmp_path / "optout", ["id05"])
     result = facegate("index", "add", str(link), str(gallery))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["identities_new"] == ["id05"]
     assert summary["replica_rows"]["after"] > summary["replica_rows"]["before"]
-    assert "calibration was dropped" in result.stderr
+    assert "calibration was carried" in result.stderr
     assert link.resolve() == Path(summary["written"]).resolve() != first.resolve()
     live = FaissIdentityIndex.load(link)
-    assert live.fingerprint == summary["fingerprint_after"] and live.calibration is None
+    assert live.fingerprint == summary["fingerprint_after"] and live.calibration is not None
+    assert live.calibration["replica_threshold"] == CALIBRATION["replica_threshold"]
     assert "id05" in live.faces.identities

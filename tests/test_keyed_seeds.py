@@ -16,6 +16,7 @@ from service.config import Settings
 from service.generators import TorchGenerator, latents_for, load_dcgan_digiface, load_seed_key
 from service.pipeline import GenerationRequest
 from service.server import StartupError, seed_key_for
+from tests.conftest import write_seed_key
 from tests.test_pipeline import HashListFilter, _pipeline
 
 KEY_A = bytes(range(32))
@@ -59,15 +60,18 @@ def test_seed_key_file_must_exist_and_hold_32_bytes(tmp_path: Path) -> None:
         seed_key_for(Settings(seed_key_file=short))  # type: ignore[call-arg]
 
 
-def test_without_a_key_the_server_warns_and_config_info_says_unkeyed(
+def test_without_a_key_the_server_refuses_unless_opted_in_and_says_unkeyed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    with pytest.raises(StartupError, match="FACEGATE_SEED_KEY_FILE is not set"):
+        seed_key_for(Settings())  # type: ignore[call-arg]
+    opted_in = Settings(allow_unkeyed_seeds=True, audit_log="none")  # type: ignore[call-arg]
     with caplog.at_level(logging.WARNING, logger="facegate.server"):
-        assert seed_key_for(Settings()) is None  # type: ignore[call-arg]
-    assert "FACEGATE_SEED_KEY_FILE is not set" in caplog.text
-    assert Settings().public_info()["seeds"] == "unkeyed"  # type: ignore[call-arg]
-    key = tmp_path / "seed.key"
-    key.write_bytes(KEY_A)
+        assert seed_key_for(opted_in) is None
+    assert "FACEGATE_ALLOW_UNKEYED_SEEDS=true" in caplog.text
+    assert opted_in.public_info()["seeds"] == "unkeyed"
+    assert opted_in.public_info()["allow_unkeyed_seeds"] == "True"
+    key = write_seed_key(tmp_path, KEY_A)
     info = Settings(seed_key_file=key, index_path=tmp_path / "idx").public_info()  # type: ignore[call-arg]
     assert info["seeds"] == "keyed"
     assert not any(str(tmp_path) in value or "/" in value for value in info.values()), info
@@ -79,9 +83,9 @@ def test_keyed_pipeline_same_key_same_bytes_other_key_other_images(
 ) -> None:
     async def run() -> None:
         a = _pipeline(generator, HashListFilter())
-        a.seed_key = KEY_A
+        a.batcher.engine.seed_key = KEY_A
         b = _pipeline(generator, HashListFilter())
-        b.seed_key = KEY_B
+        b.batcher.engine.seed_key = KEY_B
         unkeyed = _pipeline(generator, HashListFilter())
         first = await a.generate(GenerationRequest(count=3, seed=42))
         again = await a.generate(GenerationRequest(count=3, seed=42))
@@ -110,7 +114,7 @@ def test_held_back_candidate_cannot_be_regenerated_from_the_seed(
 
     async def run() -> None:
         pipe = _pipeline(generator, checker)
-        pipe.seed_key = KEY_A
+        pipe.batcher.engine.seed_key = KEY_A
         result = await pipe.generate(GenerationRequest(count=2, seed=1))
         assert [(i.slot, i.attempts) for i in result.images] == [(0, 2), (1, 1)]
         released = {checker.key(decode_image(i.data)) for i in result.images}
@@ -137,7 +141,8 @@ def test_demo_index_enrols_keyed_latents(generator: TorchGenerator) -> None:
             raise StopIteration  # enough: we only want the latents it was asked for
 
     recorder = Recorder()
+    salt = bytes(range(16))
     with pytest.raises(StopIteration):
-        build_demo_index(recorder, None, identities=3, seed=1, seed_key=KEY_A)  # type: ignore[arg-type]
-    expected = np.stack([latents_for(1, s, 0, 100, KEY_A) for s in range(3)])
+        build_demo_index(recorder, None, identities=3, seed=1, seed_key=KEY_A, salt=salt)  # type: ignore[arg-type]
+    expected = np.stack([latents_for(1, s, 0, 100, KEY_A, salt) for s in range(3)])
     assert np.array_equal(recorder.latents[0], expected)

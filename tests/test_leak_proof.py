@@ -24,7 +24,7 @@ from service.config import Settings
 from service.generators import latents_for, load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from tests.conftest import REPO, make_gallery
+from tests.conftest import REPO, make_gallery, write_seed_key
 from tests.servers import InProcessServer, metric_value, scrape
 
 
@@ -293,6 +293,7 @@ def test_the_server_holds_back_a_small_enrolled_face_from_a_custom_generator(
             "models_dir": REPO / "models",
             "device": "cpu",
             "audit_log": "none",
+            "seed_key_file": write_seed_key(tmp_path),
             **overrides,
         }
         return Settings(**values)  # type: ignore[arg-type]

@@ -1,6 +1,8 @@
-"""Mutual TLS (issue 9 §3, §8): FACEGATE_TLS_CLIENT_CA makes client certificates required
-and verified; the CLI client and the health check speak TLS and mTLS; the verified subject
-reaches the audit log and can carry its own concurrency limit."""
+"""Mutual TLS (issue 9 §3, §8; issue 20 §5): FACEGATE_TLS_CLIENT_CA makes client
+certificates required and verified, and FACEGATE_TLS_CLIENT_ALLOWED admits only the named
+subjects or SANs (on every method: generation, health, reflection); the CLI client and the
+health check speak TLS and mTLS, the health check with a certificate of its own; the
+verified subject reaches the audit log and can carry its own concurrency limit."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from service.cli import main as cli_main
 from service.errors import Overloaded
@@ -51,7 +56,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _signed(folder, "server", "/CN=localhost", "ca", san="localhost")
     _signed(folder, "alice", "/O=facegate/CN=alice", "ca")
     _signed(folder, "mallory", "/O=facegate/CN=mallory", "rogue-ca")
+    # Issued by the client CA, but not on the allowlist.
+    _signed(folder, "bob", "/O=facegate/CN=bob", "ca")
+    # The health check's own certificate, allowed by its SAN (its subject is not listed).
+    _signed(folder, "probe", "/CN=facegate-probe", "ca", san="probe.facegate")
     return folder
+
+
+ALLOWED = ["O=facegate,CN=alice", "DNS:probe.facegate"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +80,7 @@ def mtls_server(
             tls_cert=pki / "server.crt",
             tls_key=pki / "server.key",
             tls_client_ca=pki / "ca.crt",
+            tls_client_allowed=ALLOWED,
         )
     )
     yield running
@@ -112,6 +125,9 @@ def test_client_signed_by_the_ca_is_served_and_audited(
     )
     with channel:
         response = _call(channel, seed=1)  # seed 1 meets enrolled faces: rejections are audited
+        # Allowed (by subject, in another RDN order than gRPC writes it): reflection too.
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "facegate.v1.GenerationService" in services
     assert len(response.images) == 2 and response.summary.candidates_rejected >= 1
     audit = Path(mtls_server.server.settings.audit_log).read_text().splitlines()
     mine = [
@@ -149,17 +165,75 @@ def _healthcheck(target: str, env: dict[str, str]) -> subprocess.CompletedProces
 
 def test_health_check_follows_the_tls_settings(mtls_server: InProcessServer, pki: Path) -> None:
     target = f"127.0.0.1:{mtls_server.server.grpc_port}"
-    # The server's own pair, here signed by the client CA, is the probe's client certificate.
+    # The probe presents a client certificate of its own (FACEGATE_TLS_CLIENT_CERT/_KEY).
     env = {
         "FACEGATE_TLS_CERT": str(pki / "server.crt"),
         "FACEGATE_TLS_KEY": str(pki / "server.key"),
         "FACEGATE_TLS_CLIENT_CA": str(pki / "ca.crt"),
         "FACEGATE_TLS_CA": str(pki / "ca.crt"),
+        "FACEGATE_TLS_CLIENT_CERT": str(pki / "alice.crt"),
+        "FACEGATE_TLS_CLIENT_KEY": str(pki / "alice.key"),
     }
     ok = _healthcheck(target, env)
     assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stderr
     plain = _healthcheck(target, {})
     assert plain.returncode == 1
+
+
+def test_the_health_check_never_presents_the_servers_certificate(
+    mtls_server: InProcessServer, pki: Path
+) -> None:
+    """Under mutual TLS without a certificate of its own, the probe says what to set; it
+    does not fall back to the server's pair (which would make every server certificate of
+    that issuer a client). Its own certificate passes by its SAN."""
+    target = f"127.0.0.1:{mtls_server.server.grpc_port}"
+    server_env = {
+        "FACEGATE_TLS_CERT": str(pki / "server.crt"),
+        "FACEGATE_TLS_KEY": str(pki / "server.key"),
+        "FACEGATE_TLS_CLIENT_CA": str(pki / "ca.crt"),
+        "FACEGATE_TLS_CA": str(pki / "ca.crt"),
+    }
+    missing = _healthcheck(target, server_env)
+    assert missing.returncode == 1 and "SERVING" not in missing.stdout
+    assert "FACEGATE_TLS_CLIENT_CERT" in missing.stderr, missing.stderr
+    own = _healthcheck(
+        target,
+        server_env
+        | {
+            "FACEGATE_TLS_CLIENT_CERT": str(pki / "probe.crt"),
+            "FACEGATE_TLS_CLIENT_KEY": str(pki / "probe.key"),
+        },
+    )
+    assert own.returncode == 0 and own.stdout.strip() == "SERVING", own.stderr
+
+
+@pytest.mark.parametrize("who", ["bob", "server"])
+def test_a_certificate_of_the_client_ca_not_on_the_allowlist_is_denied_everywhere(
+    mtls_server: InProcessServer, pki: Path, who: str
+) -> None:
+    """bob: issued by the client CA, not allowed. server: the server's own certificate,
+    which the client CA also issued, presented as a client's."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = open_channel(
+        _target(mtls_server), ca=pki / "ca.crt", cert=pki / f"{who}.crt", key=pki / f"{who}.key"
+    )
+    with channel:
+        with pytest.raises(grpc.RpcError) as generate:
+            _call(channel)
+        with pytest.raises(grpc.RpcError) as health:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        with pytest.raises(grpc.RpcError) as stream:
+            list(
+                pb_grpc.GenerationServiceStub(channel).GenerateStream(
+                    pb.GenerateRequest(count=1), timeout=10
+                )
+            )
+        with pytest.raises(grpc.RpcError) as reflection:
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+    for refused in (generate, health, stream, reflection):
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "FACEGATE_TLS_CLIENT_ALLOWED" in (refused.value.details() or "")
 
 
 def test_per_client_concurrency_limit() -> None:
@@ -190,3 +264,21 @@ def test_a_subject_can_carry_its_own_limit(monkeypatch: pytest.MonkeyPatch) -> N
     admission.enter("CN=alice")
     with pytest.raises(Overloaded, match="limit of 1"):
         admission.enter("CN=alice")
+
+
+def test_without_a_client_certificate_the_budget_is_the_peer_address() -> None:
+    from service.client_identity import peer_address
+
+    admission = Admission(10, ServiceMetrics(0.4), max_per_peer=1)
+    admission.ready = True
+    admission.enter(None, "ipv4:10.0.0.7")
+    with pytest.raises(Overloaded, match="this client"):
+        admission.enter(None, "ipv4:10.0.0.7")
+    admission.enter(None, "ipv4:10.0.0.8")  # another address, its own budget
+    admission.enter("CN=alice", "ipv4:10.0.0.7")  # a verified subject: the subject's budget
+    admission.leave(None, "ipv4:10.0.0.7")
+    admission.enter(None, "ipv4:10.0.0.7")
+    assert admission.inflight == 3
+    assert peer_address("ipv4:10.0.0.7:51234") == "ipv4:10.0.0.7"
+    assert peer_address("ipv6:[::1]:51234") == "ipv6:[::1]"
+    assert peer_address("unix:/run/facegate.sock") == "unix:/run/facegate.sock"

@@ -18,7 +18,7 @@ from filter.decide import ImageVerdict, Reason
 from filter.identity_filter import StageObserver
 from filter.images import decode_image
 from service.errors import FilterFailure, InvalidRequest, NothingPassed
-from service.generators import TorchGenerator, latents_for, load_dcgan_digiface
+from service.generators import TorchGenerator, draw_rows, latents_for, load_dcgan_digiface
 from service.pipeline import (
     CandidateEngine,
     DynamicBatcher,
@@ -208,7 +208,7 @@ def test_cancelled_request_stops_drawing(generator: TorchGenerator) -> None:
         # Two more rounds through the batcher: a request still drawing would have queued
         # its next round in between.
         for _ in range(2):
-            await pipe.batcher.submit(np.stack([latents_for(99, 0, 0, generator.latent_dim)]))
+            await pipe.batcher.submit(draw_rows(99, [(0, 0)]))
         assert sum(checker.batches) <= drawn + 8 + 2  # the round already running, the two
         assert sum(checker.batches) < 8 * 50
         await pipe.batcher.close()

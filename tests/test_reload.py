@@ -19,16 +19,18 @@ from pathlib import Path
 import grpc
 import pytest
 
+from filter.decide import DecisionThresholds
 from filter.faces import DetectorSettings
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.index import FaissIdentityIndex
+from filter.index_lineage import acknowledge
 from service.config import Settings
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from tests.conftest import REPO, make_gallery
+from tests.conftest import REPO, TEST_SEED_KEY, make_gallery, write_seed_key
 from tests.servers import InProcessServer, SubprocessServer, metric_value, scrape
 
 DEMO_CALIBRATION = {"threshold": 0.56, "replica_threshold": 0.9}
@@ -47,13 +49,30 @@ def releases(
         gallery, pipeline, detector_settings=DetectorSettings().as_dict()
     )
     photos.save(root / "photos")
-    demo = build_demo_index(load_dcgan_digiface(models_dir), pipeline, identities=8, seed=1)
-    demo.with_calibration(DEMO_CALIBRATION).save(root / "demo")
+    demo = build_demo_index(
+        load_dcgan_digiface(models_dir), pipeline, identities=8, seed=1, seed_key=TEST_SEED_KEY
+    )
+    calibrated = demo.with_calibration(DEMO_CALIBRATION)
+    calibrated.save(root / "loose")  # 0.56 is looser than the photos' default 0.40
+    # The same index, published with an acknowledgement that it may be looser.
+    acknowledge(
+        calibrated.manifest,
+        by="index publish --allow-looser",
+        replaces=photos.fingerprint,
+        before=DecisionThresholds(0.40),
+        after=DecisionThresholds(0.56),
+    )
+    calibrated.save(root / "demo")
     broken = shutil.copytree(root / "photos", root / "broken")
     vectors = bytearray((broken / "vectors.faiss").read_bytes())
     vectors[-5] ^= 0xFF  # same size, other content: the manifest's sha256 no longer holds
     (broken / "vectors.faiss").write_bytes(bytes(vectors))
-    return {"photos": root / "photos", "demo": root / "demo", "broken": broken}
+    return {
+        "photos": root / "photos",
+        "demo": root / "demo",
+        "loose": root / "loose",
+        "broken": broken,
+    }
 
 
 def point(link: Path, target: Path) -> None:
@@ -133,10 +152,17 @@ def test_sighup_swaps_the_index_and_a_broken_one_is_refused(
                     except grpc.RpcError as err:
                         failures.append(err)
 
+            # Looser thresholds without an acknowledgement: refused, counted, logged.
+            point(link, releases["loose"])
+            server.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: reloads("refused_looser") == 1)
+            assert live_fingerprint(url) == fingerprint(releases["photos"])
+            assert metric_value(scrape(url), "facegate_threshold") == pytest.approx(0.40)
+
             worker = threading.Thread(target=traffic)
             worker.start()
             try:
-                point(link, releases["demo"])
+                point(link, releases["demo"])  # the same, acknowledged
                 server.proc.send_signal(signal.SIGHUP)
                 wait_for(lambda: reloads("success") == 1)
             finally:
@@ -161,6 +187,10 @@ def test_sighup_swaps_the_index_and_a_broken_one_is_refused(
             assert all_resampled(stub)  # the old index keeps filtering
         log = server.log()
         assert "refused; still serving index" in log and "sha256" in log
+        assert "identity threshold 0.4 -> 0.56" in log and "no acknowledgement" in log
+        assert "acknowledged by `index publish --allow-looser`" in log
+        # 0.56 is above SFace's measured same-person floor: said at the reload.
+        assert "above 0.5, the lowest same-person similarity" in log
     finally:
         server.kill()
 
@@ -176,6 +206,7 @@ def _settings(index: Path, tmp_path: Path, **overrides: object) -> Settings:
         "audit_log": "none",
         "grace_seconds": 5.0,
         "max_count": 8,
+        "seed_key_file": write_seed_key(tmp_path),
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

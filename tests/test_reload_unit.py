@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from filter.decide import ImageVerdict
+from filter.decide import DecisionThresholds, ImageVerdict
 from filter.errors import IndexCorruptError
 from service.reload import IndexReloader, LiveFilter, SwappableChecker, index_state
 
@@ -34,17 +34,35 @@ class Named:
 
 
 class Index:
-    def __init__(self, fingerprint: str) -> None:
+    def __init__(self, fingerprint: str, manifest: dict[str, Any] | None = None) -> None:
         self.fingerprint = fingerprint
+        self.salt = fingerprint.encode() * 16  # each index its own salt
+        self.manifest = manifest or {}
 
 
 class Thresholds:
+    def __init__(self, identity: float = 0.5, replica: float | None = 0.6) -> None:
+        self.decision = DecisionThresholds(identity, replica)
+
     def describe(self) -> str:
-        return "test"
+        return f"identity {self.decision.identity}, replica {self.decision.replica}"
 
 
-def live(name: str, state: Any = None, gate: threading.Event | None = None) -> LiveFilter:
-    return LiveFilter(Named(name, gate), Index(name), Thresholds(), None, Path(name), state)  # type: ignore[arg-type]
+def live(
+    name: str,
+    state: Any = None,
+    gate: threading.Event | None = None,
+    thresholds: Thresholds | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> LiveFilter:
+    return LiveFilter(
+        Named(name, gate),
+        Index(name, manifest),  # type: ignore[arg-type]
+        thresholds or Thresholds(),  # type: ignore[arg-type]
+        None,
+        Path(name),
+        state,
+    )
 
 
 class Observed:
@@ -177,3 +195,35 @@ def test_the_swappable_exposes_the_filter_in_force(name: str) -> None:
     inner = Named("x")
     setattr(inner, name, object())
     assert getattr(SwappableChecker(inner), name) is getattr(inner, name)
+
+
+ACK = {"looser_acknowledged": {"by": "index publish --allow-looser", "at": "now"}}
+
+
+@pytest.mark.parametrize(
+    ("new", "manifest", "result"),
+    [
+        (Thresholds(0.9, 0.6), {}, "refused_looser"),  # identity up: looser
+        (Thresholds(0.5, 0.9), {}, "refused_looser"),  # replica up: looser
+        (Thresholds(0.5, None), {}, "refused_looser"),  # replica off: looser
+        (Thresholds(0.9, 0.6), ACK, "success"),  # looser, acknowledged for this release
+        (Thresholds(0.4, 0.5), {}, "success"),  # stricter on both
+        (Thresholds(0.5, 0.6), {}, "success"),  # the same
+    ],
+)
+def test_a_reload_never_loosens_without_an_acknowledgement(
+    new: Thresholds, manifest: dict[str, Any], result: str
+) -> None:
+    """Issue 19: an `index add` that dropped the calibration raised the replica threshold
+    from 0.575 to 0.90 on every watching server; the reload only logged it."""
+    current = live("A", thresholds=Thresholds(0.5, 0.6))
+    swappable = SwappableChecker(current.checker)
+    observed = Observed()
+    reloader = IndexReloader(
+        lambda: live("B", thresholds=new, manifest=manifest), swappable, current, observed
+    )
+    assert asyncio.run(reloader.reload("test")) is (result == "success")
+    assert observed.results == [result]
+    serving = "B" if result == "success" else "A"
+    assert reloader.live.fingerprint == serving
+    assert [v.detail for v in swappable.check([np.zeros(1)])] == [serving]

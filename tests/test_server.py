@@ -28,7 +28,7 @@ from service.config import Settings
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.server import main_serve
-from tests.conftest import REPO
+from tests.conftest import REPO, TEST_SEED_KEY, write_seed_key
 from tests.servers import InProcessServer, SubprocessServer, metric_value, scrape, wait_until
 
 DEMO_THRESHOLD = 0.56
@@ -47,6 +47,8 @@ def settings_for(index: Path, tmp_path: Path, **overrides: object) -> Settings:
         "grace_seconds": 10.0,
     }
     values.update(overrides)
+    if "seed_key_file" not in values:
+        values["seed_key_file"] = write_seed_key(tmp_path)
     return Settings(**values)  # type: ignore[arg-type]
 
 
@@ -262,7 +264,10 @@ def test_responses_carry_no_membership_oracle() -> None:
 
 
 def test_audit_log_records_rejections_without_image_data(
-    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+    server: InProcessServer,
+    stub: pb_grpc.GenerationServiceStub,
+    demo_index: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Seed 1 slot k attempt 0 is enrolled in the demo index: the first candidates are rejected.
     response = stub.Generate(pb.GenerateRequest(count=2, seed=1), timeout=60)
@@ -283,10 +288,91 @@ def test_audit_log_records_rejections_without_image_data(
             "identity",
             "faces",
             "client",
+            "caller_request_id",
         }
         assert record["reason"] in ("identity_match", "no_face")
-    assert any(r["identity"] and r["identity"].startswith("synthetic-1-") for r in mine)
+    # Identities are keyed pseudonyms by default (the subkey of the server's seed key),
+    # never the labels themselves.
+    from service.audit import identity_hasher
+
+    labels = {row["identity"] for row in json.loads((demo_index / "labels.json").read_text())}
+    pseudonyms = {identity_hasher(TEST_SEED_KEY)(label): label for label in labels}
+    matched = [r["identity"] for r in mine if r["reason"] == "identity_match"]
+    assert matched and all(identity in pseudonyms for identity in matched)
+    assert not any(label in line for line in audit for label in labels)
     assert max(len(line) for line in audit) < 1000  # no image data in any line
+    # `facegate audit hash` gives an operator the same pseudonym for a label they know.
+    from service.cli import main as cli_main
+
+    label = pseudonyms[matched[0]]
+    key_file = server.server.settings.seed_key_file
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FACEGATE_SEED_KEY_FILE", str(key_file))
+        env.delenv("FACEGATE_AUDIT_KEY_FILE", raising=False)
+        assert cli_main(["audit", "hash", label]) == 0
+    assert capsys.readouterr().out.strip() == matched[0]
+
+
+def test_the_server_makes_its_own_request_id_and_keeps_the_callers_in_the_audit_log(
+    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    caller_id = "client-trace:42.a_b-c"
+    response = stub.Generate(
+        pb.GenerateRequest(count=2, seed=1), timeout=60, metadata=(("x-request-id", caller_id),)
+    )
+    request_id = response.summary.request_id
+    assert request_id != caller_id and len(request_id) == 32 and int(request_id, 16) >= 0
+    records = [
+        json.loads(line) for line in Path(server.server.settings.audit_log).read_text().splitlines()
+    ]
+    mine = [r for r in records if r["request_id"] == request_id]
+    assert mine and all(r["caller_request_id"] == caller_id for r in mine)
+    assert not [r for r in records if r["request_id"] == caller_id]
+    for bad in ("has space", "x" * 65, "-leading-dash", 'quote"', "semi;colon"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(
+                pb.GenerateRequest(count=1), timeout=30, metadata=(("x-request-id", bad),)
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "x-request-id" in (info.value.details() or "")
+
+
+def test_one_anonymous_peer_cannot_hold_every_slot(server: InProcessServer) -> None:
+    """With FACEGATE_MAX_CONCURRENT_PER_PEER=1, a second call from the same address is
+    refused at once while the first is held in the generator; the first then completes."""
+    from tests.test_status_table import CountingGenerator
+
+    assert server.server.loaded is not None
+    engine = server.server.loaded.batcher.engine
+    admission = server.server.admission
+    real, held = engine.generator, CountingGenerator(engine.generator)
+    held.gate.clear()
+    engine.generator = held  # type: ignore[assignment]
+    admission.max_per_peer = 1
+    results: dict[str, object] = {}
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+
+            def long_call() -> None:
+                results["long"] = stub.Generate(pb.GenerateRequest(count=2), timeout=120)
+
+            thread = threading.Thread(target=long_call)
+            thread.start()
+            try:
+                assert held.entered.wait(60), "the long call never reached the generator"
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Generate(pb.GenerateRequest(count=1), timeout=30)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "this client" in (info.value.details() or "")
+                assert admission.inflight == 1 < admission.max_concurrent
+            finally:
+                held.gate.set()
+            thread.join(120)
+    finally:
+        engine.generator = real
+        admission.max_per_peer = 0
+    assert len(results["long"].images) == 2  # type: ignore[attr-defined]
 
 
 def test_concurrency_cap_answers_resource_exhausted_at_once(
@@ -330,10 +416,12 @@ def test_concurrency_cap_answers_resource_exhausted_at_once(
         running.stop()
 
 
-def test_resample_end_to_end_after_enrolling_released_images(
+def test_enrolled_released_images_are_held_back_and_the_seed_moves_on(
     demo_index: Path, tmp_path: Path, pipeline: FaceEmbeddingPipeline
 ) -> None:
-    """Enrol what a seed produced, restart on the new index: the same seed must resample."""
+    """Enrol what a seed produced, restart on the new index: the live filter holds every one
+    of those images back, and the seed itself now maps to new candidates (the new index
+    has its own salt), so replaying it says nothing about which faces were enrolled."""
     request = pb.GenerateRequest(count=4, seed=31337)
     first_server = InProcessServer(settings_for(demo_index, tmp_path))
     try:
@@ -357,16 +445,14 @@ def test_resample_end_to_end_after_enrolling_released_images(
     try:
         with grpc.insecure_channel(second_server.target) as channel:
             second = pb_grpc.GenerationServiceStub(channel).Generate(request, timeout=60)
-        text = scrape(second_server.metrics_url)
+        assert second_server.server.loaded is not None
+        live = second_server.server.loaded.batcher.engine.identity_filter
+        verdicts = live.check([_decode(image.data) for image in first.images])
     finally:
         second_server.stop()
-    before = {i.slot: i for i in first.images}
+    assert [(v.passed, str(v.reason)) for v in verdicts] == [(False, "identity_match")] * 4
     assert len(second.images) == 4
-    for image in second.images:
-        assert image.data != before[image.slot].data
-        assert image.attempts == before[image.slot].attempts + 1
-    assert second.summary.candidates_rejected >= 4
-    assert metric_value(text, "facegate_candidates_total", {"outcome": "rejected_identity"}) >= 4
+    assert not {i.data for i in first.images} & {i.data for i in second.images}
 
 
 def test_sigterm_drains_in_flight_calls_and_exits_zero(demo_index: Path, tmp_path: Path) -> None:

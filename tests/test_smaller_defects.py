@@ -14,10 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
 from service.audit import JsonLinesAuditLog, Rejection, identity_hasher
 from service.server import MAX_MESSAGE_BYTES
 from service.tls import client_options
-from tests.conftest import REPO
+from tests.conftest import REPO, write_seed_key
 from tests.servers import free_port
 
 
@@ -48,6 +49,7 @@ def test_sigterm_during_model_loading_exits_promptly(demo_index: Path, tmp_path:
         "FACEGATE_METRICS_ENABLED": "false",
         "FACEGATE_INDEX_PATH": str(demo_index),
         "FACEGATE_AUDIT_LOG": "none",
+        "FACEGATE_SEED_KEY_FILE": str(write_seed_key(tmp_path)),
     }
     log = tmp_path / "server.log"
     with log.open("w") as out:
@@ -110,7 +112,7 @@ def test_a_stalled_audit_destination_never_blocks_and_drops_are_counted() -> Non
 def test_hashed_identities_and_owner_only_audit_file(tmp_path: Path) -> None:
     key = bytes(range(32))
     path = tmp_path / "logs" / "audit.jsonl"
-    audit = JsonLinesAuditLog.open(str(path), hash_identities=True, key=key)
+    audit = JsonLinesAuditLog.open(str(path), hash_identity=identity_hasher(key))
     assert isinstance(audit, JsonLinesAuditLog)
     audit.rejection(_rejection(1, "alice-smith"))
     audit.rejection(_rejection(2, "alice-smith"))
@@ -122,6 +124,9 @@ def test_hashed_identities_and_owner_only_audit_file(tmp_path: Path) -> None:
     assert records[0]["identity"] == records[1]["identity"] == identity_hasher(key)("alice-smith")
     assert records[0]["identity"].startswith("hmac-sha256:")
     assert identity_hasher(bytes(32))("alice-smith") != records[0]["identity"]
+    # The one derivation (filter.keys): a subkey of the master, never the master itself.
+    expected = identity_digest(derive_subkey(key, AUDIT_IDENTITY), "alice-smith")
+    assert records[0]["identity"] == expected
 
 
 def test_cli_demo_index_is_keyed_and_owner_only(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from filter.identity_filter import StageObserver
 from service import healthcheck
 from service.batcher import CandidateEngine
 from service.config import Settings
+from service.generators import draw_rows
 from service.metrics import ServiceMetrics
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
@@ -274,7 +275,7 @@ def _assert_stopped_drawing(started: Started, counting: CountingGenerator, count
     assert started.running.server.loaded is not None
     batcher = started.running.server.loaded.batcher
     for _ in range(2):
-        running.run(batcher.submit(np.zeros((1, counting.real.latent_dim), np.float32)))  # type: ignore[attr-defined]
+        running.run(batcher.submit(draw_rows(0, [(0, 0)])))
     assert counting.drawn <= drawn + count + 2  # the round in the engine at the end, the two
 
 

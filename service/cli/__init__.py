@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from service.cli import (
+    audit_cmd,
     batch_cmd,
     calibrate_cmd,
     check_cmd,
@@ -31,6 +32,7 @@ COMMAND_MODULES = (
     evaluate_cmd,
     serve_cmd,
     verify_cmd,
+    audit_cmd,
 )
 
 

@@ -20,7 +20,7 @@ from service.cli.common import (
 from service.config import Settings
 
 
-def ray_options(args: argparse.Namespace, batch_size: int | None = None) -> Any:
+def ray_options(args: argparse.Namespace, batch_size: int | None = None, in_flight: int = 0) -> Any:
     from batch.engine import RayOptions
 
     return RayOptions(
@@ -28,11 +28,13 @@ def ray_options(args: argparse.Namespace, batch_size: int | None = None) -> Any:
         actors=args.actors,
         batch_size=batch_size or args.batch_size,
         num_gpus=args.num_gpus,
+        in_flight=in_flight,
     )
 
 
 def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
     from batch.checking import FilterSpec
+    from batch.manifest import COPY_ORIGINAL, COPY_PIXELS
     from batch.runner import execute_plan, plan_batch
 
     spec = FilterSpec(
@@ -43,13 +45,22 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
             settings.replica_threshold if args.replica_threshold is None else args.replica_threshold
         ),
         no_face_policy=args.no_face_policy or settings.no_face_policy,
+        copy_mode=COPY_ORIGINAL if args.copy_original else COPY_PIXELS,
     )
     # Absolute: on a cluster, write tasks run in other working folders.
     out = Path(args.out).absolute()
-    plan = plan_batch(args.inputs, out, spec)
+    plan = plan_batch(args.inputs, out, spec, args.resume_by)
     print(f"thresholds: {plan.thresholds}", file=sys.stderr)
+    if plan.changed:
+        print(
+            f"{plan.changed} files changed since their manifest row: checked again (their "
+            "old copies were removed)",
+            file=sys.stderr,
+        )
     with progress_bar(len(plan.pending), "checking") as bar:
-        summary = execute_plan(plan, out, spec, ray_options(args), bar.update)
+        summary = execute_plan(
+            plan, out, spec, ray_options(args, in_flight=settings.batches_in_flight), bar.update
+        )
     emit(summary)
     return 0
 
@@ -81,6 +92,20 @@ def register(sub: Any) -> None:
         type=positive_int,
         default=32,
         help="images per model call and per manifest fragment (default 32)",
+    )
+    batch.add_argument(
+        "--copy-original",
+        action="store_true",
+        help="copy a passed file's original bytes (metadata and all) instead of its checked "
+        "pixels re-encoded as PNG; only files whose every byte the content rule accounted "
+        "for pass (docs/batch.md)",
+    )
+    batch.add_argument(
+        "--resume-by",
+        choices=["content", "size-mtime"],
+        default="content",
+        help="how a rerun knows a file is unchanged: the sha256 of every file (default), or "
+        "size and modification time, which trusts the filesystem (docs/batch.md)",
     )
     ray_arguments(batch)
     batch.add_argument(

@@ -79,9 +79,11 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from filter.calibrate import SAME_PERSON_FLOOR, calibrate_thresholds
-    from filter.decide import NoFacePolicy
+    from filter.calibrate import calibrate_thresholds, same_person_floor_warning
+    from filter.decide import DecisionThresholds, NoFacePolicy
     from filter.identity_filter import IdentityFilter
+    from filter.index_lineage import acknowledge, loosenings, recalibrated_manifest
+    from filter.index_release import index_thresholds, publish
     from filter.runtime import load_index_for
 
     skipped: list[dict[str, str]] = []
@@ -125,15 +127,9 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError as exc:
         source_name = args.non_members or f"{args.generator_samples} generator samples"
         raise CliError(f"cannot calibrate on {source_name}: {exc}") from None
-    if calibration.threshold > SAME_PERSON_FLOOR.get(index.manifest["embedder"]["name"], 1.0):
-        print(
-            f"warning: the identity threshold {calibration.threshold} is above "
-            f"{SAME_PERSON_FLOOR[index.manifest['embedder']['name']]}, the lowest same-person "
-            "similarity measured for this embedder on real photos (README, 'The threshold'): "
-            "another photo of an enrolled person may pass; near-copies are the replica "
-            "signal's to catch",
-            file=sys.stderr,
-        )
+    floor = same_person_floor_warning(index.manifest["embedder"]["name"], calibration.threshold)
+    if floor is not None:
+        print(f"warning: {floor}", file=sys.stderr)
     payload = calibration.as_dict()
     payload["source"] = (
         {"non_members": str(Path(args.non_members).resolve())}
@@ -154,12 +150,38 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
         "index_vectors": index.vector_count,
     }
     if args.save:
-        index.with_calibration(payload).save(index_path)
-        restrict_to_owner(index_path)
+        # Never looser than the thresholds the index had (its calibration, else the
+        # defaults) without an acknowledgement for this release (filter.index_lineage).
+        before = index_thresholds(index)
+        after = DecisionThresholds(calibration.threshold, calibration.replica_threshold)
+        looser = loosenings(before, after)
+        if looser and not args.allow_looser:
+            raise CliError(
+                f"not saved: these thresholds are looser than the index's ({'; '.join(looser)})"
+                ". Save with --allow-looser to acknowledge that for this release (recorded in "
+                "its manifest; servers watching the index then reload it), or calibrate for a "
+                "lower --target-false-reject"
+            )
+        saved = index.with_calibration(payload)
+        saved.manifest = recalibrated_manifest(index.manifest)
+        if looser:
+            acknowledge(
+                saved.manifest,
+                by="calibrate --save --allow-looser",
+                replaces=index.fingerprint,
+                before=before,
+                after=after,
+            )
+        # A symlinked index gets a new release and the link flips; a folder is exchanged.
+        written = publish(saved, index_path)
+        restrict_to_owner(written)
         report["saved"] = str(index_path)
+        report["written"] = str(written)
+        report["looser"] = looser
         print(
             f"saved the calibration into {index_path}: identity threshold "
-            f"{calibration.threshold}, replica threshold {calibration.replica_threshold}",
+            f"{calibration.threshold}, replica threshold {calibration.replica_threshold}"
+            + (f" (looser, acknowledged: {'; '.join(looser)})" if looser else ""),
             file=sys.stderr,
         )
     emit(report)
@@ -182,7 +204,14 @@ def register(sub: Any) -> None:
     calibrate.add_argument(
         "--save",
         action="store_true",
-        help="write the calibration into the index folder (used when no threshold is given)",
+        help="write the calibration into the index folder (used when no threshold is given); "
+        "a symlinked index gets a new release",
+    )
+    calibrate.add_argument(
+        "--allow-looser",
+        action="store_true",
+        help="with --save: save even if a threshold is looser than the index's current one "
+        "(its calibration, else the defaults); recorded in the index's manifest",
     )
     model_options(calibrate)
     calibrate.set_defaults(handler=cmd_calibrate)

@@ -18,10 +18,12 @@ from service.config import Settings
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
-    from filter.decide import NoFacePolicy, Reason, unreadable_verdict
+    from filter.content import FileContent, read_content
+    from filter.decide import NoFacePolicy, unreadable_verdict
     from filter.errors import ImageError
+    from filter.file_check import FileVerdict, check_files
     from filter.identity_filter import IdentityFilter
-    from filter.images import decode_image
+    from filter.images import ImageLimits, read_image_bytes
     from filter.runtime import load_index_for, resolve_thresholds
 
     pipeline = embedding_pipeline(settings, args)
@@ -34,21 +36,26 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     print(f"thresholds: {thresholds.describe()}", file=sys.stderr)
     policy = NoFacePolicy(args.no_face_policy or settings.no_face_policy)
     identity_filter = IdentityFilter(pipeline, index, thresholds.decision, policy)
+    limits = ImageLimits()
     paths = list(args.images)
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start : start + args.batch_size]
-        decoded: dict[int, Any] = {}
+        contents: dict[int, FileContent] = {}
         errors: dict[int, str] = {}
         for i, path in enumerate(chunk):
             try:
-                decoded[i] = decode_image(Path(path))
+                # Every frame, page and thumbnail, and what could not be accounted for:
+                # the rule `facegate batch` applies too (filter.content, filter.file_check).
+                contents[i] = read_content(read_image_bytes(Path(path), limits), limits)
             except ImageError as exc:
                 errors[i] = str(exc)
                 print(f"error: {path}: {exc}", file=sys.stderr)
-        order = sorted(decoded)
-        verdicts = dict(zip(order, identity_filter.check([decoded[i] for i in order]), strict=True))
+        order = sorted(contents)
+        checked = check_files(identity_filter, [contents[i] for i in order])
+        verdicts = dict(zip(order, checked, strict=True))
         for i, path in enumerate(chunk):
-            verdict = verdicts.get(i) or unreadable_verdict()
+            result = verdicts.get(i) or FileVerdict(unreadable_verdict(), 0, None, errors.get(i))
+            verdict = result.verdict
             line: dict[str, Any] = {
                 "path": path,
                 "verdict": verdict.verdict,
@@ -57,15 +64,13 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
                 "max_similarity": _rounded(verdict.max_similarity),
                 "identity": verdict.identity,
                 "replica_similarity": _rounded(verdict.replica_similarity),
+                "images": result.images,
+                "part": result.part,
             }
-            if i in errors:
-                line["error"] = errors[i]
-            elif verdict.detail is not None:
-                line["error"] = verdict.detail
-                print(f"error: {path}: {verdict.detail}", file=sys.stderr)
-            if verdict.reason is Reason.UNSUPPORTED_GEOMETRY:
-                height, width = decoded[i].shape[:2]
-                line["error"] = f"a {width}x{height} image is too thin to search for faces"
+            if result.detail is not None:
+                line["error"] = result.detail
+                if i not in errors:
+                    print(f"error: {path}: {result.detail}", file=sys.stderr)
             emit(line)
     return 0
 

@@ -74,8 +74,8 @@ def seed_key(settings: Settings) -> bytes | None:
         raise CliError(str(exc)) from None
     if key is None:
         print(
-            "warning: FACEGATE_SEED_KEY_FILE is not set; drawing unkeyed latents "
-            "(they match only an unkeyed server)",
+            "warning: FACEGATE_SEED_KEY_FILE is not set; drawing unkeyed latents (they match "
+            "only a server started with FACEGATE_ALLOW_UNKEYED_SEEDS=true)",
             file=sys.stderr,
         )
     return key

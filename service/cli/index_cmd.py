@@ -103,6 +103,7 @@ def build_on_ray(
 
 def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
     from filter.index import FaissIdentityIndex
+    from filter.index_lineage import EDITS, scrubbed_history
     from filter.runtime import load_index_for
 
     if args.verify:
@@ -110,7 +111,19 @@ def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
         index = load_index_for(embedding_pipeline(settings, args), Path(args.index))
     else:
         index = FaissIdentityIndex.load(Path(args.index))
-    emit({**index.manifest, "fingerprint": index.fingerprint})
+    manifest = dict(index.manifest)
+    history = manifest.get(EDITS)
+    scrubbed = scrubbed_history(history, None)
+    if isinstance(history, list) and scrubbed != history:
+        # Written by an earlier facegate, which named the identities an edit touched.
+        manifest[EDITS] = scrubbed
+        print(
+            "facegate: warning: this index's edit history names identities (written by an "
+            "earlier facegate); shown here as counts. The next `index add` or `index remove` "
+            "rewrites it as counts and keyed hashes",
+            file=sys.stderr,
+        )
+    emit({**manifest, "fingerprint": index.fingerprint})
     return 0
 
 

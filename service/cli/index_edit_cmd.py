@@ -4,11 +4,19 @@ publish an index where live servers pick it up (atomically, through a symlink)."
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli.common import CliError, embedding_pipeline, emit, model_options, progress_bar
+from service.cli.common import (
+    CliError,
+    embedding_pipeline,
+    emit,
+    model_options,
+    progress_bar,
+    restrict_to_owner,
+)
 from service.config import Settings
 
 
@@ -16,71 +24,152 @@ def _destination(args: argparse.Namespace) -> Path:
     return Path(args.out) if args.out else Path(args.index)
 
 
-def _report(index: Any, report: Any, written: Path, args: argparse.Namespace) -> int:
+def _edit_key(settings: Settings) -> bytes | None:
+    """The operator's key for keyed hashes in the edit history (None: counts only): the
+    audit log's (FACEGATE_AUDIT_KEY_FILE, else the seed key), so `facegate audit hash`
+    finds a person in both."""
+    from service.errors import StartupError
+    from service.generators import load_seed_key
+    from service.security import audit_master_key
+
+    try:
+        key = audit_master_key(settings, load_seed_key(settings.seed_key_file))
+    except (StartupError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    if key is None:
+        print(
+            "facegate: neither FACEGATE_AUDIT_KEY_FILE nor FACEGATE_SEED_KEY_FILE is set: the "
+            "edit history records how many identities changed, without keyed hashes",
+            file=sys.stderr,
+        )
+    return key
+
+
+def _report(index: Any, report: Any, written: Path, args: argparse.Namespace) -> dict[str, Any]:
     report.fingerprint_after = index.fingerprint
-    emit({"index": str(_destination(args)), "written": str(written), **report.as_dict()})
-    if report.calibration.startswith("dropped"):
+    summary = {"index": str(_destination(args)), "written": str(written), **report.as_dict()}
+    if report.calibration.startswith("carried"):
         print(f"facegate: the saved calibration was {report.calibration}", file=sys.stderr)
     if report.replicas.startswith("off"):
         print(f"facegate: warning: replica signal {report.replicas}", file=sys.stderr)
-    return 0
+    return summary
+
+
+def _publish(edited: Any, args: argparse.Namespace) -> Path:
+    from filter.index_release import publish
+
+    written = publish(edited, _destination(args))
+    restrict_to_owner(written)
+    return written
 
 
 def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
     from filter.gallery import gallery_images
     from filter.index_edit import add_gallery
-    from filter.index_release import publish
     from filter.runtime import load_index_for
 
     gallery = Path(args.gallery)
     total = len(list(gallery_images(gallery)))
+    key = _edit_key(settings)
     pipeline = embedding_pipeline(settings, args)
     index = load_index_for(pipeline, Path(args.index))  # refuses another embedder/detector
     with progress_bar(total, "enrolling") as bar:
         edited, report = add_gallery(
-            index, pipeline, gallery, progress=bar.update, index_name=str(_destination(args))
+            index,
+            pipeline,
+            gallery,
+            progress=bar.update,
+            index_name=str(_destination(args)),
+            key=key,
         )
-    written = publish(edited, _destination(args))
+    written = _publish(edited, args)
     kept = "enrolled for replicas only" if edited.has_replicas else "not enrolled"
     for path in report.gallery.no_face if report.gallery else []:
         print(f"warning: no face found in {gallery / path}; {kept}", file=sys.stderr)
-    return _report(edited, report, written, args)
+    emit(_report(edited, report, written, args))
+    return 0
 
 
 def cmd_index_remove(settings: Settings, args: argparse.Namespace) -> int:
     from filter.index import FaissIdentityIndex
     from filter.index_edit import remove_identities
-    from filter.index_release import publish
+    from filter.index_release import releases_holding
 
     if not args.identity:
         raise CliError("name at least one --identity to remove")
-    index = FaissIdentityIndex.load(Path(args.index))  # integrity and self-test
-    edited, report = remove_identities(index, args.identity)
-    written = publish(edited, _destination(args))
-    return _report(edited, report, written, args)
+    key = _edit_key(settings)
+    source = Path(args.index)
+    linked = source.is_symlink()
+    before = source.resolve()
+    index = FaissIdentityIndex.load(source)  # integrity and self-test
+    edited, report = remove_identities(index, args.identity, key)
+    written = _publish(edited, args)
+    summary = _report(edited, report, written, args)
+    # What still holds the removed vectors: older releases beside the old target (a
+    # symlinked index; the live one is the new release, unless the result went to --out),
+    # or, for a plain folder written to --out, the folder itself (left alone, as asked).
+    # A plain folder replaced in place is gone: the exchange removed it.
+    holding: list[Path] = []
+    prunable: list[Path] = []
+    if linked:
+        holding = releases_holding([before], args.identity, exclude=written)
+        prunable = [folder for folder in holding if folder != source.resolve()]
+    elif args.out is not None:
+        holding = releases_holding([before], args.identity, only=True)
+    pruned = prunable if args.prune_releases else []
+    for folder in pruned:
+        shutil.rmtree(folder)
+    summary["releases_pruned"] = [str(folder) for folder in pruned]
+    summary["still_holding_removed"] = [str(f) for f in holding if f not in pruned]
+    for folder in holding:
+        if folder in pruned:
+            continue
+        why = (
+            "delete it, or rerun with --prune-releases"
+            if folder in prunable
+            else "the index you edited with --out, or the live one until you publish the result"
+        )
+        print(
+            f"facegate: {folder} still holds the removed identities' vectors ({why})",
+            file=sys.stderr,
+        )
+    emit(summary)
+    return 0
 
 
 def cmd_index_publish(settings: Settings, args: argparse.Namespace) -> int:
-    from filter.index import FaissIdentityIndex
+    from filter.index_lineage import describe_acknowledgement
     from filter.index_release import publish_folder
 
-    release = publish_folder(Path(args.source), Path(args.link), name=args.name)
+    published = publish_folder(
+        Path(args.source), Path(args.link), name=args.name, allow_looser=args.allow_looser
+    )
     emit(
         {
             "link": str(args.link),
-            "release": str(release),
-            "fingerprint": FaissIdentityIndex.load(release).fingerprint,
+            "release": str(published.release),
+            "fingerprint": published.fingerprint,
+            "looser": published.looser,
+            "looser_acknowledged": published.acknowledgement,
         }
     )
+    if published.looser and published.acknowledgement is not None:
+        print(
+            f"facegate: warning: this release is looser than the one it replaces "
+            f"({'; '.join(published.looser)}), "
+            f"{describe_acknowledgement(published.acknowledgement)}",
+            file=sys.stderr,
+        )
     print(
-        f"{args.link} -> {release}; servers watching it reload by themselves, others on SIGHUP",
+        f"{args.link} -> {published.release}; servers watching it reload by themselves, "
+        "others on SIGHUP",
         file=sys.stderr,
     )
     return 0
 
 
 def register_into(index: Any) -> None:
-    """Add the `add` and `remove` subcommands to the `index` group."""
+    """Add the `add`, `remove` and `publish` subcommands to the `index` group."""
     add = index.add_parser(
         "add", help="enrol GALLERY/<identity>/* into an existing index (no rebuild)"
     )
@@ -97,6 +186,12 @@ def register_into(index: Any) -> None:
         "--identity", action="append", metavar="ID", help="identity id; repeat for several"
     )
     remove.add_argument("--out", help="write the result here instead of replacing INDEX")
+    remove.add_argument(
+        "--prune-releases",
+        action="store_true",
+        help="delete the older release folders that still hold the removed identities "
+        "(never the live one); without it they are listed",
+    )
     remove.set_defaults(handler=cmd_index_remove)
     publish = index.add_parser(
         "publish",
@@ -105,4 +200,10 @@ def register_into(index: Any) -> None:
     publish.add_argument("source", help="a built index folder")
     publish.add_argument("link", help="the symlink servers read (FACEGATE_INDEX_PATH)")
     publish.add_argument("--name", help="release name (default: the source folder's name)")
+    publish.add_argument(
+        "--allow-looser",
+        action="store_true",
+        help="publish even though its thresholds are looser than the current index's; the "
+        "acknowledgement is recorded in this release's manifest (servers then reload it)",
+    )
     publish.set_defaults(handler=cmd_index_publish)

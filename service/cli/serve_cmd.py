@@ -21,6 +21,7 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise CliError("--tls-cert and --tls-key go together")
+    # Defaults: FACEGATE_TLS_CLIENT_CERT / _KEY, the client certificate of this host.
 
     summary = generate_to_folder(
         target=args.target,
@@ -30,8 +31,9 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
         image_format=args.format,
         timeout=args.timeout,
         tls_ca=args.tls_ca or (str(settings.tls_ca) if settings.tls_ca else None),
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
+        tls_cert=args.tls_cert
+        or (str(settings.tls_client_cert) if settings.tls_client_cert else None),
+        tls_key=args.tls_key or (str(settings.tls_client_key) if settings.tls_client_key else None),
         tls_server_name=args.tls_server_name,
     )
     emit(summary)
@@ -50,7 +52,12 @@ def register(sub: Any) -> None:
     gen.add_argument("--out", required=True, metavar="DIR")
     gen.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     gen.add_argument("--tls-ca", help="CA certificate to verify a TLS server (FACEGATE_TLS_CA)")
-    gen.add_argument("--tls-cert", help="client certificate, for a server with mutual TLS")
-    gen.add_argument("--tls-key", help="the client certificate's private key")
+    gen.add_argument(
+        "--tls-cert",
+        help="client certificate, for a server with mutual TLS (FACEGATE_TLS_CLIENT_CERT)",
+    )
+    gen.add_argument(
+        "--tls-key", help="the client certificate's private key (FACEGATE_TLS_CLIENT_KEY)"
+    )
     gen.add_argument("--tls-server-name", help="name to expect in the server's certificate")
     gen.set_defaults(handler=cmd_generate)

@@ -1,0 +1,172 @@
+"""What an index carries from the index it was made from, and when a release is looser.
+
+An index is edited (`index add`, `index remove`), recalibrated (`calibrate --save`) and
+published (`index publish`); a server reloads it. None of these may silently loosen the
+filter: a release whose identity threshold or replica threshold is higher than the one it
+replaces, or whose replica signal is off where it was on, is *looser*, and is accepted only
+with an acknowledgement given for that very release and recorded in its manifest
+(`looser_acknowledged`). The reference each path compares with:
+
+- `calibrate --save`: the thresholds the index had (its calibration, else the defaults);
+- `index publish`: the index the link points to now;
+- a reload: the thresholds the server is serving now.
+
+Manifest fields across a change, in one place (`EDIT_FIELDS`, `RECALIBRATION_DROPS`):
+
+| field | `index add` / `remove` | `calibrate --save` |
+|---|---|---|
+| calibration (`calibration.json`) | carried, noted as carried | replaced |
+| `edits` (history) | carried as counts and keyed hashes, plus this edit | carried |
+| `built_at`, `compute` (the edit records its own) | carried | carried |
+| `looser_acknowledged` | dropped: it was for one release | dropped, or given anew |
+| everything else | rebuilt from the edited tables | carried |
+
+Edit records name no one: an edit records how many identities it added or removed and,
+with the operator's key (FACEGATE_SEED_KEY_FILE), their keyed hashes, derived as the audit
+log's (`filter.keys`), so `facegate audit hash LABEL` finds a person in both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from filter.decide import DecisionThresholds
+from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
+
+LOOSER_ACK = "looser_acknowledged"
+EDITS = "edits"
+# Fields an edited index takes over from the index it came from as they are. Fields a
+# change must draw anew (a per-release salt, say) go in EDIT_ROLLED with their maker.
+EDIT_FIELDS = ("built_at", "compute")
+EDIT_ROLLED: dict[str, Any] = {}
+# Fields a recalibrated index does not keep (it keeps everything else).
+RECALIBRATION_DROPS = (LOOSER_ACK,)
+# Thresholds are floats written to JSON and read back: equal within this is equal.
+TOLERANCE = 1e-9
+
+
+def loosenings(before: DecisionThresholds, after: DecisionThresholds) -> list[str]:
+    """How `after` is looser than `before`, one phrase per signal ([] when it is not)."""
+    out = []
+    if after.identity > before.identity + TOLERANCE:
+        out.append(f"identity threshold {before.identity:g} -> {after.identity:g}")
+    if before.replica is not None:
+        if after.replica is None:
+            out.append(f"replica threshold {before.replica:g} -> off")
+        elif after.replica > before.replica + TOLERANCE:
+            out.append(f"replica threshold {before.replica:g} -> {after.replica:g}")
+    return out
+
+
+def acknowledgement(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The release's acknowledgement that it may be looser than what it replaces."""
+    ack = manifest.get(LOOSER_ACK)
+    return ack if isinstance(ack, dict) else None
+
+
+def acknowledge(
+    manifest: dict[str, Any],
+    *,
+    by: str,
+    replaces: str | None,
+    before: DecisionThresholds,
+    after: DecisionThresholds,
+) -> None:
+    """Record in `manifest` that this release is accepted although looser (who said so,
+    when, and against which index and thresholds)."""
+    manifest[LOOSER_ACK] = {
+        "by": by,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "replaces_fingerprint": replaces,
+        "before": _thresholds(before),
+        "after": _thresholds(after),
+        "changes": loosenings(before, after),
+    }
+
+
+def _thresholds(thresholds: DecisionThresholds) -> dict[str, float | None]:
+    return {"identity": thresholds.identity, "replica": thresholds.replica}
+
+
+def describe_acknowledgement(ack: dict[str, Any]) -> str:
+    return f"acknowledged by `{ack.get('by')}` at {ack.get('at')}"
+
+
+def identity_hashes(identities: Sequence[str], key: bytes | None) -> list[str] | None:
+    """Keyed pseudonyms of identity labels (the audit log's derivation); None without a key."""
+    if key is None:
+        return None
+    subkey = derive_subkey(key, AUDIT_IDENTITY)
+    return sorted(identity_digest(subkey, label) for label in identities)
+
+
+def edit_record(
+    operation: str, identities: Sequence[str], from_fingerprint: str, key: bytes | None
+) -> dict[str, Any]:
+    """One entry of the `edits` history: what was done, to how many, keyed hashes only."""
+    record: dict[str, Any] = {
+        "op": operation,
+        "identities": len(set(identities)),
+        "from_fingerprint": from_fingerprint,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    hashes = identity_hashes(sorted(set(identities)), key)
+    if hashes is not None:
+        record["identity_hashes"] = hashes
+    return record
+
+
+def scrubbed_history(history: object, key: bytes | None) -> list[dict[str, Any]]:
+    """The `edits` history with no label left in it: entries written before edits were
+    pseudonymous (a list of names) become a count, and keyed hashes with a key."""
+    out: list[dict[str, Any]] = []
+    for entry in history if isinstance(history, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        entry = dict(entry)
+        names = entry.get("identities")
+        if isinstance(names, list):
+            labels = sorted({str(name) for name in names})
+            entry["identities"] = len(labels)
+            hashes = identity_hashes(labels, key)
+            if hashes is not None:
+                entry["identity_hashes"] = hashes
+        out.append(entry)
+    return out
+
+
+def edited_manifest(
+    parent: dict[str, Any], rebuilt: dict[str, Any], record: dict[str, Any], key: bytes | None
+) -> dict[str, Any]:
+    """The manifest of an edited index: `rebuilt` (from the edited tables) plus what it
+    takes from `parent` (EDIT_FIELDS, the history) and what is drawn anew (EDIT_ROLLED)."""
+    manifest = dict(rebuilt)
+    for name in EDIT_FIELDS:
+        if name in parent:
+            manifest[name] = parent[name]
+    for name, make in EDIT_ROLLED.items():
+        manifest[name] = make()
+    manifest[EDITS] = [*scrubbed_history(parent.get(EDITS), key), record]
+    manifest.pop(LOOSER_ACK, None)
+    return manifest
+
+
+def recalibrated_manifest(parent: dict[str, Any]) -> dict[str, Any]:
+    """The manifest a recalibrated index starts from: the parent's, minus what was given
+    for the parent release only."""
+    return {k: v for k, v in parent.items() if k not in RECALIBRATION_DROPS}
+
+
+def carried_calibration(
+    calibration: dict[str, Any], operation: str, from_fingerprint: str
+) -> dict[str, Any]:
+    """The parent's calibration, kept by an edit: its thresholds still apply (adding
+    identities can only make them reject more; removing, less often a stranger), but the
+    rates it measured were measured on the parent, which it says."""
+    carried = dict(calibration)
+    history = list(carried.get("carried_through", []))
+    history.append({"op": operation, "from_fingerprint": from_fingerprint})
+    carried["carried_through"] = history
+    return carried
