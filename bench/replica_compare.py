@@ -2,6 +2,7 @@
 training images the filter rejects, and how, with the thresholds `calibrate --save` picks.
 
     .venv/bin/python -m bench.replica_compare [--code DIR ...] [--per-probe 200]
+        [--calibration 300] [--sigma-draws 5]
 
 The setup is the issue's (`make eval` style): 200 generator outputs enrolled as the
 training set, both thresholds calibrated jointly at a 5 % false-reject target on 300
@@ -35,9 +36,11 @@ GALLERY_SEED, CALIBRATION_SEED, TEST_SEED, NOISE_SEED, TRANSFORM_SEED = (
 )
 
 
-def build_sets(per_probe: int, calibration: int, test: int) -> dict[str, np.ndarray]:
+def build_sets(
+    per_probe: int, calibration: int, test: int, sigma_draws: int
+) -> dict[str, np.ndarray]:
     from bench.common import MODELS
-    from filter.augment import PROBE_TRANSFORMS, recompress, transformed
+    from filter.augment import PROBE_TRANSFORMS, crop, mirror, recompress, shift, transformed
     from service.generators import latents_for, load_dcgan_digiface
 
     generator = load_dcgan_digiface(MODELS)
@@ -66,6 +69,27 @@ def build_sets(per_probe: int, calibration: int, test: int) -> dict[str, np.ndar
         sets[transform.name] = np.stack(
             transformed(gallery[:per_probe], transform, TRANSFORM_SEED + k)
         )
+    # The corners of the bounds, which random draws rarely reach: an 85 % window in a
+    # corner, a 15 % shift along both axes (28 % of the frame reflected border).
+    corners = [(i % 2, (i // 2) % 2) for i in range(per_probe)]
+    sets["worst_corner_crop_85"] = np.stack(
+        [crop(image, 0.85, fx, fy) for image, (fx, fy) in zip(gallery, corners, strict=False)]
+    )
+    sets["worst_mirrored_corner_crop_85"] = np.stack(
+        [mirror(image) for image in sets["worst_corner_crop_85"]]
+    )
+    sets["worst_diagonal_shift_15"] = np.stack(
+        [
+            shift(image, 0.15 * (1 - 2 * fx), 0.15 * (1 - 2 * fy))
+            for image, (fx, fy) in zip(gallery, corners, strict=False)
+        ]
+    )
+    # More draws at sigma 0.3, so that a difference of a few tenths of a point shows.
+    if sigma_draws > 1:
+        draws = np.concatenate(
+            [base + 0.3 * rng.standard_normal(base.shape) for _ in range(sigma_draws)]
+        )
+        sets[f"near_copies_sigma_0.3_x{sigma_draws}"] = generate(draws.astype(np.float32))
     sets["calibration"] = generate(latents(CALIBRATION_SEED, calibration))
     sets["fresh_test"] = generate(latents(TEST_SEED, test))
     return sets
@@ -150,6 +174,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-probe", type=int, default=200)
     parser.add_argument("--calibration", type=int, default=300)
     parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument(
+        "--sigma-draws", type=int, default=5, help="near-copies at sigma 0.3 per training image"
+    )
     parser.add_argument("--target-false-reject", type=float, default=0.05)
     parser.add_argument("--score", type=Path, help=argparse.SUPPRESS)  # child mode: sets file
     args = parser.parse_args(argv)
@@ -161,7 +188,9 @@ def main(argv: list[str]) -> int:
     codes = args.code or [REPO]
     with tempfile.TemporaryDirectory(prefix="replica-compare-") as scratch:
         sets_file = Path(scratch) / "sets.npz"
-        np.savez(sets_file, **build_sets(args.per_probe, args.calibration, args.test))  # type: ignore[arg-type]
+        np.savez(
+            sets_file, **build_sets(args.per_probe, args.calibration, args.test, args.sigma_draws)
+        )  # type: ignore[arg-type]
         results: dict[str, list[dict[str, Any]]] = {}
         for code in codes:
             from bench.common import MODELS

@@ -5,22 +5,27 @@ the result with the face embedder.
 
     .venv/bin/python -m bench.replica_inversion [--images 200]
 
-The attack: every step from an image's 32x32 working frame to a stored feature row is
-linear (views, blur, resampling, channel means, projection) except the final scaling to
-unit length. The attacker therefore solves one regularised least-squares problem per
-training image for the frame that best explains all its stored rows at once (18 views: far
-more equations than one row gives), with each row's lost scale set to the typical norm of
-a whitened training row, and the lost channel means taken from fresh generator samples
-(the generator is public). The smoothness weight is chosen with the originals in hand,
-which no real attacker has: the figures are the attacker's best case. The same attack runs
-on the format-2 feature (bench/replica_v1.py: one 16x16 row of 64 numbers).
+Two attacks:
+- analytic: every step from an image's 32x32 working frame to its stored row is linear
+  (blur, resampling, channel means, projection) except the final scaling to unit length.
+  The attacker solves a regularised least-squares problem per training image for the
+  frame that best explains its stored row, the lost scale set to the typical norm of a
+  whitened training row, the lost channel means taken from fresh generator samples (the
+  generator is public);
+- learned: a linear decoder from stored rows to frames, fitted by ridge regression on
+  --attacker-samples pairs the attacker makes with the public generator and the index's
+  own projection: the best linear estimate given the generator's prior.
+Regularisation weights are chosen with the originals in hand, which no real attacker has:
+the figures are the attacker's best case. The same attacks run on the format-2 feature
+(bench/replica_v1.py: one 16x16 row of 64 numbers), and, with --components, on this
+feature at other widths (what a wider stored row would give back).
 
 What is measured, for each reconstruction against its original training image: whether a
 face is detected, the SFace cosine similarity, the share at or above the identity
 thresholds (0.40 default; the `make eval` calibrated one), and whether the nearest of all
 the training images' embeddings is its own (rank-1 identification among --images). As an
 upper bound on what the feature could ever give back, the same figures for the blurred
-working frame itself (everything the views see, with nothing lost to the projection).
+working frame itself (everything the feature sees, with nothing lost to the projection).
 One JSON line per case.
 """
 
@@ -38,7 +43,7 @@ import numpy as np
 from bench.common import MODELS
 from bench.replica_v1 import V1Featurizer
 from bench.replica_v1 import low_res as v1_low_res
-from filter.replica import FRAME_SIDE, ReplicaFeaturizer, frames, low_res, views
+from filter.replica import FRAME_SIDE, ReplicaFeaturizer, frames, low_res
 from filter.runtime import build_embedding_pipeline
 from service.generators import latents_for, load_dcgan_digiface
 
@@ -169,6 +174,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--attacker-samples", type=int, default=3000)
+    parser.add_argument(
+        "--components",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also attack this feature fitted with these widths (the stored row's length)",
+    )
     parser.add_argument("--save", help="write a PNG: originals, then each attack's best")
     args = parser.parse_args(argv)
     generator = load_dcgan_digiface(MODELS)
@@ -186,12 +198,12 @@ def main(argv: list[str]) -> int:
     # What the index stores (filter/replica.py), exactly as an index build computes it.
     framed = frames(list(training))
     featurizer = ReplicaFeaturizer.fit(framed)
-    stored = featurizer.enrolled(framed).reshape(len(training), featurizer.views, -1)
+    stored = featurizer.enrolled(framed)[:, None, :]  # one row per training image
     public_frames = frames(list(public))
     prior = public_frames.astype(np.float32).mean(axis=0)
     whitened = (low_res(framed) - featurizer.mean) @ featurizer.basis.T
     typical = float(np.median(np.linalg.norm(whitened, axis=1)))
-    linear = _linear_map(lambda f: list(low_res(views(f))), FRAME_SIDE)
+    linear = _linear_map(lambda f: [low_res(f[None])[0]], FRAME_SIDE)
     # Format 2's feature, attacked the same ways (one view of a 16x16 image, 64 numbers).
     v1 = V1Featurizer(list(training))
     v1_stored = v1.features(list(training))[:, None, :]
@@ -210,7 +222,8 @@ def main(argv: list[str]) -> int:
         scores.setdefault(case, []).append(result["sface_similarity_median"] or -1.0)
 
     scores: dict[str, list[float]] = {}
-    current, old = "18 views x 128 (this format)", "1 view x 64 (format 2)"
+    current = f"1 row x {featurizer.dim} (format 3)"
+    old = "1 row x 64 (format 2)"
     for smoothness in (0.1, 1.0):
         report(
             current,
@@ -239,7 +252,7 @@ def main(argv: list[str]) -> int:
                 )
             ],
         )
-    public_rows = featurizer.enrolled(public_frames).reshape(len(public), -1)
+    public_rows = featurizer.enrolled(public_frames)
     public_v1 = v1.features(list(public))
     targets = public_frames.reshape(len(public), -1).astype(np.float32)
     for ridge in (1e-3, 1e-2, 1e-1):
@@ -258,8 +271,18 @@ def main(argv: list[str]) -> int:
             f"linear decoder learned on {len(public)} generator samples, ridge {ridge:g}",
             [_to_image(f.reshape(FRAME_SIDE, FRAME_SIDE, 3)) for f in decode_v1(v1_stored[:, 0])],
         )
+    for width in args.components:
+        wider = ReplicaFeaturizer.fit(framed, components=width)
+        wide_stored, wide_public = wider.enrolled(framed), wider.enrolled(public_frames)
+        for ridge in (1e-3, 1e-2, 1e-1):
+            decode = learned_decoder(wide_public, targets, ridge)
+            report(
+                f"1 row x {wider.dim} (this feature, wider)",
+                f"linear decoder learned on {len(public)} generator samples, ridge {ridge:g}",
+                [_to_image(f.reshape(FRAME_SIDE, FRAME_SIDE, 3)) for f in decode(wide_stored)],
+            )
     blurred = [_to_image(cv2.GaussianBlur(f.astype(np.float32), (0, 0), 1.0)) for f in framed]
-    report("upper bound", "the blurred 32x32 working frame itself (all the views see)", blurred)
+    report("upper bound", "the blurred 32x32 working frame itself (all the feature sees)", blurred)
     thumbnails = [
         _to_image(cv2.resize(t, (16, 16), interpolation=cv2.INTER_AREA)) for t in training
     ]

@@ -1,24 +1,30 @@
 """The alternatives weighed for issue 23's replica signal, measured on the same sets.
 
     .venv/bin/python -m bench.replica_study collect OUT.npz [--seed 23000]
-    .venv/bin/python -m bench.replica_study score OUT.npz [--sscd-dir DIR]
+    .venv/bin/python -m bench.replica_study score OUT.npz [--pooled] [--sscd-dir DIR]
+    .venv/bin/python -m bench.replica_study invert OUT.npz [--sscd-dir DIR]
 
-`collect` builds the sets once (200 generated training images, near-copies at sigma 0.3
-and at 0.2 recompressed as JPEG 70, one copy of each training image per transform of
-filter.augment, 1,000 calibration and 1,000 test samples) and runs each image through the
-face pipeline once (the identity score does not depend on the replica feature). `score`
-then tries each replica feature on the cached images: the identity and replica thresholds
-are calibrated jointly at 5 % (filter.calibrate, as `calibrate --save` does) and recall is
-the share of scored images (a face found) rejected by either signal. One JSON line per
-feature; a table on stderr.
+`collect` builds the sets once (200 generated training images; near-copies at sigma 0.3,
+200 and 1,000 more (five per training image), and at 0.2 recompressed as JPEG 70; one
+copy of each training image per transform of filter.augment; 1,000 calibration and 1,000
+test samples) and runs each image through the face pipeline once (the identity score does
+not depend on the replica feature). `score` then tries each replica feature on the cached
+images: the identity and replica thresholds are calibrated jointly at 5 % (filter.calibrate,
+as `calibrate --save` does; `--pooled`: on calibration and test samples together, so that
+every feature is read at the same false-reject rate) and recall is the share of scored
+images (a face found) rejected by either signal. One JSON line per feature; a table on
+stderr. `invert` plays the attacker who holds an index of each feature (see there).
 
 Features tried:
 - `format 2`: the previous feature (bench/replica_v1.py), one row per training image;
 - `+ mirrored search`: the same, each candidate also searched mirrored;
 - `enrol mirror + 9 crops`: transformed copies of each image enrolled (20 rows, k 64);
-- `current`: filter/replica.py (18 views, mirrored search, blur, k 128);
-- `query-side views`: one row per image, each candidate searched through the inverse of
-  the 18 views, mirrored too (36 searches);
+- `first format 3`: 18 augmented views of each image enrolled (whitened PCA, 128 numbers
+  each), each candidate searched as it is and mirrored (never released: it inverted);
+- `query views, whitened PCA`: one row per image (64 or 128 numbers), each candidate
+  searched through filter/replica.py's 36 query views, no taper, no margin;
+- `format 3`: filter/replica.py as the filter runs it (one row of 64, discriminant
+  projection, taper, 36 query views, margin);
 - `aligned frame`: invariant by construction: the whole frame warped onto the face's
   landmarks (MTCNN) before the feature, mirrored enrolled;
 - `Fourier magnitude`: invariant by construction to circular shifts and (symmetrised) to
@@ -46,7 +52,7 @@ import numpy as np
 
 from bench.replica_v1 import V1Featurizer
 from filter import replica
-from filter.augment import PROBE_TRANSFORMS, crop, mirror, recompress, shift, transformed
+from filter.augment import PROBE_TRANSFORMS, crop, mirror, recompress, transformed
 from filter.calibrate import calibrate_thresholds
 
 Images = Sequence[np.ndarray]
@@ -92,6 +98,13 @@ def collect(out: Path, seed: int) -> None:
             for i in generate((gallery_latents + 0.2 * noise).astype(np.float32))
         ]
     )
+    # Five more draws at sigma 0.3 per training image: the replica signal's recall there
+    # moves by a few tenths of a point between features, which 200 images cannot resolve.
+    noise_rng = np.random.default_rng(seed + 900)
+    latents_x5 = np.concatenate(
+        [gallery_latents + 0.3 * noise_rng.standard_normal(gallery_latents.shape) for _ in range(5)]
+    )
+    sets["near_0.3_1000"] = generate(latents_x5.astype(np.float32))
     for k, transform in enumerate(PROBE_TRANSFORMS):
         sets[transform.name] = np.stack(transformed(gallery, transform, seed + 200 + k))
     sets["calibration"] = generate(latents(seed + 1, 1000))
@@ -137,6 +150,11 @@ class Feature:
     def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def stored(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """(N, rows_per_image * dim): what an index of this feature would store for each
+        image, had it been a training image (what `invert` attacks)."""
+        raise NotImplementedError
+
     def scores(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         table = self.enrolled()
         best = np.full(len(images), -np.inf)
@@ -162,6 +180,9 @@ class FormatTwo(Feature):
     def enrolled(self) -> np.ndarray:
         return self.table
 
+    def stored(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        return self.model.features(list(images))
+
     def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
         out = [self.model.features(list(images))]
         if self.mirrored:
@@ -169,9 +190,85 @@ class FormatTwo(Feature):
         return out
 
 
-class Current(Feature):
-    name = "current (18 views, mirrored search)"
+def _whitened_pca(rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and whitened basis (format 2's and the first format 3's projection)."""
+    mean = rows.mean(axis=0)
+    _, singular, vt = np.linalg.svd(rows - mean, full_matrices=False)
+    k = min(k, len(rows) - 1)
+    variance = singular[:k] ** 2 / (len(rows) - 1)
+    scale = 1 / np.sqrt(variance + 0.01 * variance.mean())
+    return mean, vt[:k] * scale[:, None]
+
+
+def _untapered_rows(framed: np.ndarray, views: Sequence[replica.View]) -> np.ndarray:
+    """(N, len(views), 768): low-res rows of each view without the taper (as the first
+    format 3 computed them)."""
+    taper = replica.TAPER
+    replica.TAPER = 1e-9
+    replica._low_pass.cache_clear()
+    try:
+        return np.stack([replica.low_res(framed, v) for v in views], axis=1)
+    finally:
+        replica.TAPER = taper
+        replica._low_pass.cache_clear()
+
+
+class EnrolledViews(Feature):
+    """Format 3 as first built (never released): the 18 augmented views of each training
+    image enrolled (18 rows of 128 numbers), whitened PCA, each candidate searched as it
+    is and mirrored. It inverted too well (README "The threshold")."""
+
+    name = "first format 3: 18 views enrolled x 128, mirrored search"
     rows_per_image = replica.VIEWS
+
+    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
+        rows = _untapered_rows(replica.frames(list(gallery)), replica.augmented_views())
+        flat = rows.reshape(-1, rows.shape[-1])
+        self.mean, self.basis = _whitened_pca(flat, 128)
+        self.table = _unit((flat - self.mean) @ self.basis.T)
+
+    def enrolled(self) -> np.ndarray:
+        return self.table
+
+    def stored(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        rows = _untapered_rows(replica.frames(list(images)), replica.augmented_views())
+        return _unit((rows - self.mean) @ self.basis.T).reshape(len(images), -1)
+
+    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        views = replica.query_views()
+        rows = _untapered_rows(replica.frames(list(images)), [views[0], views[replica.VIEWS]])
+        return [_unit((rows[:, v] - self.mean) @ self.basis.T) for v in range(2)]
+
+
+class QueryViewsPca(Feature):
+    """One row per training image (whitened PCA fitted on the augmented views, no taper,
+    no margin), each candidate searched through filter/replica.py's 36 query views."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.name = f"query views, whitened PCA, 1 row x {k}"
+
+    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
+        views = _untapered_rows(replica.frames(list(gallery)), replica.augmented_views())
+        self.mean, self.basis = _whitened_pca(views.reshape(-1, views.shape[-1]), self.k)
+        self.table = _unit((views[:, 0] - self.mean) @ self.basis.T)
+
+    def enrolled(self) -> np.ndarray:
+        return self.table
+
+    def stored(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        rows = _untapered_rows(replica.frames(list(images)), replica.query_views()[:1])
+        return _unit((rows[:, 0] - self.mean) @ self.basis.T)
+
+    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
+        rows = _untapered_rows(replica.frames(list(images)), replica.query_views())
+        return [_unit((rows[:, v] - self.mean) @ self.basis.T) for v in range(rows.shape[1])]
+
+
+class Current(Feature):
+    """filter/replica.py as the filter runs it (one row of 64, 36 query views, margins)."""
+
+    name = "format 3: 1 row x 64, 36 query views (this feature)"
 
     def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
         framed = replica.frames(list(gallery))
@@ -181,41 +278,19 @@ class Current(Feature):
     def enrolled(self) -> np.ndarray:
         return self.table
 
-    def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
-        both = self.model.queries(list(images))
-        return [both[:, 0], both[:, 1]]
-
-
-def _inverse_views(frame: np.ndarray) -> list[np.ndarray]:
-    """Each enrolled view undone on a candidate's frame (a crop zoomed back out)."""
-    side = frame.shape[0]
-    out = [frame]
-    for fx, fy in replica.CROP_POSITIONS:
-        s = replica.CROP_SIDE
-        x0, y0 = fx * (side - s * side), fy * (side - s * side)
-        matrix = np.array([[s, 0.0, x0 + 0.5 * s - 0.5], [0.0, s, y0 + 0.5 * s - 0.5]])
-        out.append(cv2.warpAffine(frame, matrix, (side, side), borderMode=cv2.BORDER_REFLECT_101))
-    out += [shift(frame, -dx, -dy) for dx, dy in replica.SHIFTS]
-    return out
-
-
-class QuerySideViews(Current):
-    name = "query-side views (1 row, 36 searches)"
-    rows_per_image = 1
-
-    def fit(self, gallery: np.ndarray, landmarks: np.ndarray) -> None:
-        framed = replica.frames(list(gallery))
-        self.model = replica.ReplicaFeaturizer.fit(framed)
-        self.table = self.model.project(replica.low_res(framed))
+    def stored(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        return self.model.enrolled(replica.frames(list(images)))
 
     def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
-        framed = replica.frames(list(images))
-        out = []
-        for flip in (False, True):
-            per_image = [_inverse_views(mirror(f) if flip else f) for f in framed]
-            for v in range(replica.VIEWS):
-                out.append(self.model.project(replica.low_res([views[v] for views in per_image])))
-        return out
+        rows = self.model.queries(list(images))
+        return [rows[:, v] for v in range(rows.shape[1])]
+
+    def scores(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        margins = self.model.view_margins()
+        best = np.full(len(images), -np.inf)
+        for margin, rows in zip(margins, self.queries(images, landmarks), strict=True):
+            best = np.maximum(best, (rows @ self.table.T).max(axis=1) - margin)
+        return best
 
 
 class WholeImagePca(Feature):
@@ -239,6 +314,17 @@ class WholeImagePca(Feature):
     def enrolled(self) -> np.ndarray:
         return self.table
 
+    def stored(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        from bench.replica_v1 import low_res
+
+        return np.concatenate(
+            [
+                _unit((low_res([v(i) for i in images]) - self.mean) @ self.basis.T)
+                for v in self.views
+            ],
+            axis=1,
+        )
+
     def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
         from bench.replica_v1 import low_res
 
@@ -260,6 +346,11 @@ class Descriptor(Feature):
 
     def enrolled(self) -> np.ndarray:
         return self.table
+
+    def stored(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        raw = _unit(self.describe(list(images)) - self.offset)
+        mirrored = _unit(self.describe([mirror(i) for i in images]) - self.offset)
+        return np.concatenate([raw, mirrored], axis=1)
 
     def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
         return [_unit(self.describe(list(images)) - self.offset)]
@@ -290,6 +381,9 @@ class AlignedFrame(WholeImagePca):
         flipped[:, 0] = 63 - flipped[:, 0]
         self.template = (template + flipped) / 2
         super().fit(self._align(gallery, landmarks), landmarks)
+
+    def stored(self, images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        return super().stored(self._align(images, landmarks), landmarks)
 
     def queries(self, images: np.ndarray, landmarks: np.ndarray) -> list[np.ndarray]:
         return super().queries(self._align(images, landmarks), landmarks)
@@ -353,8 +447,10 @@ def features(sscd_dir: Path | None) -> list[Feature]:
             views + [lambda i, v=v: v(mirror(i)) for v in views],
             64,
         ),
+        EnrolledViews(),
+        QueryViewsPca(64),
+        QueryViewsPca(128),
         Current(),
-        QuerySideViews(),
         AlignedFrame(),
         Descriptor("Fourier magnitude (invariant)", fourier_magnitude, centre=True),
     ]
@@ -383,7 +479,13 @@ def features(sscd_dir: Path | None) -> list[Feature]:
 # --- score -------------------------------------------------------------------------------
 
 
-def score(data: Path, sscd_dir: Path | None, target: float = 0.05) -> list[dict[str, Any]]:
+def score(
+    data: Path,
+    sscd_dir: Path | None,
+    target: float = 0.05,
+    only: Sequence[str] = (),
+    pooled: bool = False,
+) -> list[dict[str, Any]]:
     loaded = np.load(data)
     names = [str(n) for n in loaded["names"]]
     sets = {
@@ -393,6 +495,8 @@ def score(data: Path, sscd_dir: Path | None, target: float = 0.05) -> list[dict[
     probes = [n for n in names if n not in NON_PROBES]
     results = []
     for feature in features(sscd_dir):
+        if only and not any(word in feature.name for word in only):
+            continue
         started = time.perf_counter()
         feature.fit(sets["gallery"]["images"], sets["gallery"]["landmarks"])
         replica_scores = {
@@ -404,18 +508,21 @@ def score(data: Path, sscd_dir: Path | None, target: float = 0.05) -> list[dict[
             * (time.perf_counter() - started)
             / sum(len(sets[n]["images"]) for n in replica_scores)
         )
-        calibration = sets["calibration"]
-        scored = ~calibration["no_face"]
+        # Pooled: both held-out sets calibrate (2,000 samples), so every feature is read at
+        # the same false-reject rate; otherwise fresh_test measures the calibrated one.
+        held_out = ["calibration", "fresh_test"] if pooled else ["calibration"]
+        scored = [~sets[n]["no_face"] for n in held_out]
         chosen = calibrate_thresholds(
-            calibration["identity"][scored],
-            replica_scores["calibration"][scored],
+            np.concatenate([sets[n]["identity"][m] for n, m in zip(held_out, scored, strict=True)]),
+            np.concatenate([replica_scores[n][m] for n, m in zip(held_out, scored, strict=True)]),
             target,
-            int(calibration["no_face"].sum()),
+            int(sum(sets[n]["no_face"].sum() for n in held_out)),
         )
         line: dict[str, Any] = {
             "feature": feature.name,
             "rows_per_training_image": feature.rows_per_image,
             "ms_per_image_all_stages": round(per_image_ms, 2),
+            "calibrated_on": "+".join(held_out),
         }
         for name in [*probes, "fresh_test"]:
             s = sets[name]
@@ -436,6 +543,67 @@ def score(data: Path, sscd_dir: Path | None, target: float = 0.05) -> list[dict[
     return results
 
 
+def invert(
+    data: Path, sscd_dir: Path | None, only: Sequence[str] = (), save: Path | None = None
+) -> list[dict[str, Any]]:
+    """What an attacker with the index gets back from each feature's stored rows: the
+    learned linear decoder of bench/replica_inversion.py (the strongest attack there),
+    fitted on the 2,000 held-out generator samples (public: anyone can draw them) and
+    scored with SFace against the 200 training images; the best of three ridge weights."""
+    from bench.common import MODELS
+    from bench.replica_inversion import _to_image, learned_decoder, measure
+    from filter.runtime import build_embedding_pipeline
+
+    loaded = np.load(data)
+    gallery, gallery_landmarks = loaded["gallery/images"], loaded["gallery/landmarks"]
+    public = np.concatenate([loaded["calibration/images"], loaded["fresh_test/images"]])
+    public_landmarks = np.concatenate(
+        [loaded["calibration/landmarks"], loaded["fresh_test/landmarks"]]
+    )
+    targets = replica.frames(list(public)).reshape(len(public), -1).astype(np.float32)
+    pipeline = build_embedding_pipeline("sface", MODELS, device="cpu")
+    results, rows = [], [np.concatenate(list(gallery[:12]), axis=1)]
+    for feature in features(sscd_dir):
+        if only and not any(word in feature.name for word in only):
+            continue
+        feature.fit(gallery, gallery_landmarks)
+        stored = feature.stored(gallery, gallery_landmarks)
+        public_rows = feature.stored(public, public_landmarks)
+        best: dict[str, Any] | None = None
+        best_images: list[np.ndarray] = []
+        for ridge in (1e-3, 1e-2, 1e-1):
+            decode = learned_decoder(public_rows, targets, ridge)
+            rebuilt = [
+                _to_image(f.reshape(replica.FRAME_SIDE, replica.FRAME_SIDE, 3))
+                for f in decode(stored)
+            ]
+            result = measure(feature.name, rebuilt, gallery, pipeline)
+            result["ridge"] = ridge
+            if best is None or (result["sface_similarity_median"] or -1.0) > (
+                best["sface_similarity_median"] or -1.0
+            ):
+                best, best_images = result, rebuilt
+        assert best is not None
+        best["numbers_stored_per_image"] = int(stored.shape[1])
+        results.append(best)
+        rows.append(np.concatenate(best_images[:12], axis=1))
+        print(json.dumps(best), flush=True)
+    print(
+        "| feature | numbers per image | SFace median | rank-1 | >= 0.40 | >= 0.571 |",
+        file=sys.stderr,
+    )
+    for line in results:
+        print(
+            f"| {line['case']} | {line['numbers_stored_per_image']} "
+            f"| {line['sface_similarity_median']:.2f} | {line['rank1_identified']:.0%} "
+            f"| {line['at_or_above_0.40']:.0%} | {line['at_or_above_0.571']:.1%} |",
+            file=sys.stderr,
+        )
+    if save is not None:
+        cv2.imwrite(str(save), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
+    return results
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -445,11 +613,26 @@ def main(argv: list[str]) -> int:
     scoring = sub.add_parser("score")
     scoring.add_argument("data", type=Path)
     scoring.add_argument("--sscd-dir", type=Path)
+    scoring.add_argument(
+        "--pooled",
+        action="store_true",
+        help="calibrate on calibration + fresh_test (every feature at the same rate)",
+    )
+    scoring.add_argument(
+        "--only", nargs="*", default=[], help="score only features whose name holds one of these"
+    )
+    inverting = sub.add_parser("invert")
+    inverting.add_argument("data", type=Path)
+    inverting.add_argument("--sscd-dir", type=Path)
+    inverting.add_argument("--only", nargs="*", default=[])
+    inverting.add_argument("--save", type=Path, help="PNG: originals, then each feature's best")
     args = parser.parse_args(argv)
     if args.command == "collect":
         collect(args.out, args.seed)
+    elif args.command == "invert":
+        invert(args.data, args.sscd_dir, args.only, args.save)
     else:
-        score(args.data, args.sscd_dir)
+        score(args.data, args.sscd_dir, only=args.only, pooled=args.pooled)
     return 0
 
 

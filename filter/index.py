@@ -3,9 +3,9 @@
 On disk an index is a folder (format 3):
   vectors.faiss         face embeddings (row i is vector i)
   labels.json           for each row: identity id (gallery folder name) and source file
-  replicas.faiss        replica features: `views` rows per enrolled training image
-                        (filter/replica.py), image by image
-  replica_labels.json   for each training image: identity id and source file
+  replicas.faiss        replica features (filter/replica.py): one row per enrolled
+                        training image
+  replica_labels.json   for each replica row: identity id and source file
   calibration.json      optional: thresholds saved by `facegate calibrate --save`
   manifest.json         embedder, detector settings, replica feature, index type,
                         counts, build time, the salt of its seeds, the device and
@@ -96,7 +96,8 @@ class IdentityIndex(Protocol):
         ...
 
     def search_replicas(self, images: Sequence[np.ndarray]) -> list[Match]:
-        """Nearest enrolled training image of each whole image (as it is or mirrored)."""
+        """Nearest enrolled training image of each whole image, however mirrored, cropped
+        or shifted."""
         ...
 
     @property
@@ -148,9 +149,6 @@ class FaissIdentityIndex:
         compute: dict[str, object] | None = None,
     ) -> FaissIdentityIndex:
         """Build in memory. An index with no face vector is refused: it would match nothing.
-
-        `replica_features` holds `replica_featurizer.views` rows per training image, image
-        by image; `replica_identities` and `replica_sources` one label per image.
         `salt` is the one its seeds were drawn under (`index demo`); None draws a new one.
         `compute` (filter.numerics.compute_manifest) records the device and precision that
         embedded the vectors; a record, not checked at load."""
@@ -164,21 +162,19 @@ class FaissIdentityIndex:
         replicas = None
         replica_manifest: dict[str, object] | None = None
         if replica_featurizer is not None and replica_features is not None:
-            views = replica_featurizer.views
             features = np.ascontiguousarray(replica_features, dtype=np.float32).reshape(
-                len(replica_identities) * views, -1
+                len(replica_identities), -1
             )
             replicas = VectorTable(
                 "replica features",
                 make_faiss_index(features, index_type),
-                [identity for identity in replica_identities for _ in range(views)],
-                [source for source in replica_sources for _ in range(views)],
+                list(replica_identities),
+                list(replica_sources),
             )
             replica_manifest = {
                 **replica_featurizer.spec(),
                 "dim": replicas.dim,
                 "count": replicas.count,
-                "images": len(replica_identities),
             }
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
@@ -247,28 +243,30 @@ class FaissIdentityIndex:
 
     def search_replicas(self, images: Sequence[np.ndarray]) -> list[Match]:
         """Nearest enrolled training image of each image (whole image, low frequency),
-        searched as it is and mirrored: the better match counts. Either search finding no
-        neighbour makes the image's match NO_MATCH (the filter rejects it)."""
+        searched through every query view (filter.replica: crops and shifts undone, as it
+        is and mirrored) in one call: the best match counts, less its view's margin. A view
+        whose search finds no neighbour makes the image's match NO_MATCH (the filter
+        rejects it)."""
         if self.replicas is None or self.replica_featurizer is None:
             return [NO_MATCH] * len(images)
         if len(images) == 0:
             return []
         queries = self.replica_featurizer.queries(images)
-        found = self.replicas.search(queries.reshape(len(images) * 2, -1))
+        views = queries.shape[1]
+        margins = self.replica_featurizer.view_margins()
+        found = self.replicas.search(queries.reshape(len(images) * views, -1))
         out: list[Match] = []
-        for as_is, mirrored in zip(found[0::2], found[1::2], strict=True):
-            if not (as_is.found and mirrored.found):
+        for start in range(0, len(found), views):
+            matches = found[start : start + views]
+            if not all(match.found for match in matches):
                 out.append(NO_MATCH)
-            else:
-                out.append(as_is if as_is.similarity >= mirrored.similarity else mirrored)
+                continue
+            scores = [
+                m.similarity - float(margin) for m, margin in zip(matches, margins, strict=True)
+            ]
+            best = int(np.argmax(scores))
+            out.append(Match(similarity=scores[best], identity=matches[best].identity))
         return out
-
-    def replica_images(self) -> tuple[list[str], list[str]]:
-        """(identity, source) of each enrolled training image, in row order."""
-        if self.replicas is None or self.replica_featurizer is None:
-            return [], []
-        views = self.replica_featurizer.views
-        return self.replicas.identities[::views], self.replicas.sources[::views]
 
     def source_of(self, row: int) -> str:
         return self.faces.sources[row]
@@ -296,10 +294,7 @@ class FaissIdentityIndex:
             write_json(staging / LABELS_FILE, labels_of(self.faces))
             if self.replicas is not None and self.replica_featurizer is not None:
                 faiss.write_index(self.replicas.index, str(staging / REPLICAS_FILE))
-                write_json(
-                    staging / REPLICA_LABELS_FILE,
-                    labels_of(self.replicas, self.replica_featurizer.views),
-                )
+                write_json(staging / REPLICA_LABELS_FILE, labels_of(self.replicas))
                 self.replica_featurizer.save(staging)
                 written += [REPLICAS_FILE, REPLICA_LABELS_FILE, PROJECTION_FILE]
             if self.calibration is not None:
@@ -397,13 +392,7 @@ class FaissIdentityIndex:
             featurizer = ReplicaFeaturizer.load(
                 snapshot.open(PROJECTION_FILE), replica_spec, folder / PROJECTION_FILE
             )
-            replicas = read_table(
-                snapshot,
-                "replica features",
-                REPLICAS_FILE,
-                REPLICA_LABELS_FILE,
-                rows_per_label=featurizer.views,
-            )
+            replicas = read_table(snapshot, "replica features", REPLICAS_FILE, REPLICA_LABELS_FILE)
             replicas.check_faiss(folder, featurizer.dim)
         calibration = read_calibration(snapshot, manifest)
         loaded = cls(

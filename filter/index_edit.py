@@ -1,10 +1,9 @@
 """Enrolment without a rebuild: add a gallery's identities to an index, or remove some.
 
 Both keep the two tables of the format in step: face rows (one per enrolled face) and
-replica rows (a block of views per enrolled image, face or not), under the same identity
-ids. Added images are projected with the index's own replica projection, so old and new
-replica rows are comparable; removal keeps the projection (fitted on a superset, still
-valid).
+replica rows (one per enrolled image, face or not), under the same identity ids. Added
+images are projected with the index's own replica projection, so old and new replica
+rows are comparable; removal keeps the projection (fitted on a superset, still valid).
 
 The calibration saved with the index is carried forward by both: an edit never loosens
 the filter (filter.index_lineage). Removing identities can only lower a non-member's
@@ -126,13 +125,12 @@ def add_gallery(
     featurizer = index.replica_featurizer
     replica_parts: dict[str, Any] = {}
     if replicas is not None and featurizer is not None:
-        identities, sources = index.replica_images()
         replica_parts = {
             "replica_features": np.concatenate(
                 [replicas.vectors(), featurizer.enrolled(rows.frames)]
             ),
-            "replica_identities": [*identities, *rows.replica_identities],
-            "replica_sources": [*sources, *rows.replica_sources],
+            "replica_identities": [*replicas.identities, *rows.replica_identities],
+            "replica_sources": [*replicas.sources, *rows.replica_sources],
         }
     edited = _rebuild(
         index,
@@ -177,15 +175,12 @@ def remove_identities(
     vectors = index.vectors()[keep]
     replica_parts: dict[str, Any] = {}
     replicas = index.replicas
-    if replicas is not None and index.replica_featurizer is not None:
-        identities, sources = index.replica_images()
-        keep_images = [image for image, i in enumerate(identities) if i not in drop]
-        views = index.replica_featurizer.views
-        keep_rows = [image * views + view for image in keep_images for view in range(views)]
+    if replicas is not None:
+        keep_replicas = [row for row, i in enumerate(replicas.identities) if i not in drop]
         replica_parts = {
-            "replica_features": replicas.vectors()[keep_rows],
-            "replica_identities": [identities[i] for i in keep_images],
-            "replica_sources": [sources[i] for i in keep_images],
+            "replica_features": replicas.vectors()[keep_replicas],
+            "replica_identities": [replicas.identities[r] for r in keep_replicas],
+            "replica_sources": [replicas.sources[r] for r in keep_replicas],
         }
     edited = _rebuild(
         index,
@@ -232,7 +227,7 @@ def _rebuild(
     }
     counts["faces"] = len(identities)
     if replica_parts:
-        counts["images"] = len(replica_parts["replica_identities"])  # one label per image
+        counts["images"] = len(replica_parts["replica_identities"])
     edited = FaissIdentityIndex.build(
         vectors,
         identities,

@@ -32,9 +32,10 @@ from filter.replica import PROJECTION_FILE
 from filter.vector_table import VectorTable
 
 FORMAT_VERSION = 3
-# Format 1 had no replica features, no self-test guarantees and no saved calibration.
-# Format 2's replica feature was one view per training image, blind to mirrored, cropped
-# and shifted copies; format 3 enrols several views of each (filter/replica.py).
+# What each format changed; an older index is refused with the changes it lacks and the
+# command that rebuilds it. Format 2's replica feature was blind to mirrored, cropped and
+# shifted copies; format 3's is searched through views that undo them (filter/replica.py),
+# still one row of 64 numbers per training image.
 FORMAT_CHANGES = {
     2: "adds replica features, a load self-test and a saved calibration",
     3: "changes the replica feature so that mirrored, cropped and shifted copies of a "
@@ -53,14 +54,9 @@ MANIFEST_FILE = "manifest.json"
 DETECTOR_KEYS_EXCLUDED_FROM_MATCH = frozenset({"min_face_fraction"})
 
 
-def labels_of(table: VectorTable, rows_per_label: int = 1) -> list[dict[str, str]]:
-    """One label per `rows_per_label` consecutive rows (a training image's replica views
-    share its label)."""
+def labels_of(table: VectorTable) -> list[dict[str, str]]:
     return [
-        {"identity": i, "source": s}
-        for i, s in zip(
-            table.identities[::rows_per_label], table.sources[::rows_per_label], strict=True
-        )
+        {"identity": i, "source": s} for i, s in zip(table.identities, table.sources, strict=True)
     ]
 
 
@@ -237,11 +233,7 @@ def _normalised(value: object) -> object:
 
 
 def read_table(
-    snapshot: IndexSnapshot,
-    name: str,
-    vectors_file: str,
-    labels_file: str,
-    rows_per_label: int = 1,
+    snapshot: IndexSnapshot, name: str, vectors_file: str, labels_file: str
 ) -> VectorTable:
     folder = snapshot.folder
     try:
@@ -252,8 +244,8 @@ def read_table(
         raise IndexCorruptError(f"cannot read {folder / vectors_file}: {exc}") from None
     try:
         labels = json.loads(snapshot.read(labels_file))
-        identities = [str(row["identity"]) for row in labels for _ in range(rows_per_label)]
-        sources = [str(row["source"]) for row in labels for _ in range(rows_per_label)]
+        identities = [str(row["identity"]) for row in labels]
+        sources = [str(row["source"]) for row in labels]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise IndexCorruptError(f"{folder / labels_file} is not valid: {exc}") from None
     return VectorTable(name, index, identities, sources)
