@@ -26,6 +26,25 @@ class ImageLimits:
     max_pixels: int = 64_000_000
 
 
+# Decoded pixels that one filter call holds at most (check, index build): one image at
+# the decoder's limit, or sixteen 2,000 x 2,000 photos (3 bytes each: 192 MB). The filter's
+# own working memory is bounded apart from it (filter/faces.py, DETECT_BATCH_PIXELS).
+BATCH_PIXELS = 64_000_000
+
+
+def header_pixels(path: Path) -> int:
+    """Width x height from the file's header (nothing decoded); 0 if it cannot be read
+    (decoding will say why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                return int(width) * int(height)
+    except Exception:  # any unreadable header: decoding says why
+        return 0
+
+
 def decode_image(source: bytes | Path | str, limits: ImageLimits | None = None) -> np.ndarray:
     """Return an HxWx3 uint8 RGB array; raise ImageError naming the problem."""
     limits = limits or ImageLimits()

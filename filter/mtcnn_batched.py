@@ -39,10 +39,14 @@ import torchvision
 NAME = "mtcnn-batched"
 # Bump when a change can move a box or a landmark: the index manifest records it, and an
 # index built with another version is refused.
-VERSION = "1"
+VERSION = "2"
 
 ROW_QUANTUM = 16
 MAX_ROWS = 512
+# Boxes per NMS call (IoU stages) and per block of the last ("Min") NMS: memory bounds,
+# not results (see `_grouped_nms`, `min_nms`).
+NMS_MAX_BOXES = 16_384
+NMS_BLOCK = 1024
 # NMS coordinates are snapped to this grid (1/65536 px) so that adding a per-image offset
 # is exact in float64; the snap moves a box by at most 2^-17 px, below float32 rounding
 # of the coordinates themselves.
@@ -59,13 +63,23 @@ class Detections:
     image: torch.Tensor  # (K,) int64: index of the image in the batch
 
 
-def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
-    """facenet-pytorch's scale list, to the same floating-point steps."""
+def pyramid_scales(
+    height: int,
+    width: int,
+    min_face_size: float,
+    factor: float,
+    max_face_size: float | None = None,
+) -> list[float]:
+    """facenet-pytorch's scale list, to the same floating-point steps; with
+    `max_face_size`, only its first levels: those whose face size (12 / scale) is at most
+    that (the native-resolution passes search only the faces the coarser ones cannot)."""
     m = 12.0 / min_face_size
     minl = min(height, width) * m
     scales = []
     scale = m
     while minl >= 12:
+        if max_face_size is not None and 12.0 / scale > max_face_size:
+            break
         scales.append(scale)
         scale *= factor
         minl *= factor
@@ -78,12 +92,15 @@ def detect_batch(
     nets: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module],
     thresholds: tuple[float, float, float],
     factor: float,
+    max_face_size: float | None = None,
 ) -> Detections:
-    """Detect faces in a (N, H, W, 3) uint8 batch of equal-size RGB images."""
+    """Detect faces in a (N, H, W, 3) uint8 batch of equal-size RGB images (faces from
+    `min_face_size` up to `max_face_size` pixels, or of any size)."""
     pnet, rnet, onet = nets
     height, width = images.shape[1], images.shape[2]
     imgs = images.permute(0, 3, 1, 2).float()
-    boxes, image = _stage_one(imgs, pnet, min_face_size, thresholds[0], factor)
+    boxes, image = _stage_one(imgs, pnet, min_face_size, thresholds[0], factor, max_face_size)
+    del imgs
     boxes = _rerec(_apply_pnet_regression(boxes))
     empty = Detections(
         boxes=torch.zeros((0, 5), device=images.device),
@@ -95,9 +112,7 @@ def detect_batch(
     table = _summed_area_table(images)
 
     # Stage two: RNet on 24x24 crops of every candidate.
-    crops, valid = _crops(table, boxes, image, 24, height, width)
-    boxes, image = boxes[valid], image[valid]
-    reg, prob = _run_rows(rnet, crops)
+    boxes, image, (reg, prob) = _refine(rnet, table, boxes, image, 24, height, width)
     passed = prob[:, 1] > thresholds[1]
     boxes = torch.cat([boxes[passed, :4], prob[passed, 1:2]], dim=1)
     image, reg = image[passed], reg[passed]
@@ -108,9 +123,7 @@ def detect_batch(
         return empty
 
     # Stage three: ONet on 48x48 crops; landmarks come from the box before regression.
-    crops, valid = _crops(table, boxes, image, 48, height, width)
-    boxes, image = boxes[valid], image[valid]
-    reg, marks, prob = _run_rows(onet, crops)
+    boxes, image, (reg, marks, prob) = _refine(onet, table, boxes, image, 48, height, width)
     passed = prob[:, 1] > thresholds[2]
     boxes = torch.cat([boxes[passed, :4], prob[passed, 1:2]], dim=1)
     image, reg, marks = image[passed], reg[passed], marks[passed]
@@ -120,19 +133,24 @@ def detect_batch(
     points_y = box_h * marks[:, 5:10] + boxes[:, 1:2] - 1
     points = torch.stack([points_x, points_y], dim=2)
     boxes = _bbreg(boxes, reg)
-    keep = _min_nms(boxes, image, 0.7)
+    keep = min_nms(boxes, image, 0.7)
     return Detections(boxes=boxes[keep], points=points[keep], image=image[keep])
 
 
 def _stage_one(
-    imgs: torch.Tensor, pnet: torch.nn.Module, min_face_size: float, threshold: float, factor: float
+    imgs: torch.Tensor,
+    pnet: torch.nn.Module,
+    min_face_size: float,
+    threshold: float,
+    factor: float,
+    max_face_size: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PNet over the pyramid: candidate boxes (x1, y1, x2, y2, score, 4 regressions) and
     their image indices, after facenet-pytorch's per-scale and per-image NMS."""
     count, height, width = imgs.shape[0], imgs.shape[2], imgs.shape[3]
     scale_boxes: list[torch.Tensor] = []
     scale_images: list[torch.Tensor] = []
-    for scale in pyramid_scales(height, width, min_face_size, factor):
+    for scale in pyramid_scales(height, width, min_face_size, factor, max_face_size):
         level = F.interpolate(
             imgs, size=(int(height * scale + 1), int(width * scale + 1)), mode="area"
         )
@@ -224,6 +242,20 @@ def _summed_area_table(images: torch.Tensor) -> torch.Tensor:
     return table
 
 
+def _pixel_bounds(
+    boxes: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """facenet-pytorch's `pad`: truncate, clip the top-left to 1 and the bottom-right to the
+    image; a box that then covers no pixel is invalid (it would crash facenet-pytorch).
+    Returns x, y, ex, ey (1-based, inclusive) and the mask of valid boxes."""
+    corners = boxes[:, :4].trunc().int()
+    x = corners[:, 0].clamp(min=1)
+    y = corners[:, 1].clamp(min=1)
+    ex = corners[:, 2].clamp(max=width)
+    ey = corners[:, 3].clamp(max=height)
+    return x, y, ex, ey, (ey > y - 1) & (ex > x - 1)
+
+
 def _crops(
     table: torch.Tensor,
     boxes: torch.Tensor,
@@ -234,15 +266,51 @@ def _crops(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every box's crop, area-resampled to size x size and normalised, as one gather:
     (B', 3, size, size) for the B' boxes that overlap the image, and the mask of those."""
-    # facenet-pytorch's `pad`: truncate, clip the top-left to 1 and the bottom-right to the
-    # image; a box that then covers no pixel is dropped (it would crash facenet-pytorch).
-    corners = boxes[:, :4].trunc().int()
-    x = corners[:, 0].clamp(min=1)
-    y = corners[:, 1].clamp(min=1)
-    ex = corners[:, 2].clamp(max=width)
-    ey = corners[:, 3].clamp(max=height)
-    valid = (ey > y - 1) & (ex > x - 1)
-    x, y, ex, ey, image = x[valid], y[valid], ex[valid], ey[valid], image[valid]
+    x, y, ex, ey, valid = _pixel_bounds(boxes, height, width)
+    return _gather(table, x[valid], y[valid], ex[valid], ey[valid], image[valid], size), valid
+
+
+def _refine(
+    net: torch.nn.Module,
+    table: torch.Tensor,
+    boxes: torch.Tensor,
+    image: torch.Tensor,
+    size: int,
+    height: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """RNet or ONet on every box that overlaps the image: (those boxes, their image
+    indices, the network's outputs). The crops are made and run MAX_ROWS at a time, in
+    the same row chunks `_run_rows` would use, so memory stays bounded (a 48x48 crop's
+    gather takes about 110 KB, and a crowd sends thousands of boxes) and the bits do not
+    change."""
+    x, y, ex, ey, valid = _pixel_bounds(boxes, height, width)
+    boxes, image = boxes[valid], image[valid]
+    x, y, ex, ey = x[valid], y[valid], ex[valid], ey[valid]
+    parts = [
+        _run_rows(net, _gather(table, x[i:j], y[i:j], ex[i:j], ey[i:j], image[i:j], size))
+        for i, j in _chunks(len(boxes), MAX_ROWS)
+    ]
+    return boxes, image, tuple(torch.cat(out) for out in zip(*parts, strict=True))
+
+
+def _chunks(count: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most `size` covering `count`; one empty range for 0, so
+    that an empty input still yields outputs of the right shapes."""
+    return [(i, min(i + size, count)) for i in range(0, max(count, 1), size)]
+
+
+def _gather(
+    table: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ex: torch.Tensor,
+    ey: torch.Tensor,
+    image: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
+    """Crops of the given pixel rectangles, area-resampled to size x size and normalised:
+    (B, 3, size, size), from four lookups per output cell in the summed-area table."""
     rows0, rows1 = _cell_bounds(y - 1, ey - y + 1, size)
     cols0, cols1 = _cell_bounds(x - 1, ex - x + 1, size)
     # One flat gather for the four corners of every cell of every box.
@@ -258,7 +326,7 @@ def _crops(
     area_cols = (cols1 - cols0).float()[:, None, :, None]
     crops = sums.float() / area_rows / area_cols
     crops = (crops - 127.5) * 0.0078125
-    return crops.permute(0, 3, 1, 2), valid
+    return crops.permute(0, 3, 1, 2)
 
 
 def _cell_bounds(
@@ -292,9 +360,22 @@ def _grouped_nms(boxes: torch.Tensor, groups: torch.Tensor, iou: float) -> torch
 
     The groups are kept apart by an offset per group, as torchvision's `batched_nms` does,
     but the offset here is a power of two and the coordinates sit on a 2^-16 grid in
-    float64, so every sum is exact: a box's overlaps do not depend on its group's offset."""
+    float64, so every sum is exact: a box's overlaps do not depend on its group's offset.
+    Above NMS_MAX_BOXES boxes the groups are split into calls of at most that many (a
+    group larger than that alone): torchvision's CUDA kernel keeps an n x n/64 bit mask,
+    which over a whole batch of large images would not be bounded."""
     if len(boxes) == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    if len(boxes) <= NMS_MAX_BOXES:
+        return _offset_nms(boxes, groups, iou)
+    kept = []
+    for members in _group_chunks(groups, NMS_MAX_BOXES):
+        kept.append(members[_offset_nms(boxes[members], groups[members], iou)])
+    everything = torch.cat(kept).sort().values  # input order, then a stable sort by score
+    return everything[torch.argsort(boxes[everything, 4], descending=True, stable=True)]
+
+
+def _offset_nms(boxes: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
     coords = torch.round(boxes[:, :4].double() * _NMS_GRID) / _NMS_GRID
     reach = float(coords.abs().max())
     span = 2.0 ** math.ceil(math.log2(2 * reach + 2))
@@ -304,29 +385,83 @@ def _grouped_nms(boxes: torch.Tensor, groups: torch.Tensor, iou: float) -> torch
     return torchvision.ops.nms(shifted, boxes[:, 4].double(), iou)
 
 
-def _min_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float) -> torch.Tensor:
+def _group_chunks(groups: torch.Tensor, limit: int) -> list[torch.Tensor]:
+    """Indices of the boxes of consecutive groups, packed into lists of at most `limit`
+    boxes (a group with more is a list of its own)."""
+    ids, counts = torch.unique(groups, return_counts=True)
+    chunks: list[list[int]] = []
+    total = limit
+    for group, count in zip(ids.tolist(), counts.tolist(), strict=True):
+        if total + count > limit:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(group)
+        total += count
+    return [
+        torch.isin(groups, torch.tensor(c, device=groups.device)).nonzero()[:, 0] for c in chunks
+    ]
+
+
+def min_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float) -> torch.Tensor:
     """facenet-pytorch's last NMS ("Min": intersection over the smaller box, +1 pixel
-    areas), greedy within each group, vectorised: indices kept, by decreasing score.
+    areas), greedy within each group: indices kept, by decreasing score.
 
     Ties (ONet often scores several boxes of one face 1.0) go to the later box, as in
-    facenet-pytorch, whose NumPy NMS takes the last of an ascending stable argsort."""
+    facenet-pytorch, whose NumPy NMS takes the last of an ascending stable argsort.
+    Up to NMS_BLOCK boxes it is one vectorised fixed point over all pairs; above, each
+    group is resolved on its own, NMS_BLOCK boxes at a time against the boxes already
+    kept, so memory stays O(NMS_BLOCK^2) whatever the batch (the same greedy result)."""
     if len(boxes) == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     order = torch.argsort(boxes[:, 4], stable=True).flip(0)
     b = boxes[order, :4].double()
     g = groups[order]
-    area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-    w = torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0])
-    h = torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1])
+    if len(b) <= NMS_BLOCK:
+        return order[_greedy_block(b, g, torch.ones(len(b), dtype=torch.bool), threshold)]
+    keep = torch.zeros(len(b), dtype=torch.bool, device=b.device)
+    for group in torch.unique(g).tolist():
+        members = (g == group).nonzero()[:, 0]  # ascending: decreasing score
+        keep[members] = _blocked_min_nms(b[members], threshold)
+    return order[keep]
+
+
+def _blocked_min_nms(b: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Greedy Min NMS of one group's boxes, already in score order: the keep mask."""
+    keep = torch.zeros(len(b), dtype=torch.bool, device=b.device)
+    none = torch.zeros(0, dtype=torch.int64, device=b.device)
+    for start, stop in _chunks(len(b), NMS_BLOCK):
+        block = b[start:stop]
+        alive = torch.ones(len(block), dtype=torch.bool, device=b.device)
+        kept = keep[:start].nonzero()[:, 0] if start else none
+        for i, j in _chunks(len(kept), NMS_BLOCK) if len(kept) else []:
+            alive &= ~(_min_overlap(b[kept[i:j]], block) > threshold).any(dim=0)
+        same = torch.zeros(len(block), dtype=torch.int64, device=b.device)
+        keep[start:stop] = _greedy_block(block, same, alive, threshold)
+    return keep
+
+
+def _min_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersection over the smaller box (+1 pixel areas) of every pair (rows a, columns b)."""
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    w = torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])
+    h = torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])
     inter = (w + 1).clamp(min=0) * (h + 1).clamp(min=0)
-    overlap = inter / torch.minimum(area[:, None], area[None, :])
-    earlier = torch.ones_like(overlap, dtype=torch.bool).triu(diagonal=1)
-    suppresses = (overlap > threshold) & earlier & (g[:, None] == g[None, :])
+    return inter / torch.minimum(area_a[:, None], area_b[None, :])
+
+
+def _greedy_block(
+    b: torch.Tensor, g: torch.Tensor, alive: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """Greedy NMS among boxes in score order, of which only `alive` ones may be kept (and
+    suppress): the keep mask."""
+    earlier = torch.ones((len(b), len(b)), dtype=torch.bool, device=b.device).triu(diagonal=1)
+    suppresses = (_min_overlap(b, b) > threshold) & earlier & (g[:, None] == g[None, :])
     # Greedy NMS is the fixed point of "kept unless a kept earlier box suppresses it"; from
     # all-kept the first k entries are final after k rounds, and it usually takes two.
-    keep = torch.ones(len(b), dtype=torch.bool, device=b.device)
+    keep = alive.clone()
     while True:
-        update = ~(suppresses & keep[:, None]).any(dim=0)
+        update = alive & ~(suppresses & keep[:, None]).any(dim=0)
         if torch.equal(update, keep):
-            return order[keep]
+            return keep
         keep = update

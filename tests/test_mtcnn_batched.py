@@ -161,7 +161,7 @@ def test_min_nms_equals_facenet_pytorchs() -> None:
     scores = torch.rand(n, generator=generator)
     boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
     groups = torch.randint(0, 3, (n,), generator=generator)
-    ours = mtcnn_batched._min_nms(boxes, groups, 0.7)
+    ours = mtcnn_batched.min_nms(boxes, groups, 0.7)
     theirs = facenet.batched_nms_numpy(boxes[:, :4], boxes[:, 4], groups, 0.7, "Min")
     assert 10 < len(ours) < n
     assert sorted(ours.tolist()) == sorted(theirs.tolist())

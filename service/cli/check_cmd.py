@@ -18,10 +18,10 @@ from service.config import Settings
 
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
-    from filter.decide import NoFacePolicy, Reason, unreadable_verdict
+    from filter.decide import NoFacePolicy, unreadable_verdict
     from filter.errors import ImageError
     from filter.identity_filter import IdentityFilter
-    from filter.images import decode_image
+    from filter.images import BATCH_PIXELS, decode_image
     from filter.runtime import load_index_for, resolve_thresholds
 
     pipeline = embedding_pipeline(settings, args)
@@ -34,40 +34,61 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     print(f"thresholds: {thresholds.describe()}", file=sys.stderr)
     policy = NoFacePolicy(args.no_face_policy or settings.no_face_policy)
     identity_filter = IdentityFilter(pipeline, index, thresholds.decision, policy)
-    paths = list(args.images)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start : start + args.batch_size]
-        decoded: dict[int, Any] = {}
-        errors: dict[int, str] = {}
-        for i, path in enumerate(chunk):
-            try:
-                decoded[i] = decode_image(Path(path))
-            except ImageError as exc:
-                errors[i] = str(exc)
-                print(f"error: {path}: {exc}", file=sys.stderr)
-        order = sorted(decoded)
-        verdicts = dict(zip(order, identity_filter.check([decoded[i] for i in order]), strict=True))
-        for i, path in enumerate(chunk):
-            verdict = verdicts.get(i) or unreadable_verdict()
-            line: dict[str, Any] = {
-                "path": path,
-                "verdict": verdict.verdict,
-                "reason": None if verdict.reason is None else str(verdict.reason),
-                "faces": verdict.faces,
-                "max_similarity": _rounded(verdict.max_similarity),
-                "identity": verdict.identity,
-                "replica_similarity": _rounded(verdict.replica_similarity),
-            }
-            if i in errors:
-                line["error"] = errors[i]
-            elif verdict.detail is not None:
-                line["error"] = verdict.detail
-                print(f"error: {path}: {verdict.detail}", file=sys.stderr)
-            if verdict.reason is Reason.UNSUPPORTED_GEOMETRY:
-                height, width = decoded[i].shape[:2]
-                line["error"] = f"a {width}x{height} image is too thin to search for faces"
-            emit(line)
+    pending: list[tuple[str, Any, str | None]] = []  # (path, pixels or None, error)
+    pixels = 0
+
+    def flush() -> None:
+        nonlocal pixels
+        readable = [image for _, image, _ in pending if image is not None]
+        verdicts = iter(identity_filter.check(readable))
+        for path, image, error in pending:
+            verdict = unreadable_verdict() if image is None else next(verdicts)
+            emit(_line(path, verdict, image, error))
+        pending.clear()
+        pixels = 0
+
+    # Batches of --batch-size images, fewer where their decoded pixels would pass
+    # BATCH_PIXELS (a batch is held decoded while it is checked); lines in input order.
+    for path in args.images:
+        try:
+            image = decode_image(Path(path))
+        except ImageError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            pending.append((path, None, str(exc)))
+            continue
+        size = image.shape[0] * image.shape[1]
+        if pending and pixels + size > BATCH_PIXELS:
+            flush()
+        pending.append((path, image, None))
+        pixels += size
+        if len(pending) >= args.batch_size:
+            flush()
+    if pending:
+        flush()
     return 0
+
+
+def _line(path: str, verdict: Any, image: Any, error: str | None) -> dict[str, Any]:
+    from filter.decide import Reason
+
+    line: dict[str, Any] = {
+        "path": path,
+        "verdict": verdict.verdict,
+        "reason": None if verdict.reason is None else str(verdict.reason),
+        "faces": verdict.faces,
+        "max_similarity": _rounded(verdict.max_similarity),
+        "identity": verdict.identity,
+        "replica_similarity": _rounded(verdict.replica_similarity),
+    }
+    if error is not None:
+        line["error"] = error
+    elif verdict.detail is not None:
+        line["error"] = verdict.detail
+        print(f"error: {path}: {verdict.detail}", file=sys.stderr)
+    if verdict.reason is Reason.UNSUPPORTED_GEOMETRY:
+        height, width = image.shape[:2]
+        line["error"] = f"a {width}x{height} image is too thin to search for faces"
+    return line
 
 
 def _rounded(value: float | None) -> float | None:
