@@ -76,3 +76,11 @@ def large_canvas(side: int, small_width: int, member: Path = MEMBER) -> np.ndarr
     top, left = side // 3, side // 2
     canvas[top : top + small.shape[0], left : left + small.shape[1]] = small
     return canvas
+
+
+def crowd_of(photo: Path, cell: int, side: int = 640) -> np.ndarray:
+    """A crowd of the best face in `photo` (as the default detector finds it)."""
+    from filter.faces import MtcnnDetector
+
+    box = MtcnnDetector().detect([decode_image(photo)])[0][0].box
+    return crowd(face_crop(photo, box), side, cell)

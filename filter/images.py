@@ -86,7 +86,8 @@ def decode_image(source: bytes | Path | str, limits: ImageLimits | None = None) 
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
-    img = ImageOps.exif_transpose(img) or img
+    # No needless copies: at the pixel limit each one is 256 MB (PIL keeps RGB in 4 bytes).
+    ImageOps.exif_transpose(img, in_place=True)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         low, high = float(arr.min()), float(arr.max())
@@ -96,7 +97,7 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    rgb = img.convert("RGB")
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 

@@ -14,8 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from batch.manifest import fragments, read_manifest
+from bench.scenes import crowd_of
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.index import FaissIdentityIndex
@@ -77,6 +79,7 @@ def _inputs(root: Path, identities_dir: Path, faces_dir: Path) -> tuple[list[str
     shutil.copy(identities_dir / "id01" / "03.jpg", folder / "member.jpg")
     shutil.copy(identities_dir / "id05" / "01.jpg", folder / "sub" / "stranger.jpg")
     shutil.copy(faces_dir / "multi" / "two-people.jpg", folder / "sub" / "two.jpg")
+    Image.fromarray(crowd_of(identities_dir / "id05" / "01.jpg", 32)).save(folder / "crowd.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     junk = root / "junk.bin"
     junk.write_bytes(b"not an image at all")
@@ -111,7 +114,7 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     summary = _last_json(capsys)
     rows = read_manifest(out).to_pylist()
     assert sorted(r["path"] for r in rows) == sorted(same_bytes)
-    assert summary["processed"] == len(rows) == 7 and summary["skipped"] == 0
+    assert summary["processed"] == len(rows) == 8 and summary["skipped"] == 0
     assert summary["passed"] == sum(r["verdict"] == "pass" for r in rows)
     assert summary["rejected"] == sum(r["verdict"] == "reject" for r in rows)
     assert len(fragments(out)) >= 3  # one per block of 3: a crash loses only blocks in flight
@@ -138,7 +141,9 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
         similarity = None if row["max_similarity"] is None else round(row["max_similarity"], 6)
         assert similarity == expected["max_similarity"], row["path"]
     reasons = {r["reason"] for r in rows}
-    assert {"identity_match", "unreadable", None} <= reasons  # passes, members, broken files
+    assert {"identity_match", "unreadable", "too_many_faces", None} <= reasons
+    crowd = next(r for r in rows if r["reason"] == "too_many_faces")
+    assert crowd["faces"] > 256 and "more than the 256" in crowd["error"]
 
     # Copies of exactly the passed images, byte for byte, under the input root's name.
     copies = {p.relative_to(out).as_posix() for p in (out / "pass").rglob("*") if p.is_file()}
@@ -158,8 +163,8 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     before = fragments(out)
     assert main(command + _models(models_dir) + inputs) == 0
     again = _last_json(capsys)
-    assert again["processed"] == 0 and again["skipped"] == 7
-    assert fragments(out) == before and read_manifest(out).num_rows == 7
+    assert again["processed"] == 0 and again["skipped"] == 8
+    assert fragments(out) == before and read_manifest(out).num_rows == 8
 
 
 def test_gpus_the_cluster_lacks_are_refused_rather_than_waited_for() -> None:

@@ -215,3 +215,63 @@ def test_the_detector_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FACEGATE_DETECTOR", "opencv")
     with pytest.raises(ConfigError, match="FACEGATE_DETECTOR"):
         load_settings()
+
+
+def test_bounded_nms_keeps_what_one_call_over_every_box_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above NMS_BLOCK boxes the Min NMS runs per group in blocks, above NMS_MAX_BOXES the
+    IoU NMS in calls per group chunk: both keep exactly what the all-pairs versions keep,
+    in the same order (quantised scores, so ties are many)."""
+    generator = torch.Generator().manual_seed(4)
+    n = 5000
+    corner = torch.rand(n, 2, generator=generator) * 600
+    size = torch.rand(n, 2, generator=generator) * 40 + 5
+    scores = (torch.rand(n, generator=generator) * 16).floor() / 16
+    boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
+    groups = torch.randint(0, 7, (n,), generator=generator)
+    assert n > mtcnn_batched.NMS_BLOCK
+    blocked = mtcnn_batched.min_nms(boxes, groups, 0.7)
+    chunked = mtcnn_batched._grouped_nms(boxes, groups, 0.5)
+    monkeypatch.setattr(mtcnn_batched, "NMS_MAX_BOXES", 700)
+    assert torch.equal(mtcnn_batched._grouped_nms(boxes, groups, 0.5), chunked)
+    monkeypatch.setattr(mtcnn_batched, "NMS_BLOCK", 10**9)
+    assert torch.equal(mtcnn_batched.min_nms(boxes, groups, 0.7), blocked)
+    assert 100 < len(blocked) < n
+
+
+def test_refining_crops_a_chunk_at_a_time_gives_the_same_bits(batched: MtcnnDetector) -> None:
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (2, 200, 300, 3), dtype=torch.uint8, generator=generator)
+    n = 1300  # three chunks of MAX_ROWS, the last padded
+    x1 = torch.rand(n, generator=generator) * 320 - 10
+    y1 = torch.rand(n, generator=generator) * 220 - 10
+    side = torch.rand(n, generator=generator) * 60 + 2
+    boxes = torch.stack([x1, y1, x1 + side, y1 + side, torch.ones(n)], dim=1)
+    image = torch.randint(0, 2, (n,), generator=generator)
+    table = mtcnn_batched._summed_area_table(images)
+    with torch.inference_mode():
+        crops, valid = mtcnn_batched._crops(table, boxes, image, 24, 200, 300)
+        whole = mtcnn_batched._run_rows(batched._rnet, crops)
+        kept, kept_image, parts = mtcnn_batched._refine(
+            batched._rnet, table, boxes, image, 24, 200, 300
+        )
+    assert len(crops) > 2 * mtcnn_batched.MAX_ROWS
+    assert torch.equal(kept, boxes[valid]) and torch.equal(kept_image, image[valid])
+    for a, b in zip(whole, parts, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_large_image_gets_the_same_faces_alone_and_in_any_batch(
+    batched: MtcnnDetector, identities_dir: Path
+) -> None:
+    """Its windows are batched with other images' windows; what it gets does not move."""
+    from bench.scenes import composite
+
+    large = composite(1536, 40)
+    photo = decode_image(identities_dir / "id02" / "01.jpg")
+    other = composite(1536, None)
+    alone = batched.detect([large])[0]
+    assert len(alone) == 2
+    assert _same_faces(batched.detect([photo, large, other])[1], alone)
+    assert _same_faces(batched.detect([other, other, large])[2], alone)
