@@ -239,8 +239,9 @@ class MtcnnDetector:
             groups.setdefault(key, []).append(unit)
         copies = _Copies(images, units)
         found: list[list[tuple[_Unit, np.ndarray, np.ndarray]]] = [[] for _ in images]
+        budget = DETECT_BATCH_PIXELS.get(self.device.type, DETECT_BATCH_PIXELS["cpu"])
         for (height, width, _, max_face), members in groups.items():
-            for part in _batches(members, height * width, DETECT_BATCH_PIXELS):
+            for part in _batches(members, height * width, budget):
                 batch = np.stack([copies.window(unit) for unit in part])
                 if max_face is None:  # the overview: the whole pyramid (and the fast path's)
                     min_face = effective_min_face(self.settings, min(height, width))
@@ -315,10 +316,11 @@ def _check_rgb(image: np.ndarray) -> None:
 
 
 # Pixels of the windows in one detection call: the bound on its working memory (about
-# 60 bytes a pixel on the CPU: the float copy, PNet's activations, the summed-area table),
-# not on its results, which do not depend on the batch. 16 overview copies of 512x512,
-# 64 generated faces (160x160) or four full windows make one call.
-DETECT_BATCH_PIXELS = 4 * 1024 * 1024
+# 60 bytes a pixel: the float copy, PNet's activations, the summed-area table), not on
+# its results, which do not depend on the batch. On the CPU 16 overview copies of
+# 512x512, 64 generated faces (160x160) or four full windows make one call; a GPU keeps
+# the batches that fill it (512 generated faces) whole.
+DETECT_BATCH_PIXELS = {"cpu": 4 * 1024 * 1024, "cuda": 32 * 1024 * 1024}
 # Faces found by two passes or two windows are one face when their boxes overlap by this
 # much (IoU). Not facenet-pytorch's "Min" overlap: that would let a small detection
 # inside a large face (an eye at native resolution) remove the large face itself.

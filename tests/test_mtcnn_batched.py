@@ -16,7 +16,13 @@ from facenet_pytorch.models.utils import detect_face as facenet
 
 from filter import mtcnn_batched
 from filter.errors import IndexMismatchError
-from filter.faces import DetectedFace, DetectorSettings, MtcnnDetector, detector_choice
+from filter.faces import (
+    DETECTOR_IDENTITIES,
+    DetectedFace,
+    DetectorSettings,
+    MtcnnDetector,
+    detector_choice,
+)
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from service.config import ConfigError, load_settings
@@ -275,3 +281,50 @@ def test_a_large_image_gets_the_same_faces_alone_and_in_any_batch(
     assert len(alone) == 2
     assert _same_faces(batched.detect([photo, large, other])[1], alone)
     assert _same_faces(batched.detect([other, other, large])[2], alone)
+
+
+def test_indexes_of_the_detector_before_native_resolution_passes_are_refused(
+    tmp_path: Path,
+) -> None:
+    """Version 1 of the batched detector searched a 640 px copy only: its indexes miss the
+    small faces of large gallery photos, so they are refused with the commands that
+    rebuild and recalibrate; so are facenet-pytorch indexes made before the settings
+    recorded the native-resolution passes (no version field: the new keys refuse them)."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((4, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    current = DetectorSettings().as_dict()
+    assert current["detector_version"] == "2"
+    before = {k: v for k, v in current.items() if k not in ("tiling", "max_faces")}
+    for name, recorded, running in (
+        ("batched-v1", {**before, "detector_version": "1"}, current),
+        ("facenet", {**before, **DETECTOR_IDENTITIES["mtcnn"]}, _facenet_settings()),
+    ):
+        if name == "facenet":
+            recorded.pop("detector_version")
+        index = FaissIdentityIndex.build(
+            vectors,
+            [f"id{i}" for i in range(4)],
+            [f"{i}.jpg" for i in range(4)],
+            embedder_name="test",
+            model_sha256="0" * 64,
+            detector=recorded,
+        )
+        index.save(tmp_path / name)
+        with pytest.raises(IndexMismatchError) as refused:
+            FaissIdentityIndex.load(tmp_path / name, expect_detector=running)
+        message = str(refused.value)
+        assert "facegate index build" in message and "facegate calibrate" in message, message
+        assert "FACEGATE_DETECTOR=" not in message  # no detector here loads it as it was
+    assert "version 1" in _refusal(tmp_path / "batched-v1", current)
+    assert "tiling" in _refusal(tmp_path / "facenet", _facenet_settings())
+
+
+def _facenet_settings() -> dict[str, object]:
+    return DetectorSettings(implementation="mtcnn").as_dict()
+
+
+def _refusal(folder: Path, running: dict[str, object]) -> str:
+    with pytest.raises(IndexMismatchError) as refused:
+        FaissIdentityIndex.load(folder, expect_detector=running)
+    return str(refused.value)
