@@ -301,3 +301,62 @@ def test_the_server_rejects_crowds_with_their_own_outcome_and_audit_reason(
     assert all(r["reason"] == "too_many_faces" and r["faces"] > 256 for r in rejections)
     peak = usage.ru_maxrss * 1024
     assert peak < CROWD_BOUND, f"peak RSS {peak / GIB:.2f} GiB"
+
+
+def test_decoding_an_image_at_the_limit_makes_no_needless_copies(tmp_path: Path) -> None:
+    """Decoding holds PIL's image (4 bytes a pixel) and the RGB array (3), not more: a
+    64 MP JPEG once took 1 GiB above the array, from copies of the whole image."""
+    path = tmp_path / "limit.jpg"
+    Image.fromarray(scenes.large_canvas(8000, 60)).save(path, quality=90)
+    code = (
+        "import resource, sys; from filter.images import decode_image; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "image = decode_image(sys.argv[1]); "
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "print((after - before) * 1024, image.nbytes)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env
+    )
+    grown, array = map(int, out.stdout.split())
+    assert array == 8000 * 8000 * 3
+    assert grown < 2.5 * array, f"decoding took {grown / array:.2f} x the array"
+
+
+def test_check_and_index_build_cut_batches_by_decoded_pixels(
+    identities_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from filter import images
+    from filter.gallery import gallery_chunks
+    from tests.test_cli import facegate
+
+    photos = sorted((identities_dir / "id01").glob("*.jpg"))[:4]
+    sizes = [images.header_pixels(p) for p in photos]
+    assert all(size > 0 for size in sizes)
+    gallery = tmp_path / "gallery" / "id01"
+    gallery.mkdir(parents=True)
+    for photo in photos:
+        (gallery / photo.name).symlink_to(photo)
+    assert [len(c) for c in gallery_chunks(gallery.parent)] == [4]
+    # 01+02 fill the budget exactly, so 03 starts a chunk, and 03+04 fit in one.
+    two = sizes[0] + sizes[1]
+    assert sizes[2] + sizes[3] <= two < two + sizes[2]
+    assert [len(c) for c in gallery_chunks(gallery.parent, max_pixels=two)] == [2, 2]
+    assert [len(c) for c in gallery_chunks(gallery.parent, max_pixels=1)] == [1, 1, 1, 1]
+    # check: one image per filter call, the same lines in the same order.
+    index = tmp_path / "index"
+    assert facegate("index", "build", str(gallery.parent), "--out", str(index)).returncode == 0
+    whole = facegate("check", "--index", str(index), *map(str, photos))
+    calls: list[int] = []
+    real = IdentityFilter.check
+
+    def counted(self: IdentityFilter, batch: list[np.ndarray], *a: object) -> object:
+        calls.append(len(batch))
+        return real(self, batch, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images, "BATCH_PIXELS", 1)
+    monkeypatch.setattr(IdentityFilter, "check", counted)
+    cut = facegate("check", "--index", str(index), *map(str, photos))
+    assert calls == [1, 1, 1, 1]
+    assert cut.stdout == whole.stdout and len(whole.stdout.splitlines()) == 4
