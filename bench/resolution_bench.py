@@ -158,27 +158,25 @@ def run(
 
 
 def _child(strategy: str, size: int, count: int, device: str) -> dict[str, Any]:
-    """`measure` in a fresh interpreter: its peak RSS is this strategy's alone."""
+    """`measure` in a fresh interpreter, with its peak RSS: VmHWM, the high-water mark of
+    its own address space (getrusage would carry this process's peak across fork/exec)."""
     code = (
         "import json, sys, tempfile, torch; from pathlib import Path; "
         "torch.set_num_threads(int(sys.argv[5])); "
         "from bench import resolution_bench as r; "
         "p = r.build_embedding_pipeline('sface', r.MODELS, device=sys.argv[4]); "
         "d = tempfile.mkdtemp(); i = r._index(p, Path(d)); "
-        "print(json.dumps(r.measure(p, i, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))"
+        "row = r.measure(p, i, sys.argv[1], int(sys.argv[2]), int(sys.argv[3])); "
+        "status = open('/proc/self/status').read().split('VmHWM:')[1].split()[0]; "
+        "row['peak_rss_mib'] = round(int(status) / 1024); print(json.dumps(row))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     threads = str(torch.get_num_threads())
     args = [sys.executable, "-c", code, strategy, str(size), str(count), device, threads]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-    assert proc.stdout is not None
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    out = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
         return {"bench": "resolution", "strategy": strategy, "size": size, "failed": True}
-    row = json.loads(output.decode().strip().splitlines()[-1])
-    row["peak_rss_mib"] = round(usage.ru_maxrss / 1024)
-    return dict(row)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def main(argv: list[str]) -> int:

@@ -98,7 +98,20 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     rgb = img if img.mode == "RGB" else img.convert("RGB")
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    width, height = rgb.size
+    if width * height <= _BAND_PIXELS:
+        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    # A large image a band of rows at a time: NumPy would otherwise take the whole image's
+    # bytes from PIL first, a third copy beside PIL's own and the array.
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, _BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = np.asarray(rgb.crop((0, top, width, bottom)), dtype=np.uint8)
+    return out
+
+
+_BAND_PIXELS = 4_000_000
 
 
 _EXIF_THUMBNAIL_OFFSET = 0x0201  # JPEGInterchangeFormat, in IFD1

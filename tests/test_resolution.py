@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -75,24 +76,43 @@ def scene_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+# The child's peak RSS is its VmHWM (/proc/self/status), read as it exits: the high-water
+# mark of its own address space since exec. Not getrusage's ru_maxrss: Linux carries the
+# parent's peak across fork and exec into it, and this process holds models of its own.
+PEAK = """
+import atexit, sys
+
+def _report():
+    with open("/proc/self/status") as status, open(sys.argv[1], "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM")).split()[1])
+
+atexit.register(_report)
+"""
+
+
+def peak_of(pid: int) -> int:
+    """A running process's peak RSS in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1]) * 1024
+
+
 def check_in_child(index: Path, images: list[Path]) -> tuple[list[dict[str, object]], int]:
     """`facegate check` in a child process: its JSON lines and its peak RSS in bytes."""
     env = {**os.environ, "FACEGATE_MODELS_DIR": str(REPO / "models"), "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "service.cli", "check", "--index", str(index)]
-    proc = subprocess.Popen(
-        [*command, *map(str, images)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        cwd=REPO,
-    )
-    assert proc.stdout is not None
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, output
-    lines = [json.loads(line) for line in output.decode().splitlines()]
-    return lines, usage.ru_maxrss * 1024  # kilobytes on Linux
+    with tempfile.NamedTemporaryFile("r", suffix=".peak") as peak:
+        code = PEAK + "from service.cli import main; sys.exit(main(sys.argv[2:]))"
+        args = ["check", "--index", str(index), *map(str, images)]
+        out = subprocess.run(
+            [sys.executable, "-c", code, peak.name, *args],
+            capture_output=True,
+            env=env,
+            cwd=REPO,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr.decode()[-2000:]
+        kib = int(peak.read())
+    lines = [json.loads(line) for line in out.stdout.decode().splitlines()]
+    return lines, kib * 1024
 
 
 def test_a_small_member_on_a_large_canvas_is_searched_and_the_canvas_alone_passes(
@@ -290,30 +310,31 @@ def test_the_server_rejects_crowds_with_their_own_outcome_and_audit_reason(
         outcome = {"outcome": "rejected_too_many_faces"}
         assert metric_value(text, "facegate_candidates_total", outcome) == count
         assert metric_value(text, "facegate_candidates_total", {"outcome": "accepted"}) == 0
+        peak = peak_of(server.proc.pid)
         server.terminate()
-        _, status, usage = os.wait4(server.proc.pid, 0)
-        server.proc.returncode = os.waitstatus_to_exitcode(status)
+        assert server.wait(60) == 0
     finally:
         server.kill()
     records = [json.loads(line) for line in audit.read_text().splitlines()]
     rejections = [r for r in records if r.get("reason") is not None]
     assert len(rejections) == count
     assert all(r["reason"] == "too_many_faces" and r["faces"] > 256 for r in rejections)
-    peak = usage.ru_maxrss * 1024
     assert peak < CROWD_BOUND, f"peak RSS {peak / GIB:.2f} GiB"
 
 
 def test_decoding_an_image_at_the_limit_makes_no_needless_copies(tmp_path: Path) -> None:
-    """Decoding holds PIL's image (4 bytes a pixel) and the RGB array (3), not more: a
-    64 MP JPEG once took 1 GiB above the array, from copies of the whole image."""
+    """Decoding holds PIL's image (4 bytes a pixel) and the RGB array (3 bytes), about 2.6
+    times the array in all; a 64 MP JPEG once took 6 times (1.1 GB), from copies of the
+    whole image (EXIF transpose, conversion, PIL's bytes for NumPy)."""
     path = tmp_path / "limit.jpg"
     Image.fromarray(scenes.large_canvas(8000, 60)).save(path, quality=90)
     code = (
-        "import resource, sys; from filter.images import decode_image; "
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "image = decode_image(sys.argv[1]); "
-        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "print((after - before) * 1024, image.nbytes)"
+        "import sys; from filter.images import decode_image\n"
+        "def memory(key):\n"
+        "    with open('/proc/self/status') as status:\n"
+        "        return next(int(l.split()[1]) for l in status if l.startswith(key)) * 1024\n"
+        "before = memory('VmRSS'); image = decode_image(sys.argv[1])\n"
+        "print(memory('VmHWM') - before, image.nbytes)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
@@ -321,7 +342,7 @@ def test_decoding_an_image_at_the_limit_makes_no_needless_copies(tmp_path: Path)
     )
     grown, array = map(int, out.stdout.split())
     assert array == 8000 * 8000 * 3
-    assert grown < 2.5 * array, f"decoding took {grown / array:.2f} x the array"
+    assert grown < 3 * array, f"decoding took {grown / array:.2f} x the array"
 
 
 def test_check_and_index_build_cut_batches_by_decoded_pixels(
