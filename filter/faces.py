@@ -1,7 +1,10 @@
 """The face adapter: detection with MTCNN and 5-point alignment.
 
 Index building, calibration and serving all go through `FaceAligner`, so a
-threshold means the same thing everywhere. Two implementations of MTCNN share
+threshold means the same thing everywhere. An image is searched on an overview copy of
+at most `max_side` pixels and, when it is larger, at native resolution in bounded windows
+(`filter/tiling.py`); the faces of all passes are merged per image. Alignment is
+`filter/alignment.py`. Two implementations of MTCNN share
 facenet-pytorch's networks: `mtcnn-batched` (the default, `filter/mtcnn_batched.py`:
 every stage one tensor program over the batch, results independent of the batch) and
 `mtcnn` (facenet-pytorch's own `detect_face`). For the latter this module hides
@@ -12,31 +15,26 @@ empty array rather than `None`. Alignment from the landmarks is ours for both.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import cv2
 import numpy as np
 import torch
 import torchvision
 
 from filter import mtcnn_batched
-from filter.tiling import Pass, Tiling, Window, copy_size, fine_passes
-
-# The ArcFace 112x112 template (left eye, right eye, nose, left and right mouth
-# corner): the standard target for SFace and most modern embedders.
-ARCFACE_TEMPLATE_112 = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
+from filter.alignment import align_face
+from filter.tiling import (
+    Copies,
+    Pass,
+    Tiling,
+    Unit,
+    Window,
+    batches,
+    copy_size,
+    fine_passes,
 )
 
 
@@ -226,22 +224,22 @@ class MtcnnDetector:
         calls of at most DETECT_BATCH_PIXELS (one window alone may be more), then merged
         per image. An image searched by one window only (any image of max_side or less)
         gets that window's faces, exactly as before the finer passes existed."""
-        units: list[_Unit] = []
+        units: list[Unit] = []
         for i, image in enumerate(images):
             _check_rgb(image)
             height, width = image.shape[:2]
             for p, search in enumerate(detection_passes(height, width, self.settings)):
-                units += [_Unit(i, p, search, window) for window in search.windows]
-        groups: dict[tuple[int, int, float, float | None], list[_Unit]] = {}
+                units += [Unit(i, p, search, window) for window in search.windows]
+        groups: dict[tuple[int, int, float, float | None], list[Unit]] = {}
         for unit in units:
             window = unit.window
             key = (window.height, window.width, unit.search.min_face, unit.search.max_face)
             groups.setdefault(key, []).append(unit)
-        copies = _Copies(images, units)
-        found: list[list[tuple[_Unit, np.ndarray, np.ndarray]]] = [[] for _ in images]
+        copies = Copies(images, units)
+        found: list[list[tuple[Unit, np.ndarray, np.ndarray]]] = [[] for _ in images]
         budget = DETECT_BATCH_PIXELS.get(self.device.type, DETECT_BATCH_PIXELS["cpu"])
         for (height, width, _, max_face), members in groups.items():
-            for part in _batches(members, height * width, budget):
+            for part in batches(members, height * width, budget):
                 batch = np.stack([copies.window(unit) for unit in part])
                 if max_face is None:  # the overview: the whole pyramid (and the fast path's)
                     min_face = effective_min_face(self.settings, min(height, width))
@@ -327,50 +325,7 @@ DETECT_BATCH_PIXELS = {"cpu": 4 * 1024 * 1024, "cuda": 32 * 1024 * 1024}
 MERGE_IOU = 0.5
 
 
-@dataclass(frozen=True)
-class _Unit:
-    """One window of one pass of one image: what a detection call searches."""
-
-    image: int
-    index: int  # of the pass, in `detection_passes` order
-    search: Pass
-    window: Window
-
-
-class _Copies:
-    """Each pass's copy of each image, made on first use and dropped after its last
-    window, so that only the copies of the windows in flight are held."""
-
-    def __init__(self, images: Sequence[np.ndarray], units: Sequence[_Unit]) -> None:
-        self._images = images
-        self._copies: dict[tuple[int, int], np.ndarray] = {}
-        self._left: dict[tuple[int, int], int] = {}
-        for unit in units:
-            key = (unit.image, unit.index)
-            self._left[key] = self._left.get(key, 0) + 1
-
-    def window(self, unit: _Unit) -> np.ndarray:
-        key = (unit.image, unit.index)
-        if key not in self._copies:
-            self._copies[key] = _resize(self._images[unit.image], unit.search.scale)
-        w = unit.window
-        return self._copies[key][w.top : w.top + w.height, w.left : w.left + w.width]
-
-    def done(self, unit: _Unit) -> None:
-        key = (unit.image, unit.index)
-        self._left[key] -= 1
-        if self._left[key] == 0:
-            self._copies.pop(key, None)
-
-
-def _batches(units: list[_Unit], pixels_each: int, budget: int) -> list[list[_Unit]]:
-    """Consecutive runs of units (a copy's windows stay together) of at most `budget`
-    pixels, at least one unit each."""
-    per_call = max(1, budget // max(1, pixels_each))
-    return [units[i : i + per_call] for i in range(0, len(units), per_call)]
-
-
-def _merge(parts: list[tuple[_Unit, np.ndarray, np.ndarray]]) -> list[DetectedFace]:
+def _merge(parts: list[tuple[Unit, np.ndarray, np.ndarray]]) -> list[DetectedFace]:
     """One image's faces, in its own pixels, best first. One window: its faces as they
     come (the exact arithmetic of the detector before the finer passes). Several: each
     window's faces it vouches for (see `Window.keeps`), moved to the image's pixels, and
@@ -414,14 +369,6 @@ def _faces(boxes: np.ndarray, points: np.ndarray) -> list[DetectedFace]:
     ]
 
 
-def _resize(image: np.ndarray, scale: float) -> np.ndarray:
-    if scale == 1.0:
-        return np.ascontiguousarray(image)
-    height, width = copy_size(image.shape[0], image.shape[1], scale)
-    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    return cv2.resize(image, (width, height), interpolation=interpolation)
-
-
 def _rescale(face: DetectedFace, scale: float) -> DetectedFace:
     if scale == 1.0:
         return face
@@ -432,40 +379,6 @@ def _rescale(face: DetectedFace, scale: float) -> DetectedFace:
         score=face.score,
         landmarks=(face.landmarks * inv).astype(np.float32),
     )
-
-
-def template_for(size: int) -> np.ndarray:
-    """The ArcFace template scaled to a square crop of `size` pixels."""
-    return ARCFACE_TEMPLATE_112 * (size / 112.0)
-
-
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
-    """Warp a face onto the template with a similarity transform (rotation, scale, shift)."""
-    template = template_for(size)
-    matrix = similarity_transform(np.asarray(landmarks, dtype=np.float64), template)
-    return cv2.warpAffine(
-        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
-    )
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity transform (Umeyama) mapping src points onto dst; 2x3."""
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    covariance = dst_c.T @ src_c / len(src)
-    u, singular, vt = np.linalg.svd(covariance)
-    reflection = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        reflection[1, 1] = -1.0
-    rotation = u @ reflection @ vt
-    src_var = (src_c**2).sum() / len(src)
-    scale = float((singular * np.diag(reflection)).sum() / src_var) if src_var > 0 else 1.0
-    if not math.isfinite(scale) or scale <= 0:
-        scale = 1.0
-    translation = dst_mean - scale * rotation @ src_mean
-    return np.hstack([scale * rotation, translation[:, None]]).astype(np.float32)
 
 
 class FaceAligner:

@@ -19,10 +19,11 @@ from typing import Protocol
 
 import numpy as np
 
+from filter.alignment import align_face
 from filter.decide import DecisionThresholds, ImageEvidence, ImageVerdict, NoFacePolicy, decide
 from filter.embedders import Embedder
 from filter.errors import FilterError
-from filter.faces import DetectedFace, DetectorSettings, FaceAligner, align_face
+from filter.faces import DetectedFace, DetectorSettings, FaceAligner
 from filter.index import IdentityIndex
 from filter.replica import DEFAULT_REPLICA_THRESHOLD
 from filter.vector_table import NO_MATCH, Match

@@ -11,7 +11,11 @@ every box of every image in the batch:
   one facenet-pytorch's `interpolate` does, so the crops are bit-identical to its
   per-box `imresample` calls, without a Python loop over boxes;
 - NMS runs for all images at once (`torchvision.ops.nms` with one exact offset per image,
-  and a vectorised greedy "Min" NMS for the last stage).
+  and a vectorised greedy "Min" NMS for the last stage; `filter/nms.py`);
+- memory stays bounded whatever the boxes: RNet/ONet crops are made and run MAX_ROWS at
+  a time, and no NMS builds a structure quadratic in a whole batch's boxes; a pyramid can
+  stop at a largest face (`max_face_size`), which the native-resolution windows of
+  `filter/tiling.py` use.
 
 Batch invariance. An image gets exactly the faces it gets when detected alone, whatever
 else is in the batch. facenet-pytorch does not promise that (its results move by ~1e-5 px
@@ -21,7 +25,7 @@ with the batch), and neither do the CPU kernels, so three things are pinned here
 - RNet and ONet run on row counts padded to a multiple of `ROW_QUANTUM` and split into
   chunks of at most `MAX_ROWS`: the GEMM kernels give a row the same bits for every such
   shape and position (a test checks it), not for small or odd row counts;
-- NMS offsets are exact (see `_grouped_nms`), so a box's overlap with its neighbours does
+- NMS offsets are exact (see `filter.nms.grouped_nms`), so a box's overlap with its neighbours does
   not depend on the position of its image in the batch (torchvision's `batched_nms`
   derives the offset from the largest coordinate in the batch, which rounds differently).
 The GPU kernels make no such promise; there the invariance is only approximate.
@@ -34,24 +38,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
+
+from filter.nms import chunks, grouped_nms, min_nms
 
 NAME = "mtcnn-batched"
 # Bump when a change can move a box or a landmark: the index manifest records it, and an
-# index built with another version is refused.
+# index built with another version is refused. 2: images over max_side are also searched
+# at native resolution (filter/tiling.py); images of max_side or less detect as in 1.
 VERSION = "2"
 
 ROW_QUANTUM = 16
 MAX_ROWS = 512
-# Boxes per NMS call (IoU stages) and per block of the last ("Min") NMS: memory bounds,
-# not results (see `_grouped_nms`, `min_nms`).
-NMS_MAX_BOXES = 16_384
-NMS_BLOCK = 1024
-# NMS coordinates are snapped to this grid (1/65536 px) so that adding a per-image offset
-# is exact in float64; the snap moves a box by at most 2^-17 px, below float32 rounding
-# of the coordinates themselves.
-_NMS_GRID = 2.0**16
-_EXACT_LIMIT = 2.0**36  # |coordinate + offset| * grid below 2^52: float64 sums stay exact
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ def detect_batch(
     passed = prob[:, 1] > thresholds[1]
     boxes = torch.cat([boxes[passed, :4], prob[passed, 1:2]], dim=1)
     image, reg = image[passed], reg[passed]
-    keep = _grouped_nms(boxes, image, 0.7)
+    keep = grouped_nms(boxes, image, 0.7)
     boxes = _rerec(_bbreg(boxes[keep], reg[keep]))
     image = image[keep]
     if len(boxes) == 0:
@@ -159,7 +156,7 @@ def _stage_one(
             level = torch.cat([level, torch.zeros_like(level)])
         reg, prob = pnet(level)
         boxes, image = _generate_boxes(reg[:count], prob[:count, 1], scale, threshold)
-        keep = _grouped_nms(boxes, image, 0.5)
+        keep = grouped_nms(boxes, image, 0.5)
         scale_boxes.append(boxes[keep])
         scale_images.append(image[keep])
     if not scale_boxes:
@@ -167,7 +164,7 @@ def _stage_one(
             0, dtype=torch.int64, device=imgs.device
         )
     boxes, image = torch.cat(scale_boxes), torch.cat(scale_images)
-    keep = _grouped_nms(boxes, image, 0.7)
+    keep = grouped_nms(boxes, image, 0.7)
     return boxes[keep], image[keep]
 
 
@@ -289,15 +286,9 @@ def _refine(
     x, y, ex, ey = x[valid], y[valid], ex[valid], ey[valid]
     parts = [
         _run_rows(net, _gather(table, x[i:j], y[i:j], ex[i:j], ey[i:j], image[i:j], size))
-        for i, j in _chunks(len(boxes), MAX_ROWS)
+        for i, j in chunks(len(boxes), MAX_ROWS)
     ]
     return boxes, image, tuple(torch.cat(out) for out in zip(*parts, strict=True))
-
-
-def _chunks(count: int, size: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges of at most `size` covering `count`; one empty range for 0, so
-    that an empty input still yields outputs of the right shapes."""
-    return [(i, min(i + size, count)) for i in range(0, max(count, 1), size)]
 
 
 def _gather(
@@ -352,116 +343,3 @@ def _run_rows(net: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, .
     rows = rows.contiguous(memory_format=torch.channels_last)
     parts = [net(rows[i : i + MAX_ROWS]) for i in range(0, padded, MAX_ROWS)]
     return tuple(torch.cat(outputs)[:count] for outputs in zip(*parts, strict=True))
-
-
-def _grouped_nms(boxes: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
-    """Greedy IoU NMS within each group (image), for all groups in one call; indices kept,
-    by decreasing score (ties in input order, which is each image's own order).
-
-    The groups are kept apart by an offset per group, as torchvision's `batched_nms` does,
-    but the offset here is a power of two and the coordinates sit on a 2^-16 grid in
-    float64, so every sum is exact: a box's overlaps do not depend on its group's offset.
-    Above NMS_MAX_BOXES boxes the groups are split into calls of at most that many (a
-    group larger than that alone): torchvision's CUDA kernel keeps an n x n/64 bit mask,
-    which over a whole batch of large images would not be bounded."""
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    if len(boxes) <= NMS_MAX_BOXES:
-        return _offset_nms(boxes, groups, iou)
-    kept = []
-    for members in _group_chunks(groups, NMS_MAX_BOXES):
-        kept.append(members[_offset_nms(boxes[members], groups[members], iou)])
-    everything = torch.cat(kept).sort().values  # input order, then a stable sort by score
-    return everything[torch.argsort(boxes[everything, 4], descending=True, stable=True)]
-
-
-def _offset_nms(boxes: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
-    coords = torch.round(boxes[:, :4].double() * _NMS_GRID) / _NMS_GRID
-    reach = float(coords.abs().max())
-    span = 2.0 ** math.ceil(math.log2(2 * reach + 2))
-    if not math.isfinite(span) or span * (float(groups.max()) + 2) >= _EXACT_LIMIT:
-        raise ValueError(f"box coordinates out of range for NMS ({reach})")
-    shifted = coords + (groups.double() * span)[:, None]
-    return torchvision.ops.nms(shifted, boxes[:, 4].double(), iou)
-
-
-def _group_chunks(groups: torch.Tensor, limit: int) -> list[torch.Tensor]:
-    """Indices of the boxes of consecutive groups, packed into lists of at most `limit`
-    boxes (a group with more is a list of its own)."""
-    ids, counts = torch.unique(groups, return_counts=True)
-    chunks: list[list[int]] = []
-    total = limit
-    for group, count in zip(ids.tolist(), counts.tolist(), strict=True):
-        if total + count > limit:
-            chunks.append([])
-            total = 0
-        chunks[-1].append(group)
-        total += count
-    return [
-        torch.isin(groups, torch.tensor(c, device=groups.device)).nonzero()[:, 0] for c in chunks
-    ]
-
-
-def min_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float) -> torch.Tensor:
-    """facenet-pytorch's last NMS ("Min": intersection over the smaller box, +1 pixel
-    areas), greedy within each group: indices kept, by decreasing score.
-
-    Ties (ONet often scores several boxes of one face 1.0) go to the later box, as in
-    facenet-pytorch, whose NumPy NMS takes the last of an ascending stable argsort.
-    Up to NMS_BLOCK boxes it is one vectorised fixed point over all pairs; above, each
-    group is resolved on its own, NMS_BLOCK boxes at a time against the boxes already
-    kept, so memory stays O(NMS_BLOCK^2) whatever the batch (the same greedy result)."""
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    order = torch.argsort(boxes[:, 4], stable=True).flip(0)
-    b = boxes[order, :4].double()
-    g = groups[order]
-    if len(b) <= NMS_BLOCK:
-        return order[_greedy_block(b, g, torch.ones(len(b), dtype=torch.bool), threshold)]
-    keep = torch.zeros(len(b), dtype=torch.bool, device=b.device)
-    for group in torch.unique(g).tolist():
-        members = (g == group).nonzero()[:, 0]  # ascending: decreasing score
-        keep[members] = _blocked_min_nms(b[members], threshold)
-    return order[keep]
-
-
-def _blocked_min_nms(b: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Greedy Min NMS of one group's boxes, already in score order: the keep mask."""
-    keep = torch.zeros(len(b), dtype=torch.bool, device=b.device)
-    none = torch.zeros(0, dtype=torch.int64, device=b.device)
-    for start, stop in _chunks(len(b), NMS_BLOCK):
-        block = b[start:stop]
-        alive = torch.ones(len(block), dtype=torch.bool, device=b.device)
-        kept = keep[:start].nonzero()[:, 0] if start else none
-        for i, j in _chunks(len(kept), NMS_BLOCK) if len(kept) else []:
-            alive &= ~(_min_overlap(b[kept[i:j]], block) > threshold).any(dim=0)
-        same = torch.zeros(len(block), dtype=torch.int64, device=b.device)
-        keep[start:stop] = _greedy_block(block, same, alive, threshold)
-    return keep
-
-
-def _min_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Intersection over the smaller box (+1 pixel areas) of every pair (rows a, columns b)."""
-    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
-    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-    w = torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])
-    h = torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])
-    inter = (w + 1).clamp(min=0) * (h + 1).clamp(min=0)
-    return inter / torch.minimum(area_a[:, None], area_b[None, :])
-
-
-def _greedy_block(
-    b: torch.Tensor, g: torch.Tensor, alive: torch.Tensor, threshold: float
-) -> torch.Tensor:
-    """Greedy NMS among boxes in score order, of which only `alive` ones may be kept (and
-    suppress): the keep mask."""
-    earlier = torch.ones((len(b), len(b)), dtype=torch.bool, device=b.device).triu(diagonal=1)
-    suppresses = (_min_overlap(b, b) > threshold) & earlier & (g[:, None] == g[None, :])
-    # Greedy NMS is the fixed point of "kept unless a kept earlier box suppresses it"; from
-    # all-kept the first k entries are final after k rounds, and it usually takes two.
-    keep = alive.clone()
-    while True:
-        update = alive & ~(suppresses & keep[:, None]).any(dim=0)
-        if torch.equal(update, keep):
-            return keep
-        keep = update

@@ -28,8 +28,10 @@ per image (see `filter.faces`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 
 
@@ -144,3 +146,55 @@ def _bounds(start: int, size: int, length: int, guard: int) -> tuple[float, floa
     low = -math.inf if start == 0 else float(start + guard)
     high = math.inf if start + size >= length else float(start + size - guard)
     return low, high
+
+
+def resized(image: np.ndarray, scale: float) -> np.ndarray:
+    """The image at `scale` (area when shrinking, bilinear when enlarging); itself at 1."""
+    if scale == 1.0:
+        return np.ascontiguousarray(image)
+    height, width = copy_size(image.shape[0], image.shape[1], scale)
+    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One window of one pass of one image: what a detection call searches."""
+
+    image: int
+    index: int  # of the pass, in `detection_passes` order
+    search: Pass
+    window: Window
+
+
+class Copies:
+    """Each pass's copy of each image, made on first use and dropped after its last
+    window, so that only the copies of the windows in flight are held."""
+
+    def __init__(self, images: Sequence[np.ndarray], units: Sequence[Unit]) -> None:
+        self._images = images
+        self._copies: dict[tuple[int, int], np.ndarray] = {}
+        self._left: dict[tuple[int, int], int] = {}
+        for unit in units:
+            key = (unit.image, unit.index)
+            self._left[key] = self._left.get(key, 0) + 1
+
+    def window(self, unit: Unit) -> np.ndarray:
+        key = (unit.image, unit.index)
+        if key not in self._copies:
+            self._copies[key] = resized(self._images[unit.image], unit.search.scale)
+        w = unit.window
+        return self._copies[key][w.top : w.top + w.height, w.left : w.left + w.width]
+
+    def done(self, unit: Unit) -> None:
+        key = (unit.image, unit.index)
+        self._left[key] -= 1
+        if self._left[key] == 0:
+            self._copies.pop(key, None)
+
+
+def batches(units: list[Unit], pixels_each: int, budget: int) -> list[list[Unit]]:
+    """Consecutive runs of units (a copy's windows stay together) of at most `budget`
+    pixels, at least one unit each."""
+    per_call = max(1, budget // max(1, pixels_each))
+    return [units[i : i + per_call] for i in range(0, len(units), per_call)]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 from facenet_pytorch.models.utils import detect_face as facenet
 
-from filter import mtcnn_batched
+from filter import mtcnn_batched, nms
 from filter.errors import IndexMismatchError
 from filter.faces import (
     DETECTOR_IDENTITIES,
@@ -149,13 +149,13 @@ def test_grouped_nms_equals_torchvision_per_image() -> None:
     scores = (torch.rand(n, generator=generator) * 8).floor() / 8
     boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
     groups = torch.randint(0, 5, (n,), generator=generator)
-    keep = mtcnn_batched._grouped_nms(boxes, groups, 0.5)
+    keep = nms.grouped_nms(boxes, groups, 0.5)
     for g in range(5):
         members = torch.nonzero(groups == g).flatten()
         alone = members[torchvision.ops.nms(boxes[members, :4], boxes[members, 4], 0.5)]
         assert torch.equal(keep[groups[keep] == g], alone)
     # Moving a group to another position in the batch changes nothing it keeps.
-    moved = mtcnn_batched._grouped_nms(boxes, torch.where(groups == 0, 40, groups), 0.5)
+    moved = nms.grouped_nms(boxes, torch.where(groups == 0, 40, groups), 0.5)
     assert torch.equal(moved, keep)
 
 
@@ -167,7 +167,7 @@ def test_min_nms_equals_facenet_pytorchs() -> None:
     scores = torch.rand(n, generator=generator)
     boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
     groups = torch.randint(0, 3, (n,), generator=generator)
-    ours = mtcnn_batched.min_nms(boxes, groups, 0.7)
+    ours = nms.min_nms(boxes, groups, 0.7)
     theirs = facenet.batched_nms_numpy(boxes[:, :4], boxes[:, 4], groups, 0.7, "Min")
     assert 10 < len(ours) < n
     assert sorted(ours.tolist()) == sorted(theirs.tolist())
@@ -236,13 +236,13 @@ def test_bounded_nms_keeps_what_one_call_over_every_box_keeps(
     scores = (torch.rand(n, generator=generator) * 16).floor() / 16
     boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
     groups = torch.randint(0, 7, (n,), generator=generator)
-    assert n > mtcnn_batched.NMS_BLOCK
-    blocked = mtcnn_batched.min_nms(boxes, groups, 0.7)
-    chunked = mtcnn_batched._grouped_nms(boxes, groups, 0.5)
-    monkeypatch.setattr(mtcnn_batched, "NMS_MAX_BOXES", 700)
-    assert torch.equal(mtcnn_batched._grouped_nms(boxes, groups, 0.5), chunked)
-    monkeypatch.setattr(mtcnn_batched, "NMS_BLOCK", 10**9)
-    assert torch.equal(mtcnn_batched.min_nms(boxes, groups, 0.7), blocked)
+    assert n > nms.NMS_BLOCK
+    blocked = nms.min_nms(boxes, groups, 0.7)
+    chunked = nms.grouped_nms(boxes, groups, 0.5)
+    monkeypatch.setattr(nms, "NMS_MAX_BOXES", 700)
+    assert torch.equal(nms.grouped_nms(boxes, groups, 0.5), chunked)
+    monkeypatch.setattr(nms, "NMS_BLOCK", 10**9)
+    assert torch.equal(nms.min_nms(boxes, groups, 0.7), blocked)
     assert 100 < len(blocked) < n
 
 
