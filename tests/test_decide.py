@@ -154,3 +154,21 @@ def test_the_rank_of_the_reasons() -> None:
     assert decide(_evidence(searchable=False, replica=0.9), BOTH, NoFacePolicy.REJECT).reason is (
         Reason.REPLICA
     )
+
+
+def test_evaluation_counts_an_image_with_too_many_faces_as_unusable_not_as_no_face() -> None:
+    """Rates are taken over scored images: one whose faces were not searched has no
+    identity score, and it is not an image without a face either."""
+    from filter.evaluate import score_evidence
+
+    scores = score_evidence(
+        "set",
+        [
+            _evidence(unsearched_faces=300, face_limit=256),
+            _evidence(),
+            _evidence(0.3),
+        ],
+    )
+    assert scores.unusable.tolist() == [True, False, False]
+    assert scores.no_face.tolist() == [False, True, False]
+    assert scores.scored.tolist() == [False, False, True]
