@@ -1,7 +1,7 @@
 """Cost and recall by image size: what finding every face on large images costs.
 
     .venv/bin/python -m bench.resolution_bench [--device cpu|cuda] [--sizes 512,1024,2048]
-        [--images 4] [--alternatives]
+        [--images 4] [--alternatives] [--threads N]
 
 Workload per size: the issue-18 probe (`bench/scenes.py`): square canvases with a
 stranger's photo at half the width and, on half of them, the held-out photo of an
@@ -194,11 +194,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sizes", default="512,1024,2048")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--alternatives", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="torch threads; 1 makes CPU seconds a measure of the work on a loaded machine "
+        "(a second thread spins, burning CPU time, while it waits for a core)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
-    if args.device == "cpu":
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     sizes = tuple(int(s) for s in args.sizes.split(","))
     if not args.alternatives:
         emit({"bench": "resolution_summary", **run(args.device, sizes, args.images)})
