@@ -145,16 +145,24 @@ def measure(
 def run(
     device: str = "cpu", sizes: tuple[int, ...] = (512, 1024, 2048), count: int = 4
 ) -> dict[str, Any]:
-    """The default form (`make bench`): tiled against overview-only, in this process."""
-    pipeline = build_embedding_pipeline("sface", MODELS, device=device)
-    with tempfile.TemporaryDirectory() as tmp:
-        index = _index(pipeline, Path(tmp))
-    rows = {}
-    for size in sizes:
-        for strategy in ("overview-only", "tiled"):
-            row = measure(pipeline, index, strategy, size, count)
-            rows[(strategy, size)] = row
-            emit(row)
+    """The default form (`make bench`): tiled against overview-only, in this process, on
+    one torch thread on the CPU (per-core figures; CPU seconds stay meaningful on a
+    machine shared with other jobs, where a second thread would spin while it waits)."""
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        pipeline = build_embedding_pipeline("sface", MODELS, device=device)
+        with tempfile.TemporaryDirectory() as tmp:
+            index = _index(pipeline, Path(tmp))
+        rows = {}
+        for size in sizes:
+            for strategy in ("overview-only", "tiled"):
+                row = measure(pipeline, index, strategy, size, count)
+                rows[(strategy, size)] = row
+                emit(row)
+    finally:
+        torch.set_num_threads(threads)
     summary: dict[str, Any] = {}
     for size in sizes:
         tiled, old = rows[("tiled", size)], rows[("overview-only", size)]
