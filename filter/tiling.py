@@ -21,8 +21,10 @@ size shrinks below MTCNN's minimum and is lost (32 px on a 1,024 px image, 64 px
 
 A pass's copy is at most the native image and each window a bounded piece of it, so the
 work grows with the pixels and the memory of one detection call is bounded by its
-windows, whatever the image's size. Faces found by several passes or windows are merged
-per image (see `filter.faces`).
+windows, whatever the image's size. The scheduling is here too: a `Unit` is one window
+of one pass of one image, `batches` cuts units of one shape into calls of bounded
+pixels, and `Copies` holds a pass's copy only while its windows are searched. Faces found
+by several passes or windows are merged per image (see `filter.faces`).
 """
 
 from __future__ import annotations
