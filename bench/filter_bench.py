@@ -14,7 +14,8 @@ from PIL import Image
 
 from bench.common import MODELS, device_name, emit, generated_faces, timed
 from bench.replica_v1 import V1ReplicaIndex
-from filter.faces import FaceAligner, MtcnnDetector, align_face
+from filter.alignment import align_face
+from filter.faces import FaceAligner, MtcnnDetector
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageTimes
 from filter.index import FaissIdentityIndex
 from filter.overlap import overlapped

@@ -1,10 +1,12 @@
 """`make bench`: every benchmark, JSON lines, ratios measured side by side in one run.
 
-    .venv/bin/python -m bench.run [filter] [service] [index] [signing]   # default: all
+    .venv/bin/python -m bench.run [filter] [service] [index] [signing] [resolution]
+                                                                       # default: all
 
 The last line sums up: embedder_fraction (filter; with one and two batches in flight), the
-naive speedup for reference only, service_speedup and
-service_p99_ratio, fast_path_agreement, and the largest index's result.
+naive speedup for reference only, service_speedup and service_p99_ratio,
+fast_path_agreement, the largest index's result, and images/s at 512, 1,024 and 2,048 px
+with their cost against the overview-only detector (resolution).
 
 `BENCH_INDEX_SIZES` sizes the index runs (default 100000, so that `make bench` takes
 under 10 minutes on 2 cores); the 1M-vector run is opt-in:
@@ -24,7 +26,7 @@ from bench.common import device_name, emit
 
 def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
-    wanted = set(argv) or {"filter", "service", "index", "signing"}
+    wanted = set(argv) or {"filter", "service", "index", "signing", "resolution"}
     summary: dict[str, Any] = {"bench": "summary", "device": device_name()}
     if "index" in wanted:
         from bench import index_bench
@@ -52,6 +54,10 @@ def main(argv: list[str]) -> int:
         from bench import signing_bench
 
         summary.update(signing_bench.run())
+    if "resolution" in wanted:  # about two minutes on 2 cores
+        from bench import resolution_bench
+
+        summary.update(resolution_bench.run())
     if "service" in wanted:
         from bench import service_bench
 

@@ -6,10 +6,16 @@ Two signals reject an image:
 - replica: the whole image's low-frequency similarity to any enrolled training image is
   at or above the replica threshold (a near-copy of a training image, face or not).
 
-Everything that is not positive evidence of a safe image rejects it (fail closed): a
-similarity that is not finite, a search that found no neighbour, an embedding the filter
-could not trust, or an image whose geometry the detector cannot search. An image with no
-face follows the no-face policy, `reject` by default.
+Everything that is not positive evidence of a safe image rejects it (fail closed): more
+faces than the filter searches in one image, a similarity that is not finite, a search
+that found no neighbour, an embedding the filter could not trust, or an image whose
+geometry the detector cannot search. An image with no face follows the no-face policy,
+`reject` by default.
+
+When several reasons hold, the verdict names the first of: identity_match, replica,
+too_many_faces, unsupported_geometry, filter_error, no_face (`unreadable` is decided
+before any evidence exists). A match found is the most useful thing to report and the
+strongest; an image the filter could not search whole comes next.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ class Reason(enum.StrEnum):
     # marker, a chunk or segment it does not read, a thumbnail it cannot decode): what
     # they would show was never checked (filter.content).
     UNCHECKED_CONTENT = "unchecked_content"
+    # More faces than the filter searches in one image (DetectorSettings.max_faces): none
+    # was searched, so the image cannot be vouched for (filter.identity_filter).
+    TOO_MANY_FACES = "too_many_faces"
 
 
 # Worst first: the verdict of a file that shows several images (frames, pages,
@@ -48,6 +57,7 @@ class Reason(enum.StrEnum):
 SEVERITY: tuple[Reason | None, ...] = (
     Reason.IDENTITY_MATCH,
     Reason.REPLICA,
+    Reason.TOO_MANY_FACES,
     Reason.UNCHECKED_CONTENT,
     Reason.UNSUPPORTED_GEOMETRY,
     Reason.FILTER_ERROR,
@@ -83,10 +93,13 @@ class ImageEvidence:
     replica: Match | None = None  # nearest enrolled training image (whole image)
     searchable: bool = True  # False: the detector cannot search this geometry
     error: str | None = None  # why the filter could not produce trustworthy evidence
+    # Faces found but not searched, because the image holds more than `face_limit`.
+    unsearched_faces: int = 0
+    face_limit: int | None = None
 
     @property
     def faces(self) -> int:
-        return len(self.face_matches)
+        return len(self.face_matches) + self.unsearched_faces
 
 
 @dataclass(frozen=True)
@@ -132,20 +145,32 @@ def decide(
             detail=detail,
         )
 
-    if not evidence.searchable:
-        return verdict(Reason.UNSUPPORTED_GEOMETRY)
     # A real match is reported as one even when another face of the image failed.
     if best is not None and best.similarity >= thresholds.identity:
         return verdict(Reason.IDENTITY_MATCH, best.identity)
+    copied = replica if replica is not None and _trusted(replica) else None
+    replica_threshold = thresholds.replica
+    if (
+        replica_threshold is not None
+        and copied is not None
+        and copied.similarity >= replica_threshold
+    ):
+        return verdict(Reason.REPLICA, copied.identity)
+    if evidence.unsearched_faces:
+        limit = "" if evidence.face_limit is None else f" {evidence.face_limit}"
+        return verdict(
+            Reason.TOO_MANY_FACES,
+            detail=f"{evidence.faces} faces found, more than the{limit} the filter "
+            "searches in one image",
+        )
+    if not evidence.searchable:
+        return verdict(Reason.UNSUPPORTED_GEOMETRY)
     if evidence.error is not None:
         return verdict(Reason.FILTER_ERROR, detail=evidence.error)
     if len(trusted) != len(evidence.face_matches):
         return verdict(Reason.FILTER_ERROR, detail="a face had no finite nearest neighbour")
-    if thresholds.replica is not None:
-        if replica is None or not _trusted(replica):
-            return verdict(Reason.FILTER_ERROR, detail="no finite nearest training image")
-        if replica.similarity >= thresholds.replica:
-            return verdict(Reason.REPLICA, replica.identity)
+    if replica_threshold is not None and copied is None:
+        return verdict(Reason.FILTER_ERROR, detail="no finite nearest training image")
     if not evidence.face_matches and no_face is NoFacePolicy.REJECT:
         return verdict(Reason.NO_FACE)
     return ImageVerdict(

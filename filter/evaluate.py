@@ -87,7 +87,7 @@ class SetScores:
 def score_evidence(name: str, evidence: Sequence[ImageEvidence]) -> SetScores:
     identity, replica, no_face, unusable = [], [], [], []
     for item in evidence:
-        broken = not item.searchable or item.error is not None
+        broken = not item.searchable or item.error is not None or item.unsearched_faces > 0
         broken = broken or any(not m.found for m in item.face_matches)
         unusable.append(broken)
         no_face.append(not broken and not item.face_matches)
@@ -299,6 +299,8 @@ def evaluate_leave_one_out(identities_dir: Path, pipeline: FaceEmbeddingPipeline
             face_matches=index.search(result.embeddings),
             replica=index.search_replicas([images[i]])[0] if index.has_replicas else None,
             searchable=result.searchable,
+            unsearched_faces=result.unsearched_faces,
+            face_limit=result.face_limit,
         )
         verdict = decide(evidence, thresholds.decision, NoFacePolicy.REJECT)
         return not verdict.passed, thresholds.describe()

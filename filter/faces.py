@@ -1,7 +1,10 @@
 """The face adapter: detection with MTCNN and 5-point alignment.
 
 Index building, calibration and serving all go through `FaceAligner`, so a
-threshold means the same thing everywhere. Two implementations of MTCNN share
+threshold means the same thing everywhere. An image is searched on an overview copy of
+at most `max_side` pixels and, when it is larger, at native resolution in bounded windows
+(`filter/tiling.py`); the faces of all passes are merged per image. Alignment is
+`filter/alignment.py`. Two implementations of MTCNN share
 facenet-pytorch's networks: `mtcnn-batched` (the default, `filter/mtcnn_batched.py`:
 every stage one tensor program over the batch, results independent of the batch) and
 `mtcnn` (facenet-pytorch's own `detect_face`). For the latter this module hides
@@ -12,29 +15,26 @@ empty array rather than `None`. Alignment from the landmarks is ours for both.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-import cv2
 import numpy as np
 import torch
+import torchvision
 
 from filter import mtcnn_batched
-
-# The ArcFace 112x112 template (left eye, right eye, nose, left and right mouth
-# corner): the standard target for SFace and most modern embedders.
-ARCFACE_TEMPLATE_112 = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float32,
+from filter.alignment import align_face
+from filter.tiling import (
+    Copies,
+    Pass,
+    Tiling,
+    Unit,
+    Window,
+    batches,
+    copy_size,
+    fine_passes,
 )
 
 
@@ -73,9 +73,9 @@ def detector_choice(recorded_name: object) -> str | None:
 class DetectorSettings:
     """Everything that changes what the detector finds; recorded in the index manifest."""
 
-    max_side: int = 640  # detect on a copy whose long side is at most this
+    max_side: int = 640  # the overview pass searches a copy whose long side is at most this
     min_side: int = 160  # small images (generated 64x64 crops) are upscaled to this
-    min_face_size: int = 20  # in pixels of the detection copy
+    min_face_size: int = 20  # in pixels of the copy searched
     # Generated face crops fill the frame, so small faces need not be searched for. A
     # minimum face size relative to the image drops the largest pyramid scales (most of
     # PNet's work). The size is rounded down to min_face_size / pyramid_factor^k, so
@@ -85,6 +85,13 @@ class DetectorSettings:
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     pyramid_factor: float = 0.709
     implementation: str = DEFAULT_DETECTOR  # a key of DETECTOR_IDENTITIES
+    # Images larger than max_side are also searched at native resolution, in windows, for
+    # the faces the overview shrinks below min_face_size (`filter/tiling.py`). None: the
+    # overview alone (the detector before version 2; for comparisons only).
+    tiling: Tiling | None = field(default_factory=Tiling)
+    # More faces than this in one image: none is searched and the image is rejected as
+    # too_many_faces (index build skips it). The bound on the work one image may ask for.
+    max_faces: int = 256
 
     def __post_init__(self) -> None:
         if self.implementation not in DETECTOR_IDENTITIES:
@@ -92,6 +99,8 @@ class DetectorSettings:
                 f"unknown detector {self.implementation!r}; "
                 f"choose one of {', '.join(DETECTOR_IDENTITIES)}"
             )
+        if self.max_faces < 1:
+            raise ValueError(f"max_faces must be at least 1, got {self.max_faces}")
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -102,6 +111,8 @@ class DetectorSettings:
             "min_face_fraction": self.min_face_fraction,
             "thresholds": list(self.thresholds),
             "pyramid_factor": self.pyramid_factor,
+            "tiling": None if self.tiling is None else self.tiling.as_dict(),
+            "max_faces": self.max_faces,
         }
 
 
@@ -136,23 +147,35 @@ class Detector(Protocol):
 
 
 def detection_copy_size(height: int, width: int, settings: DetectorSettings) -> tuple[int, int]:
-    """(height, width) of the copy the detector searches."""
+    """(height, width) of the overview pass's copy."""
+    return copy_size(height, width, detection_scale(height, width, settings))
+
+
+def detection_passes(height: int, width: int, settings: DetectorSettings) -> list[Pass]:
+    """Every search of an image of this size: the overview (today's copy, the whole
+    pyramid) when its copy is searchable, then the native-resolution passes for the small
+    faces it cannot see (not on the generated fast path, which looks for large faces
+    only). MTCNN's pyramid needs a copy's short side to hold one minimum-size face."""
     scale = detection_scale(height, width, settings)
-    if scale == 1.0:
-        return height, width
-    return max(1, round(height * scale)), max(1, round(width * scale))
+    copy_height, copy_width = copy_size(height, width, scale)
+    passes: list[Pass] = []
+    min_face = float(settings.min_face_size)
+    if min(copy_height, copy_width) >= min_face:
+        whole = Window(0, 0, copy_height, copy_width)
+        passes.append(Pass(scale, copy_height, copy_width, min_face, None, (whole,)))
+    if settings.tiling is not None and settings.min_face_fraction <= 0:
+        passes += fine_passes(height, width, scale, min_face, settings.tiling)
+    return passes
 
 
 def searchable_geometry(height: int, width: int, settings: DetectorSettings) -> bool:
-    """MTCNN's pyramid needs the detection copy's short side to hold one minimum-size face;
-    below that facenet-pytorch builds an empty pyramid and fails. Such an image (a
-    1000x10 strip, say) cannot be searched: the filter rejects it for its geometry."""
-    copy_height, copy_width = detection_copy_size(height, width, settings)
-    return min(copy_height, copy_width) >= settings.min_face_size
+    """Whether any pass can search an image of this size. One that none can (a 1000x10
+    strip, say) cannot be searched for faces: the filter rejects it for its geometry."""
+    return bool(detection_passes(height, width, settings))
 
 
 def detection_scale(height: int, width: int, settings: DetectorSettings) -> float:
-    """Factor that maps an image onto its detection copy."""
+    """Factor that maps an image onto its overview copy."""
     long_side, short_side = max(height, width), min(height, width)
     if long_side > settings.max_side:
         return settings.max_side / long_side
@@ -197,50 +220,52 @@ class MtcnnDetector:
         return searchable_geometry(height, width, self.settings)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
-        results: list[list[DetectedFace]] = [[] for _ in images]
-        groups: dict[tuple[int, int], list[int]] = {}
-        prepared: dict[int, np.ndarray] = {}
-        scales: dict[int, float] = {}
+        """Every pass's windows of every image, batched by window shape and face range in
+        calls of at most DETECT_BATCH_PIXELS (one window alone may be more), then merged
+        per image. An image searched by one window only (any image of max_side or less)
+        gets that window's faces, exactly as before the finer passes existed."""
+        units: list[Unit] = []
         for i, image in enumerate(images):
             _check_rgb(image)
-            if not self.searchable(image.shape[0], image.shape[1]):
-                continue
-            scale = detection_scale(image.shape[0], image.shape[1], self.settings)
-            copy = _resize(image, scale)
-            prepared[i] = copy
-            scales[i] = scale
-            groups.setdefault((copy.shape[0], copy.shape[1]), []).append(i)
-        for indices in groups.values():
-            batch = np.stack([prepared[i] for i in indices])
-            min_face = effective_min_face(self.settings, min(batch.shape[1], batch.shape[2]))
-            per_image = self._detect_batch(batch, min_face)
-            for i, faces in zip(indices, per_image, strict=True):
-                results[i] = [_rescale(face, scales[i]) for face in faces]
-        return results
+            height, width = image.shape[:2]
+            for p, search in enumerate(detection_passes(height, width, self.settings)):
+                units += [Unit(i, p, search, window) for window in search.windows]
+        groups: dict[tuple[int, int, float, float | None], list[Unit]] = {}
+        for unit in units:
+            window = unit.window
+            key = (window.height, window.width, unit.search.min_face, unit.search.max_face)
+            groups.setdefault(key, []).append(unit)
+        copies = Copies(images, units)
+        found: list[list[tuple[Unit, np.ndarray, np.ndarray]]] = [[] for _ in images]
+        budget = DETECT_BATCH_PIXELS.get(self.device.type, DETECT_BATCH_PIXELS["cpu"])
+        for (height, width, _, max_face), members in groups.items():
+            for part in batches(members, height * width, budget):
+                batch = np.stack([copies.window(unit) for unit in part])
+                if max_face is None:  # the overview: the whole pyramid (and the fast path's)
+                    min_face = effective_min_face(self.settings, min(height, width))
+                else:
+                    min_face = part[0].search.min_face
+                per_unit = self._detect_batch(batch, min_face, max_face)
+                del batch
+                for unit, (boxes, points) in zip(part, per_unit, strict=True):
+                    found[unit.image].append((unit, boxes, points))
+                    copies.done(unit)
+        return [_merge(parts) for parts in found]
 
-    def _detect_batch(self, batch: np.ndarray, min_face_size: float) -> list[list[DetectedFace]]:
+    def _detect_batch(
+        self, batch: np.ndarray, min_face_size: float, max_face_size: float | None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(boxes with scores (K, 5), landmarks (K, 5, 2)) of each image of an equal-size
+        batch, float32, in the copy's pixels. facenet-pytorch's implementation searches
+        the whole pyramid whatever `max_face_size` (the merge drops what it finds twice)."""
         with self._lock, torch.inference_mode():
             tensor = torch.from_numpy(batch).to(self.device)
             if self.settings.implementation == "mtcnn":
-                per_image = self._facenet_detect(tensor, min_face_size)
-            else:
-                per_image = self._batched_detect(tensor, min_face_size)
-        out: list[list[DetectedFace]] = []
-        for boxes, points in per_image:
-            faces = [
-                DetectedFace(
-                    box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
-                    score=float(b[4]),
-                    landmarks=p.copy(),
-                )
-                for b, p in zip(boxes, points, strict=True)
-            ]
-            faces.sort(key=lambda f: -f.score)
-            out.append(faces)
-        return out
+                return self._facenet_detect(tensor, min_face_size)
+            return self._batched_detect(tensor, min_face_size, max_face_size)
 
     def _batched_detect(
-        self, batch: torch.Tensor, min_face_size: float
+        self, batch: torch.Tensor, min_face_size: float, max_face_size: float | None
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         found = mtcnn_batched.detect_batch(
             batch,
@@ -248,6 +273,7 @@ class MtcnnDetector:
             (self._pnet, self._rnet, self._onet),
             self.settings.thresholds,
             self.settings.pyramid_factor,
+            max_face_size,
         )
         image = found.image.cpu().numpy()
         order = np.argsort(image, kind="stable")  # keeps each image's own order
@@ -287,13 +313,60 @@ def _check_rgb(image: np.ndarray) -> None:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
 
 
-def _resize(image: np.ndarray, scale: float) -> np.ndarray:
-    if scale == 1.0:
-        return np.ascontiguousarray(image)
-    height, width = image.shape[:2]
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    return cv2.resize(image, size, interpolation=interpolation)
+# Pixels of the windows in one detection call: the bound on its working memory (about
+# 60 bytes a pixel: the float copy, PNet's activations, the summed-area table), not on
+# its results, which do not depend on the batch. On the CPU 16 overview copies of
+# 512x512, 64 generated faces (160x160) or four full windows make one call; a GPU keeps
+# the batches that fill it (512 generated faces) whole.
+DETECT_BATCH_PIXELS = {"cpu": 4 * 1024 * 1024, "cuda": 32 * 1024 * 1024}
+# Faces found by two passes or two windows are one face when their boxes overlap by this
+# much (IoU). Not facenet-pytorch's "Min" overlap: that would let a small detection
+# inside a large face (an eye at native resolution) remove the large face itself.
+MERGE_IOU = 0.5
+
+
+def _merge(parts: list[tuple[Unit, np.ndarray, np.ndarray]]) -> list[DetectedFace]:
+    """One image's faces, in its own pixels, best first. One window: its faces as they
+    come (the exact arithmetic of the detector before the finer passes). Several: each
+    window's faces it vouches for (see `Window.keeps`), moved to the image's pixels, and
+    one face kept of every group that overlaps by MERGE_IOU or more (the best scored)."""
+    if not parts:
+        return []
+    if len(parts) == 1:
+        unit, boxes, points = parts[0]
+        faces = sorted(_faces(boxes, points), key=lambda f: -f.score)
+        return [_rescale(face, unit.search.scale) for face in faces]
+    all_boxes, all_points = [], []
+    for unit, boxes, points in parts:
+        w = unit.window
+        moved = boxes.astype(np.float64)
+        moved[:, [0, 2]] += w.left
+        moved[:, [1, 3]] += w.top
+        kept = w.keeps(moved)
+        marks = points[kept].astype(np.float64) + np.array([w.left, w.top])
+        moved = moved[kept]
+        moved[:, :4] /= unit.search.scale
+        all_boxes.append(moved)
+        all_points.append(marks / unit.search.scale)
+    boxes64 = np.concatenate(all_boxes)
+    points64 = np.concatenate(all_points)
+    if len(boxes64) == 0:
+        return []
+    keep = torchvision.ops.nms(
+        torch.from_numpy(boxes64[:, :4]), torch.from_numpy(boxes64[:, 4]), MERGE_IOU
+    ).numpy()
+    return _faces(boxes64[keep], points64[keep].astype(np.float32))
+
+
+def _faces(boxes: np.ndarray, points: np.ndarray) -> list[DetectedFace]:
+    return [
+        DetectedFace(
+            box=(float(b[0]), float(b[1]), float(b[2]), float(b[3])),
+            score=float(b[4]),
+            landmarks=np.array(p, dtype=np.float32),
+        )
+        for b, p in zip(boxes, points, strict=True)
+    ]
 
 
 def _rescale(face: DetectedFace, scale: float) -> DetectedFace:
@@ -306,40 +379,6 @@ def _rescale(face: DetectedFace, scale: float) -> DetectedFace:
         score=face.score,
         landmarks=(face.landmarks * inv).astype(np.float32),
     )
-
-
-def template_for(size: int) -> np.ndarray:
-    """The ArcFace template scaled to a square crop of `size` pixels."""
-    return ARCFACE_TEMPLATE_112 * (size / 112.0)
-
-
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
-    """Warp a face onto the template with a similarity transform (rotation, scale, shift)."""
-    template = template_for(size)
-    matrix = similarity_transform(np.asarray(landmarks, dtype=np.float64), template)
-    return cv2.warpAffine(
-        image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT
-    )
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity transform (Umeyama) mapping src points onto dst; 2x3."""
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    covariance = dst_c.T @ src_c / len(src)
-    u, singular, vt = np.linalg.svd(covariance)
-    reflection = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        reflection[1, 1] = -1.0
-    rotation = u @ reflection @ vt
-    src_var = (src_c**2).sum() / len(src)
-    scale = float((singular * np.diag(reflection)).sum() / src_var) if src_var > 0 else 1.0
-    if not math.isfinite(scale) or scale <= 0:
-        scale = 1.0
-    translation = dst_mean - scale * rotation @ src_mean
-    return np.hstack([scale * rotation, translation[:, None]]).astype(np.float32)
 
 
 class FaceAligner:

@@ -1,4 +1,14 @@
-"""Building an identity index from a training gallery: one subfolder per identity."""
+"""Building an identity index from a training gallery: one subfolder per identity.
+
+Every face of every image is enrolled under its folder's identity, bystanders included:
+a person in the background of a training image is in the training data too, and a
+generator can reproduce them as well as the main subject. The summary counts them
+(`bystander_faces`: the faces beyond the largest one of each image, and the images that
+hold any), since each is enrolled under an identity that is not theirs: a match on one
+names the folder's identity and its source image. An image with more faces than the
+detector's `max_faces` is not enrolled at all (its faces could not all be checked either)
+and is listed under `too_many_faces`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +20,7 @@ import numpy as np
 
 from filter.errors import FilterError, ImageError
 from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces, embedding_problem
-from filter.images import ImageLimits, decode_image, list_images
+from filter.images import BATCH_PIXELS, ImageLimits, decode_image, header_pixels, list_images
 from filter.index import FaissIdentityIndex
 from filter.numerics import compute_manifest
 from filter.replica import MIN_REPLICA_IMAGES, ReplicaFeaturizer, frames
@@ -24,6 +34,9 @@ class GalleryReport:
     faces: int = 0
     no_face: list[str] = field(default_factory=list)
     unsearchable: list[str] = field(default_factory=list)
+    too_many_faces: list[str] = field(default_factory=list)
+    with_bystanders: list[str] = field(default_factory=list)
+    bystander_faces: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
     empty_identities: list[str] = field(default_factory=list)
     replica_images: int = 0
@@ -33,11 +46,17 @@ class GalleryReport:
             "identities": self.identities,
             "images": self.images,
             "faces": self.faces,
+            "main_faces": self.faces - self.bystander_faces,
+            "bystander_faces": self.bystander_faces,
+            "images_with_bystanders": len(self.with_bystanders),
             "images_no_face": len(self.no_face),
             "images_unsupported_geometry": len(self.unsearchable),
+            "images_too_many_faces": len(self.too_many_faces),
             "images_skipped": len(self.skipped),
             "no_face": self.no_face,
             "unsupported_geometry": self.unsearchable,
+            "too_many_faces": self.too_many_faces,
+            "with_bystanders": self.with_bystanders,
             "skipped": self.skipped,
             "identities_without_faces": self.empty_identities,
             "replica_images": self.replica_images,
@@ -88,11 +107,23 @@ class EmbeddedChunk:
     frames: np.ndarray  # replica working frames (filter.replica.frames), in memory only
 
 
-def gallery_chunks(gallery: Path, batch_size: int = 16) -> list[list[tuple[str, Path]]]:
+def gallery_chunks(
+    gallery: Path, batch_size: int = 16, max_pixels: int = BATCH_PIXELS
+) -> list[list[tuple[str, Path]]]:
     """The gallery's images in the chunks every build embeds them in (one model call each:
-    the same chunks give the same vectors, whichever process embeds them)."""
-    items = list(gallery_images(gallery))
-    return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+    the same chunks give the same vectors, whichever process embeds them): `batch_size`
+    images, fewer where their pixels (read from the file headers) would pass `max_pixels`,
+    since a chunk is decoded whole before it is embedded."""
+    chunks: list[list[tuple[str, Path]]] = []
+    pixels = 0
+    for item in gallery_images(gallery):
+        size = header_pixels(item[1])
+        if not chunks or len(chunks[-1]) >= batch_size or pixels + size > max_pixels:
+            chunks.append([])
+            pixels = 0
+        chunks[-1].append(item)
+        pixels += size
+    return chunks
 
 
 def decode_chunk(
@@ -171,6 +202,8 @@ class Enrolment:
             self._replica_sources.append(source)
             if not result.searchable:
                 report.unsearchable.append(source)
+            elif result.unsearched_faces:
+                report.too_many_faces.append(source)
             elif len(result.faces) == 0:
                 report.no_face.append(source)
             else:
@@ -181,6 +214,9 @@ class Enrolment:
                     # An enrolled face that matches nothing would let its person out.
                     raise FilterError(f"{source}: {problem}; refusing to enrol it")
                 report.faces += len(result.faces)
+                if len(result.faces) > 1:
+                    report.bystander_faces += len(result.faces) - 1
+                    report.with_bystanders.append(source)
                 self._faces_per_identity[identity] += len(result.faces)
                 self._vectors.append(result.embeddings)
                 self._identities.extend([identity] * len(result.faces))
@@ -238,7 +274,9 @@ class Enrolment:
                 "images": report.images,
                 "faces": report.faces,
                 "images_no_face": len(report.no_face),
+                "bystander_faces": report.bystander_faces,
                 "images_unsupported_geometry": len(report.unsearchable),
+                "images_too_many_faces": len(report.too_many_faces),
                 "images_skipped": len(report.skipped),
             },
             replica_features=None if featurizer is None else featurizer.enrolled(training_frames),
@@ -285,6 +323,8 @@ def finish_gallery_index(
     report = enrolment.report
     report.no_face = [str(gallery / p) for p in report.no_face]
     report.unsearchable = [str(gallery / p) for p in report.unsearchable]
+    report.too_many_faces = [str(gallery / p) for p in report.too_many_faces]
+    report.with_bystanders = [str(gallery / p) for p in report.with_bystanders]
     return index, report
 
 

@@ -1,10 +1,13 @@
 """The identity filter: images in, verdicts out, in batches.
 
-All faces of all images in a call are aligned, embedded in one batch and searched
-in one FAISS call; the cost per face approaches the embedder's own. Calls from two
-threads overlap stage by stage (see `FaceEmbeddingPipeline`). Evidence the
-filter cannot trust (an embedding that is not finite or not unit length, a search
-with no neighbour) becomes a `filter_error` rejection of that image only.
+All faces of all images in a call are aligned and embedded in batches of
+`max_embed_batch` (aligned just before their batch is embedded, so memory does not grow
+with the faces) and searched in one FAISS call; the cost per face approaches the
+embedder's own. Calls from two threads overlap stage by stage (see
+`FaceEmbeddingPipeline`). Evidence the filter cannot trust (an embedding that is not
+finite or not unit length, a search with no neighbour) becomes a `filter_error` rejection
+of that image only. An image with more faces than the detector's `max_faces` has none of
+them embedded: it is rejected as `too_many_faces` (the bound on what one image may cost).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from filter.alignment import align_face
 from filter.decide import DecisionThresholds, ImageEvidence, ImageVerdict, NoFacePolicy, decide
 from filter.embedders import Embedder
 from filter.errors import FilterError
-from filter.faces import DetectedFace, FaceAligner
+from filter.faces import DetectedFace, DetectorSettings, FaceAligner
 from filter.index import IdentityIndex
 from filter.overlap import thread_stream
 from filter.replica import DEFAULT_REPLICA_THRESHOLD
@@ -62,6 +66,14 @@ class ImageFaces:
     faces: list[DetectedFace]
     embeddings: np.ndarray
     searchable: bool = True  # False: the detector cannot search an image of this geometry
+    # Faces found but not embedded: the image holds more than `face_limit` (then `faces`
+    # is empty and this is how many were found).
+    unsearched_faces: int = 0
+    face_limit: int | None = None
+
+    @property
+    def faces_found(self) -> int:
+        return len(self.faces) + self.unsearched_faces
 
 
 class FaceEmbeddingPipeline:
@@ -94,6 +106,14 @@ class FaceEmbeddingPipeline:
         self._detect_lock = threading.Lock()
         self._embed_lock = threading.Lock()
 
+    @property
+    def max_faces(self) -> int:
+        """Faces searched in one image at most (the detector's setting)."""
+        settings = getattr(self.aligner.detector, "settings", None)
+        if isinstance(settings, DetectorSettings):
+            return settings.max_faces
+        return DetectorSettings().max_faces
+
     def embed_images(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None
     ) -> list[ImageFaces]:
@@ -103,37 +123,43 @@ class FaceEmbeddingPipeline:
     def _embed_images(
         self, images: Sequence[np.ndarray], observer: StageObserver | None
     ) -> list[ImageFaces]:
-        with self._detect_lock, _timed(observer, "detect"):
-            detected, crops = self.aligner.faces(images)
-        counts = [len(c) for c in crops]
-        all_crops = (
-            np.concatenate(crops)
-            if crops
-            else np.zeros((0, self.embedder.crop_size, self.embedder.crop_size, 3), np.uint8)
-        )
-        with self._embed_lock, _timed(observer, "embed"):
-            parts = [
-                self.embedder.embed(all_crops[i : i + self.max_embed_batch])
-                for i in range(0, len(all_crops), self.max_embed_batch)
-            ]
-            vectors = (
-                np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)
-            )
-        if len(vectors) != len(all_crops):
-            raise FilterError(
-                f"embedder returned {len(vectors)} embeddings for {len(all_crops)} faces"
-            )
+        # Each stage's lock is taken before its clock starts: the stage metrics count work,
+        # not waiting for another batch in flight. Alignment needs no lock (pure, per call).
+        times = StageTimes()
+        with self._detect_lock, _timed(times, "detect"):
+            detected = self.aligner.detector.detect(images)
+        limit = self.max_faces
+        searched = [faces if len(faces) <= limit else [] for faces in detected]
+        # (image, face) of every face to embed, in image order: batches of max_embed_batch
+        # over this list are what the embedder sees (as when all crops were made first).
+        queue = [(i, face) for i, faces in enumerate(searched) for face in faces]
+        size = self.embedder.crop_size
+        parts: list[np.ndarray] = []
+        for start in range(0, len(queue), self.max_embed_batch):
+            chunk = queue[start : start + self.max_embed_batch]
+            with _timed(times, "detect"):  # alignment has always counted as detection
+                crops = np.stack([align_face(images[i], f.landmarks, size) for i, f in chunk])
+            with self._embed_lock, _timed(times, "embed"):
+                parts.append(self.embedder.embed(crops))
+        vectors = np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)
+        if observer is not None:
+            for stage in ("detect", "embed"):
+                observer.observe_stage(stage, times.seconds[stage])
+        if len(vectors) != len(queue):
+            raise FilterError(f"embedder returned {len(vectors)} embeddings for {len(queue)} faces")
         out: list[ImageFaces] = []
         offset = 0
-        for image, faces, count in zip(images, detected, counts, strict=True):
+        for image, faces, kept in zip(images, detected, searched, strict=True):
             out.append(
                 ImageFaces(
-                    faces=faces,
-                    embeddings=vectors[offset : offset + count],
+                    faces=kept,
+                    embeddings=vectors[offset : offset + len(kept)],
                     searchable=self.aligner.detector.searchable(image.shape[0], image.shape[1]),
+                    unsearched_faces=len(faces) - len(kept),
+                    face_limit=limit,
                 )
             )
-            offset += count
+            offset += len(kept)
         return out
 
 
@@ -224,6 +250,8 @@ class IdentityFilter:
                     replica=replica,
                     searchable=item.searchable,
                     error=problem,
+                    unsearched_faces=item.unsearched_faces,
+                    face_limit=item.face_limit,
                 )
             )
         return out, per_image

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from filter.errors import ImageError
 
@@ -44,6 +44,25 @@ class ImageLimits:
     max_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 64_000_000  # per image, and for all the images of one file together
     max_images: int = 64  # frames, pages and thumbnails checked in one file
+
+
+# Decoded pixels that one filter call holds at most (check, index build): one image at
+# the decoder's limit, or sixteen 2,000 x 2,000 photos (3 bytes each: 192 MB). The filter's
+# own working memory is bounded apart from it (filter/faces.py, DETECT_BATCH_PIXELS).
+BATCH_PIXELS = 64_000_000
+
+
+def header_pixels(path: Path) -> int:
+    """Width x height from the file's header (nothing decoded); 0 if it cannot be read
+    (decoding will say why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                return int(width) * int(height)
+    except Exception:  # any unreadable header: decoding says why
+        return 0
 
 
 def read_image_bytes(source: bytes | Path | str, limits: ImageLimits) -> bytes:
@@ -108,7 +127,10 @@ def frame_views(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     """The current frame as the filter sees it (EXIF-oriented, every mode as 8-bit RGB,
     transparency composited on white), and, when some pixels are not opaque, the colour
     channels under them as a program that drops the alpha channel shows them (else None)."""
-    img = ImageOps.exif_transpose(img) or img
+    # No needless copies: at the pixel limit each is 256 MB (PIL keeps RGB in 4 bytes a
+    # pixel), and exif_transpose copies even an image it does not turn.
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        img = ImageOps.exif_transpose(img) or img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         low, high = float(arr.min()), float(arr.max())
@@ -123,8 +145,26 @@ def frame_views(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
             hidden = np.ascontiguousarray(np.asarray(rgba, dtype=np.uint8)[..., :3])
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    rgb = img.convert("RGB")
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)), hidden
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    return _rgb_array(rgb), hidden
+
+
+# Larger images are converted to an array a band of rows at a time.
+_BAND_PIXELS = 4_000_000
+
+
+def _rgb_array(rgb: Image.Image) -> np.ndarray:
+    width, height = rgb.size
+    if width * height <= _BAND_PIXELS:
+        return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    # NumPy would otherwise take the whole image's bytes from PIL first, a third copy
+    # beside PIL's own and the array.
+    out = np.empty((height, width, 3), np.uint8)
+    rows = max(1, _BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = np.asarray(rgb.crop((0, top, width, bottom)), dtype=np.uint8)
+    return out
 
 
 def list_images(folder: Path) -> list[Path]:

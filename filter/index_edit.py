@@ -223,7 +223,7 @@ def _rebuild(
     counts = {
         k: v
         for k, v in manifest.get("counts", {}).items()
-        if k not in ("identities", "vectors", "images", "faces")
+        if k not in ("identities", "vectors", "images", "faces", "bystander_faces")
     }
     counts["faces"] = len(identities)
     if replica_parts:

@@ -193,8 +193,7 @@ def check_detector(folder: Path, built: object, running: dict[str, object]) -> N
         running.get("detector_version"),
     ):
         raise IndexMismatchError(_other_detector_message(folder, built, running))
-    keys = (set(built) | set(running)) - DETECTOR_KEYS_EXCLUDED_FROM_MATCH
-    differing = sorted(k for k in keys if _normalised(built.get(k)) != _normalised(running.get(k)))
+    differing = _differing_settings(built, running)
     if differing:
         shown = ", ".join(
             f"{k}: index {built.get(k)!r} vs running {running.get(k)!r}" for k in differing
@@ -202,29 +201,42 @@ def check_detector(folder: Path, built: object, running: dict[str, object]) -> N
         raise IndexMismatchError(
             f"index {folder} was built with other detector settings ({shown}); its "
             "embeddings would not mean what the running filter's do. Rebuild the index "
-            "with the running detector (`facegate index build`)"
+            f"with the running detector (`facegate index build GALLERY --out NEW`), then "
+            "calibrate the new index (`facegate calibrate --index NEW ... --save`)"
         )
 
 
+def _differing_settings(built: dict[str, Any], running: dict[str, Any]) -> list[str]:
+    keys = (set(built) | set(running)) - DETECTOR_KEYS_EXCLUDED_FROM_MATCH
+    keys -= {"detector", "detector_version"}
+    return sorted(k for k in keys if _normalised(built.get(k)) != _normalised(running.get(k)))
+
+
 def _other_detector_message(folder: Path, built: dict[str, Any], running: dict[str, Any]) -> str:
-    from filter.faces import detector_choice
+    from filter.faces import DETECTOR_IDENTITIES, detector_choice
 
     def named(settings: dict[str, Any]) -> str:
         version = settings.get("detector_version")
         return f"{settings.get('detector')!r}" + (f" version {version}" if version else "")
 
+    # Offer the detector that built it only where this facegate still has it as it was:
+    # the same implementation and version, and the same settings.
     choice = detector_choice(built.get("detector"))
-    keep = (
-        f", or run with the detector that built it (FACEGATE_DETECTOR={choice}, or "
-        f"--detector {choice})"
-        if choice is not None
-        else ""
-    )
+    keep = ""
+    if choice is not None:
+        identity = DETECTOR_IDENTITIES[choice]
+        same_version = identity.get("detector_version") == built.get("detector_version")
+        if same_version and not _differing_settings(built, running):
+            keep = (
+                f", or run with the detector that built it (FACEGATE_DETECTOR={choice}, or "
+                f"--detector {choice})"
+            )
     return (
         f"index {folder} was built with detector {named(built)}, the running detector is "
         f"{named(running)}: their faces and embeddings differ. Rebuild the index with the "
-        f"running detector (`facegate index build GALLERY --out {folder}`; `make run` "
-        f"rebuilds its demo index by itself){keep}"
+        f"running detector (`facegate index build GALLERY --out NEW`, then calibrate it: "
+        f"`facegate calibrate --index NEW ... --save`; `make run` rebuilds its demo index "
+        f"by itself){keep}"
     )
 
 

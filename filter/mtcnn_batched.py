@@ -11,7 +11,11 @@ every box of every image in the batch:
   one facenet-pytorch's `interpolate` does, so the crops are bit-identical to its
   per-box `imresample` calls, without a Python loop over boxes;
 - NMS runs for all images at once (`torchvision.ops.nms` with one exact offset per image,
-  and a vectorised greedy "Min" NMS for the last stage).
+  and a vectorised greedy "Min" NMS for the last stage; `filter/nms.py`);
+- memory stays bounded whatever the boxes: RNet/ONet crops are made and run MAX_ROWS at
+  a time, and no NMS builds a structure quadratic in a whole batch's boxes; a pyramid can
+  stop at a largest face (`max_face_size`), which the native-resolution windows of
+  `filter/tiling.py` use.
 
 Batch invariance. An image gets exactly the faces it gets when detected alone, whatever
 else is in the batch. facenet-pytorch does not promise that (its results move by ~1e-5 px
@@ -21,7 +25,7 @@ with the batch), and neither do the CPU kernels, so three things are pinned here
 - RNet and ONet run on row counts padded to a multiple of `ROW_QUANTUM` and split into
   chunks of at most `MAX_ROWS`: the GEMM kernels give a row the same bits for every such
   shape and position (a test checks it), not for small or odd row counts;
-- NMS offsets are exact (see `_grouped_nms`), so a box's overlap with its neighbours does
+- NMS offsets are exact (see `filter.nms.grouped_nms`), so a box's overlap with its neighbours does
   not depend on the position of its image in the batch (torchvision's `batched_nms`
   derives the offset from the largest coordinate in the batch, which rounds differently).
 The GPU kernels make no such promise; there the invariance is only approximate.
@@ -34,20 +38,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
+
+from filter.nms import chunks, grouped_nms, min_nms
 
 NAME = "mtcnn-batched"
 # Bump when a change can move a box or a landmark: the index manifest records it, and an
-# index built with another version is refused.
-VERSION = "1"
+# index built with another version is refused. 2: images over max_side are also searched
+# at native resolution (filter/tiling.py); images of max_side or less detect as in 1.
+VERSION = "2"
 
 ROW_QUANTUM = 16
 MAX_ROWS = 512
-# NMS coordinates are snapped to this grid (1/65536 px) so that adding a per-image offset
-# is exact in float64; the snap moves a box by at most 2^-17 px, below float32 rounding
-# of the coordinates themselves.
-_NMS_GRID = 2.0**16
-_EXACT_LIMIT = 2.0**36  # |coordinate + offset| * grid below 2^52: float64 sums stay exact
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,23 @@ class Detections:
     image: torch.Tensor  # (K,) int64: index of the image in the batch
 
 
-def pyramid_scales(height: int, width: int, min_face_size: float, factor: float) -> list[float]:
-    """facenet-pytorch's scale list, to the same floating-point steps."""
+def pyramid_scales(
+    height: int,
+    width: int,
+    min_face_size: float,
+    factor: float,
+    max_face_size: float | None = None,
+) -> list[float]:
+    """facenet-pytorch's scale list, to the same floating-point steps; with
+    `max_face_size`, only its first levels: those whose face size (12 / scale) is at most
+    that (the native-resolution passes search only the faces the coarser ones cannot)."""
     m = 12.0 / min_face_size
     minl = min(height, width) * m
     scales = []
     scale = m
     while minl >= 12:
+        if max_face_size is not None and 12.0 / scale > max_face_size:
+            break
         scales.append(scale)
         scale *= factor
         minl *= factor
@@ -78,12 +89,15 @@ def detect_batch(
     nets: tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module],
     thresholds: tuple[float, float, float],
     factor: float,
+    max_face_size: float | None = None,
 ) -> Detections:
-    """Detect faces in a (N, H, W, 3) uint8 batch of equal-size RGB images."""
+    """Detect faces in a (N, H, W, 3) uint8 batch of equal-size RGB images (faces from
+    `min_face_size` up to `max_face_size` pixels, or of any size)."""
     pnet, rnet, onet = nets
     height, width = images.shape[1], images.shape[2]
     imgs = images.permute(0, 3, 1, 2).float()
-    boxes, image = _stage_one(imgs, pnet, min_face_size, thresholds[0], factor)
+    boxes, image = _stage_one(imgs, pnet, min_face_size, thresholds[0], factor, max_face_size)
+    del imgs
     boxes = _rerec(_apply_pnet_regression(boxes))
     empty = Detections(
         boxes=torch.zeros((0, 5), device=images.device),
@@ -95,22 +109,18 @@ def detect_batch(
     table = _summed_area_table(images)
 
     # Stage two: RNet on 24x24 crops of every candidate.
-    crops, valid = _crops(table, boxes, image, 24, height, width)
-    boxes, image = boxes[valid], image[valid]
-    reg, prob = _run_rows(rnet, crops)
+    boxes, image, (reg, prob) = _refine(rnet, table, boxes, image, 24, height, width)
     passed = prob[:, 1] > thresholds[1]
     boxes = torch.cat([boxes[passed, :4], prob[passed, 1:2]], dim=1)
     image, reg = image[passed], reg[passed]
-    keep = _grouped_nms(boxes, image, 0.7)
+    keep = grouped_nms(boxes, image, 0.7)
     boxes = _rerec(_bbreg(boxes[keep], reg[keep]))
     image = image[keep]
     if len(boxes) == 0:
         return empty
 
     # Stage three: ONet on 48x48 crops; landmarks come from the box before regression.
-    crops, valid = _crops(table, boxes, image, 48, height, width)
-    boxes, image = boxes[valid], image[valid]
-    reg, marks, prob = _run_rows(onet, crops)
+    boxes, image, (reg, marks, prob) = _refine(onet, table, boxes, image, 48, height, width)
     passed = prob[:, 1] > thresholds[2]
     boxes = torch.cat([boxes[passed, :4], prob[passed, 1:2]], dim=1)
     image, reg, marks = image[passed], reg[passed], marks[passed]
@@ -120,19 +130,24 @@ def detect_batch(
     points_y = box_h * marks[:, 5:10] + boxes[:, 1:2] - 1
     points = torch.stack([points_x, points_y], dim=2)
     boxes = _bbreg(boxes, reg)
-    keep = _min_nms(boxes, image, 0.7)
+    keep = min_nms(boxes, image, 0.7)
     return Detections(boxes=boxes[keep], points=points[keep], image=image[keep])
 
 
 def _stage_one(
-    imgs: torch.Tensor, pnet: torch.nn.Module, min_face_size: float, threshold: float, factor: float
+    imgs: torch.Tensor,
+    pnet: torch.nn.Module,
+    min_face_size: float,
+    threshold: float,
+    factor: float,
+    max_face_size: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PNet over the pyramid: candidate boxes (x1, y1, x2, y2, score, 4 regressions) and
     their image indices, after facenet-pytorch's per-scale and per-image NMS."""
     count, height, width = imgs.shape[0], imgs.shape[2], imgs.shape[3]
     scale_boxes: list[torch.Tensor] = []
     scale_images: list[torch.Tensor] = []
-    for scale in pyramid_scales(height, width, min_face_size, factor):
+    for scale in pyramid_scales(height, width, min_face_size, factor, max_face_size):
         level = F.interpolate(
             imgs, size=(int(height * scale + 1), int(width * scale + 1)), mode="area"
         )
@@ -141,7 +156,7 @@ def _stage_one(
             level = torch.cat([level, torch.zeros_like(level)])
         reg, prob = pnet(level)
         boxes, image = _generate_boxes(reg[:count], prob[:count, 1], scale, threshold)
-        keep = _grouped_nms(boxes, image, 0.5)
+        keep = grouped_nms(boxes, image, 0.5)
         scale_boxes.append(boxes[keep])
         scale_images.append(image[keep])
     if not scale_boxes:
@@ -149,7 +164,7 @@ def _stage_one(
             0, dtype=torch.int64, device=imgs.device
         )
     boxes, image = torch.cat(scale_boxes), torch.cat(scale_images)
-    keep = _grouped_nms(boxes, image, 0.7)
+    keep = grouped_nms(boxes, image, 0.7)
     return boxes[keep], image[keep]
 
 
@@ -224,6 +239,20 @@ def _summed_area_table(images: torch.Tensor) -> torch.Tensor:
     return table
 
 
+def _pixel_bounds(
+    boxes: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """facenet-pytorch's `pad`: truncate, clip the top-left to 1 and the bottom-right to the
+    image; a box that then covers no pixel is invalid (it would crash facenet-pytorch).
+    Returns x, y, ex, ey (1-based, inclusive) and the mask of valid boxes."""
+    corners = boxes[:, :4].trunc().int()
+    x = corners[:, 0].clamp(min=1)
+    y = corners[:, 1].clamp(min=1)
+    ex = corners[:, 2].clamp(max=width)
+    ey = corners[:, 3].clamp(max=height)
+    return x, y, ex, ey, (ey > y - 1) & (ex > x - 1)
+
+
 def _crops(
     table: torch.Tensor,
     boxes: torch.Tensor,
@@ -234,15 +263,45 @@ def _crops(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every box's crop, area-resampled to size x size and normalised, as one gather:
     (B', 3, size, size) for the B' boxes that overlap the image, and the mask of those."""
-    # facenet-pytorch's `pad`: truncate, clip the top-left to 1 and the bottom-right to the
-    # image; a box that then covers no pixel is dropped (it would crash facenet-pytorch).
-    corners = boxes[:, :4].trunc().int()
-    x = corners[:, 0].clamp(min=1)
-    y = corners[:, 1].clamp(min=1)
-    ex = corners[:, 2].clamp(max=width)
-    ey = corners[:, 3].clamp(max=height)
-    valid = (ey > y - 1) & (ex > x - 1)
-    x, y, ex, ey, image = x[valid], y[valid], ex[valid], ey[valid], image[valid]
+    x, y, ex, ey, valid = _pixel_bounds(boxes, height, width)
+    return _gather(table, x[valid], y[valid], ex[valid], ey[valid], image[valid], size), valid
+
+
+def _refine(
+    net: torch.nn.Module,
+    table: torch.Tensor,
+    boxes: torch.Tensor,
+    image: torch.Tensor,
+    size: int,
+    height: int,
+    width: int,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """RNet or ONet on every box that overlaps the image: (those boxes, their image
+    indices, the network's outputs). The crops are made and run MAX_ROWS at a time, in
+    the same row chunks `_run_rows` would use, so memory stays bounded (a 48x48 crop's
+    gather takes about 110 KB, and a crowd sends thousands of boxes) and the bits do not
+    change."""
+    x, y, ex, ey, valid = _pixel_bounds(boxes, height, width)
+    boxes, image = boxes[valid], image[valid]
+    x, y, ex, ey = x[valid], y[valid], ex[valid], ey[valid]
+    parts = [
+        _run_rows(net, _gather(table, x[i:j], y[i:j], ex[i:j], ey[i:j], image[i:j], size))
+        for i, j in chunks(len(boxes), MAX_ROWS)
+    ]
+    return boxes, image, tuple(torch.cat(out) for out in zip(*parts, strict=True))
+
+
+def _gather(
+    table: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ex: torch.Tensor,
+    ey: torch.Tensor,
+    image: torch.Tensor,
+    size: int,
+) -> torch.Tensor:
+    """Crops of the given pixel rectangles, area-resampled to size x size and normalised:
+    (B, 3, size, size), from four lookups per output cell in the summed-area table."""
     rows0, rows1 = _cell_bounds(y - 1, ey - y + 1, size)
     cols0, cols1 = _cell_bounds(x - 1, ex - x + 1, size)
     # One flat gather for the four corners of every cell of every box.
@@ -258,7 +317,7 @@ def _crops(
     area_cols = (cols1 - cols0).float()[:, None, :, None]
     crops = sums.float() / area_rows / area_cols
     crops = (crops - 127.5) * 0.0078125
-    return crops.permute(0, 3, 1, 2), valid
+    return crops.permute(0, 3, 1, 2)
 
 
 def _cell_bounds(
@@ -284,49 +343,3 @@ def _run_rows(net: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, .
     rows = rows.contiguous(memory_format=torch.channels_last)
     parts = [net(rows[i : i + MAX_ROWS]) for i in range(0, padded, MAX_ROWS)]
     return tuple(torch.cat(outputs)[:count] for outputs in zip(*parts, strict=True))
-
-
-def _grouped_nms(boxes: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
-    """Greedy IoU NMS within each group (image), for all groups in one call; indices kept,
-    by decreasing score (ties in input order, which is each image's own order).
-
-    The groups are kept apart by an offset per group, as torchvision's `batched_nms` does,
-    but the offset here is a power of two and the coordinates sit on a 2^-16 grid in
-    float64, so every sum is exact: a box's overlaps do not depend on its group's offset."""
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    coords = torch.round(boxes[:, :4].double() * _NMS_GRID) / _NMS_GRID
-    reach = float(coords.abs().max())
-    span = 2.0 ** math.ceil(math.log2(2 * reach + 2))
-    if not math.isfinite(span) or span * (float(groups.max()) + 2) >= _EXACT_LIMIT:
-        raise ValueError(f"box coordinates out of range for NMS ({reach})")
-    shifted = coords + (groups.double() * span)[:, None]
-    return torchvision.ops.nms(shifted, boxes[:, 4].double(), iou)
-
-
-def _min_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float) -> torch.Tensor:
-    """facenet-pytorch's last NMS ("Min": intersection over the smaller box, +1 pixel
-    areas), greedy within each group, vectorised: indices kept, by decreasing score.
-
-    Ties (ONet often scores several boxes of one face 1.0) go to the later box, as in
-    facenet-pytorch, whose NumPy NMS takes the last of an ascending stable argsort."""
-    if len(boxes) == 0:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    order = torch.argsort(boxes[:, 4], stable=True).flip(0)
-    b = boxes[order, :4].double()
-    g = groups[order]
-    area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
-    w = torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0])
-    h = torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1])
-    inter = (w + 1).clamp(min=0) * (h + 1).clamp(min=0)
-    overlap = inter / torch.minimum(area[:, None], area[None, :])
-    earlier = torch.ones_like(overlap, dtype=torch.bool).triu(diagonal=1)
-    suppresses = (overlap > threshold) & earlier & (g[:, None] == g[None, :])
-    # Greedy NMS is the fixed point of "kept unless a kept earlier box suppresses it"; from
-    # all-kept the first k entries are final after k rounds, and it usually takes two.
-    keep = torch.ones(len(b), dtype=torch.bool, device=b.device)
-    while True:
-        update = ~(suppresses & keep[:, None]).any(dim=0)
-        if torch.equal(update, keep):
-            return order[keep]
-        keep = update

@@ -28,6 +28,7 @@ CANDIDATE_OUTCOMES = (
     "rejected_identity",
     "rejected_replica",
     "rejected_no_face",
+    "rejected_too_many_faces",
     "rejected_error",
 )
 FILTER_STAGES = ("detect", "embed", "search")

@@ -223,12 +223,14 @@ _OUTCOME_BY_REASON = {
     Reason.IDENTITY_MATCH: "rejected_identity",
     Reason.REPLICA: "rejected_replica",
     Reason.NO_FACE: "rejected_no_face",
+    Reason.TOO_MANY_FACES: "rejected_too_many_faces",
 }
 
 
 def verdict_outcome(verdict: ImageVerdict) -> str:
     """Metric label of a candidate: accepted, rejected_identity, rejected_replica,
-    rejected_no_face, or rejected_error (anything the filter could not vouch for)."""
+    rejected_no_face, rejected_too_many_faces (more faces than the filter searches in one
+    image), or rejected_error (anything else the filter could not vouch for)."""
     if verdict.passed:
         return "accepted"
     if verdict.reason is None:

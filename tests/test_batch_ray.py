@@ -14,8 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from batch.manifest import fragments, read_manifest
+from bench.scenes import crowd_of
 from filter.content import read_content
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline
@@ -84,6 +86,7 @@ def _inputs(root: Path, identities_dir: Path, faces_dir: Path) -> tuple[list[str
     shutil.copy(identities_dir / "id01" / "03.jpg", folder / "member.jpg")
     shutil.copy(identities_dir / "id05" / "01.jpg", folder / "sub" / "stranger.jpg")
     shutil.copy(faces_dir / "multi" / "two-people.jpg", folder / "sub" / "two.jpg")
+    Image.fromarray(crowd_of(identities_dir / "id05" / "01.jpg", 32)).save(folder / "crowd.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     probe_files(folder / "probes", identities_dir)
     junk = root / "junk.bin"
@@ -120,7 +123,7 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     rows = read_manifest(out).to_pylist()
     assert sorted(r["path"] for r in rows) == sorted(same_bytes)
     probes = len(hiding_places()) + 2  # and a camera JPEG and a plain PNG of the stranger
-    assert summary["processed"] == len(rows) == 7 + probes and summary["skipped"] == 0
+    assert summary["processed"] == len(rows) == 8 + probes and summary["skipped"] == 0
     assert summary["passed"] == sum(r["verdict"] == "pass" for r in rows)
     assert summary["rejected"] == sum(r["verdict"] == "reject" for r in rows)
     assert len(fragments(out)) >= 8  # one per block of 3: a crash loses only blocks in flight
@@ -144,10 +147,12 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
         assert similarity == expected["max_similarity"], row["path"]
     reasons = {r["reason"] for r in rows}
     # passes, members, broken files, and bytes after the end of a probe
-    assert {"identity_match", "unreadable", "unchecked_content", None} <= reasons
+    assert {"identity_match", "unreadable", "unchecked_content", "too_many_faces", None} <= reasons
     for row in rows:
         if "/probes/" in row["path"] and "camera" not in row["path"] and "plain" not in row["path"]:
             assert row["verdict"] == "reject", row  # on main, 3 of these were copied
+    crowd = next(r for r in rows if r["reason"] == "too_many_faces")
+    assert crowd["faces"] > 256 and "more than the 256" in crowd["error"]
 
     # Copies of exactly the passed images, under the input root's name: PNGs of the
     # pixels that were checked, nothing else (no EXIF, no thumbnail, no trailing bytes).
@@ -171,8 +176,8 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     before = fragments(out)
     assert main(command + _models(models_dir) + inputs) == 0
     again = _last_json(capsys)
-    assert again["processed"] == 0 and again["skipped"] == 7 + probes
-    assert fragments(out) == before and read_manifest(out).num_rows == 7 + probes
+    assert again["processed"] == 0 and again["skipped"] == 8 + probes
+    assert fragments(out) == before and read_manifest(out).num_rows == 8 + probes
 
     # A passed file replaced by an enrolled face: checked again, its row superseded, its
     # old copy gone (on main it was skipped and its row still said pass).
@@ -180,7 +185,7 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     Path(stranger["path"]).write_bytes((identities_dir / "id02" / "03.jpg").read_bytes())
     assert main(command + _models(models_dir) + inputs) == 0
     third = _last_json(capsys)
-    assert (third["processed"], third["changed"], third["skipped"]) == (1, 1, 6 + probes)
+    assert (third["processed"], third["changed"], third["skipped"]) == (1, 1, 7 + probes)
     history = [r for r in read_manifest(out).to_pylist() if r["path"] == stranger["path"]]
     assert len(history) == 2
     newest = max(history, key=lambda r: r["recorded_at"])

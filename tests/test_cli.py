@@ -111,6 +111,40 @@ def cli_index(tmp_path_factory: pytest.TempPathFactory, identities_dir: Path) ->
     return root / "index"
 
 
+def test_index_build_enrols_bystanders_counts_them_and_skips_a_crowd(
+    faces_dir: Path, identities_dir: Path, tmp_path: Path
+) -> None:
+    """Every face of a training image is enrolled under its folder's identity (bystanders
+    are in the training data too); the summary says how many were bystanders and which
+    image held more faces than the filter searches (not enrolled)."""
+    from bench.scenes import crowd_of
+
+    gallery = make_gallery(identities_dir, tmp_path / "gallery", ["id05"])
+    (gallery / "group").mkdir()
+    for name in ("two-people.jpg", "many-people.jpg"):
+        (gallery / "group" / name).symlink_to(faces_dir / "multi" / name)
+    crowd = crowd_of(identities_dir / "id02" / "01.jpg", 32)
+    Image.fromarray(crowd).save(gallery / "group" / "crowd.png")
+    result = facegate("index", "build", str(gallery), "--out", str(tmp_path / "index"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["images_too_many_faces"] == 1
+    assert summary["too_many_faces"] == [str(gallery / "group" / "crowd.png")]
+    assert "crowd.png holds more faces than the filter searches" in result.stderr
+    with_faces = summary["images"] - summary["images_no_face"] - summary["images_too_many_faces"]
+    assert summary["main_faces"] == with_faces
+    assert summary["bystander_faces"] == summary["faces"] - with_faces > 0
+    assert sorted(summary["with_bystanders"]) == [
+        str(gallery / "group" / "many-people.jpg"),
+        str(gallery / "group" / "two-people.jpg"),
+    ]
+    assert summary["images_with_bystanders"] == 2
+    manifest = json.loads(facegate("index", "info", str(tmp_path / "index")).stdout)
+    assert manifest["counts"]["faces"] == summary["faces"]  # every face enrolled
+    assert manifest["counts"]["bystander_faces"] == summary["bystander_faces"]
+    assert manifest["counts"]["images_too_many_faces"] == 1
+
+
 def test_index_info_prints_the_manifest(cli_index: Path) -> None:
     result = facegate("index", "info", str(cli_index))
     assert result.returncode == 0

@@ -293,6 +293,7 @@ def test_the_file_verdict_is_the_worst_of_its_images_in_the_product_order() -> N
     assert SEVERITY == (
         Reason.IDENTITY_MATCH,
         Reason.REPLICA,
+        Reason.TOO_MANY_FACES,
         Reason.UNCHECKED_CONTENT,
         Reason.UNSUPPORTED_GEOMETRY,
         Reason.FILTER_ERROR,

@@ -110,6 +110,7 @@ def test_each_reason_has_its_metric_outcome() -> None:
             Reason.NO_FACE: _evidence(),
             Reason.FILTER_ERROR: _evidence(math.nan),
             Reason.UNSUPPORTED_GEOMETRY: _evidence(searchable=False),
+            Reason.TOO_MANY_FACES: _evidence(unsearched_faces=300, face_limit=256),
         }.items()
     }
     assert outcomes == {
@@ -118,5 +119,56 @@ def test_each_reason_has_its_metric_outcome() -> None:
         Reason.NO_FACE: "rejected_no_face",
         Reason.FILTER_ERROR: "rejected_error",
         Reason.UNSUPPORTED_GEOMETRY: "rejected_error",
+        Reason.TOO_MANY_FACES: "rejected_too_many_faces",
     }
     assert verdict_outcome(decide(_evidence(0.1), BOTH, NoFacePolicy.REJECT)) == "accepted"
+
+
+def test_too_many_faces_rejects_whatever_the_policy_and_says_how_many() -> None:
+    evidence = _evidence(unsearched_faces=400, face_limit=256)
+    for policy in NoFacePolicy:
+        verdict = decide(evidence, BOTH, policy)
+        assert not verdict.passed and verdict.reason is Reason.TOO_MANY_FACES
+        assert verdict.faces == 400 and verdict.detail is not None
+        assert "400 faces" in verdict.detail and "256" in verdict.detail
+
+
+def test_the_rank_of_the_reasons() -> None:
+    """identity_match > replica > too_many_faces > unsupported_geometry > filter_error >
+    no_face: a match found wins; an image not searched whole comes next."""
+    crowd = {"unsearched_faces": 300, "face_limit": 256}
+    ranked = [
+        (Reason.IDENTITY_MATCH, _evidence(0.9, math.nan, replica=0.95, **crowd)),
+        (Reason.REPLICA, _evidence(0.1, math.nan, replica=0.95, **crowd)),
+        (Reason.TOO_MANY_FACES, _evidence(0.1, math.nan, error="bad", **crowd)),
+        (Reason.UNSUPPORTED_GEOMETRY, _evidence(searchable=False, error="bad")),
+        (Reason.FILTER_ERROR, _evidence(math.nan)),
+        (Reason.NO_FACE, _evidence()),
+    ]
+    for expected, evidence in ranked:
+        assert decide(evidence, BOTH, NoFacePolicy.REJECT).reason is expected
+    # A replica match is named even when a face or the geometry failed.
+    assert decide(_evidence(math.nan, replica=0.9), BOTH, NoFacePolicy.REJECT).reason is (
+        Reason.REPLICA
+    )
+    assert decide(_evidence(searchable=False, replica=0.9), BOTH, NoFacePolicy.REJECT).reason is (
+        Reason.REPLICA
+    )
+
+
+def test_evaluation_counts_an_image_with_too_many_faces_as_unusable_not_as_no_face() -> None:
+    """Rates are taken over scored images: one whose faces were not searched has no
+    identity score, and it is not an image without a face either."""
+    from filter.evaluate import score_evidence
+
+    scores = score_evidence(
+        "set",
+        [
+            _evidence(unsearched_faces=300, face_limit=256),
+            _evidence(),
+            _evidence(0.3),
+        ],
+    )
+    assert scores.unusable.tolist() == [True, False, False]
+    assert scores.no_face.tolist() == [False, True, False]
+    assert scores.scored.tolist() == [False, False, True]

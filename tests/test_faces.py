@@ -2,14 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from filter.faces import (
-    ARCFACE_TEMPLATE_112,
-    DetectorSettings,
-    MtcnnDetector,
-    align_face,
-    detection_scale,
-    similarity_transform,
-)
+from filter.alignment import ARCFACE_TEMPLATE_112, align_face, similarity_transform
+from filter.faces import DetectorSettings, MtcnnDetector, detection_scale
 
 
 @pytest.fixture(scope="module")

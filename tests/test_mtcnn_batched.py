@@ -14,9 +14,15 @@ import torch.nn.functional as F
 import torchvision
 from facenet_pytorch.models.utils import detect_face as facenet
 
-from filter import mtcnn_batched
+from filter import mtcnn_batched, nms
 from filter.errors import IndexMismatchError
-from filter.faces import DetectedFace, DetectorSettings, MtcnnDetector, detector_choice
+from filter.faces import (
+    DETECTOR_IDENTITIES,
+    DetectedFace,
+    DetectorSettings,
+    MtcnnDetector,
+    detector_choice,
+)
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from service.config import ConfigError, load_settings
@@ -143,13 +149,13 @@ def test_grouped_nms_equals_torchvision_per_image() -> None:
     scores = (torch.rand(n, generator=generator) * 8).floor() / 8
     boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
     groups = torch.randint(0, 5, (n,), generator=generator)
-    keep = mtcnn_batched._grouped_nms(boxes, groups, 0.5)
+    keep = nms.grouped_nms(boxes, groups, 0.5)
     for g in range(5):
         members = torch.nonzero(groups == g).flatten()
         alone = members[torchvision.ops.nms(boxes[members, :4], boxes[members, 4], 0.5)]
         assert torch.equal(keep[groups[keep] == g], alone)
     # Moving a group to another position in the batch changes nothing it keeps.
-    moved = mtcnn_batched._grouped_nms(boxes, torch.where(groups == 0, 40, groups), 0.5)
+    moved = nms.grouped_nms(boxes, torch.where(groups == 0, 40, groups), 0.5)
     assert torch.equal(moved, keep)
 
 
@@ -161,7 +167,7 @@ def test_min_nms_equals_facenet_pytorchs() -> None:
     scores = torch.rand(n, generator=generator)
     boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
     groups = torch.randint(0, 3, (n,), generator=generator)
-    ours = mtcnn_batched._min_nms(boxes, groups, 0.7)
+    ours = nms.min_nms(boxes, groups, 0.7)
     theirs = facenet.batched_nms_numpy(boxes[:, :4], boxes[:, 4], groups, 0.7, "Min")
     assert 10 < len(ours) < n
     assert sorted(ours.tolist()) == sorted(theirs.tolist())
@@ -215,3 +221,110 @@ def test_the_detector_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FACEGATE_DETECTOR", "opencv")
     with pytest.raises(ConfigError, match="FACEGATE_DETECTOR"):
         load_settings()
+
+
+def test_bounded_nms_keeps_what_one_call_over_every_box_keeps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above NMS_BLOCK boxes the Min NMS runs per group in blocks, above NMS_MAX_BOXES the
+    IoU NMS in calls per group chunk: both keep exactly what the all-pairs versions keep,
+    in the same order (quantised scores, so ties are many)."""
+    generator = torch.Generator().manual_seed(4)
+    n = 5000
+    corner = torch.rand(n, 2, generator=generator) * 600
+    size = torch.rand(n, 2, generator=generator) * 40 + 5
+    scores = (torch.rand(n, generator=generator) * 16).floor() / 16
+    boxes = torch.cat([corner, corner + size, scores[:, None]], dim=1)
+    groups = torch.randint(0, 2, (n,), generator=generator)  # blocks within each group
+    assert int((groups == 0).sum()) > 2 * nms.NMS_BLOCK
+    blocked = nms.min_nms(boxes, groups, 0.7)
+    chunked = nms.grouped_nms(boxes, groups, 0.5)
+    monkeypatch.setattr(nms, "NMS_MAX_BOXES", 700)
+    assert torch.equal(nms.grouped_nms(boxes, groups, 0.5), chunked)
+    monkeypatch.setattr(nms, "NMS_BLOCK", 10**9)
+    assert torch.equal(nms.min_nms(boxes, groups, 0.7), blocked)
+    assert 100 < len(blocked) < n
+
+
+def test_refining_crops_a_chunk_at_a_time_gives_the_same_bits(batched: MtcnnDetector) -> None:
+    generator = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (2, 200, 300, 3), dtype=torch.uint8, generator=generator)
+    n = 1300  # three chunks of MAX_ROWS, the last padded
+    x1 = torch.rand(n, generator=generator) * 320 - 10
+    y1 = torch.rand(n, generator=generator) * 220 - 10
+    side = torch.rand(n, generator=generator) * 60 + 2
+    boxes = torch.stack([x1, y1, x1 + side, y1 + side, torch.ones(n)], dim=1)
+    image = torch.randint(0, 2, (n,), generator=generator)
+    table = mtcnn_batched._summed_area_table(images)
+    with torch.inference_mode():
+        crops, valid = mtcnn_batched._crops(table, boxes, image, 24, 200, 300)
+        whole = mtcnn_batched._run_rows(batched._rnet, crops)
+        kept, kept_image, parts = mtcnn_batched._refine(
+            batched._rnet, table, boxes, image, 24, 200, 300
+        )
+    assert len(crops) > 2 * mtcnn_batched.MAX_ROWS
+    assert torch.equal(kept, boxes[valid]) and torch.equal(kept_image, image[valid])
+    for a, b in zip(whole, parts, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_large_image_gets_the_same_faces_alone_and_in_any_batch(
+    batched: MtcnnDetector, identities_dir: Path
+) -> None:
+    """Its windows are batched with other images' windows; what it gets does not move."""
+    from bench.scenes import composite
+
+    large = composite(1536, 40)
+    photo = decode_image(identities_dir / "id02" / "01.jpg")
+    other = composite(1536, None)
+    alone = batched.detect([large])[0]
+    assert len(alone) == 2
+    assert _same_faces(batched.detect([photo, large, other])[1], alone)
+    assert _same_faces(batched.detect([other, other, large])[2], alone)
+
+
+def test_indexes_of_the_detector_before_native_resolution_passes_are_refused(
+    tmp_path: Path,
+) -> None:
+    """Version 1 of the batched detector searched a 640 px copy only: its indexes miss the
+    small faces of large gallery photos, so they are refused with the commands that
+    rebuild and recalibrate; so are facenet-pytorch indexes made before the settings
+    recorded the native-resolution passes (no version field: the new keys refuse them)."""
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((4, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    current = DetectorSettings().as_dict()
+    assert current["detector_version"] == "2"
+    before = {k: v for k, v in current.items() if k not in ("tiling", "max_faces")}
+    for name, recorded, running in (
+        ("batched-v1", {**before, "detector_version": "1"}, current),
+        ("facenet", {**before, **DETECTOR_IDENTITIES["mtcnn"]}, _facenet_settings()),
+    ):
+        if name == "facenet":
+            recorded.pop("detector_version")
+        index = FaissIdentityIndex.build(
+            vectors,
+            [f"id{i}" for i in range(4)],
+            [f"{i}.jpg" for i in range(4)],
+            embedder_name="test",
+            model_sha256="0" * 64,
+            detector=recorded,
+        )
+        index.save(tmp_path / name)
+        with pytest.raises(IndexMismatchError) as refused:
+            FaissIdentityIndex.load(tmp_path / name, expect_detector=running)
+        message = str(refused.value)
+        assert "facegate index build" in message and "facegate calibrate" in message, message
+        assert "FACEGATE_DETECTOR=" not in message  # no detector here loads it as it was
+    assert "version 1" in _refusal(tmp_path / "batched-v1", current)
+    assert "tiling" in _refusal(tmp_path / "facenet", _facenet_settings())
+
+
+def _facenet_settings() -> dict[str, object]:
+    return DetectorSettings(implementation="mtcnn").as_dict()
+
+
+def _refusal(folder: Path, running: dict[str, object]) -> str:
+    with pytest.raises(IndexMismatchError) as refused:
+        FaissIdentityIndex.load(folder, expect_detector=running)
+    return str(refused.value)

@@ -180,6 +180,7 @@ def test_metrics_are_scraped_over_http(
         "rejected_identity",
         "rejected_replica",
         "rejected_no_face",
+        "rejected_too_many_faces",
         "rejected_error",
     ):
         metric_value(text, "facegate_candidates_total", {"outcome": outcome})

@@ -99,7 +99,11 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
     with progress_bar(total, "calibrating") as bar:
         for images in batches:
             for evidence in measuring.evidence(images):
-                if not evidence.searchable or evidence.error is not None:
+                if (
+                    not evidence.searchable
+                    or evidence.error is not None
+                    or evidence.unsearched_faces
+                ):
                     unusable += 1
                 elif not evidence.face_matches:
                     no_face += 1

@@ -23,7 +23,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     from filter.errors import ImageError
     from filter.file_check import FileVerdict, check_files
     from filter.identity_filter import IdentityFilter
-    from filter.images import ImageLimits, read_image_bytes
+    from filter.images import BATCH_PIXELS, ImageLimits, read_image_bytes
     from filter.runtime import load_index_for, resolve_thresholds
 
     pipeline = embedding_pipeline(settings, args)
@@ -37,42 +37,64 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     policy = NoFacePolicy(args.no_face_policy or settings.no_face_policy)
     identity_filter = IdentityFilter(pipeline, index, thresholds.decision, policy)
     limits = ImageLimits()
-    paths = list(args.images)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start : start + args.batch_size]
-        contents: dict[int, FileContent] = {}
-        errors: dict[int, str] = {}
-        for i, path in enumerate(chunk):
-            try:
-                # Every frame, page and thumbnail, and what could not be accounted for:
-                # the rule `facegate batch` applies too (filter.content, filter.file_check).
-                contents[i] = read_content(read_image_bytes(Path(path), limits), limits)
-            except ImageError as exc:
-                errors[i] = str(exc)
-                print(f"error: {path}: {exc}", file=sys.stderr)
-        order = sorted(contents)
-        checked = check_files(identity_filter, [contents[i] for i in order])
-        verdicts = dict(zip(order, checked, strict=True))
-        for i, path in enumerate(chunk):
-            result = verdicts.get(i) or FileVerdict(unreadable_verdict(), 0, None, errors.get(i))
-            verdict = result.verdict
-            line: dict[str, Any] = {
-                "path": path,
-                "verdict": verdict.verdict,
-                "reason": None if verdict.reason is None else str(verdict.reason),
-                "faces": verdict.faces,
-                "max_similarity": _rounded(verdict.max_similarity),
-                "identity": verdict.identity,
-                "replica_similarity": _rounded(verdict.replica_similarity),
-                "images": result.images,
-                "part": result.part,
-            }
-            if result.detail is not None:
-                line["error"] = result.detail
-                if i not in errors:
-                    print(f"error: {path}: {result.detail}", file=sys.stderr)
-            emit(line)
+    pending: list[tuple[str, FileContent | None, str | None]] = []  # (path, content, error)
+    pixels = 0
+
+    def flush() -> None:
+        nonlocal pixels
+        readable = [content for _, content, _ in pending if content is not None]
+        verdicts = iter(check_files(identity_filter, readable))
+        for path, content, error in pending:
+            result = (
+                next(verdicts)
+                if content is not None
+                else FileVerdict(unreadable_verdict(), 0, None, error)
+            )
+            emit(_line(path, result, error))
+        pending.clear()
+        pixels = 0
+
+    # Every frame, page and thumbnail of a file, and what could not be accounted for: the
+    # rule `facegate batch` applies too (filter.content, filter.file_check). Batches of
+    # --batch-size files, fewer where their decoded pixels would pass BATCH_PIXELS (a batch
+    # is held decoded while it is checked); lines in input order.
+    for path in args.images:
+        try:
+            content = read_content(read_image_bytes(Path(path), limits), limits)
+        except ImageError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            pending.append((path, None, str(exc)))
+            continue
+        size = sum(view.pixels.shape[0] * view.pixels.shape[1] for view in content.views)
+        if pending and pixels + size > BATCH_PIXELS:
+            flush()
+        pending.append((path, content, None))
+        pixels += size
+        if len(pending) >= args.batch_size:
+            flush()
+    if pending:
+        flush()
     return 0
+
+
+def _line(path: str, result: Any, error: str | None) -> dict[str, Any]:
+    verdict = result.verdict
+    line: dict[str, Any] = {
+        "path": path,
+        "verdict": verdict.verdict,
+        "reason": None if verdict.reason is None else str(verdict.reason),
+        "faces": verdict.faces,
+        "max_similarity": _rounded(verdict.max_similarity),
+        "identity": verdict.identity,
+        "replica_similarity": _rounded(verdict.replica_similarity),
+        "images": result.images,
+        "part": result.part,
+    }
+    if result.detail is not None:
+        line["error"] = result.detail
+        if error is None:
+            print(f"error: {path}: {result.detail}", file=sys.stderr)
+    return line
 
 
 def _rounded(value: float | None) -> float | None:

@@ -56,6 +56,11 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
         print(f"warning: no face found in {path}; {kept}", file=sys.stderr)
     for path in report.unsearchable:
         print(f"warning: {path} is too thin to search for faces; {kept}", file=sys.stderr)
+    for path in report.too_many_faces:
+        print(
+            f"warning: {path} holds more faces than the filter searches in one image; {kept}",
+            file=sys.stderr,
+        )
     if args.index_type in APPROXIMATE_TYPES:
         print(
             f"warning: a {args.index_type} index searches approximately and can miss a match "
