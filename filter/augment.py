@@ -51,19 +51,17 @@ def crop(image: np.ndarray, side: float, fx: float = 0.5, fy: float = 0.5) -> np
 def shift(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
     """Translate by (dx, dy) of the frame's width and height."""
     height, width = image.shape[:2]
-    matrix = np.array([[1.0, 0.0, dx * width], [0.0, 1.0, dy * height]])
-    return cv2.warpAffine(
-        np.ascontiguousarray(image),
-        matrix,
-        (width, height),
-        flags=cv2.INTER_LINEAR,
-        borderMode=BORDER,
-    )
+    return _warp(image, np.array([[1.0, 0.0, dx * width], [0.0, 1.0, dy * height]]))
 
 
 def rotate(image: np.ndarray, degrees: float) -> np.ndarray:
     height, width = image.shape[:2]
-    matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0)
+    return _warp(image, cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0))
+
+
+def _warp(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """An affine warp onto the same frame, bilinear, the border filled as BORDER."""
+    height, width = image.shape[:2]
     return cv2.warpAffine(
         np.ascontiguousarray(image),
         matrix,

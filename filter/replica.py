@@ -229,6 +229,20 @@ def _unit(projected: np.ndarray) -> np.ndarray:
     return unit.astype(np.float32)
 
 
+def _fixed_spec() -> dict[str, object]:
+    """What the code fixes about the feature: an index must have been built with the same."""
+    return {
+        "feature": FEATURE_NAME,
+        "frame_side": FRAME_SIDE,
+        "low_res_side": LOW_RES_SIDE,
+        "blur_sigma": BLUR_SIGMA,
+        "rows_per_image": ROWS_PER_IMAGE,
+        "query_views": QUERY_VIEWS,
+        "view_margin": VIEW_MARGIN,
+        "taper": TAPER,
+    }
+
+
 @dataclass(frozen=True)
 class ReplicaFeaturizer:
     """Discriminant projection of the low-resolution working frame, fitted on the training
@@ -336,18 +350,7 @@ class ReplicaFeaturizer:
         return margins
 
     def spec(self) -> dict[str, object]:
-        return {
-            "feature": FEATURE_NAME,
-            "frame_side": FRAME_SIDE,
-            "low_res_side": LOW_RES_SIDE,
-            "blur_sigma": BLUR_SIGMA,
-            "rows_per_image": ROWS_PER_IMAGE,
-            "query_views": QUERY_VIEWS,
-            "view_margin": VIEW_MARGIN,
-            "taper": TAPER,
-            "components": self.dim,
-            "projection_file": PROJECTION_FILE,
-        }
+        return {**_fixed_spec(), "components": self.dim, "projection_file": PROJECTION_FILE}
 
     def save(self, folder: Path) -> None:
         np.save(folder / PROJECTION_FILE, np.vstack([self.mean[None, :], self.basis]))
@@ -355,16 +358,7 @@ class ReplicaFeaturizer:
     @classmethod
     def load(cls, source: BinaryIO, spec: dict[str, object], path: Path) -> ReplicaFeaturizer:
         """The projection from an open file (`path` names it in messages)."""
-        expected_spec = {
-            "feature": FEATURE_NAME,
-            "frame_side": FRAME_SIDE,
-            "low_res_side": LOW_RES_SIDE,
-            "blur_sigma": BLUR_SIGMA,
-            "rows_per_image": ROWS_PER_IMAGE,
-            "query_views": QUERY_VIEWS,
-            "view_margin": VIEW_MARGIN,
-            "taper": TAPER,
-        }
+        expected_spec = _fixed_spec()
         differing = [k for k, v in expected_spec.items() if spec.get(k) != v]
         if differing:
             raise IndexCorruptError(
