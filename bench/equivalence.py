@@ -174,30 +174,37 @@ def main(argv: list[str]) -> int:
     else:
         if args.baseline is None:
             parser.error("give dump, compare or --baseline TREE")
-        with tempfile.TemporaryDirectory() as tmp:
-            outputs = []
-            for tree in (args.baseline.resolve(), REPO):
-                out = Path(tmp) / f"{len(outputs)}.npz"
-                env = {**os.environ, "PYTHONPATH": str(tree)}
-                env["FACEGATE_MODELS_DIR"] = str(REPO / "models")
-                subprocess.run(
-                    [
-                        str(tree / ".venv" / "bin" / "python"),
-                        str(Path(__file__).resolve()),
-                        "dump",
-                        str(out),
-                        "--generated",
-                        str(args.generated),
-                    ],
-                    cwd=tree,
-                    env=env,
-                    check=True,
-                )
-                outputs.append(out)
-            report = compare(outputs[0], outputs[1])
-        report["baseline"] = str(args.baseline)
+        report = against(args.baseline, args.generated)
     print(json.dumps(report))
     return 0 if report["same"] else 1
+
+
+def against(baseline: Path, generated: int) -> dict[str, Any]:
+    """Dump with `baseline`'s own interpreter and code, then with this checkout's (each in
+    a child process, this dump script and this checkout's models), and compare."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = []
+        for tree in (baseline.resolve(), REPO):
+            out = Path(tmp) / f"{len(outputs)}.npz"
+            env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+            env["FACEGATE_MODELS_DIR"] = str(REPO / "models")
+            subprocess.run(
+                [
+                    str(tree / ".venv" / "bin" / "python"),
+                    str(Path(__file__).resolve()),
+                    "dump",
+                    str(out),
+                    "--generated",
+                    str(generated),
+                ],
+                cwd=tree,
+                env=env,
+                check=True,
+            )
+            outputs.append(out)
+        report = compare(outputs[0], outputs[1])
+    report["baseline"] = str(baseline)
+    return report
 
 
 if __name__ == "__main__":
