@@ -14,6 +14,10 @@ waiting for a second thread), measures the work itself and is the figure to comp
 there. Prints one line per child and a summary: the median of each side's bests and
 their ratios, with the load average before and after. Each side's demo index is built
 once and kept under --cache. Only APIs both sides have are used.
+
+With `--equivalence N` the same run first shows that both sides give the same faces and
+verdicts (`bench.equivalence` against the baseline: the test photos and N generated faces,
+full and fast path), so one report holds the equality and the speed ratio side by side.
 """
 
 from __future__ import annotations
@@ -76,7 +80,12 @@ print(json.dumps({"faces": faces, "filter_faces_per_s": round(best, 2),
 
 
 def _child(tree: Path, repeats: int, threads: int, index: Path) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "FACEGATE_MODELS_DIR": str(REPO / "models")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "FACEGATE_MODELS_DIR": str(REPO / "models"),
+    }
     out = subprocess.run(
         [
             str(tree / ".venv" / "bin" / "python"),
@@ -102,7 +111,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per child")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "facegate-ab")
+    parser.add_argument(
+        "--equivalence",
+        type=int,
+        default=None,
+        metavar="N",
+        help="first compare faces and verdicts with the baseline's on N generated faces",
+    )
     args = parser.parse_args(argv)
+    equal: dict[str, Any] | None = None
+    if args.equivalence is not None:
+        from bench import equivalence
+
+        equal = equivalence.against(args.baseline, args.equivalence)
+        print(json.dumps(equal))
     trees = {"baseline": args.baseline.resolve(), "this": REPO}
     args.cache.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
@@ -131,10 +153,11 @@ def main(argv: list[str]) -> int:
                 "cpu_ratio_this_to_baseline": round(c["this"] / c["baseline"], 3),
                 "load_average_before": [round(x, 2) for x in load_before],
                 "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                **({} if equal is None else {"same_faces_and_verdicts": equal["same"]}),
             }
         )
     )
-    return 0
+    return 0 if equal is None or equal["same"] else 1
 
 
 def _head(tree: Path) -> str:

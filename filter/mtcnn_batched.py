@@ -4,12 +4,13 @@ The algorithm is facenet-pytorch's `detect_face` (pyramid, PNet, RNet, ONet, the
 thresholds, regressions and NMS), rewritten so that each stage is one tensor program over
 every box of every image in the batch:
 
-- the pyramid is `interpolate(mode="area")` of the whole batch, one call per scale;
-- every RNet/ONet crop comes from one gather in a summed-area table. Area resampling of a
-  crop is the mean of a rectangle of source pixels per output cell (adaptive average
-  pooling); the table gives each rectangle's integer sum exactly, and the division is the
-  one facenet-pytorch's `interpolate` does, so the crops are bit-identical to its
-  per-box `imresample` calls, without a Python loop over boxes;
+- one summed-area table of the batch serves every resampling. Area resampling (what
+  facenet-pytorch's `interpolate(mode="area")` does) is the mean of a rectangle of source
+  pixels per output cell (adaptive average pooling); the table gives each rectangle's
+  integer sum exactly, and the division is the one `interpolate` does, so the pyramid
+  levels (two slices of the table per level, `_level`) and every RNet/ONet crop (one
+  gather per chunk of boxes, `_gather`) are bit-identical to its per-scale and per-box
+  calls, without a float copy of the batch or a Python loop over boxes;
 - NMS runs for all images at once (`torchvision.ops.nms` with one exact offset per image,
   and a vectorised greedy "Min" NMS for the last stage; `filter/nms.py`);
 - memory stays bounded whatever the boxes: RNet/ONet crops are made and run MAX_ROWS at
@@ -23,8 +24,10 @@ with the batch), and neither do the CPU kernels, so three things are pinned here
 - oneDNN takes another convolution kernel for a batch of one image, so PNet never runs on
   one image (a blank second image is added, its output dropped);
 - RNet and ONet run on row counts padded to a multiple of `ROW_QUANTUM` and split into
-  chunks of at most `MAX_ROWS`: the GEMM kernels give a row the same bits for every such
-  shape and position (a test checks it), not for small or odd row counts;
+  calls of at most `NET_ROWS` rows (a multiple of it): the GEMM kernels give a row the same
+  bits for every such shape and position (a test checks it), not for small or odd row
+  counts. On the CPU the calls are small (64 rows) so that a layer's activations stay in
+  cache: ONet on 512 rows writes 138 MB per layer, and ran 2-3x slower than in calls of 64;
 - NMS offsets are exact (see `filter.nms.grouped_nms`), so a box's overlap with its neighbours does
   not depend on the position of its image in the batch (torchvision's `batched_nms`
   derives the offset from the largest coordinate in the batch, which rounds differently).
@@ -48,7 +51,11 @@ NAME = "mtcnn-batched"
 VERSION = "2"
 
 ROW_QUANTUM = 16
+# Boxes whose crops are made at once (the bound on the crops' memory).
 MAX_ROWS = 512
+# Rows per RNet/ONet call, by device: multiples of ROW_QUANTUM, so the bits do not depend
+# on it. Small on the CPU (the activations stay in cache), large on a GPU (fewer launches).
+NET_ROWS = {"cpu": 64, "cuda": MAX_ROWS}
 
 
 @dataclass(frozen=True)
@@ -95,9 +102,10 @@ def detect_batch(
     `min_face_size` up to `max_face_size` pixels, or of any size)."""
     pnet, rnet, onet = nets
     height, width = images.shape[1], images.shape[2]
-    imgs = images.permute(0, 3, 1, 2).float()
-    boxes, image = _stage_one(imgs, pnet, min_face_size, thresholds[0], factor, max_face_size)
-    del imgs
+    table = _summed_area_table(images)
+    boxes, image = _stage_one(
+        images, table, pnet, min_face_size, thresholds[0], factor, max_face_size
+    )
     boxes = _rerec(_apply_pnet_regression(boxes))
     empty = Detections(
         boxes=torch.zeros((0, 5), device=images.device),
@@ -106,7 +114,6 @@ def detect_batch(
     )
     if len(boxes) == 0:
         return empty
-    table = _summed_area_table(images)
 
     # Stage two: RNet on 24x24 crops of every candidate.
     boxes, image, (reg, prob) = _refine(rnet, table, boxes, image, 24, height, width)
@@ -135,7 +142,8 @@ def detect_batch(
 
 
 def _stage_one(
-    imgs: torch.Tensor,
+    images: torch.Tensor,
+    table: torch.Tensor,
     pnet: torch.nn.Module,
     min_face_size: float,
     threshold: float,
@@ -144,14 +152,11 @@ def _stage_one(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PNet over the pyramid: candidate boxes (x1, y1, x2, y2, score, 4 regressions) and
     their image indices, after facenet-pytorch's per-scale and per-image NMS."""
-    count, height, width = imgs.shape[0], imgs.shape[2], imgs.shape[3]
+    count, height, width = images.shape[0], images.shape[1], images.shape[2]
     scale_boxes: list[torch.Tensor] = []
     scale_images: list[torch.Tensor] = []
     for scale in pyramid_scales(height, width, min_face_size, factor, max_face_size):
-        level = F.interpolate(
-            imgs, size=(int(height * scale + 1), int(width * scale + 1)), mode="area"
-        )
-        level = (level - 127.5) * 0.0078125
+        level = _level(images, table, int(height * scale + 1), int(width * scale + 1))
         if count == 1:
             level = torch.cat([level, torch.zeros_like(level)])
         reg, prob = pnet(level)
@@ -160,12 +165,47 @@ def _stage_one(
         scale_boxes.append(boxes[keep])
         scale_images.append(image[keep])
     if not scale_boxes:
-        return torch.zeros((0, 9), device=imgs.device), torch.zeros(
-            0, dtype=torch.int64, device=imgs.device
+        return torch.zeros((0, 9), device=images.device), torch.zeros(
+            0, dtype=torch.int64, device=images.device
         )
     boxes, image = torch.cat(scale_boxes), torch.cat(scale_images)
     keep = grouped_nms(boxes, image, 0.7)
     return boxes[keep], image[keep]
+
+
+def _level(images: torch.Tensor, table: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The batch area-resampled to rows x cols and normalised, (N, 3, rows, cols) in
+    channels-last memory: facenet-pytorch's `interpolate(mode="area")` to the bit. Every
+    cell's sum is two row slices and two column slices of the summed-area table; the
+    division is adaptive average pooling's (sum / rows / cols). Pooling sums a cell in
+    float32, exactly while the sum stays below 2^24, which every MTCNN level's cells do;
+    a level with larger cells (an image thousands of pixels a side searched whole) is
+    pooled as before."""
+    height, width = images.shape[1], images.shape[2]
+    row0, row1 = _axis_bounds(height, rows)
+    col0, col1 = _axis_bounds(width, cols)
+    largest = max(b - a for a, b in zip(row0, row1, strict=True)) * max(
+        b - a for a, b in zip(col0, col1, strict=True)
+    )
+    if largest * 255 >= 2**24:
+        level = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(rows, cols), mode="area")
+        return (level - 127.5) * 0.0078125
+    device = table.device
+    r0, r1, c0, c1 = (torch.tensor(v, device=device) for v in (row0, row1, col0, col1))
+    strips = table.index_select(1, r1) - table.index_select(1, r0)
+    sums = strips.index_select(2, c1) - strips.index_select(2, c0)  # (N, rows, cols, 3)
+    area_rows = (r1 - r0).float()[:, None, None]
+    area_cols = (c1 - c0).float()[:, None]
+    cells = sums.float() / area_rows / area_cols
+    return ((cells - 127.5) * 0.0078125).permute(0, 3, 1, 2)
+
+
+def _axis_bounds(length: int, size: int) -> tuple[list[int], list[int]]:
+    """Adaptive average pooling's source range [begin, end) of each of `size` cells over
+    `length` pixels: floor(i * L / S) to ceil((i + 1) * L / S)."""
+    begin = [(i * length) // size for i in range(size)]
+    end = [-((-(i + 1) * length) // size) for i in range(size)]
+    return begin, end
 
 
 def _generate_boxes(
@@ -284,8 +324,9 @@ def _refine(
     x, y, ex, ey, valid = _pixel_bounds(boxes, height, width)
     boxes, image = boxes[valid], image[valid]
     x, y, ex, ey = x[valid], y[valid], ex[valid], ey[valid]
+    step = NET_ROWS.get(table.device.type, MAX_ROWS)
     parts = [
-        _run_rows(net, _gather(table, x[i:j], y[i:j], ex[i:j], ey[i:j], image[i:j], size))
+        _run_rows(net, _gather(table, x[i:j], y[i:j], ex[i:j], ey[i:j], image[i:j], size), step)
         for i, j in chunks(len(boxes), MAX_ROWS)
     ]
     return boxes, image, tuple(torch.cat(out) for out in zip(*parts, strict=True))
@@ -333,13 +374,18 @@ def _cell_bounds(
     return base + begin, base + end
 
 
-def _run_rows(net: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The network over every row, in chunk shapes that give each row the same bits
-    whatever the other rows are (see the module docstring)."""
+def _run_rows(
+    net: torch.nn.Module, rows: torch.Tensor, step: int = MAX_ROWS
+) -> tuple[torch.Tensor, ...]:
+    """The network over every row, in calls of at most `step` rows (a multiple of
+    ROW_QUANTUM), shapes that give each row the same bits whatever the other rows are (see
+    the module docstring)."""
     count = len(rows)
     padded = max(ROW_QUANTUM, math.ceil(count / ROW_QUANTUM) * ROW_QUANTUM)
     if padded != count:
         rows = torch.cat([rows, rows.new_zeros((padded - count, *rows.shape[1:]))])
     rows = rows.contiguous(memory_format=torch.channels_last)
-    parts = [net(rows[i : i + MAX_ROWS]) for i in range(0, padded, MAX_ROWS)]
+    if step % ROW_QUANTUM:
+        raise ValueError(f"rows per call must be a multiple of {ROW_QUANTUM}, not {step}")
+    parts = [net(rows[i : i + step]) for i in range(0, padded, step)]
     return tuple(torch.cat(outputs)[:count] for outputs in zip(*parts, strict=True))

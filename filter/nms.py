@@ -55,9 +55,10 @@ def grouped_nms(boxes: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.
 
 def _offset_nms(boxes: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
     coords = torch.round(boxes[:, :4].double() * _NMS_GRID) / _NMS_GRID
-    reach = float(coords.abs().max())
+    # One read-back for both bounds (on a GPU each is a host synchronisation).
+    reach, last_group = torch.stack([coords.abs().max(), groups.max().double()]).tolist()
     span = 2.0 ** math.ceil(math.log2(2 * reach + 2))
-    if not math.isfinite(span) or span * (float(groups.max()) + 2) >= _EXACT_LIMIT:
+    if not math.isfinite(span) or span * (last_group + 2) >= _EXACT_LIMIT:
         raise ValueError(f"box coordinates out of range for NMS ({reach})")
     shifted = coords + (groups.double() * span)[:, None]
     return torchvision.ops.nms(shifted, boxes[:, 4].double(), iou)

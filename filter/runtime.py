@@ -11,6 +11,7 @@ from filter.decide import DecisionThresholds, NoFacePolicy
 from filter.embedders import load_embedder, resolve_device
 from filter.errors import IndexMismatchError
 from filter.faces import DetectorSettings, FaceAligner, MtcnnDetector
+from filter.host_blas import single_threaded_numpy_blas
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.index import FaissIdentityIndex
 from filter.models import verify_mtcnn_weights
@@ -35,10 +36,12 @@ def build_embedding_pipeline(
     """`detector` (FACEGATE_DETECTOR, --detector) picks the MTCNN implementation; None
     keeps the one in `detector_settings`, whose default is the batched one. On a CUDA
     device the process's floating-point policy (TF32 off) is set first, before any model
-    loads: every caller, a Ray actor too, builds through here (`filter.numerics`)."""
+    loads: every caller, a Ray actor too, builds through here (`filter.numerics`); numpy's
+    BLAS goes to one thread, so that it does not spin against torch (`filter.host_blas`)."""
     verify_mtcnn_weights()
     torch_device = resolve_device(device)
     apply_device_numerics(torch_device)
+    single_threaded_numpy_blas()
     model = load_embedder(
         embedder, models_dir, device=str(torch_device), facenet_weights=facenet_weights
     )

@@ -328,3 +328,36 @@ def _refusal(folder: Path, running: dict[str, object]) -> str:
     with pytest.raises(IndexMismatchError) as refused:
         FaissIdentityIndex.load(folder, expect_detector=running)
     return str(refused.value)
+
+
+def test_pyramid_levels_from_the_table_equal_area_interpolation() -> None:
+    """Every pyramid level is cut from the summed-area table: bit for bit what
+    facenet-pytorch's `interpolate(mode="area")` gives, for shrinking and enlarging, odd
+    sizes and the channels-last layout the batch arrives in."""
+    generator = torch.Generator().manual_seed(3)
+    for count, height, width, rows, cols in (
+        (2, 160, 160, 25, 25),
+        (1, 97, 131, 13, 18),
+        (3, 64, 40, 45, 29),
+        (1, 30, 50, 61, 77),  # enlarging (a minimum face below 12 px)
+    ):
+        images = torch.randint(
+            0, 256, (count, height, width, 3), dtype=torch.uint8, generator=generator
+        )
+        table = mtcnn_batched._summed_area_table(images)
+        level = mtcnn_batched._level(images, table, rows, cols)
+        pooled = F.interpolate(images.permute(0, 3, 1, 2).float(), size=(rows, cols), mode="area")
+        assert torch.equal(level, (pooled - 127.5) * 0.0078125)
+
+
+def test_rows_get_the_same_bits_in_calls_of_any_size(batched: MtcnnDetector) -> None:
+    """The CPU runs RNet/ONet in small calls (NET_ROWS) for its cache; a GPU in large ones."""
+    rows = torch.randn(300, 3, 48, 48, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        whole = mtcnn_batched._run_rows(batched._onet, rows, mtcnn_batched.MAX_ROWS)
+        for step in (16, 64, 128):
+            for a, b in zip(whole, mtcnn_batched._run_rows(batched._onet, rows, step), strict=True):
+                assert torch.equal(a, b)
+        with pytest.raises(ValueError, match="multiple"):
+            mtcnn_batched._run_rows(batched._onet, rows, 40)
+    assert mtcnn_batched.NET_ROWS["cpu"] < mtcnn_batched.MAX_ROWS
