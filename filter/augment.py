@@ -38,14 +38,7 @@ def crop(image: np.ndarray, side: float, fx: float = 0.5, fy: float = 0.5) -> np
     # An affine map of the window onto the frame, pixel centres to pixel centres
     # (x + 0.5 = (u + 0.5 - x0) / side): sub-pixel windows stay exact.
     tx, ty = (0.5 - x0) / side - 0.5, (0.5 - y0) / side - 0.5
-    matrix = np.array([[1.0 / side, 0.0, tx], [0.0, 1.0 / side, ty]])
-    return cv2.warpAffine(
-        np.ascontiguousarray(image),
-        matrix,
-        (width, height),
-        flags=cv2.INTER_LINEAR,
-        borderMode=BORDER,
-    )
+    return _warp(image, np.array([[1.0 / side, 0.0, tx], [0.0, 1.0 / side, ty]]))
 
 
 def shift(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
