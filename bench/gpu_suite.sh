@@ -40,7 +40,7 @@ if ((SMOKE)); then
     export FACEGATE_GPU_TESTS_ON_CPU=1 FACEGATE_GPU_TEST_IMAGES=16
     # tests/test_index.py's gpu test names "cuda" itself: on the GPU only.
     step gpu-tests 900 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-        tests/test_gpu_agreement.py --junitxml="$OUT/gpu-tests.xml" -o junit_family=xunit2
+        tests/test_gpu_agreement.py tests/test_mtcnn_batched.py --junitxml="$OUT/gpu-tests.xml" -o junit_family=xunit2
     step gpu-bench 900 "$PY" -m bench.gpu_bench --smoke --out-dir "$OUT"
     step service-bench 600 bash -c "'$PY' -m bench.service_bench --device cpu --smoke | tee '$OUT/service-cpu.jsonl'"
 else
@@ -48,7 +48,7 @@ else
     step preflight 30 "$PY" -m bench.gpu_preflight
     # Checks first (tolerances in tests/test_gpu_agreement.py), then the figures.
     step gpu-tests 130 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-        tests/test_gpu_agreement.py tests/test_index.py \
+        tests/test_gpu_agreement.py tests/test_index.py tests/test_mtcnn_batched.py \
         --junitxml="$OUT/gpu-tests.xml" -o junit_family=xunit2
     step gpu-bench 170 "$PY" -m bench.gpu_bench --out-dir "$OUT" \
         --sections agreement,default,facenet

@@ -22,7 +22,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torchvision
 
 from filter import mtcnn_batched
 from filter.alignment import align_face
@@ -328,7 +327,9 @@ def _check_rgb(image: np.ndarray) -> None:
 DETECT_BATCH_PIXELS = {"cpu": 4 * 1024 * 1024, "cuda": 32 * 1024 * 1024}
 # Faces found by two passes or two windows are one face when their boxes overlap by this
 # much (IoU). Not facenet-pytorch's "Min" overlap: that would let a small detection
-# inside a large face (an eye at native resolution) remove the large face itself.
+# inside a large face (an eye at native resolution) remove the large face itself. Boxes
+# of the same window are never merged: MTCNN's own suppression already told them apart,
+# and two faces that overlap (one partly behind the other) must both be searched.
 MERGE_IOU = 0.5
 
 
@@ -336,15 +337,15 @@ def _merge(parts: list[tuple[Unit, np.ndarray, np.ndarray]]) -> list[DetectedFac
     """One image's faces, in its own pixels, best first. One window: its faces as they
     come (the exact arithmetic of the detector before the finer passes). Several: each
     window's faces it vouches for (see `Window.keeps`), moved to the image's pixels, and
-    one face kept of every group that overlaps by MERGE_IOU or more (the best scored)."""
+    one face kept of each face found by several windows (`_merge_across_windows`)."""
     if not parts:
         return []
     if len(parts) == 1:
         unit, boxes, points = parts[0]
         faces = sorted(_faces(boxes, points), key=lambda f: -f.score)
         return [_rescale(face, unit.search.scale) for face in faces]
-    all_boxes, all_points = [], []
-    for unit, boxes, points in parts:
+    all_boxes, all_points, all_units = [], [], []
+    for number, (unit, boxes, points) in enumerate(parts):
         w = unit.window
         moved = boxes.astype(np.float64)
         moved[:, [0, 2]] += w.left
@@ -355,14 +356,39 @@ def _merge(parts: list[tuple[Unit, np.ndarray, np.ndarray]]) -> list[DetectedFac
         moved[:, :4] /= unit.search.scale
         all_boxes.append(moved)
         all_points.append(marks / unit.search.scale)
+        all_units.append(np.full(len(moved), number))
     boxes64 = np.concatenate(all_boxes)
     points64 = np.concatenate(all_points)
     if len(boxes64) == 0:
         return []
-    keep = torchvision.ops.nms(
-        torch.from_numpy(boxes64[:, :4]), torch.from_numpy(boxes64[:, 4]), MERGE_IOU
-    ).numpy()
+    keep = _merge_across_windows(boxes64, np.concatenate(all_units))
     return _faces(boxes64[keep], points64[keep].astype(np.float32))
+
+
+def _merge_across_windows(boxes: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """Indices of the boxes kept, best first: greedily by score, a box is dropped when it
+    overlaps a kept box of another window by more than MERGE_IOU (the same face found
+    twice); boxes of one window never drop each other."""
+    order = np.argsort(-boxes[:, 4], kind="stable")
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept: list[int] = []
+    for i in order:
+        if kept:
+            others = np.array(kept)
+            others = others[windows[others] != windows[i]]
+            if len(others):
+                w = np.minimum(boxes[others, 2], boxes[i, 2]) - np.maximum(
+                    boxes[others, 0], boxes[i, 0]
+                )
+                h = np.minimum(boxes[others, 3], boxes[i, 3]) - np.maximum(
+                    boxes[others, 1], boxes[i, 1]
+                )
+                inter = np.clip(w, 0, None) * np.clip(h, 0, None)
+                iou = inter / (areas[others] + areas[i] - inter)
+                if np.any(iou > MERGE_IOU):
+                    continue
+        kept.append(int(i))
+    return np.array(kept, dtype=np.int64)
 
 
 def _faces(boxes: np.ndarray, points: np.ndarray) -> list[DetectedFace]:

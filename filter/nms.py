@@ -96,7 +96,9 @@ def min_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float) -> torc
     b = boxes[order, :4].double()
     g = groups[order]
     if len(b) <= NMS_BLOCK:
-        return order[_greedy_block(b, g, torch.ones(len(b), dtype=torch.bool), threshold)]
+        return order[
+            _greedy_block(b, g, torch.ones(len(b), dtype=torch.bool, device=b.device), threshold)
+        ]
     keep = torch.zeros(len(b), dtype=torch.bool, device=b.device)
     for group in torch.unique(g).tolist():
         members = (g == group).nonzero()[:, 0]  # ascending: decreasing score

@@ -173,6 +173,23 @@ def test_min_nms_equals_facenet_pytorchs() -> None:
     assert sorted(ours.tolist()) == sorted(theirs.tolist())
 
 
+@pytest.mark.gpu
+def test_min_nms_keeps_its_tensors_on_the_boxes_device() -> None:
+    """On a CUDA device (the CPU under FACEGATE_GPU_TESTS_ON_CPU): the same boxes kept as
+    on the CPU, small batches (one block) and large ones (blocked) alike."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(3)
+    for n in (1, 150, nms.NMS_BLOCK + 50):
+        corner = torch.rand(n, 2, generator=generator) * 100
+        size = torch.rand(n, 2, generator=generator) * 40 + 5
+        boxes = torch.cat([corner, corner + size, torch.rand(n, 1, generator=generator)], 1)
+        groups = torch.randint(0, 3, (n,), generator=generator)
+        on_cpu = nms.min_nms(boxes, groups, 0.7)
+        on_device = nms.min_nms(boxes.to(device), groups.to(device), 0.7)
+        assert on_device.device.type == device
+        assert torch.equal(on_device.cpu(), on_cpu)
+
+
 def test_an_index_built_with_another_detector_is_refused_with_how_to_rebuild(
     tmp_path: Path,
 ) -> None:

@@ -177,6 +177,29 @@ def test_every_box_a_pass_searches_is_whole_in_a_window_that_keeps_it() -> None:
             assert kept.all(), (height, width, search.scale)
 
 
+def test_two_overlapping_faces_of_one_window_both_survive_the_merge() -> None:
+    """Two faces MTCNN told apart (IoU 0.53, one partly behind the other) are both kept
+    when the image is searched in several windows; the same face found by two windows is
+    kept once."""
+    from filter.faces import _merge
+    from filter.tiling import Pass, Unit, Window
+
+    def unit(index: int, window: Window) -> Unit:
+        return Unit(0, index, Pass(1.0, 1000, 1000, 20.0, None, (window,)), window)
+
+    pair = np.array([[100, 100, 200, 200, 0.99], [131, 100, 231, 200, 0.98]], np.float32)
+    marks = np.zeros((2, 5, 2), np.float32)
+    overview = unit(0, Window(0, 0, 1000, 1000))
+    empty = (unit(1, Window(0, 0, 500, 500)), np.zeros((0, 5), np.float32), marks[:0])
+    assert len(_merge([(overview, pair, marks)])) == 2
+    assert len(_merge([(overview, pair, marks), empty])) == 2
+    # The first face again, found by another window a pixel off: one face, the best.
+    nudged = pair[:1] + np.array([[1, 1, 1, 1, -0.5]], np.float32)
+    again = (unit(1, Window(0, 0, 500, 500)), nudged, marks[:1])
+    merged = _merge([(overview, pair, marks), again])
+    assert sorted(round(f.score, 2) for f in merged) == [0.98, 0.99]
+
+
 def test_crowds_are_rejected_as_too_many_faces_and_a_smaller_crowd_is_searched(
     held_out: Path, scene_files: dict[str, Path]
 ) -> None:
