@@ -165,6 +165,13 @@ class FaissIdentityIndex:
             features = np.ascontiguousarray(replica_features, dtype=np.float32).reshape(
                 len(replica_identities), -1
             )
+            unusable = np.flatnonzero(~np.isfinite(features).all(axis=1))
+            if len(unusable):
+                # FAISS never returns a NaN row: a copy of that image could never match.
+                raise IdentityIndexError(
+                    f"{len(unusable)} training image(s) have no usable replica feature "
+                    f"(first: {replica_sources[int(unusable[0])]}); nothing was written"
+                )
             replicas = VectorTable(
                 "replica features",
                 make_faiss_index(features, index_type),

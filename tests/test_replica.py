@@ -25,7 +25,7 @@ from filter.augment import (
     transformed,
 )
 from filter.det_plot import draw_det
-from filter.errors import IndexCorruptError, IndexMismatchError
+from filter.errors import IdentityIndexError, IndexCorruptError, IndexMismatchError
 from filter.evaluate import EvaluationPlan, evaluate_generated
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.index import FaissIdentityIndex
@@ -371,3 +371,31 @@ def test_evaluate_names_an_unknown_transform_and_the_known_ones() -> None:
     result = facegate("evaluate", "--transform", "sepia")
     assert result.returncode == 2
     assert "unknown --transform sepia" in result.stderr and "mirrored" in result.stderr
+
+
+def test_a_training_image_without_a_usable_replica_feature_stops_the_build(
+    generated: dict[str, np.ndarray],
+) -> None:
+    """A NaN row would never be returned by FAISS, so a copy of that image could never
+    match: the build refuses it, naming the image, rather than enrol it silently."""
+    training = generated["training"]
+    framed = frames(list(training))
+    featurizer = ReplicaFeaturizer.fit(framed)
+    rows = featurizer.enrolled(framed)
+    rows[5] = np.nan
+    labels = [f"train-{i}" for i in range(len(training))]
+    faces = np.random.default_rng(0).standard_normal((len(training), 16)).astype(np.float32)
+    faces /= np.linalg.norm(faces, axis=1, keepdims=True)
+    with pytest.raises(IdentityIndexError, match="train-5"):
+        FaissIdentityIndex.build(
+            faces,
+            labels,
+            labels,
+            embedder_name="test",
+            model_sha256="0" * 64,
+            detector=DETECTOR,
+            replica_features=rows,
+            replica_identities=labels,
+            replica_sources=labels,
+            replica_featurizer=featurizer,
+        )
