@@ -24,10 +24,12 @@ with the batch), and neither do the CPU kernels, so three things are pinned here
 - oneDNN takes another convolution kernel for a batch of one image, so PNet never runs on
   one image (a blank second image is added, its output dropped);
 - RNet and ONet run on row counts padded to a multiple of `ROW_QUANTUM` and split into
-  calls of at most `NET_ROWS` rows (a multiple of it): the GEMM kernels give a row the same
-  bits for every such shape and position (a test checks it), not for small or odd row
-  counts. On the CPU the calls are small (64 rows) so that a layer's activations stay in
-  cache: ONet on 512 rows writes 138 MB per layer, and ran 2-3x slower than in calls of 64;
+  calls of at most `NET_ROWS` rows (a multiple of it): on the CPU the kernels give a row
+  the same bits for every such call and position (a test checks it), not for small or odd
+  row counts, nor for calls of 256 rows or more on every CPU (an AMX-capable Xeon takes
+  another ONet kernel there). The CPU's calls are small (64 rows), which also keeps a
+  layer's activations in cache: ONet on 512 rows writes 138 MB per layer, and ran 2-3x
+  slower than in calls of 64;
 - NMS offsets are exact (see `filter.nms.grouped_nms`), so a box's overlap with its neighbours does
   not depend on the position of its image in the batch (torchvision's `batched_nms`
   derives the offset from the largest coordinate in the batch, which rounds differently).
@@ -274,8 +276,13 @@ def _summed_area_table(images: torch.Tensor) -> torch.Tensor:
     count, height, width, _ = images.shape
     total = height * width * 255
     dtype = torch.float32 if total < 2**24 else torch.int32 if total < 2**31 else torch.int64
+    # In place, along the row first: a third less time than two fresh cumsums on the
+    # CPU (generated faces' 160x160 copies), and the same integers in any order.
+    sums = images.to(dtype)
+    torch.cumsum(sums, 2, out=sums)
+    torch.cumsum(sums, 1, out=sums)
     table = torch.zeros((count, height + 1, width + 1, 3), dtype=dtype, device=images.device)
-    table[:, 1:, 1:] = images.to(dtype).cumsum(1, dtype=dtype).cumsum(2, dtype=dtype)
+    table[:, 1:, 1:] = sums
     return table
 
 
@@ -352,12 +359,15 @@ def _gather(
     cols = torch.stack([cols0, cols1])[:, :, None, :]  # (2, B, 1, S)
     corners = (rows[:, None] + cols[None]).reshape(-1)
     v = table.view(-1, 3).index_select(0, corners).view(2, 2, len(image), size, size, 3)
-    sums = v[1, 1] - v[0, 1] - v[1, 0] + v[0, 0]
+    # The same operations, in the same order, as out of place, but on one buffer: the
+    # crops of a chunk are megabytes, and fresh buffers cost page faults on the CPU.
+    sums = v[1, 1] - v[0, 1]
+    sums.sub_(v[1, 0]).add_(v[0, 0])  # exact: integers, in the table's own dtype
+    crops = sums.float()
     # The same float32 division as adaptive average pooling: sum / rows / cols.
-    area_rows = (rows1 - rows0).float()[:, :, None, None]
-    area_cols = (cols1 - cols0).float()[:, None, :, None]
-    crops = sums.float() / area_rows / area_cols
-    crops = (crops - 127.5) * 0.0078125
+    crops.div_((rows1 - rows0).float()[:, :, None, None])
+    crops.div_((cols1 - cols0).float()[:, None, :, None])
+    crops.sub_(127.5).mul_(0.0078125)
     return crops.permute(0, 3, 1, 2)
 
 
