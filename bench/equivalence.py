@@ -13,7 +13,8 @@ every verdict (pass, reason, max similarity) on two sets:
   without a salt so that every dump enrols the same faces) at 0.56, the demo's calibrated
   threshold.
 `compare` says whether two dumps hold the same faces (count, boxes and landmarks within
-1e-3 px, scores within 1e-5) and the same verdicts; exit 1 if not. `--baseline TREE`
+1e-3 px, scores within 1e-5: two dumps of one machine) and the same verdicts; exit 1 if
+not. `--baseline TREE`
 dumps with TREE's own interpreter and code (its `.venv`, in a child process) and with
 this checkout, then compares. The script uses only APIs both sides have (the detector's
 `detect`, the filter's `check`).
@@ -39,6 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH = 64
 BOX_TOLERANCE = 1e-3  # px
 SCORE_TOLERANCE = 1e-5
+# Against a dump made on another CPU: oneDNN picks its convolution kernels by instruction
+# set, and the networks' float sums round differently. An AMX-capable Xeon moved boxes by
+# up to 0.011 px and scores by 1.5e-5 against the reference made before it (2026-12-05),
+# with every face count and verdict the same; these bounds are about 5x that.
+CROSS_CPU_BOX_TOLERANCE = 0.05  # px
+CROSS_CPU_SCORE_TOLERANCE = 1e-4
 
 
 def _photos() -> list[Path]:
@@ -109,7 +116,14 @@ def dump(out: Path, generated: int) -> None:
     np.savez_compressed(out, **arrays)
 
 
-def compare(old_path: Path, new_path: Path) -> dict[str, Any]:
+def compare(
+    old_path: Path,
+    new_path: Path,
+    box_tolerance: float = BOX_TOLERANCE,
+    score_tolerance: float = SCORE_TOLERANCE,
+) -> dict[str, Any]:
+    """Whether two dumps hold the same faces (within the tolerances) and the same
+    verdicts; the defaults are for two dumps of one machine."""
     old, new = np.load(old_path), np.load(new_path)
     sets = sorted({k.rsplit("_", 1)[0] for k in old.files if k.endswith("_counts")})
     report: dict[str, Any] = {"bench": "equivalence", "same": True, "sets": {}}
@@ -136,9 +150,9 @@ def compare(old_path: Path, new_path: Path) -> dict[str, Any]:
             row["landmark_max_abs_px"] = float(marks.max()) if marks.size else 0.0
             row["score_max_abs"] = float(score.max()) if score.size else 0.0
             faces_same = (
-                row["box_max_abs_px"] <= BOX_TOLERANCE
-                and row["landmark_max_abs_px"] <= BOX_TOLERANCE
-                and row["score_max_abs"] <= SCORE_TOLERANCE
+                row["box_max_abs_px"] <= box_tolerance
+                and row["landmark_max_abs_px"] <= box_tolerance
+                and row["score_max_abs"] <= score_tolerance
             )
         else:
             faces_same = False
