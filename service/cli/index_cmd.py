@@ -23,9 +23,9 @@ from service.config import Settings
 
 
 def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.assembly import detector_manifest
     from filter.gallery import build_gallery_index, gallery_images
     from filter.replica import MIN_REPLICA_IMAGES
-    from filter.runtime import detector_manifest
     from filter.vector_table import APPROXIMATE_TYPES
 
     gallery = Path(args.gallery)
@@ -85,8 +85,8 @@ def build_on_ray(
     """The gallery embedded by Ray actors, enrolled here: the same index (docs/batch.md)."""
     from batch.engine import ray_session
     from batch.gallery import enrol_gallery_on_ray
+    from filter.assembly import detector_manifest
     from filter.gallery import Enrolment, finish_gallery_index
-    from filter.runtime import detector_manifest
 
     gallery = Path(args.gallery)
     enrolment = Enrolment(pipeline)
@@ -107,9 +107,9 @@ def build_on_ray(
 
 
 def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.assembly import load_index_for
     from filter.index import FaissIdentityIndex
     from filter.index_lineage import EDITS, scrubbed_history
-    from filter.runtime import load_index_for
 
     if args.verify:
         # The server's own startup checks: this embedder, this detector, self-test.

@@ -64,9 +64,9 @@ def _publish(edited: Any, args: argparse.Namespace) -> Path:
 
 
 def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.assembly import load_index_for
     from filter.gallery import gallery_images
     from filter.index_edit import add_gallery
-    from filter.runtime import load_index_for
 
     gallery = Path(args.gallery)
     total = len(list(gallery_images(gallery)))
