@@ -139,11 +139,6 @@ def _version() -> str:
         return "0+unknown"
 
 
-def seed_key_for(settings: Settings) -> bytes | None:
-    """The seed key; StartupError without one (unless opted out) or if it is unusable."""
-    return service_keys(settings).seed_key
-
-
 def signing_credentials_for(settings: Settings) -> SigningCredentials | None:
     """The C2PA signing credentials, loaded and test-signed; None when not configured.
     StartupError (naming the file) when unusable: never serve unsigned by accident."""

@@ -86,14 +86,33 @@ def restrict_to_owner(folder: Path) -> None:
         path.chmod(0o700 if path.is_dir() else 0o600)
 
 
-def seed_key(settings: Settings) -> bytes | None:
-    """FACEGATE_SEED_KEY_FILE's key, so that operator tools draw the latents the server does."""
+def configured_seed_key(settings: Settings) -> bytes | None:
+    """FACEGATE_SEED_KEY_FILE's key, read as the server reads it (`load_seed_key`); None
+    when unset (each command says what that means for it); CliError when unusable."""
     from service.generators import load_seed_key
 
     try:
-        key = load_seed_key(settings.seed_key_file)
+        return load_seed_key(settings.seed_key_file)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def audit_key(settings: Settings) -> bytes | None:
+    """The key the audit log's identity pseudonyms derive from, as the server derives it
+    (FACEGATE_AUDIT_KEY_FILE, else the seed key); None when neither is set."""
+    from service.errors import StartupError
+    from service.security import audit_master_key
+
+    seed = configured_seed_key(settings)
+    try:
+        return audit_master_key(settings, seed)
+    except StartupError as exc:
+        raise CliError(str(exc)) from None
+
+
+def seed_key(settings: Settings) -> bytes | None:
+    """FACEGATE_SEED_KEY_FILE's key, so that operator tools draw the latents the server does."""
+    key = configured_seed_key(settings)
     if key is None:
         print(
             "warning: FACEGATE_SEED_KEY_FILE is not set; drawing unkeyed latents (they match "

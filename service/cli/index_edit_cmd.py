@@ -11,6 +11,7 @@ from typing import Any
 
 from service.cli.common import (
     CliError,
+    audit_key,
     embedding_pipeline,
     emit,
     model_options,
@@ -28,14 +29,7 @@ def _edit_key(settings: Settings) -> bytes | None:
     """The operator's key for keyed hashes in the edit history (None: counts only): the
     audit log's (FACEGATE_AUDIT_KEY_FILE, else the seed key), so `facegate audit hash`
     finds a person in both."""
-    from service.errors import StartupError
-    from service.generators import load_seed_key
-    from service.security import audit_master_key
-
-    try:
-        key = audit_master_key(settings, load_seed_key(settings.seed_key_file))
-    except (StartupError, ValueError) as exc:
-        raise CliError(str(exc)) from None
+    key = audit_key(settings)
     if key is None:
         print(
             "facegate: neither FACEGATE_AUDIT_KEY_FILE nor FACEGATE_SEED_KEY_FILE is set: the "
