@@ -44,9 +44,15 @@ from bench.common import MODELS, generated_faces
 from filter.faces import FaceAligner
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.index import FaissIdentityIndex
-from filter.assembly import build_embedding_pipeline
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
+try:  # the baseline may predate issue 22: filter.runtime, and a filter taking a float
+    from filter.assembly import build_embedding_pipeline
+    from filter.thresholds import pinned_thresholds
+except ImportError:
+    from filter.runtime import build_embedding_pipeline
+    def pinned_thresholds(index, identity):
+        return identity
 
 pipeline = build_embedding_pipeline("sface", MODELS, device="cpu")
 cached = Path(sys.argv[3])

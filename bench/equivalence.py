@@ -51,15 +51,24 @@ def dump(out: Path, generated: int) -> None:
 
     torch.set_num_threads(2)
     from bench.common import MODELS, generated_faces
-    from filter.assembly import build_embedding_pipeline, detector_manifest
     from filter.decide import NoFacePolicy
     from filter.detection_policy import FastPathMode, filter_for_generator
     from filter.gallery import build_gallery_index
     from filter.identity_filter import IdentityFilter
     from filter.images import decode_image
-    from filter.thresholds import pinned_thresholds
     from service.demo import build_demo_index
     from service.generators import load_dcgan_digiface
+
+    # The baseline's code may predate issue 22 (filter.runtime, and a filter that took a
+    # float and added the default replica threshold itself): both sides must run this.
+    try:
+        from filter.assembly import build_embedding_pipeline, detector_manifest
+        from filter.thresholds import pinned_thresholds
+    except ImportError:
+        from filter.runtime import build_embedding_pipeline, detector_manifest
+
+        def pinned_thresholds(index: Any, identity: float) -> Any:
+            return identity
 
     pipeline = build_embedding_pipeline("sface", MODELS, device="cpu")
     arrays: dict[str, Any] = {}

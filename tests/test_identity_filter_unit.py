@@ -115,3 +115,20 @@ def test_a_replica_index_needs_a_replica_threshold() -> None:
     index.has_replicas = True
     with pytest.raises(ValueError, match="replica threshold"):
         IdentityFilter(FakeEmbedding(), index, DecisionThresholds(identity=0.5))  # type: ignore[arg-type]
+
+
+def test_another_pipeline_keeps_the_index_thresholds_and_policy() -> None:
+    """`with_embedding` (a detection scope) resolves nothing again."""
+    original = _filter(FakeIndex(), NoFacePolicy.PASS)
+    other = FakeEmbedding()
+    scoped = original.with_embedding(other)  # type: ignore[arg-type]
+    assert scoped is not original and scoped.embedding is other
+    assert scoped.index is original.index
+    assert scoped.thresholds == original.thresholds == DecisionThresholds(0.5)
+    assert scoped.no_face_policy is NoFacePolicy.PASS
+
+
+def test_thresholds_must_be_resolved() -> None:
+    """A bare float is refused: no path around `filter.thresholds.resolve_thresholds`."""
+    with pytest.raises(TypeError, match="DecisionThresholds"):
+        IdentityFilter(FakeEmbedding(), FakeIndex(), 0.5)  # type: ignore[arg-type]
