@@ -117,13 +117,8 @@ class OpenedFilter:
     """A filter ready to check images, and what judges them with it."""
 
     filter: IdentityFilter
+    index: FaissIdentityIndex  # the filter's, loaded and checked
     in_force: FilterInForce
-
-    @property
-    def index(self) -> FaissIdentityIndex:
-        index = self.filter.index
-        assert isinstance(index, FaissIdentityIndex)  # open_filter only opens these
-        return index
 
     @property
     def thresholds(self) -> Thresholds:
@@ -147,7 +142,7 @@ def open_filter(
         index = load_index_for(pipeline, index)
     in_force = in_force_for(index, threshold, replica_threshold)
     checker = IdentityFilter(pipeline, index, in_force.thresholds.decision, no_face_policy)
-    return OpenedFilter(checker, in_force)
+    return OpenedFilter(checker, index, in_force)
 
 
 def measuring_filter(

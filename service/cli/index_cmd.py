@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.cli import batch_cmd, index_edit_cmd
 from service.cli.common import (
@@ -20,6 +21,11 @@ from service.cli.common import (
     seed_key,
 )
 from service.config import Settings
+
+if TYPE_CHECKING:
+    from filter.gallery import GalleryReport
+    from filter.identity_filter import FaceEmbeddingPipeline
+    from filter.index import FaissIdentityIndex
 
 
 def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
@@ -80,8 +86,11 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_on_ray(
-    settings: Settings, args: argparse.Namespace, pipeline: Any, progress: Any
-) -> tuple[Any, Any]:
+    settings: Settings,
+    args: argparse.Namespace,
+    pipeline: FaceEmbeddingPipeline,
+    progress: Callable[[int], None],
+) -> tuple[FaissIdentityIndex, GalleryReport]:
     """The gallery embedded by Ray actors, enrolled here: the same index (docs/batch.md)."""
     from batch.engine import ray_session
     from batch.gallery import enrol_gallery_on_ray

@@ -7,7 +7,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.cli.common import (
     CliError,
@@ -19,6 +19,10 @@ from service.cli.common import (
     restrict_to_owner,
 )
 from service.config import Settings
+
+if TYPE_CHECKING:
+    from filter.index import FaissIdentityIndex
+    from filter.index_edit import EditReport
 
 
 def _destination(args: argparse.Namespace) -> Path:
@@ -39,7 +43,9 @@ def _edit_key(settings: Settings) -> bytes | None:
     return key
 
 
-def _report(index: Any, report: Any, written: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _report(
+    index: FaissIdentityIndex, report: EditReport, written: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     report.fingerprint_after = index.fingerprint
     summary = {"index": str(_destination(args)), "written": str(written), **report.as_dict()}
     if report.calibration.startswith("carried"):
@@ -49,7 +55,7 @@ def _report(index: Any, report: Any, written: Path, args: argparse.Namespace) ->
     return summary
 
 
-def _publish(edited: Any, args: argparse.Namespace) -> Path:
+def _publish(edited: FaissIdentityIndex, args: argparse.Namespace) -> Path:
     from filter.index_release import publish
 
     written = publish(edited, _destination(args))
