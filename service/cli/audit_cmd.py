@@ -17,6 +17,7 @@ from service.config import Settings
 
 def cmd_audit_hash(settings: Settings, args: argparse.Namespace) -> int:
     from service.audit import identity_hasher
+
     master = audit_key(settings)
     if master is None:
         raise CliError(
