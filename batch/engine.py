@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any, cast
 import pyarrow as pa
 
 import batch
-from batch.manifest import COPY_ORIGINAL, MANIFEST_SCHEMA, RunIdentity
+from batch.errors import BatchError
+from batch.manifest import COPY_ORIGINAL, MANIFEST_SCHEMA, ManifestRun
 from batch.reading import load_rows
 from batch.recording import record_rows
-from filter.errors import FilterError
 
 if TYPE_CHECKING:  # not imported at run time: every Ray worker imports this module
     from batch.checking import FilterSpec
     from batch.inputs import InputItem
-    from filter.runtime import EmbeddingSpec
+    from filter.assembly import EmbeddingSpec
 
 # Logical CPUs a local Ray declares at least: read and write tasks can then always be
 # scheduled beside the actors, even on a 2-core machine (see docs/batch.md).
@@ -123,7 +123,7 @@ def actor_gpus(options: RayOptions) -> float:
         return 1.0 if available > 0 else 0.0
     if options.num_gpus > available:
         # Ray would wait for them for ever: say so instead.
-        raise FilterError(
+        raise BatchError(
             f"--num-gpus {options.num_gpus} per actor, but the Ray cluster has {available:g} GPUs"
         )
     return options.num_gpus
@@ -135,7 +135,9 @@ def actor_calls(options: RayOptions, gpus: float) -> int:
     return options.in_flight or (2 if gpus > 0 else 1)
 
 
-def _rows(table: pa.Table) -> list[dict[str, Any]]:
+def _rows(table: pa.Table) -> list[Any]:
+    """A block's rows, as the step's row type says (`batch.rows`): the schemas between
+    the steps keep them so."""
     return table.to_pylist()
 
 
@@ -180,7 +182,7 @@ def _load(table: pa.Table, copy_original: bool) -> pa.Table:
 class _CheckActor:
     """One per actor: builds the filter once, then checks batch after batch."""
 
-    def __init__(self, spec: FilterSpec, expected: RunIdentity) -> None:
+    def __init__(self, spec: FilterSpec, expected: ManifestRun) -> None:
         from batch.checking import BatchChecker
 
         self.checker = BatchChecker(spec, expected)
@@ -198,7 +200,7 @@ def run_batch(
     items: list[InputItem],
     out: Path,
     spec: FilterSpec,
-    expected: RunIdentity,
+    expected: ManifestRun,
     options: RayOptions,
     progress: Callable[[int], None],
 ) -> dict[str, int]:

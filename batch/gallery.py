@@ -16,6 +16,7 @@ from typing import Any, cast
 import pyarrow as pa
 
 from batch.engine import RayOptions, actor_gpus, quiet_data_context, worker_spec
+from filter.assembly import EmbeddingSpec
 from filter.gallery import (
     EmbeddedChunk,
     Enrolment,
@@ -24,7 +25,6 @@ from filter.gallery import (
     gallery_chunks,
 )
 from filter.images import ImageLimits
-from filter.runtime import EmbeddingSpec
 
 # One model call per chunk, as filter.gallery.build_gallery_index makes them.
 GALLERY_CHUNK = 16

@@ -9,8 +9,10 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import cast
 
-from filter.errors import FilterError
+from batch.errors import BatchInputError
+from batch.rows import ItemRow
 from filter.images import IMAGE_SUFFIXES
 
 PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
@@ -19,10 +21,6 @@ PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
 BYTES_COLUMNS = ("bytes", "image", "data", "content")
 PATH_COLUMNS = ("path", "uri", "file", "filename")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-class BatchInputError(FilterError):
-    """An input the run cannot list: named, with the problem (exit 2, nothing processed)."""
 
 
 @dataclass(frozen=True)
@@ -40,8 +38,8 @@ class InputItem:
     # ("" when it replaces none, or one whose bytes could not be read).
     supersedes: str = ""
 
-    def as_row(self) -> dict[str, object]:
-        return asdict(self)
+    def as_row(self) -> ItemRow:
+        return cast(ItemRow, asdict(self))
 
 
 def discover_inputs(specs: Sequence[str], copy_suffix: str | None = None) -> list[InputItem]:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from filter.errors import FilterError
+from batch.errors import ManifestError
+from filter.thresholds import FilterInForce
 
 MANIFEST_DIR = "manifest"
 PASS_DIR = "pass"
@@ -55,22 +56,34 @@ COPY_ORIGINAL = "original"
 
 
 @dataclass(frozen=True)
-class RunIdentity:
-    """What the verdicts depend on besides the image: recorded on every row, and the same
-    for every row of one manifest (a resumed run must not mix two indexes' verdicts)."""
+class ManifestRun:
+    """What the verdicts depend on besides the image: the filter that judged them
+    (`filter.thresholds.FilterInForce`, as the service signs it) and what a copy holds.
+    Recorded on every row, and the same for every row of one manifest (a resumed run must
+    not mix two indexes' verdicts, nor two kinds of copy in one OUT)."""
 
-    index_fingerprint: str
-    identity_threshold: float
-    replica_threshold: float | None
-    copy_mode: str = COPY_PIXELS  # what a copy holds: one OUT, one kind of copy
+    judged_by: FilterInForce
+    copy_mode: str = COPY_PIXELS
 
-    def columns(self) -> dict[str, Any]:
+    @property
+    def index_fingerprint(self) -> str:
+        return self.judged_by.index_fingerprint
+
+    def columns(self) -> RunColumns:
+        thresholds = self.judged_by.thresholds
         return {
-            "index_fingerprint": self.index_fingerprint,
-            "identity_threshold": self.identity_threshold,
-            "replica_threshold": self.replica_threshold,
+            "index_fingerprint": self.judged_by.index_fingerprint,
+            "identity_threshold": thresholds.identity,
+            "replica_threshold": thresholds.replica,
             "copy_mode": self.copy_mode,
         }
+
+
+class RunColumns(TypedDict):
+    index_fingerprint: str
+    identity_threshold: float
+    replica_threshold: float | None  # None: the index has no replica features
+    copy_mode: str
 
 
 def manifest_dir(out: Path) -> Path:
@@ -90,29 +103,31 @@ def read_manifest(out: Path, columns: Sequence[str] | None = None) -> pa.Table:
         for part in parts:
             missing = set(MANIFEST_SCHEMA.names) - set(pq.read_schema(part).names)
             if missing:
-                raise FilterError(
+                raise ManifestError(
                     f"{part} was written by an earlier facegate (no {', '.join(sorted(missing))}"
                     "): its copies were made under another content rule. Write to a new --out"
                 )
         tables = [pq.read_table(part, columns=columns) for part in parts]
     except (OSError, pa.ArrowException) as exc:
-        raise FilterError(
+        raise ManifestError(
             f"{manifest_dir(out)}: a manifest fragment is unreadable: {exc}"
         ) from None
     return pa.concat_tables(tables)
 
 
-def check_run_identity(out: Path, run: RunIdentity) -> None:
+def check_run_identity(out: Path, run: ManifestRun) -> None:
     """Refuse a manifest made with another index, other thresholds or another kind of
     copy: its passes were decided (or copied) by rules this run does not apply."""
-    table = read_manifest(out, list(run.columns()))
-    for row in table.group_by(list(run.columns())).aggregate([]).to_pylist():
-        if row != run.columns():
-            raise FilterError(
+    expected = run.columns()
+    table = read_manifest(out, list(expected))
+    for row in table.group_by(list(expected)).aggregate([]).to_pylist():
+        if row != expected:
+            raise ManifestError(
                 f"{out} holds verdicts made with index {row['index_fingerprint']}, "
                 f"thresholds {row['identity_threshold']}/{row['replica_threshold']} and "
-                f"{row['copy_mode']} copies; this run uses {run.index_fingerprint}, "
-                f"{run.identity_threshold}/{run.replica_threshold} and {run.copy_mode} "
+                f"{row['copy_mode']} copies; this run uses {expected['index_fingerprint']}, "
+                f"{expected['identity_threshold']}/{expected['replica_threshold']} and "
+                f"{expected['copy_mode']} "
                 "copies: write to a new --out"
             )
 
@@ -156,7 +171,7 @@ def remove_unrecorded_copies(out: Path) -> int:
     return removed
 
 
-def write_fragment(out: Path, rows: Iterable[dict[str, Any]]) -> Path | None:
+def write_fragment(out: Path, rows: Iterable[Mapping[str, object]]) -> Path | None:
     """Write rows as one new fragment: a temporary file renamed into place, so a reader
     (or a resumed run) sees the whole fragment or none of it."""
     table = pa.Table.from_pylist(

@@ -9,15 +9,13 @@ import hashlib
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
+from batch.rows import ItemRow, LoadedRow
 from filter.content import checked_pixels_png, read_content
 from filter.errors import ImageError
 from filter.images import ImageLimits
-
-Row = dict[str, Any]
 
 
 def source_stat(source: str) -> tuple[int, int | None]:
@@ -35,7 +33,7 @@ def source_stat(source: str) -> tuple[int, int | None]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def read_source(item: Row, limits: ImageLimits) -> bytes:
+def read_source(item: ItemRow, limits: ImageLimits) -> bytes:
     """The bytes of one file or URI (Parquet rows are read by `parquet_bytes`)."""
     source = str(item["source"])
     if "://" in source:
@@ -55,7 +53,7 @@ def read_source(item: Row, limits: ImageLimits) -> bytes:
     return data
 
 
-def parquet_bytes(items: Sequence[Row]) -> dict[int, bytes | None]:
+def parquet_bytes(items: Sequence[ItemRow]) -> dict[int, bytes | None]:
     """Bytes of Parquet rows, reading only the row groups that hold them (by item index)."""
     import pyarrow.parquet as pq
 
@@ -86,8 +84,8 @@ def parquet_bytes(items: Sequence[Row]) -> dict[int, bytes | None]:
 
 
 def load_rows(
-    items: Sequence[Row], limits: ImageLimits | None = None, copy_original: bool = False
-) -> list[Row]:
+    items: Sequence[ItemRow], limits: ImageLimits | None = None, copy_original: bool = False
+) -> list[LoadedRow]:
     """Read, hash and read the content of each item; a problem becomes that row's `error`
     (it will get an `unreadable` reject row) and the others go on.
 
@@ -100,9 +98,9 @@ def load_rows(
         parquet_error = None
     except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
         from_parquet, parquet_error = {}, f"cannot read the Parquet file: {exc}"
-    out: list[Row] = []
+    out: list[LoadedRow] = []
     for i, item in enumerate(items):
-        row: Row = {
+        row: LoadedRow = {
             **item,
             "sha256": None,
             "source_size": None,

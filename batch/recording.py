@@ -12,29 +12,27 @@ import os
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import cast
 
+from batch.errors import BatchError
 from batch.manifest import PASS_DIR, write_fragment
-from filter.errors import FilterError
-
-Row = dict[str, Any]
+from batch.rows import CheckedRow, RecordedRow
 
 
-def record_rows(out: Path, rows: Sequence[Row]) -> list[Row]:
+def record_rows(out: Path, rows: Sequence[CheckedRow]) -> list[RecordedRow]:
     """Copy each passed image to OUT/pass/, then write the rows as one manifest fragment
     (in that order: a row is only recorded once its copy exists). Returns the rows as
     recorded, without the image bytes."""
-    recorded: list[Row] = []
+    recorded: list[RecordedRow] = []
     now = datetime.now(UTC)
-    for row in rows:
-        row = dict(row)
-        data = row.pop("copy", None)
-        copy_to = row.pop("copy_to", None)
-        row["pass_copy"] = row["pass_sha256"] = None
+    for checked in rows:
+        fields = {k: v for k, v in checked.items() if k not in ("copy", "copy_to")}
+        row = cast(RecordedRow, {**fields, "pass_copy": None, "pass_sha256": None})
         row["recorded_at"] = now
+        data, copy_to = checked.get("copy"), checked.get("copy_to")
         if row["verdict"] == "pass":
             if data is None or copy_to is None:
-                raise FilterError(f"{row['path']}: a passed row without its bytes")
+                raise BatchError(f"{row['path']}: a passed row without its bytes")
             relative = Path(PASS_DIR) / copy_to
             if not relative.suffix:
                 relative = relative.with_suffix(sniff_suffix(data))

@@ -10,11 +10,12 @@ from typing import Any
 
 from batch.checking import FilterSpec
 from batch.engine import RayOptions
+from batch.errors import BatchError
 from batch.inputs import InputItem, discover_inputs
 from batch.manifest import (
     COPY_PIXELS,
     PASS_DIR,
-    RunIdentity,
+    ManifestRun,
     check_run_identity,
     current_rows,
     manifest_dir,
@@ -22,15 +23,13 @@ from batch.manifest import (
     remove_unrecorded_copies,
 )
 from batch.resume import RESUME_CONTENT, resume
-from filter.errors import FilterError
 
 PNG_SUFFIX = ".png"  # copies of checked pixels are PNGs
 
 
 @dataclass(frozen=True)
 class Plan:
-    run: RunIdentity
-    thresholds: str  # the thresholds in force and where each came from
+    run: ManifestRun  # its thresholds `describe()` where each came from
     pending: list[InputItem]
     skipped: int  # their current manifest row holds the same bytes
     changed: int = 0  # had a row, but their bytes changed: checked again
@@ -40,7 +39,7 @@ def plan_batch(
     inputs: Sequence[str], out: Path, spec: FilterSpec, resume_by: str = RESUME_CONTENT
 ) -> Plan:
     """What a run over `inputs` into `out` has left to do (batch.resume)."""
-    run, thresholds = spec.run_identity()
+    run = spec.run()
     remove_partial_fragments(out)
     check_run_identity(out, run)
     # OUT may sit inside an input folder: its own copies are not inputs.
@@ -49,7 +48,7 @@ def plan_batch(
     items = [i for i in discover_inputs(inputs, suffix) if not Path(i.source).is_relative_to(own)]
     resumed = resume(items, current_rows(out), out, resume_by)
     remove_unrecorded_copies(out)
-    return Plan(run, thresholds, resumed.pending, resumed.skipped, resumed.changed)
+    return Plan(run, resumed.pending, resumed.skipped, resumed.changed)
 
 
 def execute_plan(
@@ -72,7 +71,7 @@ def execute_plan(
         except ray.exceptions.RayError as exc:
             # Fail closed: what was recorded stays, with its copies; nothing else is.
             cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise FilterError(
+            raise BatchError(
                 f"the batch stopped ({cause}); batches already recorded are kept: rerun the "
                 "same command to resume"
             ) from exc

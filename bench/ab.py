@@ -44,9 +44,15 @@ from bench.common import MODELS, generated_faces
 from filter.faces import FaceAligner
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.index import FaissIdentityIndex
-from filter.runtime import build_embedding_pipeline
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
+try:  # the baseline may predate issue 22: filter.runtime, and a filter taking a float
+    from filter.assembly import build_embedding_pipeline
+    from filter.thresholds import pinned_thresholds
+except ImportError:
+    from filter.runtime import build_embedding_pipeline
+    def pinned_thresholds(index, identity):
+        return identity
 
 pipeline = build_embedding_pipeline("sface", MODELS, device="cpu")
 cached = Path(sys.argv[3])
@@ -62,7 +68,7 @@ fast = FaceEmbeddingPipeline(
                 pipeline.embedder.crop_size),
     pipeline.embedder,
 )
-filt = IdentityFilter(fast, index, 0.56)
+filt = IdentityFilter(fast, index, pinned_thresholds(index, 0.56))
 
 def run():
     return sum(v.faces for s in range(0, len(images), 64) for v in filt.check(images[s:s + 64]))

@@ -85,7 +85,7 @@ class Measured:
 def prepare(root: Path) -> tuple[Path, list[Path]]:
     from PIL import Image
 
-    from filter.runtime import build_embedding_pipeline
+    from filter.assembly import build_embedding_pipeline
     from service.demo import build_demo_index
     from service.generators import load_dcgan_digiface
 

@@ -26,13 +26,14 @@ from typing import Any
 import numpy as np
 
 from bench.common import MODELS, REPO, emit, generated_faces
+from filter.assembly import build_embedding_pipeline, detector_manifest
 from filter.decide import NoFacePolicy
 from filter.faces import DetectedFace, FaceAligner, MtcnnDetector
 from filter.gallery import Enrolment
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, ImageFaces, StageTimes
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
-from filter.runtime import build_embedding_pipeline, detector_manifest
+from filter.thresholds import pinned_thresholds
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
 
@@ -120,7 +121,9 @@ def compare(
             missed += [_face(label, f) for i, f in enumerate(a.faces) if i not in matched_old]
             extra += [_face(label, f) for j, f in enumerate(b.faces) if j not in matched_new]
         verdicts_old, verdicts_new = (
-            IdentityFilter(Replay(p, run), index, threshold, NoFacePolicy.REJECT).check(chunk)
+            IdentityFilter(
+                Replay(p, run), index, pinned_thresholds(index, threshold), NoFacePolicy.REJECT
+            ).check(chunk)
             for p, run, index in zip(pipelines, runs, indexes, strict=True)
         )
         for x, y in zip(verdicts_old, verdicts_new, strict=True):

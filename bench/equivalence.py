@@ -63,9 +63,19 @@ def dump(out: Path, generated: int) -> None:
     from filter.gallery import build_gallery_index
     from filter.identity_filter import IdentityFilter
     from filter.images import decode_image
-    from filter.runtime import build_embedding_pipeline, detector_manifest
     from service.demo import build_demo_index
     from service.generators import load_dcgan_digiface
+
+    # The baseline's code may predate issue 22 (filter.runtime, and a filter that took a
+    # float and added the default replica threshold itself): both sides must run this.
+    try:
+        from filter.assembly import build_embedding_pipeline, detector_manifest
+        from filter.thresholds import pinned_thresholds
+    except ImportError:
+        from filter.runtime import build_embedding_pipeline, detector_manifest
+
+        def pinned_thresholds(index: Any, identity: float) -> Any:
+            return identity
 
     pipeline = build_embedding_pipeline("sface", MODELS, device="cpu")
     arrays: dict[str, Any] = {}
@@ -101,14 +111,17 @@ def dump(out: Path, generated: int) -> None:
         index, _ = build_gallery_index(
             gallery, pipeline, detector_settings=detector_manifest(pipeline)
         )
-    record("photos", IdentityFilter(pipeline, index, 0.40, NoFacePolicy.REJECT), photos)
+    photos_filter = IdentityFilter(
+        pipeline, index, pinned_thresholds(index, 0.40), NoFacePolicy.REJECT
+    )
+    record("photos", photos_filter, photos)
 
     if generated:
         generator = load_dcgan_digiface(MODELS)
         # The unsalted draws (salt b""): a fresh random salt per build would enrol other
         # faces in each dump and move verdicts that have nothing to do with the detector.
         demo = build_demo_index(generator, pipeline, identities=200, seed=1, salt=b"")
-        full = IdentityFilter(pipeline, demo, 0.56, NoFacePolicy.REJECT)
+        full = IdentityFilter(pipeline, demo, pinned_thresholds(demo, 0.56), NoFacePolicy.REJECT)
         images = generated_faces(generated, seed=300)
         record("generated_full", full, images)
         fast = filter_for_generator(full, generator.name, FastPathMode.AUTO)

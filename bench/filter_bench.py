@@ -15,11 +15,12 @@ from PIL import Image
 from bench.common import MODELS, device_name, emit, generated_faces, timed
 from bench.replica_v1 import V1ReplicaIndex
 from filter.alignment import align_face
+from filter.assembly import build_embedding_pipeline
 from filter.faces import FaceAligner, MtcnnDetector
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageTimes
 from filter.index import FaissIdentityIndex
 from filter.overlap import overlapped
-from filter.runtime import build_embedding_pipeline
+from filter.thresholds import pinned_thresholds
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
 
@@ -86,16 +87,17 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
         )
 
     fast_pipeline = scoped(min_face_fraction=0.5)
-    full = IdentityFilter(pipeline, index, THRESHOLD)
-    fast = IdentityFilter(fast_pipeline, index, THRESHOLD)
+    thresholds = pinned_thresholds(index, THRESHOLD)
+    full = IdentityFilter(pipeline, index, thresholds)
+    fast = IdentityFilter(fast_pipeline, index, thresholds)
     # The same filter with facenet-pytorch's MTCNN (FACEGATE_DETECTOR=mtcnn), side by side;
     # it only checks throughput, so it may search the index built by the batched one.
     fast_mtcnn = IdentityFilter(
-        scoped(min_face_fraction=0.5, implementation="mtcnn"), index, THRESHOLD
+        scoped(min_face_fraction=0.5, implementation="mtcnn"), index, thresholds
     )
 
     # The same filter with the format-2 replica feature (one 16x16 view per training image).
-    fast_v1 = IdentityFilter(fast_pipeline, V1ReplicaIndex(index, training_images), THRESHOLD)
+    fast_v1 = IdentityFilter(fast_pipeline, V1ReplicaIndex(index, training_images), thresholds)
 
     _faces_checked(fast, images[:16], 16)  # warm-up
     _faces_checked(fast_mtcnn, images[:16], 16)

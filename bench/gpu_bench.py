@@ -38,6 +38,7 @@ import torch
 
 from bench.common import MODELS, REPO, device_name, generated_faces
 from filter.agreement import FilterRun, compare_runs, run_filter
+from filter.assembly import build_embedding_pipeline, detector_manifest, load_index_for
 from filter.decide import DecisionThresholds, NoFacePolicy
 from filter.detection_policy import filter_for_generator
 from filter.embedders import FacenetEmbedder
@@ -49,7 +50,6 @@ from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from filter.numerics import apply_device_numerics
 from filter.overlap import overlapped
-from filter.runtime import build_embedding_pipeline, detector_manifest, load_index_for
 from service.demo import build_demo_index
 from service.generators import DcganGenerator, load_dcgan_digiface, to_uint8_images
 

@@ -13,9 +13,10 @@ import pstats
 import torch
 
 from bench.common import MODELS, emit, generated_faces
+from filter.assembly import build_embedding_pipeline
 from filter.faces import GENERATED_FAST_PATH, FaceAligner, MtcnnDetector
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageTimes
-from filter.runtime import build_embedding_pipeline
+from filter.thresholds import pinned_thresholds
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
 
@@ -36,7 +37,7 @@ def main() -> None:
             FaceAligner(detector.with_settings(GENERATED_FAST_PATH), pipeline.embedder.crop_size),
             pipeline.embedder,
         )
-    filt = IdentityFilter(pipeline, index, 0.56)
+    filt = IdentityFilter(pipeline, index, pinned_thresholds(index, 0.56))
     images = generated_faces(args.batch * 2, seed=300)
     filt.check(images[: args.batch])  # warm-up
     times = StageTimes()

@@ -104,11 +104,10 @@ def score(code: Path, sets_file: Path, target: float) -> list[dict[str, Any]]:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     models = Path(os.environ["FACEGATE_MODELS_DIR"])
     import filter as filter_package
+    from filter.assembly import build_embedding_pipeline, detector_manifest, measuring_filter
     from filter.calibrate import calibrate_thresholds
     from filter.decide import DecisionThresholds, NoFacePolicy, Reason, decide
     from filter.gallery import Enrolment
-    from filter.identity_filter import IdentityFilter
-    from filter.runtime import build_embedding_pipeline, detector_manifest
 
     loaded = np.load(sets_file)
     pipeline = build_embedding_pipeline("sface", models, device="cpu")
@@ -116,7 +115,7 @@ def score(code: Path, sets_file: Path, target: float) -> list[dict[str, Any]]:
     gallery = loaded["gallery"]
     enrolment.add([(f"train-{i:04d}", f"train/{i}", image) for i, image in enumerate(gallery)])
     index = enrolment.build(detector_settings=detector_manifest(pipeline))
-    measuring = IdentityFilter(pipeline, index, 1.0, NoFacePolicy.REJECT)
+    measuring = measuring_filter(pipeline, index)
 
     def evidence(images: np.ndarray) -> list[Any]:
         out: list[Any] = []

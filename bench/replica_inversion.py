@@ -43,8 +43,8 @@ import numpy as np
 from bench.common import MODELS
 from bench.replica_v1 import V1Featurizer
 from bench.replica_v1 import low_res as v1_low_res
+from filter.assembly import build_embedding_pipeline
 from filter.replica import FRAME_SIDE, ReplicaFeaturizer, frames, low_res
-from filter.runtime import build_embedding_pipeline
 from service.generators import latents_for, load_dcgan_digiface
 
 CALIBRATED_IDENTITY = 0.571  # README "The threshold": make eval's calibrated threshold

@@ -66,10 +66,8 @@ def collect(out: Path, seed: int) -> None:
     import torch
 
     from bench.common import MODELS
-    from filter.decide import NoFacePolicy
+    from filter.assembly import build_embedding_pipeline, detector_manifest, measuring_filter
     from filter.gallery import Enrolment
-    from filter.identity_filter import IdentityFilter
-    from filter.runtime import build_embedding_pipeline, detector_manifest
     from service.generators import latents_for, load_dcgan_digiface
 
     torch.set_num_threads(1)
@@ -87,7 +85,7 @@ def collect(out: Path, seed: int) -> None:
     enrolment = Enrolment(pipeline)
     enrolment.add([(f"g{i:04d}", f"s{i}", image) for i, image in enumerate(gallery)])
     index = enrolment.build(detector_settings=detector_manifest(pipeline))
-    measuring = IdentityFilter(pipeline, index, 1.0, NoFacePolicy.REJECT)
+    measuring = measuring_filter(pipeline, index)
     sets: dict[str, np.ndarray] = {"gallery": gallery}
     noise = np.random.default_rng(seed + 100).standard_normal(gallery_latents.shape)
     sets["near_0.3"] = generate((gallery_latents + 0.3 * noise).astype(np.float32))
@@ -552,7 +550,7 @@ def invert(
     scored with SFace against the 200 training images; the best of three ridge weights."""
     from bench.common import MODELS
     from bench.replica_inversion import _to_image, learned_decoder, measure
-    from filter.runtime import build_embedding_pipeline
+    from filter.assembly import build_embedding_pipeline
 
     loaded = np.load(data)
     gallery, gallery_landmarks = loaded["gallery/images"], loaded["gallery/landmarks"]

@@ -43,11 +43,12 @@ import torch
 
 from bench import scenes
 from bench.common import MODELS, REPO, device_name, emit
+from filter.assembly import build_embedding_pipeline, detector_manifest
 from filter.decide import Reason
 from filter.faces import DetectorSettings, FaceAligner, MtcnnDetector
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
-from filter.runtime import build_embedding_pipeline, detector_manifest
+from filter.thresholds import pinned_thresholds
 from filter.tiling import Tiling
 
 STRATEGIES: dict[str, dict[str, Any]] = {
@@ -118,7 +119,7 @@ def measure(
     pipeline: FaceEmbeddingPipeline, index: Any, strategy: str, size: int, count: int
 ) -> dict[str, Any]:
     scoped = _scoped(pipeline, **STRATEGIES[strategy])
-    filt = IdentityFilter(scoped, index, 0.40)
+    filt = IdentityFilter(scoped, index, pinned_thresholds(index, 0.40))
     images, member = _workload(size, count)
     # Best of two runs: the first also compiles oneDNN's kernels for these shapes.
     detect_s, _, found = _best(lambda: scoped.aligner.detector.detect(images))

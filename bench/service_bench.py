@@ -24,7 +24,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import MODELS, REPO, emit
-from filter.runtime import build_embedding_pipeline
+from filter.assembly import build_embedding_pipeline
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb

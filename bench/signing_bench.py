@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import REPO, device_name, emit, generated_faces
-from filter.runtime import Thresholds
+from filter.thresholds import FilterInForce, Thresholds
 from service.credentials import C2paContentSigner, SigningCredentials, read_credentials
 from service.encoding import ContentSigner, ImageFormat, encode_released
-from service.provenance import FilterInForce, ReleaseFacts
+from service.provenance import ReleaseFacts
 
 IMAGES = 64
 FACTS = ReleaseFacts(

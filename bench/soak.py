@@ -167,7 +167,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="facegate-soak-"))
     key = os.urandom(32)
     (work / "seed.key").write_bytes(key)
-    from filter.runtime import build_embedding_pipeline
+    from filter.assembly import build_embedding_pipeline
     from service.demo import build_demo_index
 
     pipeline = build_embedding_pipeline("sface", MODELS, device="cpu")

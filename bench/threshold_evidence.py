@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from filter.assembly import build_embedding_pipeline
 from filter.images import decode_image
-from filter.runtime import build_embedding_pipeline
 
 
 def main() -> None:

@@ -13,14 +13,25 @@ the two rejects at most the target share. Neither signal needs a positive exampl
 calibrate, and neither takes the whole false-reject budget. The target counts
 non-members rejected for any reason except "no face"; the no-face share is reported
 on its own.
+
+Saving a calibration into an index follows one policy (`recalibrated_index`): never
+looser than the thresholds the index had without an acknowledgement for that release.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from filter.decide import DecisionThresholds
+from filter.errors import FilterError
+from filter.index_lineage import acknowledge, loosenings, recalibrated_manifest
+
+if TYPE_CHECKING:
+    from filter.index import FaissIdentityIndex
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
 
@@ -164,3 +175,38 @@ def calibrate_threshold(
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:
     return {f"p{q * 100:g}": float(np.quantile(values, q)) for q in QUANTILES}
+
+
+class LooserCalibrationError(FilterError):
+    """A calibration looser than the index's thresholds, not acknowledged: not saved."""
+
+    def __init__(self, looser: list[str]) -> None:
+        super().__init__("; ".join(looser))
+        self.looser = looser
+
+
+def recalibrated_index(
+    index: FaissIdentityIndex,
+    calibration: Calibration,
+    payload: dict[str, Any],
+    *,
+    allow_looser: bool,
+    by: str,
+) -> tuple[FaissIdentityIndex, list[str]]:
+    """The index carrying `payload` (the calibration as saved, with its source) and how
+    its thresholds are looser than the index's current ones (its calibration, else the
+    defaults; [] when they are not). Looser is refused (`LooserCalibrationError`) unless
+    `allow_looser`, and then acknowledged in the manifest for this release only
+    (filter.index_lineage), so that a server watching the index reloads it knowingly."""
+    from filter.index_release import index_thresholds
+
+    before = index_thresholds(index)
+    after = DecisionThresholds(calibration.threshold, calibration.replica_threshold)
+    looser = loosenings(before, after)
+    if looser and not allow_looser:
+        raise LooserCalibrationError(looser)
+    saved = index.with_calibration(payload)
+    saved.manifest = recalibrated_manifest(index.manifest)
+    if looser:
+        acknowledge(saved.manifest, by=by, replaces=index.fingerprint, before=before, after=after)
+    return saved, looser

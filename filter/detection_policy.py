@@ -88,4 +88,4 @@ def filter_for_generator(
         full.embedding.max_embed_batch,
         device=full.embedding.device,
     )
-    return IdentityFilter(scoped, full.index, full.thresholds, full.no_face_policy)
+    return full.with_embedding(scoped)

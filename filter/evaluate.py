@@ -29,15 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
+from filter.assembly import detector_manifest, measuring_filter
 from filter.augment import PROBE_NAMES, probe_transform, transformed
 from filter.calibrate import Calibration, calibrate_thresholds
 from filter.decide import DecisionThresholds, ImageEvidence, NoFacePolicy, decide
 from filter.gallery import Enrolment
-from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, ImageFaces
+from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces
 from filter.images import decode_image, list_images
 from filter.index import FaissIdentityIndex
 from filter.replica import frames
-from filter.runtime import detector_manifest, resolve_thresholds
+from filter.thresholds import resolve_thresholds
+from filter.vector_table import Match
 
 Generate = Callable[[np.ndarray], np.ndarray]
 LatentFor = Callable[[int, int], np.ndarray]  # (seed, slot) -> latent
@@ -84,11 +86,24 @@ class SetScores:
         return ~self.no_face & ~self.unusable
 
 
-def score_evidence(name: str, evidence: Sequence[ImageEvidence]) -> SetScores:
+def score_evidence(
+    name: str, evidence: Sequence[ImageEvidence], has_replicas: bool = False
+) -> SetScores:
+    """Each image's scores, or why it has none. Shared by `facegate calibrate` and
+    `facegate evaluate`, so that both count the same images.
+
+    A missing score is never read as a low one. A face without a trusted nearest identity,
+    or (when the index has replica features: `has_replicas`, or a replica match present)
+    an image without a trusted nearest training image, makes the image unusable, exactly
+    as `filter.decide` treats it (a FILTER_ERROR rejection, whatever its faces): it is not
+    a calibration sample, where a NaN or a stand-in would move a threshold, it is not
+    counted as an image without a face, and it is reported as unusable beside the rates,
+    never as a pass. "Trusted" is `Match.found`: an identity and a finite similarity."""
     identity, replica, no_face, unusable = [], [], [], []
     for item in evidence:
         broken = not item.searchable or item.error is not None or item.unsearched_faces > 0
         broken = broken or any(not m.found for m in item.face_matches)
+        broken = broken or _replica_missing(item.replica, has_replicas)
         unusable.append(broken)
         no_face.append(not broken and not item.face_matches)
         scores = [m.similarity for m in item.face_matches]
@@ -100,6 +115,24 @@ def score_evidence(name: str, evidence: Sequence[ImageEvidence]) -> SetScores:
         np.array(replica, dtype=np.float64),
         np.array(no_face, dtype=bool),
         np.array(unusable, dtype=bool),
+    )
+
+
+def _replica_missing(match: Match | None, has_replicas: bool) -> bool:
+    if match is None:
+        return has_replicas
+    return not match.found
+
+
+def calibrate_on(scores: SetScores, target_false_reject: float, has_replicas: bool) -> Calibration:
+    """Thresholds from the scored images of a non-member set (`score_evidence`): unusable
+    images are left out, images without a face are counted for the no-face share."""
+    mask = scores.scored
+    return calibrate_thresholds(
+        scores.identity[mask],
+        scores.replica[mask] if has_replicas else None,
+        target_false_reject,
+        int(scores.no_face.sum()),
     )
 
 
@@ -200,7 +233,7 @@ def evaluate_generated(
     if progress is not None:
         progress(len(gallery_images))
     index = enrolment.build(detector_settings=detector_manifest(pipeline))
-    measuring = IdentityFilter(pipeline, index, 1.0, NoFacePolicy.REJECT)
+    measuring = measuring_filter(pipeline, index)
 
     def scored(
         name: str,
@@ -213,7 +246,7 @@ def evaluate_generated(
             evidence.extend(measuring.evidence(list(images[start : start + 64])))
             if progress is not None:
                 progress(min(64, len(images) - start))
-        result = score_evidence(name, evidence)
+        result = score_evidence(name, evidence, index.has_replicas)
         result.sigma = sigma
         result.transform = transform
         return result
@@ -230,13 +263,7 @@ def evaluate_generated(
         sets.append(scored(f"copies_{name}", copies, transform=name))
     calibration_scores = scored("calibration", images_for(latents(plan.seed + 1, plan.calibration)))
     sets.append(scored("fresh_test", images_for(latents(plan.seed + 2, plan.test))))
-    mask = calibration_scores.scored
-    calibration = calibrate_thresholds(
-        calibration_scores.identity[mask],
-        calibration_scores.replica[mask] if index.has_replicas else None,
-        plan.target_false_reject,
-        int(calibration_scores.no_face.sum()),
-    )
+    calibration = calibrate_on(calibration_scores, plan.target_false_reject, index.has_replicas)
     thresholds = DecisionThresholds(calibration.threshold, calibration.replica_threshold)
     return GeneratedEvaluation(calibration, thresholds, sets), index
 

@@ -6,9 +6,10 @@ identity (`filter.decide.SEVERITY`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import numpy as np
 
@@ -30,6 +31,38 @@ class FileVerdict:
     @property
     def passed(self) -> bool:
         return self.verdict.passed
+
+    def row(self) -> VerdictRow:
+        """The verdict as `facegate check` prints it and `facegate batch` records it
+        (operator output: the scores are the operator's, never a caller's)."""
+        verdict = self.verdict
+        return VerdictRow(
+            verdict=verdict.verdict,
+            reason=None if verdict.reason is None else str(verdict.reason),
+            faces=verdict.faces,
+            max_similarity=_finite(verdict.max_similarity),
+            identity=verdict.identity,
+            replica_similarity=_finite(verdict.replica_similarity),
+            error=self.detail,
+            images=self.images,
+            part=self.part,
+        )
+
+
+class VerdictRow(TypedDict):
+    verdict: str  # pass | reject
+    reason: str | None
+    faces: int
+    max_similarity: float | None  # None: no trusted face, or no neighbour was found
+    identity: str | None
+    replica_similarity: float | None
+    error: str | None
+    images: int
+    part: str | None
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
 
 
 def check_files(checker: ImageChecker, contents: Sequence[FileContent]) -> list[FileVerdict]:

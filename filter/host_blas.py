@@ -9,7 +9,7 @@ thread removes that and costs nothing on products this small; OpenBLAS splits a 
 across threads by output blocks, so the results are the same bits.
 
 Process-wide, like the TF32 policy (`filter.numerics`), so it is applied where the
-embedding pipeline is built (`filter.runtime.build_embedding_pipeline`). Best effort: a
+embedding pipeline is built (`filter.assembly.build_embedding_pipeline`). Best effort: a
 numpy built against another BLAS is left as it is (and logged).
 """
 

@@ -29,7 +29,6 @@ from filter.errors import FilterError
 from filter.faces import DetectedFace, DetectorSettings, FaceAligner
 from filter.index import IdentityIndex
 from filter.overlap import thread_stream
-from filter.replica import DEFAULT_REPLICA_THRESHOLD
 from filter.vector_table import NO_MATCH, Match
 
 STAGES = ("detect", "embed", "search")
@@ -186,14 +185,13 @@ class IdentityFilter:
         self,
         embedding: FaceEmbeddingPipeline,
         index: IdentityIndex,
-        thresholds: DecisionThresholds | float,
+        thresholds: DecisionThresholds,
         no_face_policy: NoFacePolicy = NoFacePolicy.REJECT,
     ) -> None:
+        # Resolved thresholds only (filter.thresholds): no default of its own here, so that
+        # no path around resolve_thresholds can pick a replica threshold.
         if not isinstance(thresholds, DecisionThresholds):
-            thresholds = DecisionThresholds(
-                identity=float(thresholds),
-                replica=DEFAULT_REPLICA_THRESHOLD if index.has_replicas else None,
-            )
+            raise TypeError(f"thresholds must be DecisionThresholds, not {type(thresholds)}")
         if index.has_replicas and thresholds.replica is None:
             raise ValueError("the index holds replica features but no replica threshold is set")
         self.embedding = embedding
@@ -207,6 +205,11 @@ class IdentityFilter:
     @property
     def threshold(self) -> float:
         return self.thresholds.identity
+
+    def with_embedding(self, embedding: FaceEmbeddingPipeline) -> IdentityFilter:
+        """The same index, thresholds and policy behind another pipeline (a detection
+        scope, `filter.detection_policy`): nothing is resolved again."""
+        return IdentityFilter(embedding, self.index, self.thresholds, self.no_face_policy)
 
     def evidence(
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None

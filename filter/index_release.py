@@ -183,7 +183,7 @@ def _fingerprint(manifest: dict[str, Any]) -> str:
 
 def index_thresholds(index: FaissIdentityIndex) -> DecisionThresholds:
     """The thresholds a server with no override would apply to this index."""
-    from filter.runtime import resolve_thresholds
+    from filter.thresholds import resolve_thresholds
 
     return resolve_thresholds(index).decision
 

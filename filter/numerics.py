@@ -9,7 +9,7 @@ image checked alone or in a batch of 512 differed down to cosine 0.903; with TF3
 cosine 1.000 against the CPU, no verdict flips, batch invariance 0.999999, at the same
 detection speed. So wherever the filter computes on CUDA, TF32 is off:
 - torch's switches are process-wide, so they are set where the embedding pipeline is built
-  for a CUDA device (`filter.runtime.build_embedding_pipeline`), which every command, the
+  for a CUDA device (`filter.assembly.build_embedding_pipeline`), which every command, the
   server and each Ray actor go through; the generator in the same process follows them;
 - onnxruntime's CUDA provider has its own switch (`ORT_CUDA_PROVIDER_OPTIONS`);
 - the search's fp32 rescoring uses no matrix product at all (`filter.vector_table`).

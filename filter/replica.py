@@ -94,10 +94,6 @@ PROJECTION_FILE = "replica_projection.npy"
 # cosine to mean anything (in 3 dimensions one random pair in 20 scores above 0.9), so
 # the index carries no replica signal and says so; the identity signal still applies.
 MIN_REPLICA_IMAGES = 32
-# Used when the index carries no calibration. Fresh generator samples against a 200-image
-# training set stay below it (README "The threshold"). Calibrate (`facegate calibrate
-# --save`) for a real training set.
-DEFAULT_REPLICA_THRESHOLD = 0.90
 LOW_RES_DIM = LOW_RES_SIDE * LOW_RES_SIDE * 3
 FRAME_DIM = FRAME_SIDE * FRAME_SIDE * 3
 

@@ -26,9 +26,9 @@ import numpy as np
 
 from filter.decide import ImageVerdict
 from filter.identity_filter import StageObserver
+from filter.thresholds import FilterInForce
 from service.errors import FilterFailure
 from service.generators import Generator, latents_for_draws
-from service.provenance import FilterInForce
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from filter.assembly import detector_manifest
 from filter.gallery import Enrolment
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.index import FaissIdentityIndex, new_salt
-from filter.runtime import detector_manifest
 from service.generators import Generator, latents_for
 
 

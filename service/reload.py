@@ -28,19 +28,19 @@ from typing import Protocol
 
 import numpy as np
 
+from filter.assembly import open_filter
 from filter.calibrate import same_person_floor_warning
 from filter.decide import DecisionThresholds, ImageVerdict
 from filter.detection_policy import filter_for_generator
 from filter.embedders import resolve_device
-from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
+from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
 from filter.index import MANIFEST_FILE, FaissIdentityIndex
 from filter.index_lineage import acknowledgement, describe_acknowledgement, loosenings
-from filter.runtime import Thresholds, load_index_for, resolve_thresholds
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
+from filter.thresholds import FilterInForce, Thresholds
 from service.batcher import FilterSnapshot
 from service.config import Settings
 from service.pipeline import ImageChecker
-from service.provenance import FilterInForce
 
 log = logging.getLogger("facegate.reload")
 
@@ -94,8 +94,14 @@ def load_live_filter(
     event loop). Raises whatever refuses the index; nothing is swapped here."""
     state = index_state(settings.index_path)
     folder = Path(state[0]) if state is not None else Path(settings.index_path)
-    index = load_index_for(embedding, folder)
-    thresholds = resolve_thresholds(index, settings.threshold, settings.replica_threshold)
+    opened = open_filter(
+        embedding,
+        folder,
+        settings.no_face_policy,
+        threshold=settings.threshold,
+        replica_threshold=settings.replica_threshold,
+    )
+    index, thresholds = opened.index, opened.thresholds
     log.info("thresholds in force: %s", thresholds.describe())
     if not index.salt:
         log.warning(
@@ -109,8 +115,7 @@ def load_live_filter(
     if floor is not None:
         log.warning("%s", floor)
     index.use_device(str(resolve_device(settings.device)))
-    full = IdentityFilter(embedding, index, thresholds.decision, settings.no_face_policy)
-    scoped = filter_for_generator(full, generator_name, settings.generated_fast_path)
+    scoped = filter_for_generator(opened.filter, generator_name, settings.generated_fast_path)
     checker: ImageChecker = scoped
     shadow_overrides = ShadowThresholds(
         settings.shadow_threshold, settings.shadow_replica_threshold

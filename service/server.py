@@ -21,10 +21,11 @@ from grpc_reflection.v1alpha import reflection
 from filter.detection_policy import uses_fast_path
 from filter.errors import FilterError
 from filter.overlap import batches_in_flight
-from filter.runtime import DEFAULT_IDENTITY_THRESHOLD, build_embedding_pipeline
+from filter.thresholds import DEFAULT_IDENTITY_THRESHOLD
 from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog
 from service.client_identity import ClientAllowlist
 from service.config import Settings, unknown_env_warnings
+from service.embedding import embedding_spec
 from service.encoding import ContentSigner
 from service.errors import StartupError
 from service.generators import load_generator
@@ -62,15 +63,8 @@ class LoadedService:
 
 def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     """Load models, index and generator (blocking; run off the event loop)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    embedding = build_embedding_pipeline(
-        settings.embedder,
-        settings.models_dir,
-        device=settings.device,
-        facenet_weights=settings.facenet_weights,
-        detector=settings.detector,
-    )
+    # The pipeline `facegate check` and batch's actors build for the same settings.
+    embedding = embedding_spec(settings).build()
     generator = load_generator(
         settings.generator,
         settings.models_dir,
@@ -143,11 +137,6 @@ def _version() -> str:
         return metadata.version("facegate")
     except metadata.PackageNotFoundError:
         return "0+unknown"
-
-
-def seed_key_for(settings: Settings) -> bytes | None:
-    """The seed key; StartupError without one (unless opted out) or if it is unusable."""
-    return service_keys(settings).seed_key
 
 
 def signing_credentials_for(settings: Settings) -> SigningCredentials | None:

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from filter.assembly import build_embedding_pipeline
 from filter.faces import DetectorSettings
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
-from filter.runtime import build_embedding_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

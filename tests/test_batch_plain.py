@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from batch.checking import FilterSpec
-from batch.inputs import BatchInputError, discover_inputs
+from batch.errors import BatchInputError
+from batch.inputs import discover_inputs
 from batch.manifest import (
     COPY_ORIGINAL,
-    RunIdentity,
+    ManifestRun,
     check_run_identity,
     current_rows,
     fragments,
@@ -25,9 +26,16 @@ from batch.manifest import (
 from batch.reading import load_rows
 from batch.recording import record_rows
 from batch.runner import plan_batch
-from filter.runtime import EmbeddingSpec
+from filter.assembly import EmbeddingSpec
+from filter.thresholds import FilterInForce, Thresholds
 
-RUN = RunIdentity("fingerprint1", 0.4, None)
+
+def _run(fingerprint: str, identity: float, copy_mode: str | None = None) -> ManifestRun:
+    judged_by = FilterInForce(fingerprint, Thresholds(identity, "override", None, None))
+    return ManifestRun(judged_by) if copy_mode is None else ManifestRun(judged_by, copy_mode)
+
+
+RUN = _run("fingerprint1", 0.4)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -176,9 +184,9 @@ def test_resume_sees_whole_fragments_only_and_refuses_another_index(tmp_path: Pa
     assert not half_written.exists() and len(fragments(tmp_path)) == 1
     check_run_identity(tmp_path, RUN)
     for other in (
-        RunIdentity("another", 0.4, None),
-        RunIdentity("fingerprint1", 0.5, None),
-        RunIdentity("fingerprint1", 0.4, None, COPY_ORIGINAL),  # another kind of copy
+        _run("another", 0.4),
+        _run("fingerprint1", 0.5),
+        _run("fingerprint1", 0.4, COPY_ORIGINAL),  # another kind of copy
     ):
         with pytest.raises(Exception, match="new --out"):
             check_run_identity(tmp_path, other)

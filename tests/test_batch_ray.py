@@ -18,12 +18,12 @@ from PIL import Image
 
 from batch.manifest import fragments, read_manifest
 from bench.scenes import crowd_of
+from filter.assembly import detector_manifest
 from filter.content import read_content
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
-from filter.runtime import detector_manifest
 from service.cli import main
 from tests.conftest import make_gallery
 from tests.content_probes import encode, hiding_places, load
@@ -222,11 +222,11 @@ def test_copy_original_copies_the_bytes_of_files_accounted_for(
 
 def test_gpus_the_cluster_lacks_are_refused_rather_than_waited_for() -> None:
     from batch.engine import RayOptions, actor_gpus
-    from filter.errors import FilterError
+    from batch.errors import BatchError
 
     has_gpus = actor_gpus(RayOptions()) > 0
     if has_gpus:
         pytest.skip("this Ray has GPUs")
-    with pytest.raises(FilterError, match="has 0 GPUs"):
+    with pytest.raises(BatchError, match="has 0 GPUs"):
         actor_gpus(RayOptions(num_gpus=1))
     assert actor_gpus(RayOptions(num_gpus=0)) == 0

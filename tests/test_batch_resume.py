@@ -11,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.inputs import discover_inputs
-from batch.manifest import RunIdentity, current_rows, read_manifest, remove_unrecorded_copies
+from batch.manifest import ManifestRun, current_rows, read_manifest, remove_unrecorded_copies
 from batch.recording import record_rows
 from batch.resume import RESUME_SIZE_MTIME, resume
+from filter.thresholds import FilterInForce, Thresholds
 
-RUN = RunIdentity("fingerprint1", 0.4, None)
+RUN = ManifestRun(FilterInForce("fingerprint1", Thresholds(0.4, "override", None, None)))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -339,3 +339,39 @@ def test_check_files_checks_every_image_of_every_file_in_one_call() -> None:
     results = check_files(Checker(), [_content(2), _content(1), _content(1)])
     assert calls == [4]
     assert [r.verdict.reason for r in results] == [None, Reason.IDENTITY_MATCH, None]
+
+
+def test_the_verdict_row_is_the_one_check_prints_and_batch_records() -> None:
+    """`FileVerdict.row`: the reason as its value, scores unrounded, a NaN (no neighbour
+    found) as null, and the file's detail, image count and deciding part."""
+    from filter.file_check import FileVerdict
+
+    rejected = FileVerdict(
+        ImageVerdict(False, Reason.IDENTITY_MATCH, 2, 0.61, "id02", replica_similarity=0.25),
+        3,
+        "frame 2",
+        None,
+    )
+    assert rejected.row() == {
+        "verdict": "reject",
+        "reason": "identity_match",
+        "faces": 2,
+        "max_similarity": 0.61,
+        "identity": "id02",
+        "replica_similarity": 0.25,
+        "error": None,
+        "images": 3,
+        "part": "frame 2",
+    }
+    unsure = FileVerdict(
+        ImageVerdict(False, Reason.FILTER_ERROR, 1, float("nan"), None, replica_similarity=None),
+        1,
+        "image",
+        "a face had no finite nearest neighbour",
+    )
+    row = unsure.row()
+    assert row["max_similarity"] is None and row["replica_similarity"] is None
+    assert row["reason"] == "filter_error" and row["verdict"] == "reject"
+    assert row["error"] == "a face had no finite nearest neighbour"
+    passed = FileVerdict(ImageVerdict(True, None, 0, None, None), 1, None, None)
+    assert passed.row()["reason"] is None and passed.row()["verdict"] == "pass"

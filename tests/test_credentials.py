@@ -24,7 +24,7 @@ from PIL import Image
 from filter.decide import ImageVerdict
 from filter.identity_filter import StageObserver
 from filter.models import DCGAN_DIGIFACE
-from filter.runtime import Thresholds
+from filter.thresholds import FilterInForce, Thresholds
 from service.cli import main as cli_main
 from service.config import ConfigError, Settings, load_settings
 from service.credentials import (
@@ -42,7 +42,7 @@ from service.generators import TorchGenerator, load_dcgan_digiface
 from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline, GenerationRequest
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from service.provenance import FilterInForce, ReleaseFacts
+from service.provenance import ReleaseFacts
 from service.reload import SwappableChecker
 from service.server import StartupError, main_serve, signing_credentials_for
 from tests.conftest import REPO

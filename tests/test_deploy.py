@@ -203,7 +203,7 @@ def test_real_prometheus_scrapes_counters_and_evaluates_rules(
     from tests.test_server import settings_for  # the same server settings as the API tests
 
     index = tmp_path / "index"
-    from filter.runtime import build_embedding_pipeline
+    from filter.assembly import build_embedding_pipeline
     from service.demo import build_demo_index
     from service.generators import load_dcgan_digiface
 

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from filter.agreement import Agreement, compare_runs, run_filter
+from filter.assembly import build_embedding_pipeline, detector_manifest, load_index_for
 from filter.decide import DecisionThresholds, NoFacePolicy
 from filter.detection_policy import filter_for_generator
 from filter.embedders import SFaceEmbedder
@@ -34,7 +35,6 @@ from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from filter.numerics import compute_manifest, tf32_enabled
-from filter.runtime import build_embedding_pipeline, detector_manifest, load_index_for
 from service.generators import latents_for, load_dcgan_digiface
 from tests.conftest import make_gallery
 

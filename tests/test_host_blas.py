@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from filter import host_blas
-from filter.runtime import build_embedding_pipeline
+from filter.assembly import build_embedding_pipeline
 
 
 def _set_threads(count: int) -> None:

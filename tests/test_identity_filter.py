@@ -11,6 +11,7 @@ from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageTimes
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
+from filter.thresholds import pinned_thresholds
 from tests.conftest import make_gallery
 
 THRESHOLD = 0.40
@@ -39,7 +40,7 @@ def test_same_person_matches_across_photos_leave_one_out(
     index, _ = build_gallery_index(
         tmp_path / "gallery", pipeline, detector_settings=DetectorSettings().as_dict()
     )
-    filt = IdentityFilter(pipeline, index, THRESHOLD)
+    filt = IdentityFilter(pipeline, index, pinned_thresholds(index, THRESHOLD))
     verdict = filt.check([decode_image(photos[0])])[0]
     assert not verdict.passed
     assert verdict.reason is Reason.IDENTITY_MATCH and verdict.identity == "id01"
@@ -50,7 +51,7 @@ def test_different_people_do_not_match(
     pipeline: FaceEmbeddingPipeline, identities_dir: Path, tmp_path: Path
 ) -> None:
     index = _index_of(pipeline, identities_dir, tmp_path, ["id01", "id02", "id03"])
-    filt = IdentityFilter(pipeline, index, THRESHOLD)
+    filt = IdentityFilter(pipeline, index, pinned_thresholds(index, THRESHOLD))
     others = [
         decode_image(p)
         for i in ("id04", "id05", "id06", "id07")
@@ -66,7 +67,7 @@ def test_multi_face_photo_is_rejected_when_one_person_is_enrolled(
     pipeline: FaceEmbeddingPipeline, identities_dir: Path, faces_dir: Path, tmp_path: Path
 ) -> None:
     index = _index_of(pipeline, identities_dir, tmp_path, ["id01"])
-    filt = IdentityFilter(pipeline, index, THRESHOLD)
+    filt = IdentityFilter(pipeline, index, pinned_thresholds(index, THRESHOLD))
     verdict = filt.check([decode_image(faces_dir / "multi" / "two-people.jpg")])[0]
     assert verdict.faces == 2
     assert not verdict.passed and verdict.identity == "id01"
@@ -79,10 +80,17 @@ def test_no_face_image_follows_the_policy(
     pipeline: FaceEmbeddingPipeline, loaded_full_index: FaissIdentityIndex
 ) -> None:
     gradient = np.tile(np.linspace(0, 255, 200, dtype=np.uint8)[None, :, None], (150, 1, 3))
-    strict = IdentityFilter(pipeline, loaded_full_index, THRESHOLD)
+    strict = IdentityFilter(
+        pipeline, loaded_full_index, pinned_thresholds(loaded_full_index, THRESHOLD)
+    )
     verdict = strict.check([gradient])[0]
     assert verdict.faces == 0 and not verdict.passed and verdict.reason is Reason.NO_FACE
-    lenient = IdentityFilter(pipeline, loaded_full_index, THRESHOLD, NoFacePolicy.PASS)
+    lenient = IdentityFilter(
+        pipeline,
+        loaded_full_index,
+        pinned_thresholds(loaded_full_index, THRESHOLD),
+        NoFacePolicy.PASS,
+    )
     assert lenient.check([gradient])[0].passed
 
 
@@ -90,7 +98,9 @@ def test_batched_check_equals_one_by_one_and_reports_stage_times(
     pipeline: FaceEmbeddingPipeline, loaded_full_index: FaissIdentityIndex, identities_dir: Path
 ) -> None:
     images = [decode_image(p) for p in sorted(identities_dir.glob("id0[23]/*.jpg"))]
-    filt = IdentityFilter(pipeline, loaded_full_index, THRESHOLD)
+    filt = IdentityFilter(
+        pipeline, loaded_full_index, pinned_thresholds(loaded_full_index, THRESHOLD)
+    )
     times = StageTimes()
     batched = filt.check(images, observer=times)
     single = [filt.check([img])[0] for img in images]
@@ -105,4 +115,4 @@ def test_threshold_outside_cosine_range_is_refused(
     pipeline: FaceEmbeddingPipeline, loaded_full_index: FaissIdentityIndex
 ) -> None:
     with pytest.raises(ValueError, match="outside"):
-        IdentityFilter(pipeline, loaded_full_index, 1.5)
+        IdentityFilter(pipeline, loaded_full_index, pinned_thresholds(loaded_full_index, 1.5))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from filter.decide import NoFacePolicy, Reason
+from filter.decide import DecisionThresholds, NoFacePolicy, Reason
 from filter.errors import FilterError
 from filter.identity_filter import IdentityFilter, ImageFaces
 from filter.vector_table import Match
@@ -61,7 +61,7 @@ class FakeIndex:
 
 
 def _filter(index: FakeIndex, policy: NoFacePolicy = NoFacePolicy.REJECT) -> IdentityFilter:
-    return IdentityFilter(FakeEmbedding(), index, 0.5, no_face_policy=policy)  # type: ignore[arg-type]
+    return IdentityFilter(FakeEmbedding(), index, DecisionThresholds(0.5), policy)  # type: ignore[arg-type]
 
 
 def test_each_image_is_decided_on_its_own_faces() -> None:
@@ -92,7 +92,8 @@ def test_each_image_is_decided_on_its_own_faces() -> None:
 def test_a_face_exactly_at_the_threshold_is_rejected() -> None:
     at = np.array([0.5, np.sqrt(0.75), 0.0, 0.0], np.float32)
     at /= np.linalg.norm(at)
-    (verdict,) = IdentityFilter(FakeEmbedding(), FakeIndex(), float(at @ ENROLLED)).check(  # type: ignore[arg-type]
+    at_threshold = DecisionThresholds(float(at @ ENROLLED))
+    (verdict,) = IdentityFilter(FakeEmbedding(), FakeIndex(), at_threshold).check(  # type: ignore[arg-type]
         [np.stack([at])]  # type: ignore[list-item]
     )
     assert not verdict.passed and verdict.reason == Reason.IDENTITY_MATCH
@@ -110,9 +111,24 @@ def test_an_index_answering_fewer_rows_than_asked_fails_closed() -> None:
 
 
 def test_a_replica_index_needs_a_replica_threshold() -> None:
-    from filter.decide import DecisionThresholds
-
     index = FakeIndex()
     index.has_replicas = True
     with pytest.raises(ValueError, match="replica threshold"):
         IdentityFilter(FakeEmbedding(), index, DecisionThresholds(identity=0.5))  # type: ignore[arg-type]
+
+
+def test_another_pipeline_keeps_the_index_thresholds_and_policy() -> None:
+    """`with_embedding` (a detection scope) resolves nothing again."""
+    original = _filter(FakeIndex(), NoFacePolicy.PASS)
+    other = FakeEmbedding()
+    scoped = original.with_embedding(other)  # type: ignore[arg-type]
+    assert scoped is not original and scoped.embedding is other
+    assert scoped.index is original.index
+    assert scoped.thresholds == original.thresholds == DecisionThresholds(0.5)
+    assert scoped.no_face_policy is NoFacePolicy.PASS
+
+
+def test_thresholds_must_be_resolved() -> None:
+    """A bare float is refused: no path around `filter.thresholds.resolve_thresholds`."""
+    with pytest.raises(TypeError, match="DecisionThresholds"):
+        IdentityFilter(FakeEmbedding(), FakeIndex(), 0.5)  # type: ignore[arg-type]

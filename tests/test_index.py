@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from filter.assembly import load_index_for
 from filter.errors import IdentityIndexError, IndexCorruptError, IndexMismatchError
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.index import FaissIdentityIndex
-from filter.runtime import load_index_for
 from filter.vector_table import choose_index_type
 
 

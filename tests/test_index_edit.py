@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from filter.assembly import load_index_for
 from filter.augment import crop, mirror
 from filter.decide import DecisionThresholds, NoFacePolicy
 from filter.errors import FilterError
@@ -24,7 +25,6 @@ from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from filter.index_edit import add_gallery, remove_identities
 from filter.index_release import publish, publish_folder
-from filter.runtime import load_index_for
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
 from tests.conftest import make_gallery

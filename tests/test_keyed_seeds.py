@@ -13,9 +13,10 @@ import pytest
 
 from filter.images import decode_image
 from service.config import Settings
+from service.errors import StartupError
 from service.generators import TorchGenerator, latents_for, load_dcgan_digiface, load_seed_key
 from service.pipeline import GenerationRequest
-from service.server import StartupError, seed_key_for
+from service.security import seed_key_or_refuse
 from tests.conftest import write_seed_key
 from tests.test_pipeline import HashListFilter, _pipeline
 
@@ -57,17 +58,17 @@ def test_seed_key_file_must_exist_and_hold_32_bytes(tmp_path: Path) -> None:
     good.write_bytes(KEY_A)
     assert load_seed_key(good) == KEY_A
     with pytest.raises(StartupError, match="31 bytes"):
-        seed_key_for(Settings(seed_key_file=short))  # type: ignore[call-arg]
+        seed_key_or_refuse(Settings(seed_key_file=short))  # type: ignore[call-arg]
 
 
 def test_without_a_key_the_server_refuses_unless_opted_in_and_says_unkeyed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(StartupError, match="FACEGATE_SEED_KEY_FILE is not set"):
-        seed_key_for(Settings())  # type: ignore[call-arg]
+        seed_key_or_refuse(Settings())  # type: ignore[call-arg]
     opted_in = Settings(allow_unkeyed_seeds=True, audit_log="none")  # type: ignore[call-arg]
     with caplog.at_level(logging.WARNING, logger="facegate.server"):
-        assert seed_key_for(opted_in) is None
+        assert seed_key_or_refuse(opted_in) is None
     assert "FACEGATE_ALLOW_UNKEYED_SEEDS=true" in caplog.text
     assert opted_in.public_info()["seeds"] == "unkeyed"
     assert opted_in.public_info()["allow_unkeyed_seeds"] == "True"

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from filter.assembly import detector_manifest
 from filter.decide import DecisionThresholds, NoFacePolicy, Reason
 from filter.detection_policy import FastPathMode, filter_for_generator
 from filter.errors import FilterError
@@ -19,7 +20,7 @@ from filter.gallery import Enrolment, build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
-from filter.runtime import detector_manifest, resolve_thresholds
+from filter.thresholds import pinned_thresholds, resolve_thresholds
 from service.config import Settings
 from service.generators import latents_for, load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb
@@ -64,10 +65,12 @@ def test_a_nan_embedding_rejects_only_its_own_image(
     pipeline: FaceEmbeddingPipeline, id01_index: FaissIdentityIndex, identities_dir: Path
 ) -> None:
     photos = [decode_image(identities_dir / i / "01.jpg") for i in ("id05", "id06", "id07")]
-    clean = IdentityFilter(pipeline, id01_index, 0.40).check(photos)
+    clean = IdentityFilter(pipeline, id01_index, pinned_thresholds(id01_index, 0.40)).check(photos)
     assert [v.faces for v in clean] == [1, 1, 1] and all(v.passed for v in clean)
     poisoned = FaceEmbeddingPipeline(pipeline.aligner, PoisonedEmbedder(pipeline.embedder, {1}))
-    verdicts = IdentityFilter(poisoned, id01_index, 0.40).check(photos)
+    verdicts = IdentityFilter(poisoned, id01_index, pinned_thresholds(id01_index, 0.40)).check(
+        photos
+    )
     assert [v.passed for v in verdicts] == [True, False, True]
     assert verdicts[1].reason is Reason.FILTER_ERROR and "not finite" in (verdicts[1].detail or "")
 
@@ -89,9 +92,9 @@ def test_a_thin_image_gets_a_verdict_and_the_batch_goes_on(
     thin = np.full((10, 1000, 3), 128, dtype=np.uint8)
     tall = np.full((1000, 12, 3), 90, dtype=np.uint8)
     member = decode_image(identities_dir / "id01" / "02.jpg")
-    verdicts = IdentityFilter(pipeline, id01_index, 0.40, NoFacePolicy.PASS).check(
-        [thin, member, tall]
-    )
+    verdicts = IdentityFilter(
+        pipeline, id01_index, pinned_thresholds(id01_index, 0.40), NoFacePolicy.PASS
+    ).check([thin, member, tall])
     assert verdicts[0].reason is Reason.UNSUPPORTED_GEOMETRY and not verdicts[0].passed
     assert verdicts[2].reason is Reason.UNSUPPORTED_GEOMETRY and not verdicts[2].passed
     assert verdicts[1].reason is Reason.IDENTITY_MATCH
@@ -113,7 +116,7 @@ def test_a_small_enrolled_face_beside_a_large_one_is_caught_for_any_other_genera
     pipeline: FaceEmbeddingPipeline, id01_index: FaissIdentityIndex, identities_dir: Path
 ) -> None:
     frame = _composite(identities_dir)
-    full = IdentityFilter(pipeline, id01_index, 0.40)
+    full = IdentityFilter(pipeline, id01_index, pinned_thresholds(id01_index, 0.40))
     assert full.check([frame])[0].reason is Reason.IDENTITY_MATCH
     # The policy keeps the full pyramid for a generator it has not verified...
     served = filter_for_generator(full, "torchscript:custom.pt", FastPathMode.AUTO)
@@ -135,7 +138,9 @@ def test_the_fast_path_falls_back_to_the_full_pyramid_when_it_finds_no_face(
     member = decode_image(identities_dir / "id01" / "02.jpg")
     frame = np.full((256, 256, 3), 200, dtype=np.uint8)
     frame[256 - 84 :, 256 - 84 :] = cv2.resize(member, (84, 84), interpolation=cv2.INTER_AREA)
-    full = IdentityFilter(pipeline, id01_index, 0.40, NoFacePolicy.PASS)
+    full = IdentityFilter(
+        pipeline, id01_index, pinned_thresholds(id01_index, 0.40), NoFacePolicy.PASS
+    )
     narrowed = filter_for_generator(full, "torchscript:custom.pt", FastPathMode.ON)
     fast_only = narrowed.embedding.aligner.detector.fast  # type: ignore[attr-defined]
     assert fast_only.detect([frame]) == [[]]  # the fast path alone would see no face
@@ -149,7 +154,9 @@ def test_verdicts_do_not_depend_on_batch_neighbours(
     latents = np.stack([latents_for(77, slot, 0, 100) for slot in range(64)])
     images = list(generator.generate(latents))  # type: ignore[attr-defined]
     served = filter_for_generator(
-        IdentityFilter(pipeline, id01_index, 0.40, NoFacePolicy.REJECT),
+        IdentityFilter(
+            pipeline, id01_index, pinned_thresholds(id01_index, 0.40), NoFacePolicy.REJECT
+        ),
         "dcgan-digiface",
         FastPathMode.AUTO,
     )

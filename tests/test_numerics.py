@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from filter import numerics
+from filter.assembly import EmbeddingSpec, build_embedding_pipeline
 from filter.errors import ModelError
 from filter.numerics import apply_device_numerics, tf32_enabled
-from filter.runtime import EmbeddingSpec, build_embedding_pipeline
 
 
 @pytest.fixture()

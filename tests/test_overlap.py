@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from filter.assembly import load_index_for
 from filter.decide import ImageVerdict, Reason
 from filter.faces import DetectedFace, FaceAligner
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
 from filter.overlap import batches_in_flight, overlapped, thread_stream
-from filter.runtime import load_index_for
+from filter.thresholds import pinned_thresholds
 from service.batcher import CandidateEngine, DynamicBatcher
 from service.errors import FilterFailure
 from service.generators import draw_rows, latents_for, load_dcgan_digiface
@@ -141,7 +142,11 @@ def test_overlapped_checks_give_the_serial_verdicts(
     generator = load_dcgan_digiface(models_dir)
     latents = np.stack([latents_for(1, slot, 0, generator.latent_dim) for slot in range(24)])
     images = list(generator.generate(latents))
-    checker = IdentityFilter(pipeline, load_index_for(pipeline, demo_index), 0.56)
+    checker = IdentityFilter(
+        pipeline,
+        load_index_for(pipeline, demo_index),
+        pinned_thresholds(load_index_for(pipeline, demo_index), 0.56),
+    )
     batches = [images[i : i + 8] for i in range(0, 24, 8)]
     serial = [checker.check(batch) for batch in batches]
     piped = list(overlapped(checker.check, batches, depth=2))

@@ -26,13 +26,14 @@ import pytest
 from PIL import Image
 
 from bench import equivalence, scenes
+from filter.assembly import detector_manifest
 from filter.decide import Reason
 from filter.faces import DetectorSettings, detection_passes
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
-from filter.runtime import detector_manifest
+from filter.thresholds import pinned_thresholds
 from filter.tiling import Tiling, fine_passes
 from tests.conftest import REPO
 
@@ -119,7 +120,7 @@ def test_a_small_member_on_a_large_canvas_is_searched_and_the_canvas_alone_passe
     pipeline: FaceEmbeddingPipeline, held_out: Path
 ) -> None:
     index = FaissIdentityIndex.load(held_out)
-    filt = IdentityFilter(pipeline, index, 0.40)
+    filt = IdentityFilter(pipeline, index, pinned_thresholds(index, 0.40))
     probes = [scenes.composite(1536, 40), scenes.composite(2048, 40), scenes.composite(2048, 60)]
     controls = [scenes.composite(1536, None), scenes.composite(2048, None)]
     verdicts = filt.check(probes + controls)

@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"facegate: warning: {warning}", file=sys.stderr)
         print(f"facegate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from batch.errors import BatchError
     from filter.errors import FilterError
 
     # Indexes, calibrations and audit files say who is in the training set: whatever a
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_umask = os.umask(0o077)
     try:
         return int(args.handler(settings, args))
-    except (CliError, FilterError) as exc:
+    except (CliError, FilterError, BatchError) as exc:
         print(f"facegate: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -11,20 +11,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from service.cli.common import CliError
+from service.cli.common import CliError, audit_key
 from service.config import Settings
 
 
 def cmd_audit_hash(settings: Settings, args: argparse.Namespace) -> int:
     from service.audit import identity_hasher
-    from service.errors import StartupError
-    from service.generators import load_seed_key
-    from service.security import audit_master_key
 
-    try:
-        master = audit_master_key(settings, load_seed_key(settings.seed_key_file))
-    except (StartupError, ValueError) as exc:
-        raise CliError(str(exc)) from None
+    master = audit_key(settings)
     if master is None:
         raise CliError(
             "no key to hash with: set FACEGATE_SEED_KEY_FILE (or FACEGATE_AUDIT_KEY_FILE, when "

@@ -7,20 +7,27 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.cli.common import (
     embedding_spec,
     emit,
+    flag_over_setting,
     model_options,
     positive_int,
     progress_bar,
     similarity,
+    threshold_overrides,
 )
 from service.config import Settings
 
+if TYPE_CHECKING:
+    from batch.engine import RayOptions
 
-def ray_options(args: argparse.Namespace, batch_size: int | None = None, in_flight: int = 0) -> Any:
+
+def ray_options(
+    args: argparse.Namespace, batch_size: int | None = None, in_flight: int = 0
+) -> RayOptions:
     from batch.engine import RayOptions
 
     return RayOptions(
@@ -37,20 +44,19 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
     from batch.manifest import COPY_ORIGINAL, COPY_PIXELS
     from batch.runner import execute_plan, plan_batch
 
+    threshold, replica_threshold = threshold_overrides(settings, args)
     spec = FilterSpec(
         embedding=embedding_spec(settings, args),
         index_path=Path(args.index).absolute(),
-        threshold=settings.threshold if args.threshold is None else args.threshold,
-        replica_threshold=(
-            settings.replica_threshold if args.replica_threshold is None else args.replica_threshold
-        ),
-        no_face_policy=args.no_face_policy or settings.no_face_policy,
+        threshold=threshold,
+        replica_threshold=replica_threshold,
+        no_face_policy=flag_over_setting(args.no_face_policy, settings.no_face_policy),
         copy_mode=COPY_ORIGINAL if args.copy_original else COPY_PIXELS,
     )
     # Absolute: on a cluster, write tasks run in other working folders.
     out = Path(args.out).absolute()
     plan = plan_batch(args.inputs, out, spec, args.resume_by)
-    print(f"thresholds: {plan.thresholds}", file=sys.stderr)
+    print(f"thresholds: {plan.run.judged_by.thresholds.describe()}", file=sys.stderr)
     if plan.changed:
         print(
             f"{plan.changed} files changed since their manifest row: checked again (their "

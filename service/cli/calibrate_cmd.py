@@ -75,16 +75,10 @@ def _non_member_batches(
 
 
 def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
-    import math
-
-    import numpy as np
-
-    from filter.calibrate import calibrate_thresholds, same_person_floor_warning
-    from filter.decide import DecisionThresholds, NoFacePolicy
-    from filter.identity_filter import IdentityFilter
-    from filter.index_lineage import acknowledge, loosenings, recalibrated_manifest
-    from filter.index_release import index_thresholds, publish
-    from filter.runtime import load_index_for
+    from filter.assembly import load_index_for, measuring_filter
+    from filter.calibrate import same_person_floor_warning
+    from filter.decide import ImageEvidence
+    from filter.evaluate import calibrate_on, score_evidence
 
     skipped: list[dict[str, str]] = []
     total, batches = _non_member_batches(settings, args, skipped)
@@ -92,42 +86,18 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
     index_path = Path(args.index)
     index = load_index_for(pipeline, index_path)
     # Thresholds do not matter for evidence; the filter is used only to measure.
-    measuring = IdentityFilter(pipeline, index, 1.0, NoFacePolicy.REJECT)
-    identity_scores: list[float] = []
-    replica_scores: list[float] = []
-    no_face = unusable = 0
+    measuring = measuring_filter(pipeline, index)
+    evidence: list[ImageEvidence] = []
     with progress_bar(total, "calibrating") as bar:
         for images in batches:
-            for evidence in measuring.evidence(images):
-                if (
-                    not evidence.searchable
-                    or evidence.error is not None
-                    or evidence.unsearched_faces
-                ):
-                    unusable += 1
-                elif not evidence.face_matches:
-                    no_face += 1
-                else:
-                    scores = [m.similarity for m in evidence.face_matches]
-                    replica = evidence.replica
-                    if not all(math.isfinite(s) for s in scores) or (
-                        index.has_replicas and (replica is None or not replica.found)
-                    ):
-                        unusable += 1
-                        continue
-                    identity_scores.append(max(scores))
-                    if replica is not None and index.has_replicas:
-                        replica_scores.append(replica.similarity)
+            evidence.extend(measuring.evidence(images))
             bar.update(len(images))
-    if not identity_scores:
+    scores = score_evidence("non-members", evidence, index.has_replicas)
+    unusable = int(scores.unusable.sum())
+    if not scores.scored.any():
         raise CliError("no face found in any non-member image; nothing to calibrate on")
     try:
-        calibration = calibrate_thresholds(
-            np.array(identity_scores),
-            np.array(replica_scores) if index.has_replicas else None,
-            args.target_false_reject,
-            no_face,
-        )
+        calibration = calibrate_on(scores, args.target_false_reject, index.has_replicas)
     except ValueError as exc:
         source_name = args.non_members or f"{args.generator_samples} generator samples"
         raise CliError(f"cannot calibrate on {source_name}: {exc}") from None
@@ -154,28 +124,24 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
         "index_vectors": index.vector_count,
     }
     if args.save:
-        # Never looser than the thresholds the index had (its calibration, else the
-        # defaults) without an acknowledgement for this release (filter.index_lineage).
-        before = index_thresholds(index)
-        after = DecisionThresholds(calibration.threshold, calibration.replica_threshold)
-        looser = loosenings(before, after)
-        if looser and not args.allow_looser:
-            raise CliError(
-                f"not saved: these thresholds are looser than the index's ({'; '.join(looser)})"
-                ". Save with --allow-looser to acknowledge that for this release (recorded in "
-                "its manifest; servers watching the index then reload it), or calibrate for a "
-                "lower --target-false-reject"
-            )
-        saved = index.with_calibration(payload)
-        saved.manifest = recalibrated_manifest(index.manifest)
-        if looser:
-            acknowledge(
-                saved.manifest,
+        from filter.calibrate import LooserCalibrationError, recalibrated_index
+        from filter.index_release import publish
+
+        try:
+            saved, looser = recalibrated_index(
+                index,
+                calibration,
+                payload,
+                allow_looser=args.allow_looser,
                 by="calibrate --save --allow-looser",
-                replaces=index.fingerprint,
-                before=before,
-                after=after,
             )
+        except LooserCalibrationError as exc:
+            raise CliError(
+                f"not saved: these thresholds are looser than the index's ({exc}). Save with "
+                "--allow-looser to acknowledge that for this release (recorded in its "
+                "manifest; servers watching the index then reload it), or calibrate for a "
+                "lower --target-false-reject"
+            ) from None
         # A symlinked index gets a new release and the link flips; a folder is exchanged.
         written = publish(saved, index_path)
         restrict_to_owner(written)

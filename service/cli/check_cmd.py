@@ -5,37 +5,41 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.cli.common import (
     embedding_pipeline,
     emit,
+    flag_over_setting,
     model_options,
     positive_int,
     similarity,
+    threshold_overrides,
 )
 from service.config import Settings
 
+if TYPE_CHECKING:
+    from filter.file_check import FileVerdict
+
 
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.assembly import open_filter
     from filter.content import FileContent, read_content
     from filter.decide import NoFacePolicy, unreadable_verdict
     from filter.errors import ImageError
     from filter.file_check import FileVerdict, check_files
-    from filter.identity_filter import IdentityFilter
     from filter.images import BATCH_PIXELS, ImageLimits, read_image_bytes
-    from filter.runtime import load_index_for, resolve_thresholds
 
-    pipeline = embedding_pipeline(settings, args)
-    index = load_index_for(pipeline, Path(args.index))
-    thresholds = resolve_thresholds(
-        index,
-        settings.threshold if args.threshold is None else args.threshold,
-        settings.replica_threshold if args.replica_threshold is None else args.replica_threshold,
+    threshold, replica_threshold = threshold_overrides(settings, args)
+    opened = open_filter(
+        embedding_pipeline(settings, args),
+        Path(args.index),
+        NoFacePolicy(flag_over_setting(args.no_face_policy, settings.no_face_policy)),
+        threshold=threshold,
+        replica_threshold=replica_threshold,
     )
-    print(f"thresholds: {thresholds.describe()}", file=sys.stderr)
-    policy = NoFacePolicy(args.no_face_policy or settings.no_face_policy)
-    identity_filter = IdentityFilter(pipeline, index, thresholds.decision, policy)
+    print(f"thresholds: {opened.thresholds.describe()}", file=sys.stderr)
+    identity_filter = opened.filter
     limits = ImageLimits()
     pending: list[tuple[str, FileContent | None, str | None]] = []  # (path, content, error)
     pixels = 0
@@ -77,18 +81,15 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _line(path: str, result: Any, error: str | None) -> dict[str, Any]:
-    verdict = result.verdict
+def _line(path: str, result: FileVerdict, error: str | None) -> dict[str, Any]:
+    """The verdict row `batch` records too (`FileVerdict.row`), similarities rounded and
+    the error only where there is one."""
+    row = result.row()
     line: dict[str, Any] = {
         "path": path,
-        "verdict": verdict.verdict,
-        "reason": None if verdict.reason is None else str(verdict.reason),
-        "faces": verdict.faces,
-        "max_similarity": _rounded(verdict.max_similarity),
-        "identity": verdict.identity,
-        "replica_similarity": _rounded(verdict.replica_similarity),
-        "images": result.images,
-        "part": result.part,
+        **{key: value for key, value in row.items() if key != "error"},
+        "max_similarity": _rounded(row["max_similarity"]),
+        "replica_similarity": _rounded(row["replica_similarity"]),
     }
     if result.detail is not None:
         line["error"] = result.detail
@@ -98,9 +99,7 @@ def _line(path: str, result: Any, error: str | None) -> dict[str, Any]:
 
 
 def _rounded(value: float | None) -> float | None:
-    if value is None or value != value:  # NaN: no neighbour was found
-        return None
-    return round(value, 6)
+    return None if value is None else round(value, 6)
 
 
 def register(sub: Any) -> None:

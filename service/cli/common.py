@@ -6,9 +6,20 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Never, TypeVar
 
 from service.config import Settings
+from service.embedding import embedding_spec as settings_embedding_spec
+
+if TYPE_CHECKING:
+    # Only for mypy: the commands import models, torch and tqdm when they run.
+    from tqdm import tqdm
+
+    from filter.assembly import EmbeddingSpec
+    from filter.identity_filter import FaceEmbeddingPipeline
+    from service.generators import Generator
+
+T = TypeVar("T")
 
 EXIT_USAGE = 2
 
@@ -22,29 +33,40 @@ def emit(payload: object) -> None:
     sys.stdout.flush()
 
 
-def embedding_spec(settings: Settings, args: argparse.Namespace) -> Any:
-    """What the options and settings choose: embedder, models, device, detector (a
-    picklable `filter.runtime.EmbeddingSpec`, which batch actors build for themselves;
-    paths made absolute, as Ray workers need not share this working folder)."""
-    from filter.runtime import EmbeddingSpec
+def flag_over_setting(flag: T | None, setting: T) -> T:
+    """A command-line flag, where given (not None), wins over its FACEGATE_* setting."""
+    return setting if flag is None else flag
 
-    weights = settings.facenet_weights
-    return EmbeddingSpec(
-        embedder=getattr(args, "embedder", None) or settings.embedder,
-        models_dir=Path(getattr(args, "models_dir", None) or settings.models_dir).absolute(),
-        device=getattr(args, "device", None) or settings.device,
-        facenet_weights=None if weights is None else Path(weights).absolute(),
-        detector=getattr(args, "detector", None) or settings.detector,
-        torch_threads=settings.torch_threads or None,
+
+def threshold_overrides(
+    settings: Settings, args: argparse.Namespace
+) -> tuple[float | None, float | None]:
+    """--threshold and --replica-threshold over FACEGATE_THRESHOLD and
+    FACEGATE_REPLICA_THRESHOLD (None: the index's calibration, else the defaults)."""
+    return (
+        flag_over_setting(args.threshold, settings.threshold),
+        flag_over_setting(args.replica_threshold, settings.replica_threshold),
     )
 
 
-def embedding_pipeline(settings: Settings, args: argparse.Namespace) -> Any:
+def embedding_spec(settings: Settings, args: argparse.Namespace) -> EmbeddingSpec:
+    """What the options and settings choose: embedder, models, device, detector (a
+    picklable `filter.assembly.EmbeddingSpec`, which batch actors build for themselves)."""
+    return settings_embedding_spec(
+        settings,
+        embedder=getattr(args, "embedder", None),
+        models_dir=getattr(args, "models_dir", None),
+        device=getattr(args, "device", None),
+        detector=getattr(args, "detector", None),
+    )
+
+
+def embedding_pipeline(settings: Settings, args: argparse.Namespace) -> FaceEmbeddingPipeline:
     """Detector, aligner and embedder as the options and settings choose them."""
     return embedding_spec(settings, args).build()
 
 
-def configured_generator(settings: Settings) -> Any:
+def configured_generator(settings: Settings) -> Generator:
     """The configured generator, on the CPU (operator tools run beside the service)."""
     from service.generators import load_generator
 
@@ -64,14 +86,33 @@ def restrict_to_owner(folder: Path) -> None:
         path.chmod(0o700 if path.is_dir() else 0o600)
 
 
-def seed_key(settings: Settings) -> bytes | None:
-    """FACEGATE_SEED_KEY_FILE's key, so that operator tools draw the latents the server does."""
+def configured_seed_key(settings: Settings) -> bytes | None:
+    """FACEGATE_SEED_KEY_FILE's key, read as the server reads it (`load_seed_key`); None
+    when unset (each command says what that means for it); CliError when unusable."""
     from service.generators import load_seed_key
 
     try:
-        key = load_seed_key(settings.seed_key_file)
+        return load_seed_key(settings.seed_key_file)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+def audit_key(settings: Settings) -> bytes | None:
+    """The key the audit log's identity pseudonyms derive from, as the server derives it
+    (FACEGATE_AUDIT_KEY_FILE, else the seed key); None when neither is set."""
+    from service.errors import StartupError
+    from service.security import audit_master_key
+
+    seed = configured_seed_key(settings)
+    try:
+        return audit_master_key(settings, seed)
+    except StartupError as exc:
+        raise CliError(str(exc)) from None
+
+
+def seed_key(settings: Settings) -> bytes | None:
+    """FACEGATE_SEED_KEY_FILE's key, so that operator tools draw the latents the server does."""
+    key = configured_seed_key(settings)
     if key is None:
         print(
             "warning: FACEGATE_SEED_KEY_FILE is not set; drawing unkeyed latents (they match "
@@ -81,12 +122,29 @@ def seed_key(settings: Settings) -> bytes | None:
     return key
 
 
-def progress_bar(total: int, label: str) -> Any:
-    from tqdm import tqdm
+class ProgressBar:
+    """A tqdm bar on stderr (silent when stderr is not a terminal), whose `update` fits the
+    `progress: Callable[[int], None]` the filter and batch take."""
 
-    return tqdm(
-        total=total, desc=label, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr
-    )
+    def __init__(self, total: int, label: str) -> None:
+        from tqdm import tqdm
+
+        self._bar: tqdm[Never] = tqdm(
+            total=total, desc=label, unit="img", disable=not sys.stderr.isatty(), file=sys.stderr
+        )
+
+    def update(self, count: int) -> None:
+        self._bar.update(count)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
+
+
+def progress_bar(total: int, label: str) -> ProgressBar:
+    return ProgressBar(total, label)
 
 
 def model_options(parser: argparse.ArgumentParser) -> None:

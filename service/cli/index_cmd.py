@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.cli import batch_cmd, index_edit_cmd
 from service.cli.common import (
@@ -21,11 +22,16 @@ from service.cli.common import (
 )
 from service.config import Settings
 
+if TYPE_CHECKING:
+    from filter.gallery import GalleryReport
+    from filter.identity_filter import FaceEmbeddingPipeline
+    from filter.index import FaissIdentityIndex
+
 
 def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.assembly import detector_manifest
     from filter.gallery import build_gallery_index, gallery_images
     from filter.replica import MIN_REPLICA_IMAGES
-    from filter.runtime import detector_manifest
     from filter.vector_table import APPROXIMATE_TYPES
 
     gallery = Path(args.gallery)
@@ -80,13 +86,16 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def build_on_ray(
-    settings: Settings, args: argparse.Namespace, pipeline: Any, progress: Any
-) -> tuple[Any, Any]:
+    settings: Settings,
+    args: argparse.Namespace,
+    pipeline: FaceEmbeddingPipeline,
+    progress: Callable[[int], None],
+) -> tuple[FaissIdentityIndex, GalleryReport]:
     """The gallery embedded by Ray actors, enrolled here: the same index (docs/batch.md)."""
     from batch.engine import ray_session
     from batch.gallery import enrol_gallery_on_ray
+    from filter.assembly import detector_manifest
     from filter.gallery import Enrolment, finish_gallery_index
-    from filter.runtime import detector_manifest
 
     gallery = Path(args.gallery)
     enrolment = Enrolment(pipeline)
@@ -107,9 +116,9 @@ def build_on_ray(
 
 
 def cmd_index_info(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.assembly import load_index_for
     from filter.index import FaissIdentityIndex
     from filter.index_lineage import EDITS, scrubbed_history
-    from filter.runtime import load_index_for
 
     if args.verify:
         # The server's own startup checks: this embedder, this detector, self-test.

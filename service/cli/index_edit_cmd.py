@@ -7,10 +7,11 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.cli.common import (
     CliError,
+    audit_key,
     embedding_pipeline,
     emit,
     model_options,
@@ -18,6 +19,10 @@ from service.cli.common import (
     restrict_to_owner,
 )
 from service.config import Settings
+
+if TYPE_CHECKING:
+    from filter.index import FaissIdentityIndex
+    from filter.index_edit import EditReport
 
 
 def _destination(args: argparse.Namespace) -> Path:
@@ -28,14 +33,7 @@ def _edit_key(settings: Settings) -> bytes | None:
     """The operator's key for keyed hashes in the edit history (None: counts only): the
     audit log's (FACEGATE_AUDIT_KEY_FILE, else the seed key), so `facegate audit hash`
     finds a person in both."""
-    from service.errors import StartupError
-    from service.generators import load_seed_key
-    from service.security import audit_master_key
-
-    try:
-        key = audit_master_key(settings, load_seed_key(settings.seed_key_file))
-    except (StartupError, ValueError) as exc:
-        raise CliError(str(exc)) from None
+    key = audit_key(settings)
     if key is None:
         print(
             "facegate: neither FACEGATE_AUDIT_KEY_FILE nor FACEGATE_SEED_KEY_FILE is set: the "
@@ -45,7 +43,9 @@ def _edit_key(settings: Settings) -> bytes | None:
     return key
 
 
-def _report(index: Any, report: Any, written: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _report(
+    index: FaissIdentityIndex, report: EditReport, written: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     report.fingerprint_after = index.fingerprint
     summary = {"index": str(_destination(args)), "written": str(written), **report.as_dict()}
     if report.calibration.startswith("carried"):
@@ -55,7 +55,7 @@ def _report(index: Any, report: Any, written: Path, args: argparse.Namespace) ->
     return summary
 
 
-def _publish(edited: Any, args: argparse.Namespace) -> Path:
+def _publish(edited: FaissIdentityIndex, args: argparse.Namespace) -> Path:
     from filter.index_release import publish
 
     written = publish(edited, _destination(args))
@@ -64,9 +64,9 @@ def _publish(edited: Any, args: argparse.Namespace) -> Path:
 
 
 def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.assembly import load_index_for
     from filter.gallery import gallery_images
     from filter.index_edit import add_gallery
-    from filter.runtime import load_index_for
 
     gallery = Path(args.gallery)
     total = len(list(gallery_images(gallery)))

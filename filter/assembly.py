@@ -1,5 +1,7 @@
-"""Assembles the filter from names and paths: the one place that wires models together,
-so the CLI, the index builder, calibration and the server all get the same pipeline."""
+"""Assembles the filter from names and paths: the one place that wires models together
+and opens a filter over an index, so the CLI, batch, the index builder, calibration,
+evaluation and the server all get the same pipeline, the same checks on the index and
+the same thresholds (`filter.thresholds`)."""
 
 from __future__ import annotations
 
@@ -9,20 +11,15 @@ from pathlib import Path
 
 from filter.decide import DecisionThresholds, NoFacePolicy
 from filter.embedders import load_embedder, resolve_device
-from filter.errors import IndexMismatchError
 from filter.faces import DetectorSettings, FaceAligner, MtcnnDetector
 from filter.host_blas import single_threaded_numpy_blas
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.index import FaissIdentityIndex
 from filter.models import verify_mtcnn_weights
 from filter.numerics import apply_device_numerics
-from filter.replica import DEFAULT_REPLICA_THRESHOLD, MIN_REPLICA_IMAGES
+from filter.thresholds import FilterInForce, Thresholds, in_force_for
 
 log = logging.getLogger(__name__)
-
-# Cosine threshold of SFace on real photos; the evidence is in README "Threshold". Other
-# embedders and generated galleries need `facegate calibrate --save`.
-DEFAULT_IDENTITY_THRESHOLD = 0.40
 
 
 def build_embedding_pipeline(
@@ -115,68 +112,47 @@ def load_index_for(pipeline: FaceEmbeddingPipeline, index_path: Path) -> FaissId
     return index
 
 
-def load_identity_filter(
+@dataclass(frozen=True)
+class OpenedFilter:
+    """A filter ready to check images, and what judges them with it."""
+
+    filter: IdentityFilter
+    index: FaissIdentityIndex  # the filter's, loaded and checked
+    in_force: FilterInForce
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.in_force.thresholds
+
+
+def open_filter(
     pipeline: FaceEmbeddingPipeline,
-    index_path: Path,
-    no_face_policy: NoFacePolicy,
+    index: Path | FaissIdentityIndex,
+    no_face_policy: NoFacePolicy = NoFacePolicy.REJECT,
     *,
     threshold: float | None = None,
     replica_threshold: float | None = None,
+) -> OpenedFilter:
+    """The filter over `index` (a folder, loaded and checked against this pipeline by
+    `load_index_for`, or an index already in memory), with the thresholds in force:
+    explicit overrides, else the calibration saved with the index, else the defaults
+    (`filter.thresholds.resolve_thresholds`). The caller says which thresholds are in
+    force (`in_force.thresholds.describe()`), in its own log or on stderr."""
+    if not isinstance(index, FaissIdentityIndex):
+        index = load_index_for(pipeline, index)
+    in_force = in_force_for(index, threshold, replica_threshold)
+    checker = IdentityFilter(pipeline, index, in_force.thresholds.decision, no_face_policy)
+    return OpenedFilter(checker, index, in_force)
+
+
+def measuring_filter(
+    pipeline: FaceEmbeddingPipeline, index: Path | FaissIdentityIndex
 ) -> IdentityFilter:
-    """The filter over the index at `index_path`, with the thresholds in force (explicit
-    overrides, else the calibration saved with the index, else the defaults), logged."""
-    index = load_index_for(pipeline, index_path)
-    thresholds = resolve_thresholds(index, threshold, replica_threshold)
-    log.info("thresholds in force: %s", thresholds.describe())
-    return IdentityFilter(pipeline, index, thresholds.decision, no_face_policy)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The thresholds in force and where each came from (logged at startup)."""
-
-    identity: float
-    identity_source: str  # "override", "index calibration" or "default"
-    replica: float | None  # None: the index has no replica features
-    replica_source: str | None
-
-    @property
-    def decision(self) -> DecisionThresholds:
-        return DecisionThresholds(identity=self.identity, replica=self.replica)
-
-    def describe(self) -> str:
-        text = f"identity {self.identity} ({self.identity_source})"
-        if self.replica is None:
-            return text + ", replica off (the index has no replica features)"
-        return text + f", replica {self.replica} ({self.replica_source})"
-
-
-def resolve_thresholds(
-    index: FaissIdentityIndex,
-    identity_override: float | None = None,
-    replica_override: float | None = None,
-) -> Thresholds:
-    """An explicit threshold (flag or FACEGATE_*THRESHOLD) wins; then the calibration saved
-    with the index; then the built-in default."""
-    saved = index.calibration or {}
-
-    def pick(override: float | None, key: str, default: float) -> tuple[float, str]:
-        if override is not None:
-            return float(override), "override"
-        if saved.get(key) is not None:
-            return float(saved[key]), "index calibration"
-        return default, "default"
-
-    identity, identity_source = pick(identity_override, "threshold", DEFAULT_IDENTITY_THRESHOLD)
-    if not index.has_replicas:
-        if replica_override is not None:
-            # The operator asked for a signal this index cannot give: say so, don't ignore it.
-            raise IndexMismatchError(
-                f"a replica threshold ({replica_override}) is set, but the index has no "
-                f"replica features (they need at least {MIN_REPLICA_IMAGES} training "
-                "images); unset FACEGATE_REPLICA_THRESHOLD / --replica-threshold, or "
-                "rebuild the index from a larger gallery"
-            )
-        return Thresholds(identity, identity_source, None, None)
-    replica, replica_source = pick(replica_override, "replica_threshold", DEFAULT_REPLICA_THRESHOLD)
-    return Thresholds(identity, identity_source, replica, replica_source)
+    """A filter for evidence only (`IdentityFilter.evidence`: calibrate, evaluate, the
+    benches), with no thresholds resolved: evidence does not depend on them. Its
+    thresholds are the strictest there are, so that a verdict asked of it by mistake
+    rejects every face instead of passing one."""
+    if not isinstance(index, FaissIdentityIndex):
+        index = load_index_for(pipeline, index)
+    strictest = DecisionThresholds(-1.0, -1.0 if index.has_replicas else None)
+    return IdentityFilter(pipeline, index, strictest, NoFacePolicy.REJECT)
