@@ -19,36 +19,11 @@ from dataclasses import dataclass, field
 
 from filter.decide import ImageVerdict, Reason
 from service.audit import AuditSink, NullAuditLog, Rejection
-from service.batcher import (
-    CandidateEngine,
-    CandidateOutcome,
-    DynamicBatcher,
-    ImageChecker,
-    NullObserver,
-    PipelineObserver,
-)
-from service.encoding import ContentSigner, ImageFormat, encode_image, encode_released
+from service.batcher import DynamicBatcher, NullObserver, PipelineObserver
+from service.encoding import ContentSigner, ImageFormat, encode_released
 from service.errors import DeadlineExceeded, InvalidRequest, NothingPassed
 from service.generators import draw_rows
 from service.provenance import ReleaseFacts
-
-# Re-exported: the batcher and encoding lived here before they had their own modules.
-__all__ = [
-    "CandidateEngine",
-    "CandidateOutcome",
-    "DynamicBatcher",
-    "GenerationPipeline",
-    "GenerationRequest",
-    "GenerationResult",
-    "GenerationSummary",
-    "ImageChecker",
-    "ImageFormat",
-    "NullObserver",
-    "PipelineObserver",
-    "ReleasedImage",
-    "encode_image",
-    "verdict_outcome",
-]
 
 MAX_SEED = 2**64 - 1
 

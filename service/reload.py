@@ -37,9 +37,8 @@ from filter.index import MANIFEST_FILE, FaissIdentityIndex
 from filter.index_lineage import acknowledgement, describe_acknowledgement, loosenings
 from filter.runtime import Thresholds, load_index_for, resolve_thresholds
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
-from service.batcher import FilterSnapshot
+from service.batcher import FilterSnapshot, ImageChecker
 from service.config import Settings
-from service.pipeline import ImageChecker
 from service.provenance import FilterInForce
 
 log = logging.getLogger("facegate.reload")

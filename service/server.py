@@ -23,6 +23,7 @@ from filter.errors import FilterError
 from filter.overlap import batches_in_flight
 from filter.runtime import DEFAULT_IDENTITY_THRESHOLD, build_embedding_pipeline
 from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog
+from service.batcher import CandidateEngine, DynamicBatcher
 from service.client_identity import ClientAllowlist
 from service.config import Settings, unknown_env_warnings
 from service.encoding import ContentSigner
@@ -30,7 +31,7 @@ from service.errors import StartupError
 from service.generators import load_generator
 from service.metrics import ServiceMetrics
 from service.metrics_http import MetricsConfigError
-from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
+from service.pipeline import GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.reload import IndexReloader, LiveFilter, SwappableChecker, load_live_filter
 from service.security import (
