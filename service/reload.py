@@ -39,6 +39,12 @@ from filter.runtime import Thresholds, load_index_for, resolve_thresholds
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
 from service.batcher import FilterSnapshot, ImageChecker
 from service.config import Settings
+from service.live_index import (
+    RELOAD_FAILURE,
+    RELOAD_REFUSED_LOOSER,
+    RELOAD_SUCCESS,
+    LiveIndexFacts,
+)
 from service.provenance import FilterInForce
 
 log = logging.getLogger("facegate.reload")
@@ -81,6 +87,25 @@ class LiveFilter:
     def snapshot(self) -> FilterSnapshot:
         """What the engine reads once per batch: the checker, its provenance, its salt."""
         return FilterSnapshot(self.checker, self.in_force, self.index.salt)
+
+    @property
+    def facts(self) -> LiveIndexFacts:
+        """What the metrics show of this filter (service.metrics reads no service type)."""
+        manifest = self.index.manifest
+        shadow = self.shadow
+        return LiveIndexFacts(
+            fingerprint=self.index.fingerprint,
+            format_version=str(manifest.get("format_version")),
+            index_type=str(manifest.get("index_type")),
+            calibrated=bool(self.index.calibration),
+            identities=self.index.identity_count,
+            vectors=self.index.vector_count,
+            identity_threshold=self.thresholds.identity,
+            replica_threshold=self.thresholds.replica,
+            shadow_identity=None if shadow is None else shadow.identity,
+            shadow_replica=None if shadow is None else shadow.replica,
+            loaded_at=self.loaded_at or time.time(),
+        )
 
 
 def load_live_filter(
@@ -161,16 +186,31 @@ class SwappableChecker:
         return getattr(self._snapshot.checker, name)
 
 
-RELOAD_SUCCESS = "success"
-RELOAD_FAILURE = "failure"
-RELOAD_REFUSED_LOOSER = "refused_looser"
-
-
 class ReloadObserver(Protocol):
     def index_loaded(self, live: LiveFilter) -> None: ...
     def reload_finished(self, result: str) -> None:
         """`result` is RELOAD_SUCCESS, RELOAD_FAILURE or RELOAD_REFUSED_LOOSER."""
         ...
+
+
+class FactsObserver(Protocol):
+    """A ReloadObserver told values only (service.metrics): see `ReloadFacts`."""
+
+    def index_loaded(self, facts: LiveIndexFacts) -> None: ...
+    def reload_finished(self, result: str) -> None: ...
+
+
+class ReloadFacts:
+    """Adapts a FactsObserver to a ReloadObserver: hands on the live filter's facts."""
+
+    def __init__(self, sink: FactsObserver) -> None:
+        self.sink = sink
+
+    def index_loaded(self, live: LiveFilter) -> None:
+        self.sink.index_loaded(live.facts)
+
+    def reload_finished(self, result: str) -> None:
+        self.sink.reload_finished(result)
 
 
 def looser_refusal(serving: LiveFilter, loaded: LiveFilter) -> str | None:

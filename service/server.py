@@ -33,7 +33,13 @@ from service.metrics import ServiceMetrics
 from service.metrics_http import MetricsConfigError
 from service.pipeline import GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
-from service.reload import IndexReloader, LiveFilter, SwappableChecker, load_live_filter
+from service.reload import (
+    IndexReloader,
+    LiveFilter,
+    ReloadFacts,
+    SwappableChecker,
+    load_live_filter,
+)
 from service.security import (
     check_audit_destination,
     metrics_endpoint,
@@ -84,7 +90,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         return load_live_filter(settings, embedding, generator.name, metrics)
 
     live = load()
-    metrics.index_loaded(live)
+    metrics.index_loaded(live.facts)
     index = live.index
     # Detection scope is the filter's policy: the fast path only where it cannot skip a face.
     log.info(
@@ -95,7 +101,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         else "full pyramid (every face size)",
     )
     identity_filter = SwappableChecker(live.checker, live.in_force, live.index.salt)
-    reloader = IndexReloader(load, identity_filter, live, metrics)
+    reloader = IndexReloader(load, identity_filter, live, ReloadFacts(metrics))
     metrics.build_info.info(
         {
             "version": _version(),
