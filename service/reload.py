@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from filter.decide import DecisionThresholds, ImageVerdict
 from filter.detection_policy import filter_for_generator
 from filter.embedders import resolve_device
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
-from filter.index import MANIFEST_FILE, FaissIdentityIndex
+from filter.index import MANIFEST_FILE, FaissIdentityIndex, IdentityIndex
 from filter.index_lineage import acknowledgement, describe_acknowledgement, loosenings
 from filter.runtime import Thresholds, load_index_for, resolve_thresholds
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
@@ -179,11 +179,25 @@ class SwappableChecker:
     ) -> list[ImageVerdict]:
         return self._snapshot.checker.check(images, observer=observer)
 
-    def __getattr__(self, name: str) -> object:
-        # Anything else (embedding, thresholds, index) is the filter in force's.
-        if name == "_snapshot":  # not set yet (copy, unpickle): no endless recursion
-            raise AttributeError(name)
-        return getattr(self._snapshot.checker, name)
+    # Beyond `check`, callers (tests, benches) read these two of the filter in force; only
+    # these pass through, so nothing else reaches the filter behind the swap unnoticed.
+    @property
+    def embedding(self) -> FaceEmbeddingPipeline:
+        return cast(_InspectableChecker, self._snapshot.checker).embedding
+
+    @property
+    def index(self) -> IdentityIndex:
+        return cast(_InspectableChecker, self._snapshot.checker).index
+
+
+class _InspectableChecker(Protocol):
+    """What `SwappableChecker` forwards: IdentityFilter and ShadowedFilter have both."""
+
+    @property
+    def embedding(self) -> FaceEmbeddingPipeline: ...
+
+    @property
+    def index(self) -> IdentityIndex: ...
 
 
 class ReloadObserver(Protocol):
