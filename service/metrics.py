@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
 from filter.decide import CANDIDATE_OUTCOMES, SHADOW_CHANGES, ImageVerdict, verdict_outcome
-from filter.stages import STAGES
+from filter.stages import GENERATE, STAGES
 from service.live_index import RELOAD_FAILURE, RELOAD_RESULTS, LiveIndexFacts
 from service.metrics_http import MetricsEndpoint, MetricsHttpServer
 
@@ -31,7 +31,6 @@ GRPC_CODES = (
     "UNKNOWN",
 )
 METHODS = ("Generate", "GenerateStream")
-GENERATE_STAGE = "generate"  # the batcher's generator call (service.batcher)
 SIGNALS = ("identity", "replica")
 LATENCY_BUCKETS = (
     0.005,
@@ -185,7 +184,7 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.generate_seconds.labels(GENERATE_STAGE)
+        self.generate_seconds.labels(GENERATE)
         self.batch_size = Histogram(
             "facegate_batch_candidates",
             "Candidates per filter batch",
@@ -266,7 +265,7 @@ class ServiceMetrics:
         for signal in SIGNALS:
             self.shadow_threshold.labels(signal).set(float("nan"))
 
-    # ReloadObserver (service.reload)
+    # FactsObserver (service.reload, through its ReloadFacts adapter)
     def index_loaded(self, facts: LiveIndexFacts) -> None:
         """The live index and thresholds: at startup and after each successful reload."""
         self.index_info.info(
@@ -297,8 +296,8 @@ class ServiceMetrics:
 
     # PipelineObserver (service.batcher)
     def observe_stage(self, stage: str, seconds: float) -> None:
-        if stage == GENERATE_STAGE:
-            self.generate_seconds.labels(GENERATE_STAGE).observe(seconds)
+        if stage == GENERATE:
+            self.generate_seconds.labels(GENERATE).observe(seconds)
         elif stage in STAGES:
             self.filter_seconds.labels(stage).observe(seconds)
 
