@@ -200,3 +200,40 @@ def unreadable_verdict() -> ImageVerdict:
     return ImageVerdict(
         passed=False, reason=Reason.UNREADABLE, faces=0, max_similarity=None, identity=None
     )
+
+
+# Metric label values of a candidate's verdict and of a shadow comparison (small fixed
+# sets, exported by service.metrics; deploy/prometheus rules and dashboards read them).
+ACCEPTED = "accepted"
+REJECTED_ERROR = "rejected_error"
+_OUTCOME_BY_REASON = {
+    Reason.IDENTITY_MATCH: "rejected_identity",
+    Reason.REPLICA: "rejected_replica",
+    Reason.NO_FACE: "rejected_no_face",
+    Reason.TOO_MANY_FACES: "rejected_too_many_faces",
+}
+CANDIDATE_OUTCOMES = (ACCEPTED, *_OUTCOME_BY_REASON.values(), REJECTED_ERROR)
+
+
+def verdict_outcome(verdict: ImageVerdict) -> str:
+    """Metric label of a candidate: accepted, rejected_identity, rejected_replica,
+    rejected_no_face, rejected_too_many_faces (more faces than the filter searches in one
+    image), or rejected_error (anything else the filter could not vouch for)."""
+    if verdict.passed:
+        return ACCEPTED
+    if verdict.reason is None:
+        return REJECTED_ERROR
+    return _OUTCOME_BY_REASON.get(verdict.reason, REJECTED_ERROR)
+
+
+SAME = "same"
+WOULD_REJECT = "would_reject"  # in force: pass; shadow: reject
+WOULD_PASS = "would_pass"  # in force: reject; shadow: pass
+SHADOW_CHANGES = (SAME, WOULD_REJECT, WOULD_PASS)
+
+
+def shadow_change(in_force: ImageVerdict, shadow: ImageVerdict) -> str:
+    """How the shadow verdict compares with the verdict in force (filter.shadow)."""
+    if in_force.passed == shadow.passed:
+        return SAME
+    return WOULD_REJECT if in_force.passed else WOULD_PASS

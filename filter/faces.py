@@ -5,17 +5,14 @@ threshold means the same thing everywhere. An image is searched on an overview c
 at most `max_side` pixels and, when it is larger, at native resolution in bounded windows
 (`filter/tiling.py`); the faces of all passes are merged per image. Alignment is
 `filter/alignment.py`. Two implementations of MTCNN share
-facenet-pytorch's networks: `mtcnn-batched` (the default, `filter/mtcnn_batched.py`:
-every stage one tensor program over the batch, results independent of the batch) and
-`mtcnn` (facenet-pytorch's own `detect_face`). For the latter this module hides
-facenet-pytorch's quirks: it always feeds MTCNN the same input type (a uint8 RGB tensor,
-never PIL, whose crops differ), calls the batch detector directly so "no face" is an
-empty array rather than `None`. Alignment from the landmarks is ours for both.
+facenet-pytorch's networks (`filter/mtcnn_backends.py`): `mtcnn-batched` (the default)
+and `mtcnn` (facenet-pytorch's own `detect_face`); `DetectorSettings.implementation`
+names one, and the detector picks its backend once, when it is made. Alignment from the
+landmarks is ours for both.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,8 +20,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from filter import mtcnn_batched
 from filter.alignment import align_face
+from filter.fast_path_mode import GENERATED_FAST_PATH_FRACTION
+from filter.mtcnn_backends import (
+    BatchedMtcnn,
+    FacenetMtcnn,
+    MtcnnBackend,
+    MtcnnNetworks,
+    WindowFaces,
+)
 from filter.tiling import (
     Copies,
     Pass,
@@ -51,11 +55,13 @@ class DetectedFace:
 
 
 # Selectable implementations (FACEGATE_DETECTOR, --detector) and what the index manifest
-# records for each: an index built by one is refused by the other. The facenet-pytorch
-# entry keeps the name that indexes built before the batched detector record.
+# records for each: an index built by one is refused by the other.
+MTCNN_BACKENDS: dict[str, type[BatchedMtcnn] | type[FacenetMtcnn]] = {
+    "mtcnn-batched": BatchedMtcnn,
+    "mtcnn": FacenetMtcnn,
+}
 DETECTOR_IDENTITIES: dict[str, dict[str, str]] = {
-    "mtcnn-batched": {"detector": mtcnn_batched.NAME, "detector_version": mtcnn_batched.VERSION},
-    "mtcnn": {"detector": "mtcnn-facenet-pytorch-2.5.3"},
+    choice: dict(backend.identity) for choice, backend in MTCNN_BACKENDS.items()
 }
 DEFAULT_DETECTOR = "mtcnn-batched"
 
@@ -119,7 +125,7 @@ class DetectorSettings:
 # least half the short side. Enabled only for generator output; `make bench` measures
 # its agreement with the full path (1.0 on 1000 DCGAN faces). Applied with
 # `dataclasses.replace(settings, min_face_fraction=...)` so the implementation is kept.
-GENERATED_FAST_PATH = DetectorSettings(min_face_fraction=0.5)
+GENERATED_FAST_PATH = DetectorSettings(min_face_fraction=GENERATED_FAST_PATH_FRACTION)
 
 
 def effective_min_face(settings: DetectorSettings, short_side: int) -> float:
@@ -185,35 +191,37 @@ def detection_scale(height: int, width: int, settings: DetectorSettings) -> floa
 
 class MtcnnDetector:
     """MTCNN with facenet-pytorch's networks, batched over images of equal size; the
-    implementation (`settings.implementation`) is the batched one or facenet-pytorch's."""
+    backend (batched or facenet-pytorch's) is the one `settings.implementation` names."""
 
     def __init__(
         self,
         settings: DetectorSettings | None = None,
         device: torch.device | str = "cpu",
+        *,
+        networks: MtcnnNetworks | None = None,
     ) -> None:
-        from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
-
+        """`networks`: share loaded networks (and their lock) instead of loading a set on
+        `device`; the detector then runs on the networks' device."""
         self.settings = settings or DetectorSettings()
-        self.device = torch.device(device)
-        # channels_last lets oneDNN (CPU) and cuDNN use their fast convolution and pooling
-        # kernels: about 2.5x faster RNet/ONet on 2 cores, outputs equal within 1e-4.
-        self._pnet, self._rnet, self._onet = (
-            net().to(self.device).eval().to(memory_format=torch.channels_last)
-            for net in (PNet, RNet, ONet)
+        self._networks = networks if networks is not None else MtcnnNetworks(device)
+        self.device = self._networks.device
+        backend = MTCNN_BACKENDS[self.settings.implementation]
+        self._backend: MtcnnBackend = backend(
+            self._networks, self.settings.thresholds, self.settings.pyramid_factor
         )
-        # One detection at a time per network set: concurrent callers (CLI threads, tests)
-        # would otherwise oversubscribe the cores torch already parallelises over.
-        self._lock = threading.Lock()
 
     def with_settings(self, settings: DetectorSettings) -> MtcnnDetector:
         """A detector with other settings sharing these networks (no second load)."""
-        twin = object.__new__(MtcnnDetector)
-        twin.settings = settings
-        twin.device = self.device
-        twin._pnet, twin._rnet, twin._onet = self._pnet, self._rnet, self._onet
-        twin._lock = self._lock
-        return twin
+        return MtcnnDetector(settings, networks=self._networks)
+
+    # The batched implementation's tests run its stages on these networks directly.
+    @property
+    def _rnet(self) -> torch.nn.Module:
+        return self._networks.rnet
+
+    @property
+    def _onet(self) -> torch.nn.Module:
+        return self._networks.onet
 
     def searchable(self, height: int, width: int) -> bool:
         return searchable_geometry(height, width, self.settings)
@@ -253,65 +261,12 @@ class MtcnnDetector:
 
     def _detect_batch(
         self, batch: np.ndarray, min_face_size: float, max_face_size: float | None
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    ) -> list[WindowFaces]:
         """(boxes with scores (K, 5), landmarks (K, 5, 2)) of each image of an equal-size
-        batch, float32, in the copy's pixels. facenet-pytorch's implementation searches
-        the whole pyramid whatever `max_face_size` (the merge drops what it finds twice)."""
-        with self._lock, torch.inference_mode():
+        batch, float32, in the copy's pixels."""
+        with self._networks.lock, torch.inference_mode():
             tensor = torch.from_numpy(batch).to(self.device)
-            if self.settings.implementation == "mtcnn":
-                return self._facenet_detect(tensor, min_face_size)
-            return self._batched_detect(tensor, min_face_size, max_face_size)
-
-    def _batched_detect(
-        self, batch: torch.Tensor, min_face_size: float, max_face_size: float | None
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        found = mtcnn_batched.detect_batch(
-            batch,
-            min_face_size,
-            (self._pnet, self._rnet, self._onet),
-            self.settings.thresholds,
-            self.settings.pyramid_factor,
-            max_face_size,
-        )
-        # One transfer for the whole batch (on a GPU, one host synchronisation): boxes,
-        # landmarks and image indices side by side (an index is exact in float32 far
-        # beyond any batch).
-        packed = torch.cat(
-            [found.boxes, found.points.reshape(-1, 10), found.image[:, None].float()], dim=1
-        )
-        rows = packed.cpu().numpy().astype(np.float32)
-        image = rows[:, 15].astype(np.int64)
-        order = np.argsort(image, kind="stable")  # keeps each image's own order
-        bounds = np.cumsum(np.bincount(image, minlength=len(batch)))[:-1]
-        boxes = np.split(rows[order, :5], bounds)
-        points = np.split(rows[order, 5:15].reshape(-1, 5, 2), bounds)
-        return list(zip(boxes, points, strict=True))
-
-    def _facenet_detect(
-        self, batch: torch.Tensor, min_face_size: float
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        from facenet_pytorch.models.utils.detect_face import detect_face
-
-        batch_boxes, batch_points = detect_face(
-            batch,
-            min_face_size,
-            self._pnet,
-            self._rnet,
-            self._onet,
-            list(self.settings.thresholds),
-            self.settings.pyramid_factor,
-            self.device,
-        )
-        # facenet-pytorch returns object arrays whose shape depends on whether every
-        # image found the same number of faces; normalise to plain float arrays.
-        return [
-            (
-                np.asarray(boxes, dtype=np.float32).reshape(-1, 5),
-                np.asarray(points, dtype=np.float32).reshape(-1, 5, 2),
-            )
-            for boxes, points in zip(batch_boxes, batch_points, strict=True)
-        ]
+            return self._backend.detect_batch(tensor, min_face_size, max_face_size)
 
 
 def _check_rgb(image: np.ndarray) -> None:

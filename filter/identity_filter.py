@@ -29,9 +29,8 @@ from filter.errors import FilterError
 from filter.faces import DetectedFace, DetectorSettings, FaceAligner
 from filter.index import IdentityIndex
 from filter.overlap import thread_stream
+from filter.stages import STAGES
 from filter.vector_table import NO_MATCH, Match
-
-STAGES = ("detect", "embed", "search")
 
 
 class StageObserver(Protocol):

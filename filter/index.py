@@ -16,17 +16,17 @@ Loading checks everything in the manifest against the files, the embedder and th
 detector in use, refuses foreign FAISS indexes (another metric or dimension) and empty
 ones, and runs a self-test: a sample of the index's own vectors must each come back as
 their own identity at a similarity near 1. Anything that does not hold is refused
-rather than loaded: an index that matches nothing would let every face out.
+rather than loaded: an index that matches nothing would let every face out. The
+manifest's own fields and checks are `filter/index_manifest.py`; reading and writing the
+files, `filter/index_store.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,17 +34,16 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
-from filter.errors import IdentityIndexError, IndexCorruptError, IndexMismatchError
+from filter.errors import IdentityIndexError, IndexCorruptError
+from filter.index_manifest import build_manifest, check_manifest, salt_of
 from filter.index_store import (
     CALIBRATION_FILE,
-    FORMAT_VERSION,
     LABELS_FILE,
     MANIFEST_FILE,
     REPLICA_LABELS_FILE,
     REPLICAS_FILE,
     VECTORS_FILE,
     IndexSnapshot,
-    check_detector,
     fsync_dir,
     labels_of,
     read_calibration,
@@ -64,19 +63,6 @@ from filter.vector_table import (
     index_kind,
     make_faiss_index,
 )
-
-# The manifest's `salt` (hex): a random value chosen when an index is built, anew by every
-# edit of its membership (`index add`, `index remove`), and kept by everything else
-# (`calibrate --save`, `index publish`). The service derives latents from (seed key, salt,
-# seed, slot, attempt), so replaying a seed across a membership change meets new
-# candidates everywhere: a before/after comparison tells nothing about who changed.
-SALT_KEY = "salt"
-SALT_BYTES = 16
-
-
-def new_salt() -> bytes:
-    return secrets.token_bytes(SALT_BYTES)
-
 
 # Reads of a folder that keeps being swapped under the reader before it gives up.
 SWAPPED_RETRIES = 5
@@ -183,23 +169,18 @@ class FaissIdentityIndex:
                 "dim": replicas.dim,
                 "count": replicas.count,
             }
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "embedder": {"name": embedder_name, "model_sha256": model_sha256, "dim": dim},
-            "detector": detector,
-            "replica": replica_manifest,
-            "index_type": index_kind(index),
-            "similarity": "cosine (inner product of L2-normalised vectors)",
-            "counts": {
-                "identities": len(set(identities)),
-                "vectors": len(identities),
-                **(counts or {}),
-            },
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            SALT_KEY: (new_salt() if salt is None else salt).hex(),
-        }
-        if compute is not None:
-            manifest["compute"] = compute
+        manifest = build_manifest(
+            identities,
+            dim=dim,
+            embedder_name=embedder_name,
+            model_sha256=model_sha256,
+            detector=detector,
+            replica=replica_manifest,
+            index_type=index_kind(index),
+            counts=counts,
+            salt=salt,
+            compute=compute,
+        )
         return cls(
             index,
             list(identities),
@@ -365,32 +346,16 @@ class FaissIdentityIndex:
         folder = snapshot.folder
         manifest = read_manifest(snapshot)
         verify_files(snapshot, manifest)
-        try:
-            salt_of(manifest)
-        except ValueError as exc:
-            raise IndexCorruptError(f"{folder}/{MANIFEST_FILE}: {exc}") from None
-        embedder = manifest["embedder"]
-        if expect_embedder is not None and embedder.get("name") != expect_embedder:
-            raise IndexMismatchError(
-                f"index {folder} was built with embedder {embedder.get('name')!r} but the "
-                f"embedder in use is {expect_embedder!r}; rebuild the index or change "
-                "FACEGATE_EMBEDDER"
-            )
-        if expect_model_sha256 is not None and embedder.get("model_sha256") != expect_model_sha256:
-            raise IndexMismatchError(
-                f"index {folder} was built with {embedder.get('name')} model sha256 "
-                f"{embedder.get('model_sha256')}, the loaded model is {expect_model_sha256}; "
-                "rebuild the index with the current model"
-            )
-        if expect_dim is not None and embedder.get("dim") != expect_dim:
-            raise IndexMismatchError(
-                f"index {folder} holds {embedder.get('dim')}-d vectors, the embedder gives "
-                f"{expect_dim}-d; rebuild the index"
-            )
-        if expect_detector is not None:
-            check_detector(folder, manifest.get("detector"), expect_detector)
+        check_manifest(
+            folder,
+            manifest,
+            expect_embedder=expect_embedder,
+            expect_model_sha256=expect_model_sha256,
+            expect_dim=expect_dim,
+            expect_detector=expect_detector,
+        )
         faces = read_table(snapshot, "face vectors", VECTORS_FILE, LABELS_FILE)
-        faces.check_faiss(folder, int(embedder.get("dim", -1)))
+        faces.check_faiss(folder, int(manifest["embedder"].get("dim", -1)))
         replicas = featurizer = None
         replica_spec = manifest.get("replica")
         if replica_spec is not None:
@@ -416,18 +381,3 @@ class FaissIdentityIndex:
             replicas.self_test(folder)
         return loaded
 
-
-def salt_of(manifest: dict[str, Any]) -> bytes:
-    """The manifest's salt as bytes (empty when absent); ValueError when malformed."""
-    value = manifest.get(SALT_KEY)
-    if value is None:
-        return b""
-    if not isinstance(value, str):
-        raise ValueError("salt must be a hex string")
-    try:
-        salt = bytes.fromhex(value)
-    except ValueError:
-        raise ValueError("salt is not hexadecimal") from None
-    if len(salt) < SALT_BYTES:
-        raise ValueError(f"salt must hold at least {SALT_BYTES} bytes, it has {len(salt)}")
-    return salt

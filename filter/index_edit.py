@@ -30,13 +30,14 @@ from filter.errors import FilterError
 from filter.gallery import GalleryReport, enrol_gallery
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.images import ImageLimits
-from filter.index import FaissIdentityIndex, IndexType, new_salt
+from filter.index import FaissIdentityIndex, IndexType
 from filter.index_lineage import (
     carried_calibration,
     edit_record,
     edited_manifest,
     identity_hashes,
 )
+from filter.index_manifest import new_salt
 from filter.numerics import compute_manifest
 from filter.replica import MIN_REPLICA_IMAGES
 

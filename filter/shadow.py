@@ -14,26 +14,14 @@ from typing import Protocol
 
 import numpy as np
 
-from filter.decide import DecisionThresholds, ImageVerdict, decide
+from filter.decide import DecisionThresholds, ImageVerdict, decide, shadow_change
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
 from filter.index import IdentityIndex
-
-# How the shadow verdict compares with the verdict in force (a small fixed label set).
-SAME = "same"
-WOULD_REJECT = "would_reject"  # in force: pass; shadow: reject
-WOULD_PASS = "would_pass"  # in force: reject; shadow: pass
-SHADOW_CHANGES = (SAME, WOULD_REJECT, WOULD_PASS)
-
-
-def shadow_change(in_force: ImageVerdict, shadow: ImageVerdict) -> str:
-    if in_force.passed == shadow.passed:
-        return SAME
-    return WOULD_REJECT if in_force.passed else WOULD_PASS
 
 
 class ShadowObserver(Protocol):
     def shadow(self, change: str) -> None:
-        """One candidate compared: `change` is one of SHADOW_CHANGES."""
+        """One candidate compared: `change` is one of filter.decide.SHADOW_CHANGES."""
         ...
 
 

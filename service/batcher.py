@@ -26,6 +26,7 @@ import numpy as np
 
 from filter.decide import ImageVerdict
 from filter.identity_filter import StageObserver
+from filter.stages import GENERATE
 from filter.thresholds import FilterInForce
 from service.errors import FilterFailure
 from service.generators import Generator, latents_for_draws
@@ -121,7 +122,7 @@ class CandidateEngine:
         latents = latents_for_draws(draws, self.generator.latent_dim, self.seed_key, snapshot.salt)
         start = time.perf_counter()
         images = self.generator.generate(latents)
-        self.observer.observe_stage("generate", time.perf_counter() - start)
+        self.observer.observe_stage(GENERATE, time.perf_counter() - start)
         if len(images) != len(latents):
             raise FilterFailure(
                 f"generator returned {len(images)} images for {len(latents)} latents"

@@ -8,7 +8,8 @@ import numpy as np
 from filter.assembly import detector_manifest
 from filter.gallery import Enrolment
 from filter.identity_filter import FaceEmbeddingPipeline
-from filter.index import FaissIdentityIndex, new_salt
+from filter.index import FaissIdentityIndex
+from filter.index_manifest import new_salt
 from service.generators import Generator, latents_for
 
 

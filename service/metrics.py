@@ -1,37 +1,24 @@
 """Prometheus metrics. One registry per server instance (no module globals), served
 on its own HTTP port. Histograms are in seconds and aggregate across replicas;
-labels take values from small fixed sets only."""
+labels take values from small fixed sets only, each defined beside what it labels
+(filter.decide, filter.stages, service.live_index). A leaf: it imports value types only,
+and the service's observers (pipeline, shadow, reload) hand it values."""
 
 from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
-from filter.decide import ImageVerdict
-from filter.shadow import SHADOW_CHANGES
+from filter.decide import CANDIDATE_OUTCOMES, SHADOW_CHANGES, ImageVerdict, verdict_outcome
+from filter.stages import GENERATE, STAGES
+from service.live_index import RELOAD_FAILURE, RELOAD_RESULTS, LiveIndexFacts
 from service.metrics_http import MetricsEndpoint, MetricsHttpServer
-from service.pipeline import verdict_outcome
-from service.reload import RELOAD_FAILURE, RELOAD_REFUSED_LOOSER, RELOAD_SUCCESS
 
-if TYPE_CHECKING:
-    from service.reload import LiveFilter
-
-CANDIDATE_OUTCOMES = (
-    "accepted",
-    "rejected_identity",
-    "rejected_replica",
-    "rejected_no_face",
-    "rejected_too_many_faces",
-    "rejected_error",
-)
-FILTER_STAGES = ("detect", "embed", "search")
 GRPC_CODES = (
     "OK",
     "CANCELLED",
@@ -44,7 +31,6 @@ GRPC_CODES = (
     "UNKNOWN",
 )
 METHODS = ("Generate", "GenerateStream")
-RELOAD_RESULTS = (RELOAD_SUCCESS, RELOAD_FAILURE, RELOAD_REFUSED_LOOSER)
 SIGNALS = ("identity", "replica")
 LATENCY_BUCKETS = (
     0.005,
@@ -115,13 +101,18 @@ class SimilarityHistogram:
 
     def __init__(self, threshold: float) -> None:
         self._lock = threading.Lock()
-        self.rebin(threshold)
+        self.edges: tuple[float, ...] = ()
+        self.align(threshold)
 
-    def rebin(self, threshold: float) -> None:
-        """Cut the buckets at a new threshold; the counts restart from zero."""
+    def align(self, threshold: float) -> None:
+        """Cut the buckets at this threshold. When that moves an edge the counts restart
+        from zero (counts of other bins cannot be carried over); otherwise they are kept."""
+        edges = similarity_buckets(threshold)
         with self._lock:
-            self.edges = similarity_buckets(threshold)
-            self._counts = [0] * (len(self.edges) + 1)
+            if edges == self.edges:
+                return
+            self.edges = edges
+            self._counts = [0] * (len(edges) + 1)
             self._sum = 0.0
 
     def observe(self, value: float) -> None:
@@ -132,7 +123,7 @@ class SimilarityHistogram:
     def collect(self) -> Iterator[Metric]:
         # Samples written out: prometheus_client's HistogramMetricFamily drops _count and
         # _sum when an edge is negative (thresholds below 0.3 give such edges).
-        family = Metric(self.name, self.documentation, "histogram")
+        family = self._family()
         with self._lock:
             total = 0
             for edge, count in zip((*self.edges, math.inf), self._counts, strict=True):
@@ -143,7 +134,10 @@ class SimilarityHistogram:
         yield family
 
     def describe(self) -> Iterator[Metric]:
-        yield Metric(self.name, self.documentation, "histogram")
+        yield self._family()
+
+    def _family(self) -> Metric:
+        return Metric(self.name, self.documentation, "histogram")
 
 
 class ServiceMetrics:
@@ -181,7 +175,7 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        for stage in FILTER_STAGES:
+        for stage in STAGES:
             self.filter_seconds.labels(stage)
         self.generate_seconds = Histogram(
             "facegate_generate_seconds",
@@ -190,7 +184,7 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.generate_seconds.labels("generate")
+        self.generate_seconds.labels(GENERATE)
         self.batch_size = Histogram(
             "facegate_batch_candidates",
             "Candidates per filter batch",
@@ -271,42 +265,40 @@ class ServiceMetrics:
         for signal in SIGNALS:
             self.shadow_threshold.labels(signal).set(float("nan"))
 
-    # ReloadObserver
-    def index_loaded(self, live: LiveFilter) -> None:
+    # FactsObserver (service.reload, through its ReloadFacts adapter)
+    def index_loaded(self, facts: LiveIndexFacts) -> None:
         """The live index and thresholds: at startup and after each successful reload."""
-        index = live.index
         self.index_info.info(
             {
-                "fingerprint": index.fingerprint,
-                "format": str(index.manifest.get("format_version")),
-                "index_type": str(index.manifest.get("index_type")),
-                "calibrated": "true" if index.calibration else "false",
+                "fingerprint": facts.fingerprint,
+                "format": facts.format_version,
+                "index_type": facts.index_type,
+                "calibrated": "true" if facts.calibrated else "false",
             }
         )
-        self.index_identities.set(index.identity_count)
-        self.index_vectors.set(index.vector_count)
-        self.set_thresholds(live.thresholds.identity, live.thresholds.replica)
-        shadow = live.shadow
+        self.index_identities.set(facts.identities)
+        self.index_vectors.set(facts.vectors)
+        self.set_thresholds(facts.identity_threshold, facts.replica_threshold)
         for signal, value in (
-            ("identity", None if shadow is None else shadow.identity),
-            ("replica", None if shadow is None else shadow.replica),
+            ("identity", facts.shadow_identity),
+            ("replica", facts.shadow_replica),
         ):
             self.shadow_threshold.labels(signal).set(float("nan") if value is None else value)
-        self.index_loaded_at.set(live.loaded_at or time.time())
+        self.index_loaded_at.set(facts.loaded_at)
 
     def reload_finished(self, result: str) -> None:
         self.index_reloads.labels(result if result in RELOAD_RESULTS else RELOAD_FAILURE).inc()
 
-    # ShadowObserver
+    # ShadowObserver (filter.shadow)
     def shadow(self, change: str) -> None:
         if change in SHADOW_CHANGES:
             self.shadow_candidates.labels(change).inc()
 
-    # PipelineObserver
+    # PipelineObserver (service.batcher)
     def observe_stage(self, stage: str, seconds: float) -> None:
-        if stage == "generate":
-            self.generate_seconds.labels("generate").observe(seconds)
-        elif stage in FILTER_STAGES:
+        if stage == GENERATE:
+            self.generate_seconds.labels(GENERATE).observe(seconds)
+        elif stage in STAGES:
             self.filter_seconds.labels(stage).observe(seconds)
 
     def candidate(self, verdict: ImageVerdict) -> None:
@@ -320,8 +312,7 @@ class ServiceMetrics:
         threshold (known only once the index and its saved calibration are loaded)."""
         self.threshold.set(identity)
         self.replica_threshold.set(float("nan") if replica is None else replica)
-        if similarity_buckets(identity) != self.similarity.edges:
-            self.similarity.rebin(identity)
+        self.similarity.align(identity)
 
     def released(self, attempts: int) -> None:
         self.attempts.observe(attempts)

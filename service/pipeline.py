@@ -17,38 +17,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from filter.decide import ImageVerdict, Reason
+from filter.decide import Reason
 from service.audit import AuditSink, NullAuditLog, Rejection
-from service.batcher import (
-    CandidateEngine,
-    CandidateOutcome,
-    DynamicBatcher,
-    ImageChecker,
-    NullObserver,
-    PipelineObserver,
-)
-from service.encoding import ContentSigner, ImageFormat, encode_image, encode_released
+from service.batcher import DynamicBatcher, NullObserver, PipelineObserver
+from service.encoding import ContentSigner, ImageFormat, encode_released
 from service.errors import DeadlineExceeded, InvalidRequest, NothingPassed
 from service.generators import draw_rows
 from service.provenance import ReleaseFacts
-
-# Re-exported: the batcher and encoding lived here before they had their own modules.
-__all__ = [
-    "CandidateEngine",
-    "CandidateOutcome",
-    "DynamicBatcher",
-    "GenerationPipeline",
-    "GenerationRequest",
-    "GenerationResult",
-    "GenerationSummary",
-    "ImageChecker",
-    "ImageFormat",
-    "NullObserver",
-    "PipelineObserver",
-    "ReleasedImage",
-    "encode_image",
-    "verdict_outcome",
-]
 
 MAX_SEED = 2**64 - 1
 
@@ -217,22 +192,3 @@ class GenerationPipeline:
                 summary,
             )
         return GenerationResult(images=released, summary=summary)
-
-
-_OUTCOME_BY_REASON = {
-    Reason.IDENTITY_MATCH: "rejected_identity",
-    Reason.REPLICA: "rejected_replica",
-    Reason.NO_FACE: "rejected_no_face",
-    Reason.TOO_MANY_FACES: "rejected_too_many_faces",
-}
-
-
-def verdict_outcome(verdict: ImageVerdict) -> str:
-    """Metric label of a candidate: accepted, rejected_identity, rejected_replica,
-    rejected_no_face, rejected_too_many_faces (more faces than the filter searches in one
-    image), or rejected_error (anything else the filter could not vouch for)."""
-    if verdict.passed:
-        return "accepted"
-    if verdict.reason is None:
-        return "rejected_error"
-    return _OUTCOME_BY_REASON.get(verdict.reason, "rejected_error")

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -34,13 +34,18 @@ from filter.decide import DecisionThresholds, ImageVerdict
 from filter.detection_policy import filter_for_generator
 from filter.embedders import resolve_device
 from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
-from filter.index import MANIFEST_FILE, FaissIdentityIndex
+from filter.index import MANIFEST_FILE, FaissIdentityIndex, IdentityIndex
 from filter.index_lineage import acknowledgement, describe_acknowledgement, loosenings
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
 from filter.thresholds import FilterInForce, Thresholds
-from service.batcher import FilterSnapshot
+from service.batcher import FilterSnapshot, ImageChecker
 from service.config import Settings
-from service.pipeline import ImageChecker
+from service.live_index import (
+    RELOAD_FAILURE,
+    RELOAD_REFUSED_LOOSER,
+    RELOAD_SUCCESS,
+    LiveIndexFacts,
+)
 
 log = logging.getLogger("facegate.reload")
 
@@ -82,6 +87,25 @@ class LiveFilter:
     def snapshot(self) -> FilterSnapshot:
         """What the engine reads once per batch: the checker, its provenance, its salt."""
         return FilterSnapshot(self.checker, self.in_force, self.index.salt)
+
+    @property
+    def facts(self) -> LiveIndexFacts:
+        """What the metrics show of this filter (service.metrics reads no service type)."""
+        manifest = self.index.manifest
+        shadow = self.shadow
+        return LiveIndexFacts(
+            fingerprint=self.index.fingerprint,
+            format_version=str(manifest.get("format_version")),
+            index_type=str(manifest.get("index_type")),
+            calibrated=bool(self.index.calibration),
+            identities=self.index.identity_count,
+            vectors=self.index.vector_count,
+            identity_threshold=self.thresholds.identity,
+            replica_threshold=self.thresholds.replica,
+            shadow_identity=None if shadow is None else shadow.identity,
+            shadow_replica=None if shadow is None else shadow.replica,
+            loaded_at=self.loaded_at or time.time(),
+        )
 
 
 def load_live_filter(
@@ -160,16 +184,25 @@ class SwappableChecker:
     ) -> list[ImageVerdict]:
         return self._snapshot.checker.check(images, observer=observer)
 
-    def __getattr__(self, name: str) -> object:
-        # Anything else (embedding, thresholds, index) is the filter in force's.
-        if name == "_snapshot":  # not set yet (copy, unpickle): no endless recursion
-            raise AttributeError(name)
-        return getattr(self._snapshot.checker, name)
+    # Beyond `check`, callers (tests, benches) read these two of the filter in force; only
+    # these pass through, so nothing else reaches the filter behind the swap unnoticed.
+    @property
+    def embedding(self) -> FaceEmbeddingPipeline:
+        return cast(_InspectableChecker, self._snapshot.checker).embedding
+
+    @property
+    def index(self) -> IdentityIndex:
+        return cast(_InspectableChecker, self._snapshot.checker).index
 
 
-RELOAD_SUCCESS = "success"
-RELOAD_FAILURE = "failure"
-RELOAD_REFUSED_LOOSER = "refused_looser"
+class _InspectableChecker(Protocol):
+    """What `SwappableChecker` forwards: IdentityFilter and ShadowedFilter have both."""
+
+    @property
+    def embedding(self) -> FaceEmbeddingPipeline: ...
+
+    @property
+    def index(self) -> IdentityIndex: ...
 
 
 class ReloadObserver(Protocol):
@@ -177,6 +210,26 @@ class ReloadObserver(Protocol):
     def reload_finished(self, result: str) -> None:
         """`result` is RELOAD_SUCCESS, RELOAD_FAILURE or RELOAD_REFUSED_LOOSER."""
         ...
+
+
+class FactsObserver(Protocol):
+    """A ReloadObserver told values only (service.metrics): see `ReloadFacts`."""
+
+    def index_loaded(self, facts: LiveIndexFacts) -> None: ...
+    def reload_finished(self, result: str) -> None: ...
+
+
+class ReloadFacts:
+    """Adapts a FactsObserver to a ReloadObserver: hands on the live filter's facts."""
+
+    def __init__(self, sink: FactsObserver) -> None:
+        self.sink = sink
+
+    def index_loaded(self, live: LiveFilter) -> None:
+        self.sink.index_loaded(live.facts)
+
+    def reload_finished(self, result: str) -> None:
+        self.sink.reload_finished(result)
 
 
 def looser_refusal(serving: LiveFilter, loaded: LiveFilter) -> str | None:

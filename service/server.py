@@ -23,6 +23,7 @@ from filter.errors import FilterError
 from filter.overlap import batches_in_flight
 from filter.thresholds import DEFAULT_IDENTITY_THRESHOLD
 from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog
+from service.batcher import CandidateEngine, DynamicBatcher
 from service.client_identity import ClientAllowlist
 from service.config import Settings, unknown_env_warnings
 from service.embedding import embedding_spec
@@ -31,9 +32,15 @@ from service.errors import StartupError
 from service.generators import load_generator
 from service.metrics import ServiceMetrics
 from service.metrics_http import MetricsConfigError
-from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline
+from service.pipeline import GenerationPipeline
 from service.proto.facegate.v1 import generation_pb2 as pb
-from service.reload import IndexReloader, LiveFilter, SwappableChecker, load_live_filter
+from service.reload import (
+    IndexReloader,
+    LiveFilter,
+    ReloadFacts,
+    SwappableChecker,
+    load_live_filter,
+)
 from service.security import (
     check_audit_destination,
     metrics_endpoint,
@@ -77,7 +84,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         return load_live_filter(settings, embedding, generator.name, metrics)
 
     live = load()
-    metrics.index_loaded(live)
+    metrics.index_loaded(live.facts)
     index = live.index
     # Detection scope is the filter's policy: the fast path only where it cannot skip a face.
     log.info(
@@ -88,7 +95,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         else "full pyramid (every face size)",
     )
     identity_filter = SwappableChecker(live.checker, live.in_force, live.index.salt)
-    reloader = IndexReloader(load, identity_filter, live, metrics)
+    reloader = IndexReloader(load, identity_filter, live, ReloadFacts(metrics))
     metrics.build_info.info(
         {
             "version": _version(),

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from filter.errors import FilterError
 from service.client_identity import peer_address
+from service.encoding import ImageFormat
 from service.errors import (
     DeadlineExceeded,
     FilterFailure,
@@ -31,7 +32,6 @@ from service.pipeline import (
     GenerationRequest,
     GenerationResult,
     GenerationSummary,
-    ImageFormat,
     ReleasedImage,
 )
 from service.proto.facegate.v1 import generation_pb2 as pb

@@ -25,6 +25,7 @@ from filter.decide import ImageVerdict
 from filter.identity_filter import StageObserver
 from filter.models import DCGAN_DIGIFACE
 from filter.thresholds import FilterInForce, Thresholds
+from service.batcher import CandidateEngine, DynamicBatcher
 from service.cli import main as cli_main
 from service.config import ConfigError, Settings, load_settings
 from service.credentials import (
@@ -39,7 +40,7 @@ from service.credentials import (
 from service.encoding import ContentSigner
 from service.errors import SigningFailure
 from service.generators import TorchGenerator, load_dcgan_digiface
-from service.pipeline import CandidateEngine, DynamicBatcher, GenerationPipeline, GenerationRequest
+from service.pipeline import GenerationPipeline, GenerationRequest
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.provenance import ReleaseFacts

@@ -10,9 +10,9 @@ from filter.decide import (
     NoFacePolicy,
     Reason,
     decide,
+    verdict_outcome,
 )
 from filter.vector_table import NO_MATCH, Match
-from service.pipeline import verdict_outcome
 
 BOTH = DecisionThresholds(identity=0.5, replica=0.8)
 

@@ -17,15 +17,11 @@ import pytest
 from filter.decide import ImageVerdict, Reason
 from filter.identity_filter import StageObserver
 from filter.images import decode_image
+from service.batcher import CandidateEngine, DynamicBatcher
+from service.encoding import ImageFormat
 from service.errors import FilterFailure, InvalidRequest, NothingPassed
 from service.generators import TorchGenerator, draw_rows, latents_for, load_dcgan_digiface
-from service.pipeline import (
-    CandidateEngine,
-    DynamicBatcher,
-    GenerationPipeline,
-    GenerationRequest,
-    ImageFormat,
-)
+from service.pipeline import GenerationPipeline, GenerationRequest
 
 
 class HashListFilter:

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from filter.decide import DecisionThresholds, ImageEvidence, NoFacePolicy
+from filter.decide import DecisionThresholds, ImageEvidence, NoFacePolicy, shadow_change
 from filter.index import Match
-from filter.shadow import ShadowedFilter, ShadowThresholds, shadow_change
+from filter.shadow import ShadowedFilter, ShadowThresholds
 
 
 class Evidence:
