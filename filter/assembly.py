@@ -6,14 +6,17 @@ the same thresholds (`filter.thresholds`)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from filter.decide import DecisionThresholds, NoFacePolicy
+import numpy as np
+
+from filter.decide import DecisionThresholds, ImageEvidence, NoFacePolicy
 from filter.embedders import load_embedder, resolve_device
 from filter.faces import DetectorSettings, FaceAligner, MtcnnDetector
 from filter.host_blas import single_threaded_numpy_blas
-from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
+from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
 from filter.index import FaissIdentityIndex
 from filter.models import verify_mtcnn_weights
 from filter.numerics import apply_device_numerics
@@ -145,14 +148,29 @@ def open_filter(
     return OpenedFilter(checker, index, in_force)
 
 
+class MeasuringFilter:
+    """Evidence only (calibrate, evaluate, the benches): the nearest identity of each face
+    and the nearest training image, with no thresholds resolved, since evidence does not
+    depend on them. It has no `check`: a verdict cannot be asked of it by mistake."""
+
+    def __init__(self, pipeline: FaceEmbeddingPipeline, index: FaissIdentityIndex) -> None:
+        # The filter underneath is given the strictest thresholds there are, so that even
+        # a verdict reached around this class would reject rather than pass.
+        strictest = DecisionThresholds(-1.0, -1.0 if index.has_replicas else None)
+        self._filter = IdentityFilter(pipeline, index, strictest, NoFacePolicy.REJECT)
+        self.index = index
+
+    def evidence(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+    ) -> list[ImageEvidence]:
+        return self._filter.evidence(images, observer)
+
+
 def measuring_filter(
     pipeline: FaceEmbeddingPipeline, index: Path | FaissIdentityIndex
-) -> IdentityFilter:
-    """A filter for evidence only (`IdentityFilter.evidence`: calibrate, evaluate, the
-    benches), with no thresholds resolved: evidence does not depend on them. Its
-    thresholds are the strictest there are, so that a verdict asked of it by mistake
-    rejects every face instead of passing one."""
+) -> MeasuringFilter:
+    """The evidence-only filter over `index` (a folder, loaded and checked against this
+    pipeline, or an index already in memory, as `evaluate` builds them)."""
     if not isinstance(index, FaissIdentityIndex):
         index = load_index_for(pipeline, index)
-    strictest = DecisionThresholds(-1.0, -1.0 if index.has_replicas else None)
-    return IdentityFilter(pipeline, index, strictest, NoFacePolicy.REJECT)
+    return MeasuringFilter(pipeline, index)

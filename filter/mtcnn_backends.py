@@ -55,11 +55,9 @@ class MtcnnBackend(Protocol):
         ...
 
 
-class BatchedMtcnn:
-    identity: ClassVar[dict[str, str]] = {
-        "detector": mtcnn_batched.NAME,
-        "detector_version": mtcnn_batched.VERSION,
-    }
+class _OverNetworks:
+    """What both implementations run with: the shared networks, the three stages'
+    thresholds and the pyramid factor."""
 
     def __init__(
         self, networks: MtcnnNetworks, thresholds: tuple[float, float, float], factor: float
@@ -67,6 +65,13 @@ class BatchedMtcnn:
         self.networks = networks
         self.thresholds = thresholds
         self.factor = factor
+
+
+class BatchedMtcnn(_OverNetworks):
+    identity: ClassVar[dict[str, str]] = {
+        "detector": mtcnn_batched.NAME,
+        "detector_version": mtcnn_batched.VERSION,
+    }
 
     def detect_batch(
         self, batch: torch.Tensor, min_face_size: float, max_face_size: float | None
@@ -95,16 +100,9 @@ class BatchedMtcnn:
         return list(zip(boxes, points, strict=True))
 
 
-class FacenetMtcnn:
+class FacenetMtcnn(_OverNetworks):
     # The name that indexes built before the batched detector record.
     identity: ClassVar[dict[str, str]] = {"detector": "mtcnn-facenet-pytorch-2.5.3"}
-
-    def __init__(
-        self, networks: MtcnnNetworks, thresholds: tuple[float, float, float], factor: float
-    ) -> None:
-        self.networks = networks
-        self.thresholds = thresholds
-        self.factor = factor
 
     def detect_batch(
         self, batch: torch.Tensor, min_face_size: float, max_face_size: float | None

@@ -24,15 +24,14 @@ with the batch), and neither do the CPU kernels, so three things are pinned here
 - oneDNN takes another convolution kernel for a batch of one image, so PNet never runs on
   one image (a blank second image is added, its output dropped);
 - RNet and ONet run on row counts padded to a multiple of `ROW_QUANTUM` and split into
-  calls of at most `NET_ROWS` rows (a multiple of it): on the CPU the kernels give a row
-  the same bits for every such call and position (a test checks it), not for small or odd
-  row counts, nor for calls of 256 rows or more on every CPU (an AMX-capable Xeon takes
-  another ONet kernel there). The CPU's calls are small (64 rows), which also keeps a
-  layer's activations in cache: ONet on 512 rows writes 138 MB per layer, and ran 2-3x
-  slower than in calls of 64;
-- NMS offsets are exact (see `filter.nms.grouped_nms`), so a box's overlap with its neighbours does
-  not depend on the position of its image in the batch (torchvision's `batched_nms`
-  derives the offset from the largest coordinate in the batch, which rounds differently).
+  calls of at most `NET_ROWS` rows: on the CPU a row gets the same bits in every such
+  call and position (a test checks it), not in small or odd row counts, nor in calls of
+  256 rows or more on every CPU (an AMX-capable Xeon takes another ONet kernel there).
+  The CPU's small calls (64 rows) also keep a layer's activations in cache: ONet on 512
+  rows writes 138 MB per layer, and ran 2-3x slower than in calls of 64;
+- NMS offsets are exact (`filter.nms.grouped_nms`): a box's overlap with its neighbours
+  does not depend on its image's place in the batch (torchvision's `batched_nms` derives
+  the offset from the batch's largest coordinate, which rounds differently).
 The GPU kernels make no such promise; there the invariance is only approximate.
 """
 

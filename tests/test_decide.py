@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from filter.decide import (
@@ -172,3 +173,24 @@ def test_evaluation_counts_an_image_with_too_many_faces_as_unusable_not_as_no_fa
     assert scores.unusable.tolist() == [True, False, False]
     assert scores.no_face.tolist() == [False, True, False]
     assert scores.scored.tolist() == [False, False, True]
+
+
+def test_a_missing_replica_score_makes_the_image_unusable_never_a_low_score() -> None:
+    """Shared by calibrate and evaluate (issue 22): on an index with replica features, an
+    image whose nearest training image was not found (NO_MATCH, or no replica evidence at
+    all) is neither a calibration sample, where its NaN would move a threshold or stop the
+    calibration, nor an image without a face, nor a pass of the replica signal."""
+    from filter.evaluate import score_evidence
+
+    lost = ImageEvidence(face_matches=[Match(0.3, "idX")], replica=NO_MATCH)
+    faceless_lost = ImageEvidence(face_matches=[], replica=NO_MATCH)
+    unsearched = _evidence(0.3, replica=None)
+    good = _evidence(0.3, replica=0.2)
+    scores = score_evidence("set", [lost, faceless_lost, unsearched, good], has_replicas=True)
+    assert scores.unusable.tolist() == [True, True, True, False]
+    assert scores.no_face.tolist() == [False, False, False, False]
+    assert scores.scored.tolist() == [False, False, False, True]
+    assert bool(np.isfinite(scores.replica[scores.scored]).all())
+    # Without replica features, no replica evidence is expected: the image is scored.
+    plain = score_evidence("set", [unsearched], has_replicas=False)
+    assert plain.scored.tolist() == [True]

@@ -132,3 +132,19 @@ def test_thresholds_must_be_resolved() -> None:
     """A bare float is refused: no path around `filter.thresholds.resolve_thresholds`."""
     with pytest.raises(TypeError, match="DecisionThresholds"):
         IdentityFilter(FakeEmbedding(), FakeIndex(), 0.5)  # type: ignore[arg-type]
+
+
+def test_a_measuring_filter_gives_the_evidence_and_no_verdict() -> None:
+    """calibrate and evaluate measure through it: the same evidence as a checking filter,
+    and no `check` to ask a verdict of by mistake."""
+    from filter.assembly import MeasuringFilter
+
+    images = [np.stack([ENROLLED, STRANGER]), np.stack([STRANGER])]
+    measuring = MeasuringFilter(FakeEmbedding(), FakeIndex())  # type: ignore[arg-type]
+    measured = measuring.evidence(images)
+    checked = _filter(FakeIndex()).evidence(images)
+    assert [[m.identity for m in e.face_matches] for e in measured] == [
+        [m.identity for m in e.face_matches] for e in checked
+    ]
+    assert [m.identity for m in measured[0].face_matches] == ["enrolled-1", "someone-else"]
+    assert not hasattr(measuring, "check")
