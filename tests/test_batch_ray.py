@@ -26,8 +26,7 @@ from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from service.cli import main
 from tests.conftest import make_gallery
-from tests.content_probes import encode, hiding_places, load
-from tests.test_content_verdicts import probe_files
+from tests.content_probes import encode, hiding_places, load, probe_files
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 

@@ -12,18 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.commands import facegate
 from tests.conftest import make_gallery
 from tests.content_probes import (
     UNREADABLE_PLACES,
     encode,
-    exif_with_jpeg_thumbnail,
     hiding_places,
-    load,
+    probe_files,
 )
-from tests.test_cli import facegate
-
-STRANGER = ("id05", "01.jpg")
-ENROLLED = ("id02", "02.jpg")  # id02 is enrolled from all its photos, this one among them
 
 
 @pytest.fixture(scope="module")
@@ -33,39 +29,6 @@ def index(tmp_path_factory: pytest.TempPathFactory, identities_dir: Path) -> Pat
     result = facegate("index", "build", str(gallery), "--out", str(root / "index"))
     assert result.returncode == 0, result.stderr
     return root / "index"
-
-
-def probe_files(folder: Path, identities_dir: Path) -> dict[str, Path]:
-    shown = load(identities_dir.joinpath(*STRANGER))
-    hidden = load(identities_dir.joinpath(*ENROLLED), (shown.shape[1], shown.shape[0]))
-    folder.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    for place, build in hiding_places().items():
-        data = build(shown, hidden)
-        kind = next((s for magic, s in _MAGIC if data.startswith(magic)), ".img")
-        files[place] = folder / f"{place}{kind}"
-        files[place].write_bytes(data)
-    thumbnail = encode(np.asarray(_small(shown)), "JPEG", quality=85)
-    files["camera"] = folder / "camera.jpg"
-    files["camera"].write_bytes(encode(shown, "JPEG", exif=exif_with_jpeg_thumbnail(thumbnail)))
-    files["plain"] = folder / "plain.png"
-    files["plain"].write_bytes(encode(shown, "PNG"))
-    return files
-
-
-_MAGIC = (
-    (b"\x89PNG", ".png"),
-    (b"\xff\xd8", ".jpg"),
-    (b"GIF8", ".gif"),
-    (b"II*", ".tif"),
-    (b"RIFF", ".webp"),
-)
-
-
-def _small(pixels: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(pixels).resize((120, 160)))
 
 
 def check_lines(index: Path, files: dict[str, Path], *options: str) -> dict[str, dict]:

@@ -47,8 +47,7 @@ from service.provenance import ReleaseFacts
 from service.reload import SwappableChecker
 from service.server import StartupError, main_serve, signing_credentials_for
 from tests.conftest import REPO
-from tests.servers import InProcessServer
-from tests.test_server import settings_for
+from tests.servers import InProcessServer, settings_for
 
 CHAIN_SCRIPT = REPO / "deploy" / "c2pa-test-chain.sh"
 

@@ -200,7 +200,7 @@ def prometheus_against(tmp_path: Path) -> Iterator[Any]:
 def test_real_prometheus_scrapes_counters_and_evaluates_rules(
     prometheus_against: Any, tmp_path: Path
 ) -> None:
-    from tests.test_server import settings_for  # the same server settings as the API tests
+    from tests.servers import settings_for  # the same server settings as the API tests
 
     index = tmp_path / "index"
     from filter.assembly import build_embedding_pipeline

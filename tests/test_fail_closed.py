@@ -14,8 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from filter.decide import ImageVerdict, Reason
-from filter.identity_filter import StageObserver
+from filter.decide import ImageVerdict
 from filter.images import decode_image
 from service.audit import Rejection
 from service.batcher import CandidateEngine, DynamicBatcher
@@ -28,6 +27,7 @@ from service.pipeline import (
     GenerationSummary,
     ReleasedImage,
 )
+from tests.fakes import ScriptedFilter
 
 LATENT_DIM = 8
 
@@ -55,36 +55,6 @@ class ScriptedGenerator:
         if delta > 0:
             return np.concatenate([images, images[:delta]])
         return images[: len(latents) + delta]
-
-
-class ScriptedFilter:
-    """Passes a candidate when `passes(call, position)` says so; remembers what passed."""
-
-    def __init__(self, passes: Callable[[int, int], bool]) -> None:
-        self.passes = passes
-        self.calls = 0
-        self.passed: list[np.ndarray] = []
-        self.rejected: list[np.ndarray] = []
-
-    def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
-    ) -> list[ImageVerdict]:
-        call = self.calls
-        self.calls += 1
-        verdicts = []
-        for position, image in enumerate(images):
-            ok = self.passes(call, position)
-            (self.passed if ok else self.rejected).append(image)
-            verdicts.append(
-                ImageVerdict(
-                    passed=ok,
-                    reason=None if ok else Reason.IDENTITY_MATCH,
-                    faces=1,
-                    max_similarity=0.1 if ok else 0.9,
-                    identity=None if ok else "enrolled-person",
-                )
-            )
-        return verdicts
 
 
 def _pipeline(

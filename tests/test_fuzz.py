@@ -26,8 +26,7 @@ from filter.models import sha256_file
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import REPO
-from tests.servers import InProcessServer
-from tests.test_server import settings_for
+from tests.servers import InProcessServer, settings_for
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -19,8 +19,7 @@ from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from tests.servers import InProcessServer, metric_value, scrape
-from tests.test_server import settings_for
+from tests.servers import InProcessServer, metric_value, scrape, settings_for
 
 POISON_SEED = 7
 

@@ -18,7 +18,7 @@ import filter.index as index_module
 import filter.index_store as store
 from filter.errors import IdentityIndexError
 from filter.index import FaissIdentityIndex
-from tests.test_cli import facegate
+from tests.commands import facegate
 
 DETECTOR = {"detector": "test", "detector_version": "1"}
 

@@ -27,8 +27,8 @@ from filter.index_edit import add_gallery, remove_identities
 from filter.index_release import publish, publish_folder
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
+from tests.commands import facegate
 from tests.conftest import make_gallery
-from tests.test_cli import facegate
 
 CALIBRATION = {"threshold": 0.5, "replica_threshold": 0.95, "target_false_reject": 0.05}
 REMOVED = "synthetic-1-0002"

@@ -18,8 +18,8 @@ from filter.index_release import publish_folder
 from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
 from service.demo import build_demo_index
 from service.generators import load_dcgan_digiface
+from tests.commands import facegate
 from tests.conftest import make_gallery
-from tests.test_cli import facegate
 
 CALIBRATION = {"threshold": 0.565, "replica_threshold": 0.575, "target_false_reject": 0.05}
 REMOVED = "synthetic-1-0003"

@@ -16,7 +16,7 @@ from filter.images import decode_image
 from service.errors import FilterFailure
 from service.generators import TorchGenerator, latents_for, load_dcgan_digiface
 from service.pipeline import GenerationRequest, GenerationResult
-from tests.test_pipeline import HashListFilter, _pipeline
+from tests.fakes import HashListFilter, generation_pipeline
 
 POISON_SEED = 666
 
@@ -51,7 +51,7 @@ def test_a_poison_candidate_fails_only_its_own_request(generator: TorchGenerator
     checker = PoisonFilter({HashListFilter.key(poison_image[0])})
 
     async def run() -> list[GenerationResult | BaseException]:
-        pipe = _pipeline(generator, checker, max_delay=0.5, max_batch=64)
+        pipe = generation_pipeline(generator, checker, max_delay=0.5, max_batch=64)
         try:
             return await asyncio.gather(
                 pipe.generate(GenerationRequest(count=1, seed=POISON_SEED)),
@@ -80,7 +80,7 @@ def test_a_lone_failing_request_is_not_retried(generator: TorchGenerator) -> Non
     checker = PoisonFilter({HashListFilter.key(poison_image[0])})
 
     async def run() -> None:
-        pipe = _pipeline(generator, checker)
+        pipe = generation_pipeline(generator, checker)
         with pytest.raises(FilterFailure):
             await pipe.generate(GenerationRequest(count=2, seed=POISON_SEED))
         assert checker.calls == [2]

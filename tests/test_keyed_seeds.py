@@ -18,7 +18,7 @@ from service.generators import TorchGenerator, latents_for, load_dcgan_digiface,
 from service.pipeline import GenerationRequest
 from service.security import seed_key_or_refuse
 from tests.conftest import write_seed_key
-from tests.test_pipeline import HashListFilter, _pipeline
+from tests.fakes import HashListFilter, generation_pipeline
 
 KEY_A = bytes(range(32))
 KEY_B = bytes(range(1, 33))
@@ -83,11 +83,11 @@ def test_keyed_pipeline_same_key_same_bytes_other_key_other_images(
     generator: TorchGenerator,
 ) -> None:
     async def run() -> None:
-        a = _pipeline(generator, HashListFilter())
+        a = generation_pipeline(generator, HashListFilter())
         a.batcher.engine.seed_key = KEY_A
-        b = _pipeline(generator, HashListFilter())
+        b = generation_pipeline(generator, HashListFilter())
         b.batcher.engine.seed_key = KEY_B
-        unkeyed = _pipeline(generator, HashListFilter())
+        unkeyed = generation_pipeline(generator, HashListFilter())
         first = await a.generate(GenerationRequest(count=3, seed=42))
         again = await a.generate(GenerationRequest(count=3, seed=42))
         other = await b.generate(GenerationRequest(count=3, seed=42))
@@ -114,7 +114,7 @@ def test_held_back_candidate_cannot_be_regenerated_from_the_seed(
     assert checker.key(offline) != checker.key(held_back)
 
     async def run() -> None:
-        pipe = _pipeline(generator, checker)
+        pipe = generation_pipeline(generator, checker)
         pipe.batcher.engine.seed_key = KEY_A
         result = await pipe.generate(GenerationRequest(count=2, seed=1))
         assert [(i.slot, i.attempts) for i in result.images] == [(0, 2), (1, 1)]

@@ -26,6 +26,7 @@ from service.generators import latents_for, load_dcgan_digiface
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import REPO, make_gallery, write_seed_key
+from tests.fakes import FixedFrame
 from tests.servers import InProcessServer, metric_value, scrape
 
 
@@ -248,18 +249,6 @@ def test_copy_recall_at_the_calibrated_false_reject_rate(
     assert evaluation.thresholds.replica is not None
     assert math.isfinite(evaluation.thresholds.identity)
     assert isinstance(evaluation.thresholds, DecisionThresholds)
-
-
-class FixedFrame(torch.nn.Module):
-    """A TorchScript 'generator' that always emits one frame (the generator contract:
-    (N, latent) in, (N, 3, H, W) in [-1, 1] out)."""
-
-    def __init__(self, frame: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("frame", frame)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.frame.unsqueeze(0).expand(z.shape[0], -1, -1, -1) + 0.0 * z[:, :1, None, None]
 
 
 def _serve_one(settings: Settings) -> tuple[grpc.StatusCode, str]:

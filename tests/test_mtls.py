@@ -27,8 +27,7 @@ from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.servicer import Admission
 from service.tls import open_channel
 from tests.conftest import REPO
-from tests.servers import InProcessServer
-from tests.test_server import settings_for
+from tests.servers import InProcessServer, settings_for
 
 
 def _openssl(*args: str) -> None:

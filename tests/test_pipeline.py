@@ -7,72 +7,22 @@ decides exactly which candidates are 'training identities'. The generator is rea
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from filter.decide import ImageVerdict, Reason
-from filter.identity_filter import StageObserver
 from filter.images import decode_image
-from service.batcher import CandidateEngine, DynamicBatcher
 from service.encoding import ImageFormat
 from service.errors import FilterFailure, InvalidRequest, NothingPassed
 from service.generators import TorchGenerator, draw_rows, latents_for, load_dcgan_digiface
-from service.pipeline import GenerationPipeline, GenerationRequest
-
-
-class HashListFilter:
-    """Rejects images whose pixel hash is enrolled; records batch sizes."""
-
-    def __init__(self) -> None:
-        self.enrolled: set[str] = set()
-        self.batches: list[int] = []
-        self.fail = False
-
-    @staticmethod
-    def key(image: np.ndarray) -> str:
-        return hashlib.sha256(image.tobytes()).hexdigest()
-
-    def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
-    ) -> list[ImageVerdict]:
-        if self.fail:
-            raise RuntimeError("embedder exploded")
-        self.batches.append(len(images))
-        out = []
-        for image in images:
-            hit = self.key(image) in self.enrolled
-            out.append(
-                ImageVerdict(
-                    passed=not hit,
-                    reason=Reason.IDENTITY_MATCH if hit else None,
-                    faces=1,
-                    max_similarity=1.0 if hit else 0.1,
-                    identity="enrolled" if hit else None,
-                )
-            )
-        return out
+from service.pipeline import GenerationRequest
+from tests.fakes import HashListFilter, generation_pipeline
 
 
 @pytest.fixture(scope="module")
 def generator(models_dir: Path) -> TorchGenerator:
     return load_dcgan_digiface(models_dir)
-
-
-def _pipeline(
-    generator: TorchGenerator, checker: HashListFilter, **kw: float
-) -> GenerationPipeline:
-    batcher = DynamicBatcher(
-        CandidateEngine(generator, checker),
-        max_batch=int(kw.get("max_batch", 64)),
-        max_delay=kw.get("max_delay", 0.005),
-    )
-    return GenerationPipeline(
-        batcher, generator.latent_dim, max_attempts=int(kw.get("max_attempts", 4)), max_count=16
-    )
 
 
 def _enrol(
@@ -85,7 +35,7 @@ def _enrol(
 
 def test_same_seed_gives_identical_bytes_and_other_seeds_differ(generator: TorchGenerator) -> None:
     async def run() -> None:
-        pipe = _pipeline(generator, HashListFilter())
+        pipe = generation_pipeline(generator, HashListFilter())
         a = await pipe.generate(GenerationRequest(count=3, seed=42))
         b = await pipe.generate(GenerationRequest(count=3, seed=42))
         c = await pipe.generate(GenerationRequest(count=3, seed=43))
@@ -99,7 +49,7 @@ def test_same_seed_gives_identical_bytes_and_other_seeds_differ(generator: Torch
 
 def test_a_slot_is_independent_of_the_request_size(generator: TorchGenerator) -> None:
     async def run() -> None:
-        pipe = _pipeline(generator, HashListFilter())
+        pipe = generation_pipeline(generator, HashListFilter())
         small = await pipe.generate(GenerationRequest(count=2, seed=5))
         large = await pipe.generate(GenerationRequest(count=7, seed=5))
         assert [i.data for i in small.images] == [i.data for i in large.images[:2]]
@@ -113,7 +63,7 @@ def test_rejected_candidates_are_resampled_and_counted(generator: TorchGenerator
     _enrol(checker, generator, seed=9, slot=1, attempts=range(2))  # slot 1: first two rejected
 
     async def run() -> None:
-        pipe = _pipeline(generator, checker)
+        pipe = generation_pipeline(generator, checker)
         result = await pipe.generate(GenerationRequest(count=3, seed=9))
         assert [(i.slot, i.attempts) for i in result.images] == [(0, 1), (1, 3), (2, 1)]
         s = result.summary
@@ -130,7 +80,7 @@ def test_exhausted_slots_are_unfilled_never_padded(generator: TorchGenerator) ->
     _enrol(checker, generator, seed=3, slot=0, attempts=range(4))
 
     async def run() -> None:
-        pipe = _pipeline(generator, checker, max_attempts=4)
+        pipe = generation_pipeline(generator, checker, max_attempts=4)
         result = await pipe.generate(GenerationRequest(count=2, seed=3))
         assert [i.slot for i in result.images] == [1]
         assert result.summary.slots_unfilled == 1 and result.summary.candidates_rejected == 4
@@ -147,7 +97,7 @@ def test_filter_failure_fails_the_request_closed(generator: TorchGenerator) -> N
     checker.fail = True
 
     async def run() -> None:
-        pipe = _pipeline(generator, checker)
+        pipe = generation_pipeline(generator, checker)
         with pytest.raises(FilterFailure):
             await pipe.generate(GenerationRequest(count=2, seed=1))
         await pipe.batcher.close()
@@ -159,7 +109,7 @@ def test_concurrent_requests_share_batches(generator: TorchGenerator) -> None:
     checker = HashListFilter()
 
     async def run() -> None:
-        pipe = _pipeline(generator, checker, max_delay=0.2)
+        pipe = generation_pipeline(generator, checker, max_delay=0.2)
         # Not a timing window: gather starts the four requests before the batcher's worker
         # takes its first step, so all four are queued when it gathers its first batch.
         results = await asyncio.gather(
@@ -176,7 +126,7 @@ def test_batches_respect_max_batch(generator: TorchGenerator) -> None:
     checker = HashListFilter()
 
     async def run() -> None:
-        pipe = _pipeline(generator, checker, max_batch=6, max_delay=0.2)
+        pipe = generation_pipeline(generator, checker, max_batch=6, max_delay=0.2)
         await asyncio.gather(*[pipe.generate(GenerationRequest(count=4, seed=s)) for s in range(3)])
         assert max(checker.batches) <= 6 and sum(checker.batches) == 12
         await pipe.batcher.close()
@@ -190,7 +140,7 @@ def test_cancelled_request_stops_drawing(generator: TorchGenerator) -> None:
         _enrol(checker, generator, seed=11, slot=slot, attempts=range(50))
 
     async def run() -> None:
-        pipe = _pipeline(generator, checker, max_attempts=50)
+        pipe = generation_pipeline(generator, checker, max_attempts=50)
         task = asyncio.create_task(pipe.generate(GenerationRequest(count=8, seed=11)))
         for _ in range(3000):  # until the request has drawn two rounds (30 s at most)
             if sum(checker.batches) >= 16:
@@ -215,7 +165,7 @@ def test_cancelled_request_stops_drawing(generator: TorchGenerator) -> None:
 @pytest.mark.parametrize("count", [0, 17])
 def test_count_out_of_range_is_invalid(generator: TorchGenerator, count: int) -> None:
     async def run() -> None:
-        pipe = _pipeline(generator, HashListFilter())
+        pipe = generation_pipeline(generator, HashListFilter())
         with pytest.raises(InvalidRequest, match="count must be between 1 and 16"):
             await pipe.generate(GenerationRequest(count=count))
         await pipe.batcher.close()
@@ -225,7 +175,7 @@ def test_count_out_of_range_is_invalid(generator: TorchGenerator, count: int) ->
 
 def test_jpeg_output(generator: TorchGenerator) -> None:
     async def run() -> None:
-        pipe = _pipeline(generator, HashListFilter())
+        pipe = generation_pipeline(generator, HashListFilter())
         result = await pipe.generate(
             GenerationRequest(count=1, seed=1, image_format=ImageFormat.JPEG)
         )

@@ -366,7 +366,7 @@ def test_evaluate_reports_recall_per_transform_in_its_lines_and_the_det_legend(
 
 
 def test_evaluate_names_an_unknown_transform_and_the_known_ones() -> None:
-    from tests.test_cli import facegate
+    from tests.commands import facegate
 
     result = facegate("evaluate", "--transform", "sepia")
     assert result.returncode == 2

@@ -311,8 +311,8 @@ def test_the_server_rejects_crowds_with_their_own_outcome_and_audit_reason(
 
     from service.proto.facegate.v1 import generation_pb2 as pb
     from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+    from tests.fakes import FixedFrame
     from tests.servers import SubprocessServer, metric_value, scrape
-    from tests.test_leak_proof import FixedFrame
 
     crowd = torch.from_numpy(decode_image(scene_files["crowd"])).permute(2, 0, 1)
     generator = tmp_path / "crowd.pt"
@@ -381,7 +381,7 @@ def test_check_and_index_build_cut_batches_by_decoded_pixels(
 ) -> None:
     from filter import images
     from filter.gallery import gallery_chunks
-    from tests.test_cli import facegate
+    from tests.commands import facegate
 
     photos = sorted((identities_dir / "id01").glob("*.jpg"))[:4]
     sizes = [images.header_pixels(p) for p in photos]

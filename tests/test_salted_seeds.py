@@ -27,10 +27,9 @@ from service.generators import draw_rows, latents_for
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.reload import SwappableChecker
+from tests.commands import facegate
 from tests.conftest import write_seed_key
-from tests.servers import InProcessServer, scrape, wait_until
-from tests.test_cli import facegate
-from tests.test_server import settings_for
+from tests.servers import InProcessServer, scrape, settings_for, wait_until
 
 KEY = bytes(range(32))
 

@@ -24,32 +24,20 @@ from PIL import Image
 from filter.faces import DetectorSettings
 from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline
-from service.config import Settings
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.server import main_serve
-from tests.conftest import REPO, TEST_SEED_KEY, write_seed_key
-from tests.servers import InProcessServer, SubprocessServer, metric_value, scrape, wait_until
-
-DEMO_THRESHOLD = 0.56
-
-
-def settings_for(index: Path, tmp_path: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "metrics_port": 0,
-        "index_path": index,
-        "threshold": DEMO_THRESHOLD,
-        "models_dir": REPO / "models",
-        "device": "cpu",
-        "audit_log": str(tmp_path / "audit.jsonl"),
-        "grace_seconds": 10.0,
-    }
-    values.update(overrides)
-    if "seed_key_file" not in values:
-        values["seed_key_file"] = write_seed_key(tmp_path)
-    return Settings(**values)  # type: ignore[arg-type]
+from tests.conftest import TEST_SEED_KEY
+from tests.fakes import CountingGenerator
+from tests.servers import (
+    DEMO_THRESHOLD,
+    InProcessServer,
+    SubprocessServer,
+    metric_value,
+    scrape,
+    settings_for,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +329,6 @@ def test_the_server_makes_its_own_request_id_and_keeps_the_callers_in_the_audit_
 def test_one_anonymous_peer_cannot_hold_every_slot(server: InProcessServer) -> None:
     """With FACEGATE_MAX_CONCURRENT_PER_PEER=1, a second call from the same address is
     refused at once while the first is held in the generator; the first then completes."""
-    from tests.test_status_table import CountingGenerator
 
     assert server.server.loaded is not None
     engine = server.server.loaded.batcher.engine
@@ -381,7 +368,6 @@ def test_concurrency_cap_answers_resource_exhausted_at_once(
 ) -> None:
     """The long call is held inside the generator until the refusal has come back: the
     refusal provably did not queue behind it."""
-    from tests.test_status_table import CountingGenerator
 
     running = InProcessServer(settings_for(demo_index, tmp_path, max_concurrent_requests=1))
     try:

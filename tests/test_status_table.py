@@ -13,7 +13,7 @@ import io
 import json
 import re
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,8 +23,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from filter.decide import ImageVerdict, Reason
-from filter.identity_filter import StageObserver
 from service import healthcheck
 from service.batcher import CandidateEngine
 from service.config import Settings
@@ -33,11 +31,12 @@ from service.metrics import ServiceMetrics
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.server import LoadedService, load_service
-from tests.servers import InProcessServer, free_port, requests_total, wait_until
-from tests.test_server import settings_for
+from tests.fakes import CountingGenerator, ScriptedFilter
+from tests.servers import InProcessServer, free_port, requests_total, settings_for, wait_until
 
 MAX_ATTEMPTS = 3
 LEAKED_SIMILARITY = 0.8765  # what the scripted filter reports: it must never reach a caller
+LEAKED = (LEAKED_SIMILARITY, LEAKED_SIMILARITY)  # passed or rejected
 ORACLE_WORDS = ("similar", "distance", "score", "cosine", "confidence")
 
 
@@ -112,60 +111,6 @@ def assert_no_oracle(error: grpc.RpcError, labels: set[str]) -> None:
         assert "identity_match" not in lowered and "enrolled" not in lowered, text
 
 
-def _verdict(passed: bool, label: str) -> ImageVerdict:
-    return ImageVerdict(
-        passed=passed,
-        reason=None if passed else Reason.IDENTITY_MATCH,
-        faces=1,
-        max_similarity=LEAKED_SIMILARITY,
-        identity=None if passed else label,
-    )
-
-
-class ScriptedFilter:
-    """`script(call, position)`: True passes, False rejects (naming an enrolled identity),
-    an exception fails the call. `entered` is set on the first call."""
-
-    def __init__(self, script: Callable[[int, int], bool], label: str) -> None:
-        self.script = script
-        self.label = label
-        self.calls = 0
-        self.passed: list[np.ndarray] = []
-        self.entered = threading.Event()
-
-    def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
-    ) -> list[ImageVerdict]:
-        call = self.calls
-        self.calls += 1
-        self.entered.set()
-        verdicts = [_verdict(self.script(call, i), self.label) for i in range(len(images))]
-        self.passed.extend(img for img, v in zip(images, verdicts, strict=True) if v.passed)
-        return verdicts
-
-
-class CountingGenerator:
-    """The real generator, counting every latent the engine draws (whoever asked for it)."""
-
-    def __init__(self, real: object) -> None:
-        self.real = real
-        self.drawn = 0
-        self.batches: list[int] = []
-        self.gate = threading.Event()
-        self.gate.set()
-        self.entered = threading.Event()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.real, name)
-
-    def generate(self, latents: np.ndarray) -> np.ndarray:
-        self.entered.set()
-        self.gate.wait(60)
-        self.drawn += len(latents)
-        self.batches.append(len(latents))
-        return self.real.generate(latents)  # type: ignore[attr-defined, no-any-return]
-
-
 @contextmanager
 def swapped(
     started: Started,
@@ -193,7 +138,7 @@ def swapped(
 
 
 def _reject_all(started: Started) -> ScriptedFilter:
-    return ScriptedFilter(lambda call, position: False, sorted(started.labels)[0])
+    return ScriptedFilter(lambda call, position: False, sorted(started.labels)[0], LEAKED)
 
 
 def _health(target: str) -> int:
@@ -338,7 +283,7 @@ def test_a_stream_that_fails_after_passed_images_sent_only_those(
             raise RuntimeError("embedder crashed")
         return position == 0
 
-    checker = ScriptedFilter(script, sorted(started.labels)[0])
+    checker = ScriptedFilter(script, sorted(started.labels)[0], LEAKED)
     received: list[pb.GenerateStreamResponse] = []
     with swapped(started, checker), pytest.raises(grpc.RpcError) as info:
         for message in stub.GenerateStream(pb.GenerateRequest(count=3, seed=8), timeout=60):
@@ -403,7 +348,9 @@ def test_drain_goes_not_serving_and_cuts_a_call_still_running_at_the_grace(
     holds a call in flight until after the grace period has run out."""
     running = started.running
     held = threading.Event()
-    checker = ScriptedFilter(lambda call, position: held.wait(120), sorted(started.labels)[0])
+    checker = ScriptedFilter(
+        lambda call, position: held.wait(120), sorted(started.labels)[0], LEAKED
+    )
     with grpc.insecure_channel(running.target) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service="facegate.v1.GenerationService"), timeout=60
