@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,12 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batch.checking import FilterSpec
 from batch.errors import BatchInputError
 from batch.inputs import discover_inputs
 from batch.manifest import (
     COPY_ORIGINAL,
-    ManifestRun,
     check_run_identity,
     current_rows,
     fragments,
@@ -25,32 +22,15 @@ from batch.manifest import (
 )
 from batch.reading import load_rows
 from batch.recording import record_rows
-from batch.runner import plan_batch
-from filter.assembly import EmbeddingSpec
-from filter.thresholds import FilterInForce, Thresholds
+from tests.batch_rows import RUN, input_tree, manifest_row, manifest_run, sha256_hex
 
-
-def _run(fingerprint: str, identity: float, copy_mode: str | None = None) -> ManifestRun:
-    judged_by = FilterInForce(fingerprint, Thresholds(identity, "override", None, None))
-    return ManifestRun(judged_by) if copy_mode is None else ManifestRun(judged_by, copy_mode)
-
-
-RUN = _run("fingerprint1", 0.4)
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _tree(root: Path, identities_dir: Path) -> Path:
-    (root / "sub" / "deeper").mkdir(parents=True)
-    (root / "a.jpg").write_bytes((identities_dir / "id01" / "01.jpg").read_bytes())
-    (root / "sub" / "deeper" / "b.JPG").write_bytes(b"not an image")
-    (root / "sub" / "notes.txt").write_text("not listed")
-    return root
 
 
 def test_folders_are_listed_recursively_with_copies_under_the_root_name(
     tmp_path: Path, identities_dir: Path
 ) -> None:
-    root = _tree(tmp_path / "gen", identities_dir)
+    root = input_tree(tmp_path / "gen", identities_dir)
     items = discover_inputs([str(root)])
     assert [i.copy_to for i in items] == ["gen/a.jpg", "gen/sub/deeper/b.JPG"]
     assert items[0].key == str((root / "a.jpg").absolute()) and items[0].row == -1
@@ -107,7 +87,7 @@ def test_parquet_rows_are_read_from_the_row_groups_that_hold_them(tmp_path: Path
     ]
     # Rows from the second and third row groups only, out of order: each gets its bytes.
     loaded = load_rows([items[4].as_row(), items[3].as_row(), items[2].as_row()])
-    assert [r["sha256"] for r in loaded] == [None, _sha(images[3]), _sha(images[2])]
+    assert [r["sha256"] for r in loaded] == [None, sha256_hex(images[3]), sha256_hex(images[2])]
     assert loaded[0]["error"] == "the Parquet row holds no image bytes"
     assert all("corrupt" in r["error"] or "not a recognised" in r["error"] for r in loaded[1:])
     assert loaded[1]["sha256"] is not None and loaded[0]["sha256"] is None
@@ -127,56 +107,32 @@ def test_parquet_paths_are_read_beside_the_parquet_file(
     assert loaded[1]["error"].startswith("cannot read file")
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _row(
-    path: str, verdict: str, copy_to: str, data: bytes | None, sha256: str = "0" * 64
-) -> dict[str, object]:
-    return {
-        "path": path,
-        "sha256": sha256,
-        "verdict": verdict,
-        "reason": None if verdict == "pass" else "identity_match",
-        "faces": 1,
-        "max_similarity": 0.2,
-        "identity": None,
-        "replica_similarity": None,
-        "error": None,
-        "images": 1,
-        "part": None if verdict == "pass" else "image",
-        "copy_to": copy_to,
-        "copy": data,
-        "source_size": 10,
-        "source_mtime_ns": 1,
-        "supersedes": None,
-        **RUN.columns(),
-    }
-
-
 def test_only_passed_images_are_copied_and_then_recorded(tmp_path: Path) -> None:
     rows = [
-        _row("/in/a.png", "pass", "in/a.png", PNG + b"a"),
-        _row("/in/b.png", "reject", "in/b.png", None),
-        _row("x.parquet#row=3", "pass", "x/row-000000003", PNG + b"c"),
+        manifest_row("/in/a.png", "pass", "in/a.png", PNG + b"a"),
+        manifest_row("/in/b.png", "reject", "in/b.png", None),
+        manifest_row("x.parquet#row=3", "pass", "x/row-000000003", PNG + b"c"),
     ]
     recorded = record_rows(tmp_path, rows)
     assert (tmp_path / "pass" / "in" / "a.png").read_bytes() == PNG + b"a"
     assert not (tmp_path / "pass" / "in" / "b.png").exists()
     assert (tmp_path / "pass" / "x" / "row-000000003.png").read_bytes() == PNG + b"c"
     assert [r["pass_copy"] for r in recorded] == ["pass/in/a.png", None, "pass/x/row-000000003.png"]
-    assert [r["pass_sha256"] for r in recorded] == [_sha(PNG + b"a"), None, _sha(PNG + b"c")]
+    assert [r["pass_sha256"] for r in recorded] == [
+        sha256_hex(PNG + b"a"),
+        None,
+        sha256_hex(PNG + b"c"),
+    ]
     table = read_manifest(tmp_path)
     assert table.column("path").to_pylist() == ["/in/a.png", "/in/b.png", "x.parquet#row=3"]
     # A passed row whose bytes are missing stops the block before anything is recorded.
     with pytest.raises(Exception, match="without its bytes"):
-        record_rows(tmp_path, [_row("/in/c.png", "pass", "in/c.png", None)])
+        record_rows(tmp_path, [manifest_row("/in/c.png", "pass", "in/c.png", None)])
     assert read_manifest(tmp_path).num_rows == 3
 
 
 def test_resume_sees_whole_fragments_only_and_refuses_another_index(tmp_path: Path) -> None:
-    record_rows(tmp_path, [_row("/in/a.png", "reject", "in/a.png", None)])
+    record_rows(tmp_path, [manifest_row("/in/a.png", "reject", "in/a.png", None)])
     half_written = tmp_path / "manifest" / ".part-crashed.parquet.tmp"
     half_written.write_bytes(b"PAR1 half a fragment")
     assert set(current_rows(tmp_path)) == {"/in/a.png"}
@@ -184,9 +140,9 @@ def test_resume_sees_whole_fragments_only_and_refuses_another_index(tmp_path: Pa
     assert not half_written.exists() and len(fragments(tmp_path)) == 1
     check_run_identity(tmp_path, RUN)
     for other in (
-        _run("another", 0.4),
-        _run("fingerprint1", 0.5),
-        _run("fingerprint1", 0.4, COPY_ORIGINAL),  # another kind of copy
+        manifest_run("another", 0.4),
+        manifest_run("fingerprint1", 0.5),
+        manifest_run("fingerprint1", 0.4, COPY_ORIGINAL),  # another kind of copy
     ):
         with pytest.raises(Exception, match="new --out"):
             check_run_identity(tmp_path, other)
@@ -200,27 +156,6 @@ def test_a_manifest_of_an_earlier_facegate_is_refused(tmp_path: Path) -> None:
     pq.write_table(old, tmp_path / "manifest" / "part-old.parquet")
     with pytest.raises(Exception, match="earlier facegate"):
         check_run_identity(tmp_path, RUN)
-
-
-def test_a_rerun_plans_only_the_images_without_a_row(
-    tmp_path: Path, identities_dir: Path, models_dir: Path, full_index: Path
-) -> None:
-    root = _tree(tmp_path / "gen", identities_dir)
-    out = root / "out"  # inside the input: its copies are not inputs
-    (out / "pass" / "gen").mkdir(parents=True)
-    (out / "pass" / "gen" / "a.png").write_bytes((root / "a.jpg").read_bytes())
-    spec = FilterSpec(EmbeddingSpec("sface", models_dir), full_index)
-    first = plan_batch([str(root)], out, spec)
-    assert len(first.pending) == 2 and first.skipped == 0
-    assert first.pending[0].copy_to == "gen/a.png"  # a PNG of the checked pixels
-    assert not (out / "pass" / "gen" / "a.png").exists()  # no row vouches for it
-    done = first.pending[0]
-    digest = _sha((root / "a.jpg").read_bytes())
-    record_rows(
-        out, [{**_row(done.key, "reject", done.copy_to, None, digest), **first.run.columns()}]
-    )
-    second = plan_batch([str(root)], out, spec)
-    assert second.pending == first.pending[1:] and second.skipped == 1
 
 
 def test_rows_carry_every_image_and_a_copy_only_when_accounted_for(
@@ -255,7 +190,7 @@ def test_rows_carry_every_image_and_a_copy_only_when_accounted_for(
 def test_copies_no_row_names_are_removed_before_a_rerun(tmp_path: Path) -> None:
     """A batch that crashed after copying and before its fragment leaves copies the
     manifest does not vouch for (a rerun may use another index): they go."""
-    record_rows(tmp_path, [_row("/in/a.png", "pass", "in/a.png", PNG + b"a")])
+    record_rows(tmp_path, [manifest_row("/in/a.png", "pass", "in/a.png", PNG + b"a")])
     stray = tmp_path / "pass" / "in" / "crashed.png"
     stray.write_bytes(PNG + b"unrecorded")
     half = tmp_path / "pass" / "in" / ".other.png.tmp"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -15,27 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from filter import numerics
 from filter.assembly import EmbeddingSpec, build_embedding_pipeline
-from filter.errors import ModelError
-from filter.numerics import apply_device_numerics, tf32_enabled
-
-
-@pytest.fixture()
-def tf32_on() -> Iterator[None]:
-    """TF32 allowed everywhere (torch's default for cuDNN on a GPU), restored after."""
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.get_float32_matmul_precision(),
-    )
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision("high")
-    assert tf32_enabled()
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-    torch.set_float32_matmul_precision(saved[2])
+from filter.numerics import tf32_enabled
 
 
 def _for_cuda(monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[Any]:
@@ -76,32 +56,6 @@ def test_the_cpu_leaves_the_process_switches_alone(models_dir: Path) -> None:
     pipeline = build_embedding_pipeline("sface", models_dir, device="cpu")
     assert pipeline.device == torch.device("cpu")
     assert torch.backends.cudnn.allow_tf32 is True  # nothing to do on the CPU
-
-
-@pytest.mark.usefixtures("tf32_on")
-def test_tf32_that_stays_on_stops_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(numerics, "tf32_enabled", lambda: True)
-    with pytest.raises(ModelError, match="cannot turn TF32 off"):
-        apply_device_numerics(torch.device("cuda"))
-
-
-@pytest.mark.usefixtures("tf32_on")
-def test_switches_set_through_torchs_newer_api_are_turned_off_too() -> None:
-    """A library that set torch's newer per-operator switches leaves the older ones
-    unreadable (torch raises on reading them): counted as TF32 on, then turned off."""
-    backends: Any = torch.backends
-    switches = (backends.cudnn.conv, backends.cudnn.rnn, backends.cuda.matmul)
-    for switch in switches:
-        switch.fp32_precision = "ieee"
-    try:
-        with pytest.raises(RuntimeError):
-            _ = torch.backends.cudnn.allow_tf32
-        assert tf32_enabled()  # unreadable, so counted as enabled
-        apply_device_numerics(torch.device("cuda"))
-        assert not tf32_enabled()
-    finally:
-        for switch in switches:
-            switch.fp32_precision = "none"
 
 
 def test_an_index_records_the_compute_that_built_it(full_index: Path) -> None:

@@ -9,21 +9,18 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from filter.assembly import load_index_for
 from filter.decide import ImageVerdict, Reason
 from filter.faces import DetectedFace, FaceAligner
-from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
+from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
 from filter.overlap import batches_in_flight, overlapped, thread_stream
-from filter.thresholds import pinned_thresholds
 from service.batcher import CandidateEngine, DynamicBatcher
 from service.errors import FilterFailure
-from service.generators import draw_rows, latents_for, load_dcgan_digiface
+from service.generators import draw_rows, latents_for
 
 WAIT = 10.0  # seconds a test waits for a concurrency it expects; a serial run never gets it
 
@@ -132,26 +129,6 @@ def test_two_batches_in_flight_pipeline_stage_by_stage() -> None:
     assert results[0][0].embeddings[0].tolist() == [1.0, 0.0, 0.0, 0.0]  # in input order
     assert results[1][0].embeddings[0].tolist() == [0.0, 1.0, 0.0, 0.0]
     assert probe.most == {"detect": 1, "embed": 1}  # each stage serves one batch at a time
-
-
-def test_overlapped_checks_give_the_serial_verdicts(
-    models_dir: Path, demo_index: Path, pipeline: FaceEmbeddingPipeline
-) -> None:
-    """Real models: generated candidates (seed 1 meets enrolled faces, so some are
-    rejected) checked in three batches serially and with two batches in flight."""
-    generator = load_dcgan_digiface(models_dir)
-    latents = np.stack([latents_for(1, slot, 0, generator.latent_dim) for slot in range(24)])
-    images = list(generator.generate(latents))
-    checker = IdentityFilter(
-        pipeline,
-        load_index_for(pipeline, demo_index),
-        pinned_thresholds(load_index_for(pipeline, demo_index), 0.56),
-    )
-    batches = [images[i : i + 8] for i in range(0, 24, 8)]
-    serial = [checker.check(batch) for batch in batches]
-    piped = list(overlapped(checker.check, batches, depth=2))
-    assert piped == serial
-    assert any(not v.passed for batch in serial for v in batch)  # the run decides both ways
 
 
 # The dynamic batcher with batches in flight: small stand-ins for the generator and the

@@ -180,7 +180,7 @@ from pathlib import Path
 from hypothesis import given, settings, strategies as st
 from filter.errors import IdentityIndexError
 from filter.index import FaissIdentityIndex
-from tests.test_fuzz import _mutated_copy, mutated
+from tests.loopback.test_fuzz import _mutated_copy, mutated
 
 source = Path(sys.argv[1])
 original = (source / "vectors.faiss").read_bytes()
