@@ -1,5 +1,6 @@
-"""Deployment artefacts checked by real tools: kubernetes schemas, hadolint, and a real
-Prometheus scraping a real facegate server with the shipped config and rules."""
+"""Deployment artefacts checked by real tools: kubernetes schemas, hadolint; the overlays
+and compose name files that exist. A real Prometheus scraping a real server with the
+shipped config and rules is in tests/loopback/test_prometheus.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Issue 9 in the deployment artefacts: metrics reachable by the monitoring namespace only,
-the seed key from a Secret, read-only volumes; and the coarse similarity histogram."""
+"""The deployment artefacts expose gRPC only: metrics reachable by the monitoring
+namespace only; the seed key and the C2PA signer from Secrets, on read-only volumes."""
 
 from __future__ import annotations
 

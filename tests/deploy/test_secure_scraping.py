@@ -1,4 +1,4 @@
-"""Issue 20 in the deployment artefacts: every server they start is keyed, metrics are
+"""The deployment artefacts: every server they start is keyed, metrics are
 scraped over the network only with a token or a client certificate, the monitoring UIs
 are not public, and the TLS overlays probe through the health check (exec probes).
 

@@ -1,7 +1,7 @@
 """Batch mode on a real (local) Ray: `facegate index build --ray` gives the single-process
 vectors, and `facegate batch` gives check's verdicts, copies what passed, and resumes.
 Two Ray jobs in all (each has a fixed cost); the rest of the logic is tested without Ray
-in test_batch_plain.py."""
+in tests/unit/test_batch_plain.py."""
 
 from __future__ import annotations
 

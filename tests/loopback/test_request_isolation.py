@@ -22,7 +22,7 @@ POISON_SEED = 7
 
 @pytest.fixture(scope="module")
 def server(demo_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
-    tmp = tmp_path_factory.mktemp("hardened")
+    tmp = tmp_path_factory.mktemp("isolation")
     running = InProcessServer(
         settings_for(demo_index, tmp, max_count=8, max_batch_delay_ms=400.0, max_batch=256)
     )

@@ -1,7 +1,6 @@
 """The `facegate` CLI contract: exit codes, JSON lines on stdout, messages on stderr.
 
-Most tests call the CLI's `main()` in this process with its own environment, working
-folder and streams (a fresh interpreter per call would import torch two dozen times);
+Most tests call the CLI's `main()` in this process (`tests/commands.py`);
 `facegate_process` runs it as a user would, in a real subprocess, for the usage errors and
 the entry point itself."""
 

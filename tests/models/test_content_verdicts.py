@@ -2,7 +2,7 @@
 stranger and which also carry an enrolled face (after the end marker, in a thumbnail, a
 later frame or page, SubIFD, MPO image, metadata). Each is rejected: as the identity it
 shows, naming where, or as `unchecked_content` where the bytes cannot be read. On main
-all passed. `facegate batch` gives the same verdicts (test_batch_ray.py)."""
+all passed. `facegate batch` gives the same verdicts (tests/loopback/test_batch_ray.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The same verdicts on any device: the CUDA floating-point policy is applied wherever the
 embedding pipeline is built for a CUDA device, before any model loads, and an index
-records the compute that built it. These run on the CPU; tests/test_gpu_agreement.py
-checks the verdicts themselves on a GPU."""
+records the compute that built it. These run on the CPU;
+tests/models/test_gpu_agreement.py checks the verdicts themselves on a GPU."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Issue 9 §8 and §9: SIGTERM during loading, the client's receive limit, an audit log
-off the event loop that never loses lines silently, hashed identities, owner-only files."""
+"""The audit log: written off the event loop, it never blocks and never loses lines
+silently (drops are counted); identities are hashed with a subkey of the seed key, and the
+file is owner-only."""
 
 from __future__ import annotations
 

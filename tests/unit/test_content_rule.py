@@ -3,8 +3,8 @@
 Without models: `filter.content` finds every frame, page and thumbnail of the probes (the
 hidden image's pixels exactly), names what it cannot account for, and re-encodes only the
 checked pixels; `filter.file_check` combines verdicts worst first. The verdicts of
-`facegate check` and `facegate batch` on the same probes are in test_content_verdicts.py
-and test_batch_ray.py."""
+`facegate check` and `facegate batch` on the same probes are in
+tests/models/test_content_verdicts.py and tests/loopback/test_batch_ray.py."""
 
 from __future__ import annotations
 

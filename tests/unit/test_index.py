@@ -1,3 +1,6 @@
+"""Index files without a model: save and load, whole-folder rewrites, the build command
+named when the index is missing, the index types and the device search."""
+
 import json
 from pathlib import Path
 
