@@ -67,8 +67,8 @@ test-slow: setup deploy-check
 test-fast: setup
 	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
 
-# Mutation testing of the promise-carrying modules against the fast unit tests (config in
-# pyproject.toml [tool.mutmut]); minutes, niced, not part of `make test`. Works in mutants/.
+# Mutation testing of the promise-carrying modules against the fast tier, tests/unit (config
+# in pyproject.toml [tool.mutmut]); minutes, niced, not part of `make test`. Works in mutants/.
 # MUTANTS narrows a run, e.g. MUTANTS='filter.decide*'.
 MUTATION_CHILDREN ?= 2
 MUTANTS ?=

@@ -21,7 +21,7 @@ this checkout, then compares. The script uses only APIs both sides have (the det
 
 `tests/data/detections-640.npz` is such a dump, made with the detector of index format
 `mtcnn-batched` version 1 (the last one without native-resolution passes); the slow test
-`tests/test_resolution.py::test_small_images_detect_as_before` compares against it.
+`tests/models/test_resolution.py::test_small_images_detect_as_before` compares against it.
 """
 
 from __future__ import annotations

@@ -38,17 +38,17 @@ step() {  # step NAME SECONDS COMMAND...
 if ((SMOKE)); then
     step preflight 120 "$PY" -m bench.gpu_preflight --cpu
     export FACEGATE_GPU_TESTS_ON_CPU=1 FACEGATE_GPU_TEST_IMAGES=16
-    # tests/test_index.py's gpu test names "cuda" itself: on the GPU only.
+    # tests/unit/test_index.py's gpu test names "cuda" itself: on the GPU only.
     step gpu-tests 900 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-        tests/test_gpu_agreement.py tests/test_mtcnn_batched.py --junitxml="$OUT/gpu-tests.xml" -o junit_family=xunit2
+        tests/models/test_gpu_agreement.py tests/models/test_mtcnn_batched.py --junitxml="$OUT/gpu-tests.xml" -o junit_family=xunit2
     step gpu-bench 900 "$PY" -m bench.gpu_bench --smoke --out-dir "$OUT"
     step service-bench 600 bash -c "'$PY' -m bench.service_bench --device cpu --smoke | tee '$OUT/service-cpu.jsonl'"
 else
     command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     step preflight 30 "$PY" -m bench.gpu_preflight
-    # Checks first (tolerances in tests/test_gpu_agreement.py), then the figures.
+    # Checks first (tolerances in tests/models/test_gpu_agreement.py), then the figures.
     step gpu-tests 130 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-        tests/test_gpu_agreement.py tests/test_index.py tests/test_mtcnn_batched.py \
+        tests/models/test_gpu_agreement.py tests/unit/test_index.py tests/models/test_mtcnn_batched.py \
         --junitxml="$OUT/gpu-tests.xml" -o junit_family=xunit2
     step gpu-bench 170 "$PY" -m bench.gpu_bench --out-dir "$OUT" \
         --sections agreement,default,facenet

@@ -121,7 +121,7 @@ class SFaceEmbedder:
     """SFace. Input RGB 0..255, NCHW, 112x112.
 
     Backends, all computing the same graph in fp32 (embeddings equal within cosine
-    1 - 1e-6; `tests/test_embedders.py`):
+    1 - 1e-6; `tests/models/test_embedders.py`):
     - `opencv`: OpenCV's DNN module, on the CPU, in chunks of 16 (its best batch size
       here); about 1.8x onnxruntime's and 2.5x torch's throughput on 2 cores;
     - `torch`: the graph ported to torch (`filter/sface_torch.py`), on the pipeline's

@@ -21,7 +21,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from filter.errors import ImageError
 
-# What PIL's decoders raise on hostile or broken files (fuzzed in tests/test_fuzz.py): each
+# What PIL's decoders raise on hostile or broken files (fuzzed in tests/loopback/test_fuzz.py): each
 # means the image cannot be decoded, never a bug of ours.
 DECODE_ERRORS: tuple[type[Exception], ...] = (
     OSError,

@@ -6,7 +6,7 @@
 Neither builds a structure quadratic in a whole batch's boxes: above NMS_MAX_BOXES the
 IoU NMS runs in calls per chunk of groups, above NMS_BLOCK the Min NMS runs per group, a
 block of boxes at a time against those already kept. Both give exactly what one call over
-every box gives (`tests/test_mtcnn_batched.py`).
+every box gives (`tests/models/test_mtcnn_batched.py`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ against a future pin that changes the graph's shape).
 
 Each BatchNormalization is folded into the convolution before it (OpenCV's DNN module
 does the same fusion), which changes only the last bits: embeddings equal the OpenCV
-DNN path's within cosine 1 - 1e-6 on the test photos (`tests/test_embedders.py`).
+DNN path's within cosine 1 - 1e-6 on the test photos (`tests/models/test_embedders.py`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from filter.gallery import build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
+from filter.numerics import tf32_enabled
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,3 +152,20 @@ def local_ray() -> Iterator[None]:
             yield
         finally:
             ray.shutdown()
+
+
+@pytest.fixture()
+def tf32_on() -> Iterator[None]:
+    """TF32 allowed everywhere (torch's default for cuDNN on a GPU), restored after."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    assert tf32_enabled()
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.set_float32_matmul_precision(saved[2])

@@ -12,6 +12,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -292,3 +293,40 @@ def hiding_places(thumb: tuple[int, int] = (120, 160)) -> dict[str, Builder]:
 
 # Places where the content rule finds bytes it cannot read, and so does not check.
 UNREADABLE_PLACES = {"png_after_iend", "jpeg_after_eoi"}
+
+
+# The probe files of `facegate check` and `facegate batch`: a stranger shown, an enrolled
+# face hidden in each place a file can carry one.
+STRANGER = ("id05", "01.jpg")
+ENROLLED = ("id02", "02.jpg")  # id02 is enrolled from all its photos, this one among them
+
+
+def probe_files(folder: Path, identities_dir: Path) -> dict[str, Path]:
+    shown = load(identities_dir.joinpath(*STRANGER))
+    hidden = load(identities_dir.joinpath(*ENROLLED), (shown.shape[1], shown.shape[0]))
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for place, build in hiding_places().items():
+        data = build(shown, hidden)
+        kind = next((s for magic, s in _MAGIC if data.startswith(magic)), ".img")
+        files[place] = folder / f"{place}{kind}"
+        files[place].write_bytes(data)
+    thumbnail = encode(np.asarray(_small(shown)), "JPEG", quality=85)
+    files["camera"] = folder / "camera.jpg"
+    files["camera"].write_bytes(encode(shown, "JPEG", exif=exif_with_jpeg_thumbnail(thumbnail)))
+    files["plain"] = folder / "plain.png"
+    files["plain"].write_bytes(encode(shown, "PNG"))
+    return files
+
+
+_MAGIC = (
+    (b"\x89PNG", ".png"),
+    (b"\xff\xd8", ".jpg"),
+    (b"GIF8", ".gif"),
+    (b"II*", ".tif"),
+    (b"RIFF", ".webp"),
+)
+
+
+def _small(pixels: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((120, 160)))

@@ -22,6 +22,28 @@ from service.config import Settings
 from service.server import FacegateServer, ServiceLoader, load_service
 from tests.conftest import REPO, write_seed_key
 
+# The threshold the servers run the demo index at.
+DEMO_THRESHOLD = 0.56
+
+
+def settings_for(index: Path, tmp_path: Path, **overrides: object) -> Settings:
+    """Loopback settings for a server over `index` on free ports, keyed with the test key."""
+    values: dict[str, object] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "metrics_port": 0,
+        "index_path": index,
+        "threshold": DEMO_THRESHOLD,
+        "models_dir": REPO / "models",
+        "device": "cpu",
+        "audit_log": str(tmp_path / "audit.jsonl"),
+        "grace_seconds": 10.0,
+    }
+    values.update(overrides)
+    if "seed_key_file" not in values:
+        values["seed_key_file"] = write_seed_key(tmp_path)
+    return Settings(**values)  # type: ignore[arg-type]
+
 
 class InProcessServer:
     """A server on its own event loop thread. With `wait=False` the constructor returns as

@@ -1,0 +1,93 @@
+"""On loopback with the real models: an embedder that fails on one specific input fails only
+the request whose candidate it is; the other requests of the batch get filtered images."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.proto.facegate.v1 import generation_pb2 as pb
+from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
+from tests.servers import InProcessServer, settings_for
+
+POISON_SEED = 7
+
+
+@pytest.fixture(scope="module")
+def server(demo_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
+    tmp = tmp_path_factory.mktemp("isolation")
+    running = InProcessServer(
+        settings_for(demo_index, tmp, max_count=8, max_batch_delay_ms=400.0, max_batch=256)
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def stub(server: InProcessServer) -> Iterator[pb_grpc.GenerationServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_an_embedder_failing_on_one_input_fails_only_that_request(
+    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+) -> None:
+    assert server.server.loaded is not None
+    engine = server.server.loaded.batcher.engine
+    embedder = engine.identity_filter.embedding.embedder  # type: ignore[attr-defined]
+    original = embedder.embed
+    poison: list[np.ndarray] = []
+
+    def record(crops: np.ndarray) -> np.ndarray:
+        poison.extend(np.asarray(crops, dtype=np.int16))
+        return original(crops)
+
+    embedder.embed = record
+    try:
+        stub.Generate(pb.GenerateRequest(count=1, seed=POISON_SEED), timeout=60)
+    finally:
+        embedder.embed = original
+    assert poison, "the poison seed's candidates must hold a face"
+    lock = threading.Lock()
+    failed_batches: list[int] = []
+
+    def poisoned(crops: np.ndarray) -> np.ndarray:
+        as_int = np.asarray(crops, dtype=np.int16)
+        for crop in as_int:
+            if any(np.abs(crop - p).mean() < 4.0 for p in poison):
+                with lock:
+                    failed_batches.append(len(crops))
+                raise RuntimeError("embedder crashed on one specific input")
+        return original(crops)
+
+    embedder.embed = poisoned
+    try:
+        bad = stub.Generate.future(pb.GenerateRequest(count=1, seed=POISON_SEED), timeout=60)
+        good = [
+            stub.Generate.future(pb.GenerateRequest(count=3, seed=s), timeout=60)
+            for s in (100, 101, 102)
+        ]
+        with pytest.raises(grpc.RpcError) as info:
+            bad.result()
+        responses = [f.result() for f in good]
+    finally:
+        embedder.embed = original
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "no image was released" in (info.value.details() or "")
+    # The poison met its neighbours in one batch first, then failed again alone.
+    assert max(failed_batches) > len(poison) and len(failed_batches) >= 2
+    released = [_decode(i.data) for r in responses for i in r.images]
+    assert all(r.summary.released == 3 for r in responses)
+    # Every released image, re-checked by the filter, passes.
+    assert all(v.passed for v in engine.identity_filter.check(released))

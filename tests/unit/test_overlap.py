@@ -1,0 +1,290 @@
+"""Overlap of detection, embedding and search across batches (filter/overlap.py): batches
+in flight pipeline stage by stage, every batch still checked whole, so verdicts are those
+of a serial run; the dynamic batcher keeps batches in flight with the same fault
+isolation and fail-closed behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from filter.decide import ImageVerdict, Reason
+from filter.faces import DetectedFace, FaceAligner
+from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
+from filter.overlap import batches_in_flight, overlapped, thread_stream
+from service.batcher import CandidateEngine, DynamicBatcher
+from service.errors import FilterFailure
+from service.generators import draw_rows, latents_for
+
+WAIT = 10.0  # seconds a test waits for a concurrency it expects; a serial run never gets it
+
+
+def test_in_flight_defaults_overlap_on_a_gpu_only() -> None:
+    assert batches_in_flight(0, "cuda") == 2
+    assert batches_in_flight(0, torch.device("cpu")) == 1
+    assert batches_in_flight(3, "cpu") == 3
+    with thread_stream("cpu"):  # nothing to enter on the CPU
+        pass
+
+
+def test_overlapped_keeps_order_with_depth_calls_at_once() -> None:
+    both_running = threading.Barrier(2, timeout=WAIT)
+
+    def work(item: int) -> tuple[int, str]:
+        if item < 2:
+            both_running.wait()  # the first two items must be in flight together
+        return item * item, threading.current_thread().name
+
+    results = list(overlapped(work, range(6), depth=2))
+    assert [value for value, _ in results] == [0, 1, 4, 9, 16, 25]
+    assert all(name.startswith("facegate-overlap") for _, name in results)
+    serial = list(overlapped(lambda item: threading.current_thread(), range(3), depth=1))
+    assert serial == [threading.current_thread()] * 3
+
+
+def test_overlapped_raises_in_order_and_abandons_no_started_call() -> None:
+    started: list[int] = []
+    finished: list[int] = []
+
+    def work(item: int) -> int:
+        started.append(item)
+        if item == 1:
+            raise ValueError("item 1")
+        time.sleep(0.05)
+        finished.append(item)
+        return item
+
+    results = overlapped(work, range(6), depth=2)
+    assert next(results) == 0
+    with pytest.raises(ValueError, match="item 1"):
+        next(results)
+    # Every call that started has finished by the time the error surfaces; none after it
+    # was started later.
+    assert sorted(set(started) - {1}) == sorted(finished)
+    assert max(started) <= 2
+
+
+class _StageProbe:
+    """A detector and an embedder that record which stage runs when: each stage's
+    concurrency, and whether batch 1 was detected while batch 0 was being embedded."""
+
+    crop_size = 8
+    dim = 4
+    name = "probe"
+    model_sha256 = "0" * 64
+
+    def __init__(self) -> None:
+        self.running = {"detect": 0, "embed": 0}
+        self.most = {"detect": 0, "embed": 0}
+        self.lock = threading.Lock()
+        self.second_batch_detecting = threading.Event()
+
+    def _enter(self, stage: str) -> None:
+        with self.lock:
+            self.running[stage] += 1
+            self.most[stage] = max(self.most[stage], self.running[stage])
+
+    def _leave(self, stage: str) -> None:
+        with self.lock:
+            self.running[stage] -= 1
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
+        self._enter("detect")
+        if int(images[0][0, 0, 0]) == 1:
+            self.second_batch_detecting.set()
+        time.sleep(0.02)
+        self._leave("detect")
+        landmarks = np.array([[2, 3], [6, 3], [4, 4], [2.5, 6], [5.5, 6]], np.float32)
+        return [[DetectedFace((0, 0, 8, 8), 0.99, landmarks)] for _ in images]
+
+    def searchable(self, height: int, width: int) -> bool:
+        return True
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        self._enter("embed")
+        batch = int(crops[0].max() > 0)  # batch 0 images are black
+        if batch == 0:
+            # Batch 0 stays in the embed stage until batch 1 is in the detect stage: a
+            # serial filter would never get there.
+            assert self.second_batch_detecting.wait(WAIT), "batch 1 was not detected meanwhile"
+            time.sleep(0.1)  # still here when batch 1 is ready to embed
+        self._leave("embed")
+        out = np.zeros((len(crops), self.dim), np.float32)
+        out[:, batch] = 1.0
+        return out
+
+
+def test_two_batches_in_flight_pipeline_stage_by_stage() -> None:
+    probe = _StageProbe()
+    pipeline = FaceEmbeddingPipeline(FaceAligner(probe, probe.crop_size), probe)
+    batches = [[np.full((8, 8, 3), value, np.uint8)] * 3 for value in (0, 1, 2, 3)]
+    results = list(overlapped(pipeline.embed_images, batches, depth=2))
+    assert [len(r) for r in results] == [3, 3, 3, 3]
+    assert results[0][0].embeddings[0].tolist() == [1.0, 0.0, 0.0, 0.0]  # in input order
+    assert results[1][0].embeddings[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert probe.most == {"detect": 1, "embed": 1}  # each stage serves one batch at a time
+
+
+# The dynamic batcher with batches in flight: small stand-ins for the generator and the
+# filter (no models).
+
+
+class _Generator:
+    """Paints each candidate with its draw's seed: the engine turns draw rows (seed, slot,
+    attempt) into latents, and this stand-in knows which latent each small seed gives."""
+
+    name = "stand-in"
+    latent_dim = 4
+    model_sha256 = "0" * 64
+
+    def __init__(self) -> None:
+        self.seeds = {
+            latents_for(seed, slot, 0, self.latent_dim).tobytes(): seed
+            for seed in range(16)
+            for slot in range(4)
+        }
+
+    def generate(self, latents: np.ndarray) -> np.ndarray:
+        values = np.array([self.seeds[row.tobytes()] for row in latents], dtype=np.uint8)
+        return np.repeat(values[:, None, None, None], 8 * 8 * 3, axis=1).reshape(-1, 8, 8, 3)
+
+
+class _Filter:
+    """Rejects images whose value is odd; fails a batch holding the poison value 13; with
+    a barrier, holds each call until `parties` calls are running at once."""
+
+    def __init__(self, parties: int = 1) -> None:
+        self.barrier = threading.Barrier(parties, timeout=WAIT) if parties > 1 else None
+        self.batches: list[list[int]] = []
+
+    def check(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+    ) -> list[ImageVerdict]:
+        values = [int(image[0, 0, 0]) for image in images]
+        self.batches.append(values)
+        if self.barrier is not None and len(self.batches) <= self.barrier.parties:
+            self.barrier.wait()
+        if 13 in values:
+            raise RuntimeError("poison candidate")
+        return [
+            ImageVerdict(
+                passed=v % 2 == 0,
+                reason=None if v % 2 == 0 else Reason.IDENTITY_MATCH,
+                faces=1,
+                max_similarity=0.1,
+                identity=None,
+            )
+            for v in values
+        ]
+
+
+def _draws(*values: int) -> np.ndarray:
+    """One request's draw rows: seed = the value its candidate is painted with."""
+    return draw_rows(0, [(slot, 0) for slot in range(len(values))]) + np.array(
+        [[value, 0, 0] for value in values], dtype=np.uint64
+    )
+
+
+async def _submit_all(batcher: DynamicBatcher, requests: list[np.ndarray]) -> list[object]:
+    submits = [batcher.submit(draws) for draws in requests]
+    return list(await asyncio.wait_for(asyncio.gather(*submits, return_exceptions=True), WAIT))
+
+
+def test_the_batcher_keeps_two_batches_in_flight_and_answers_each_request() -> None:
+    checker = _Filter(parties=2)  # both batches must be in the filter at once
+
+    async def run() -> list[object]:
+        batcher = DynamicBatcher(
+            CandidateEngine(_Generator(), checker), max_batch=2, max_delay=0.05, in_flight=2
+        )
+        try:
+            return await _submit_all(batcher, [_draws(2, 3), _draws(4, 5), _draws(6)])
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(run())
+    assert sorted(map(sorted, checker.batches[:2])) == [[2, 3], [4, 5]]
+    for result, values in zip(results, [(2, 3), (4, 5), (6,)], strict=True):
+        assert not isinstance(result, BaseException), result
+        assert isinstance(result, list)
+        assert [int(o.image[0, 0, 0]) for o in result] == list(values)
+        assert [o.verdict.passed for o in result] == [v % 2 == 0 for v in values]
+
+
+def test_a_poison_batch_in_flight_fails_only_its_own_request() -> None:
+    checker = _Filter()
+
+    async def run() -> list[object]:
+        batcher = DynamicBatcher(
+            CandidateEngine(_Generator(), checker), max_batch=4, max_delay=0.05, in_flight=2
+        )
+        try:
+            return await _submit_all(batcher, [_draws(2), _draws(13), _draws(4, 6), _draws(8)])
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(run())
+    assert isinstance(results[1], FilterFailure)
+    for i in (0, 2, 3):
+        result = results[i]
+        assert isinstance(result, list) and all(o.verdict.passed for o in result)
+    assert [13] in checker.batches  # retried alone once
+
+
+class _HeldFilter(_Filter):
+    """Holds its first call until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def check(
+        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+    ) -> list[ImageVerdict]:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(WAIT)
+        return super().check(images, observer)
+
+
+def test_a_crashed_worker_with_a_batch_in_flight_fails_only_what_it_held() -> None:
+    """While one batch is in the filter, the worker gathers the next; draw rows of another
+    width cannot join it, so the worker crashes (as a bug in its own code would). What it
+    held fails closed; the batch in flight is answered; a fresh worker serves the next."""
+    checker = _HeldFilter()
+
+    async def run() -> tuple[object, list[object], object]:
+        batcher = DynamicBatcher(
+            CandidateEngine(_Generator(), checker), max_batch=2, max_delay=0.05, in_flight=2
+        )
+        try:
+            held = asyncio.ensure_future(batcher.submit(_draws(2)))
+            assert await asyncio.to_thread(checker.entered.wait, WAIT)
+            crashed = await _submit_all(batcher, [_draws(4), np.zeros((1, 6), np.uint64)])
+            checker.release.set()
+            first = await asyncio.wait_for(held, WAIT)
+            after = await asyncio.wait_for(batcher.submit(_draws(8)), WAIT)
+            return first, crashed, after
+        finally:
+            checker.release.set()
+            await batcher.close()
+
+    first, crashed, after = asyncio.run(run())
+    assert isinstance(first, list) and first[0].verdict.passed
+    assert [type(r) for r in crashed] == [FilterFailure, FilterFailure]
+    assert isinstance(after, list) and after[0].verdict.passed
+
+
+def test_batch_actors_check_two_blocks_at_once_only_on_a_gpu() -> None:
+    from batch.engine import RayOptions, actor_calls
+
+    assert actor_calls(RayOptions(), gpus=1.0) == 2
+    assert actor_calls(RayOptions(), gpus=0.0) == 1
+    assert actor_calls(RayOptions(in_flight=3), gpus=0.0) == 3
