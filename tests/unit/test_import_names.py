@@ -46,3 +46,14 @@ def test_our_names_import_from_this_checkout() -> None:
     for module in (filter_package, service, batch):
         assert module.__file__ is not None
         assert Path(module.__file__).resolve().parent.parent == REPO
+
+
+def test_mutation_copy_holds_every_package_of_ours() -> None:
+    # `make mutation` runs this tier inside mutmut's copy of the tree (mutants/); a package of
+    # ours missing from that copy is imported from the checkout instead, and the test above
+    # then fails there, so mutmut collects no stats and checks no mutant.
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mutmut"]
+    copied = {Path(path).parts[0] for path in [*config["source_paths"], *config["also_copy"]]}
+    assert set(OUR_PACKAGES) <= copied
