@@ -13,10 +13,10 @@ every box of every image in the batch:
   calls, without a float copy of the batch or a Python loop over boxes;
 - NMS runs for all images at once (`torchvision.ops.nms` with one exact offset per image,
   and a vectorised greedy "Min" NMS for the last stage; `filter/nms.py`);
-- memory stays bounded whatever the boxes: RNet/ONet crops are made and run MAX_ROWS at
-  a time, and no NMS builds a structure quadratic in a whole batch's boxes; a pyramid can
-  stop at a largest face (`max_face_size`), which the native-resolution windows of
-  `filter/tiling.py` use.
+- memory stays bounded whatever the boxes: RNet/ONet crops are made and run one call
+  (at most MAX_ROWS rows) at a time, and no NMS builds a structure quadratic in a whole
+  batch's boxes; a pyramid can stop at a largest face (`max_face_size`), which the
+  native-resolution windows of `filter/tiling.py` use.
 
 Batch invariance. An image gets exactly the faces it gets when detected alone, whatever
 else is in the batch. facenet-pytorch does not promise that (its results move by ~1e-5 px
@@ -275,13 +275,15 @@ def _summed_area_table(images: torch.Tensor) -> torch.Tensor:
     count, height, width, _ = images.shape
     total = height * width * 255
     dtype = torch.float32 if total < 2**24 else torch.int32 if total < 2**31 else torch.int64
-    # In place, along the row first: a third less time than two fresh cumsums on the
-    # CPU (generated faces' 160x160 copies), and the same integers in any order.
-    sums = images.to(dtype)
+    # In place inside the table, along the row first: the same integers in any order, with
+    # no second buffer of the batch to fill and copy (fresh cumsums took half again longer).
+    table = torch.empty((count, height + 1, width + 1, 3), dtype=dtype, device=images.device)
+    table[:, 0].zero_()
+    table[:, 1:, 0].zero_()
+    sums = table[:, 1:, 1:]
+    sums.copy_(images)
     torch.cumsum(sums, 2, out=sums)
     torch.cumsum(sums, 1, out=sums)
-    table = torch.zeros((count, height + 1, width + 1, 3), dtype=dtype, device=images.device)
-    table[:, 1:, 1:] = sums
     return table
 
 
@@ -323,17 +325,15 @@ def _refine(
     width: int,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
     """RNet or ONet on every box that overlaps the image: (those boxes, their image
-    indices, the network's outputs). The crops are made and run MAX_ROWS at a time, in
-    the same row chunks `_run_rows` would use, so memory stays bounded (a 48x48 crop's
-    gather takes about 110 KB, and a crowd sends thousands of boxes) and the bits do not
-    change."""
+    indices, the network's outputs). Crops are made one `_run_rows` call (NET_ROWS rows) at
+    a time: bounded memory, the same bits, and on the CPU a gather that stays in cache."""
     x, y, ex, ey, valid = _pixel_bounds(boxes, height, width)
     boxes, image = boxes[valid], image[valid]
     x, y, ex, ey = x[valid], y[valid], ex[valid], ey[valid]
     step = NET_ROWS.get(table.device.type, MAX_ROWS)
     parts = [
         _run_rows(net, _gather(table, x[i:j], y[i:j], ex[i:j], ey[i:j], image[i:j], size), step)
-        for i, j in chunks(len(boxes), MAX_ROWS)
+        for i, j in chunks(len(boxes), step)
     ]
     return boxes, image, tuple(torch.cat(out) for out in zip(*parts, strict=True))
 
