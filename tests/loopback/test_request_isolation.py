@@ -15,7 +15,8 @@ from PIL import Image
 
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from tests.servers import InProcessServer, settings_for
+from tests.fakes import CountingGenerator
+from tests.servers import InProcessServer, settings_for, wait_until
 
 POISON_SEED = 7
 
@@ -71,18 +72,31 @@ def test_an_embedder_failing_on_one_input_fails_only_that_request(
                 raise RuntimeError("embedder crashed on one specific input")
         return original(crops)
 
+    # The generator is held on an opener's batch while the four requests queue, so the
+    # poison provably meets its neighbours in one batch, however slow the machine is.
+    counting = CountingGenerator(engine.generator)
+    real_generator, engine.generator = engine.generator, counting
     embedder.embed = poisoned
     try:
+        counting.gate.clear()
+        opener = stub.Generate.future(pb.GenerateRequest(count=1, seed=99), timeout=60)
+        assert counting.entered.wait(60), "the opener never reached the generator"
         bad = stub.Generate.future(pb.GenerateRequest(count=1, seed=POISON_SEED), timeout=60)
         good = [
             stub.Generate.future(pb.GenerateRequest(count=3, seed=s), timeout=60)
             for s in (100, 101, 102)
         ]
+        batcher = server.server.loaded.batcher
+        wait_until(lambda: batcher._queue.qsize() == 1 + len(good), "the requests to queue")
+        counting.gate.set()
         with pytest.raises(grpc.RpcError) as info:
             bad.result()
         responses = [f.result() for f in good]
+        opener.result()
     finally:
+        counting.gate.set()
         embedder.embed = original
+        engine.generator = real_generator
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "no image was released" in (info.value.details() or "")
     # The poison met its neighbours in one batch first, then failed again alone.

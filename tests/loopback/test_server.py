@@ -279,14 +279,21 @@ def test_audit_log_records_rejections_without_image_data(
             "client",
             "caller_request_id",
         }
-        assert record["reason"] in ("identity_match", "no_face")
+        # The demo index's salt is new each session, so which candidates show a face varies:
+        # an enrolled candidate whose face the detector misses is still held back, as a
+        # replica of its training image (decide's order); a stranger with no face is no_face.
+        assert record["reason"] in ("identity_match", "replica", "no_face")
     # Identities are keyed pseudonyms by default (the subkey of the server's seed key),
     # never the labels themselves.
     from service.audit import identity_hasher
 
-    labels = {row["identity"] for row in json.loads((demo_index / "labels.json").read_text())}
+    labels = {
+        row["identity"]
+        for table in ("labels.json", "replica_labels.json")
+        for row in json.loads((demo_index / table).read_text())
+    }
     pseudonyms = {identity_hasher(TEST_SEED_KEY)(label): label for label in labels}
-    matched = [r["identity"] for r in mine if r["reason"] == "identity_match"]
+    matched = [r["identity"] for r in mine if r["reason"] in ("identity_match", "replica")]
     assert matched and all(identity in pseudonyms for identity in matched)
     assert not any(label in line for line in audit for label in labels)
     assert max(len(line) for line in audit) < 1000  # no image data in any line
