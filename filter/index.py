@@ -380,4 +380,3 @@ class FaissIdentityIndex:
         if replicas is not None:
             replicas.self_test(folder)
         return loaded
-

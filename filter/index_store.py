@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 import faiss
 
 from filter.errors import IdentityIndexError, IndexCorruptError, IndexMismatchError
+from filter.faiss_layout import FLAT_PREFIX_BYTES, check_flat_layout
 from filter.replica import PROJECTION_FILE
 from filter.vector_table import VectorTable
 
@@ -248,12 +249,19 @@ def read_table(
     snapshot: IndexSnapshot, name: str, vectors_file: str, labels_file: str
 ) -> VectorTable:
     folder = snapshot.folder
+    prefix = snapshot.open(vectors_file).read(FLAT_PREFIX_BYTES)
+    check_flat_layout(prefix, snapshot.size(vectors_file), folder / vectors_file)
     try:
         # From the file that was hashed, not from the path (which may name another by now).
         reader = faiss.PyCallbackIOReader(snapshot.open(vectors_file).read)  # type: ignore[attr-defined]
         index = faiss.read_index(reader)
     except RuntimeError as exc:
         raise IndexCorruptError(f"cannot read {folder / vectors_file}: {exc}") from None
+    except MemoryError:
+        raise IndexCorruptError(
+            f"cannot read {folder / vectors_file}: it claims an array larger than this "
+            "machine's memory (a corrupt file)"
+        ) from None
     try:
         labels = json.loads(snapshot.read(labels_file))
         identities = [str(row["identity"]) for row in labels]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
 from pathlib import Path
 
 import faiss
@@ -18,7 +19,7 @@ from filter.faces import DetectorSettings
 from filter.index import FaissIdentityIndex
 from filter.models import sha256_file
 from filter.replica import ReplicaFeaturizer
-from filter.vector_table import VectorTable
+from filter.vector_table import IndexType, VectorTable
 
 DETECTOR = DetectorSettings().as_dict()
 
@@ -27,7 +28,7 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _index(n: int = 60, dim: int = 16) -> FaissIdentityIndex:
+def _index(n: int = 60, dim: int = 16, index_type: IndexType = "auto") -> FaissIdentityIndex:
     rng = np.random.default_rng(3)
     vectors = _unit(rng.standard_normal((n, dim)))
     images = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
@@ -46,12 +47,13 @@ def _index(n: int = 60, dim: int = 16) -> FaissIdentityIndex:
         replica_identities=[f"id{i % 6}" for i in range(n)],
         replica_sources=[f"f{i}.jpg" for i in range(n)],
         replica_featurizer=featurizer,
+        index_type=index_type,
     )
 
 
-def _saved(tmp_path: Path, name: str = "idx") -> Path:
+def _saved(tmp_path: Path, name: str = "idx", index_type: IndexType = "auto") -> Path:
     folder = tmp_path / name
-    _index().save(folder)
+    _index(index_type=index_type).save(folder)
     return folder
 
 
@@ -239,3 +241,35 @@ def test_an_approximate_index_that_returns_no_row_gives_no_match() -> None:
     table = VectorTable("faces", ivf, ["a"] * 200, ["x"] * 200)
     matches = table.search(np.vstack([cluster_a[:1], cluster_b[:1]]))
     assert matches[0].found and not matches[1].found
+
+
+# Where the first array's length sits in the files `index build` writes: after the fourcc
+# and FAISS's index header (filter/faiss_layout.py); for HNSW, the level probabilities.
+FIRST_LENGTH_AT = 37
+
+
+def _claim_length(folder: Path, name: str, values: int) -> None:
+    data = bytearray((folder / name).read_bytes())
+    struct.pack_into("<Q", data, FIRST_LENGTH_AT, values)
+    (folder / name).write_bytes(bytes(data))
+    _rehash(folder)
+
+
+@pytest.mark.parametrize("name", ["vectors.faiss", "replicas.faiss"])
+def test_a_flat_file_claiming_more_than_it_holds_is_refused_before_faiss_allocates(
+    tmp_path: Path, name: str
+) -> None:
+    folder = _saved(tmp_path)
+    size = (folder / name).stat().st_size
+    _claim_length(folder, name, 1 << 28)  # 1 GiB FAISS would zero-fill before reading
+    with pytest.raises(IndexCorruptError, match=f"claims .* the file holds {size} bytes"):
+        FaissIdentityIndex.load(folder)
+
+
+def test_a_file_claiming_an_array_beyond_memory_is_refused_not_raised(tmp_path: Path) -> None:
+    """An HNSW table's arrays are left to FAISS, whose allocation fails (MemoryError)."""
+    folder = _saved(tmp_path, index_type="hnsw")
+    # 512 GiB of doubles: under FAISS's own bound on an array (1 TiB), over any machine here.
+    _claim_length(folder, "vectors.faiss", 1 << 36)
+    with pytest.raises(IndexCorruptError, match="larger than this machine's memory"):
+        FaissIdentityIndex.load(folder)
