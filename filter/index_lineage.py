@@ -5,7 +5,9 @@ published (`index publish`); a server reloads it. None of these may silently loo
 filter: a release whose identity threshold or replica threshold is higher than the one it
 replaces, or whose replica signal is off where it was on, is *looser*, and is accepted only
 with an acknowledgement given for that very release and recorded in its manifest
-(`looser_acknowledged`). The reference each path compares with:
+(`looser_acknowledged`), and only for a step within the one it names (`before` -> `after`):
+a rollback to it after a stricter release went live is refused again. The reference each
+path compares with:
 
 - `calibrate --save`: the thresholds the index had (its calibration, else the defaults);
 - `index publish`: the index the link points to now;
@@ -66,6 +68,28 @@ def acknowledgement(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return ack if isinstance(ack, dict) else None
 
 
+def covering_acknowledgement(
+    manifest: dict[str, Any], before: DecisionThresholds, after: DecisionThresholds
+) -> dict[str, Any] | None:
+    """The release's acknowledgement if it covers loosening `before` -> `after` (else None).
+
+    An acknowledgement was given for one step, from the thresholds it names as `before` to
+    those it names as `after`. It covers a step that starts no stricter than its `before`
+    and ends no looser than its `after`: rolling back to a looser release after a stricter
+    one went live loosens further than anyone acknowledged, and is refused."""
+    ack = acknowledgement(manifest)
+    if ack is None:
+        return None
+    try:
+        acked_before = _read_thresholds(ack["before"])
+        acked_after = _read_thresholds(ack["after"])
+    except (KeyError, TypeError, ValueError):
+        return None  # an acknowledgement that does not say what it covers covers nothing
+    if loosenings(before, acked_before) or loosenings(acked_after, after):
+        return None
+    return ack
+
+
 def acknowledge(
     manifest: dict[str, Any],
     *,
@@ -88,6 +112,16 @@ def acknowledge(
 
 def _thresholds(thresholds: DecisionThresholds) -> dict[str, float | None]:
     return {"identity": thresholds.identity, "replica": thresholds.replica}
+
+
+def _read_thresholds(recorded: Any) -> DecisionThresholds:
+    identity, replica = recorded["identity"], recorded["replica"]
+    for value in (identity, replica):
+        if isinstance(value, bool) or not (value is None or isinstance(value, (int, float))):
+            raise TypeError(f"{value!r} is not a threshold")
+    if identity is None:
+        raise TypeError("no identity threshold")
+    return DecisionThresholds(float(identity), None if replica is None else float(replica))
 
 
 def describe_acknowledgement(ack: dict[str, Any]) -> str:

@@ -8,7 +8,8 @@ server resolves the link at each reload; old releases stay for a rollback (flip 
 A plain folder is replaced by an atomic exchange (filter.index_store.swap_in).
 
 Publishing never loosens silently: a release whose thresholds are looser than those of
-the index the link points to now is refused unless it carries an acknowledgement, or the
+the index the link points to now is refused unless it carries an acknowledgement covering
+that step (given against thresholds no stricter than the live ones), or the
 operator gives one for it (`--allow-looser`), which is recorded in its manifest
 (filter.index_lineage).
 """
@@ -28,7 +29,12 @@ from typing import Any
 from filter.decide import DecisionThresholds
 from filter.errors import FilterError
 from filter.index import FaissIdentityIndex
-from filter.index_lineage import acknowledge, acknowledgement, loosenings
+from filter.index_lineage import (
+    acknowledge,
+    acknowledgement,
+    covering_acknowledgement,
+    loosenings,
+)
 from filter.index_store import LABELS_FILE, MANIFEST_FILE, REPLICA_LABELS_FILE, write_json
 
 RELEASES_DIR = "releases"
@@ -105,7 +111,7 @@ def publish_folder(
     if live is not None:
         before, after = index_thresholds(live), index_thresholds(built)
         looser = loosenings(before, after)
-        if looser and acknowledgement(built.manifest) is None:
+        if looser and covering_acknowledgement(built.manifest, before, after) is None:
             if not allow_looser:
                 raise LooserIndexError(
                     f"{source} is looser than the index {link} points to ({'; '.join(looser)})"

@@ -13,7 +13,8 @@ any reason keeps the old index serving and says why in the log and the metrics.
 
 A reload never loosens silently: an index whose thresholds (as this server resolves them)
 are looser than those serving now is refused (`refused_looser`) unless its manifest
-carries an acknowledgement given for that release (filter.index_lineage).
+carries an acknowledgement given for that release and covering this step: from
+thresholds no stricter than those it was given against (filter.index_lineage).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from filter.detection_policy import filter_for_generator
 from filter.embedders import resolve_device
 from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
 from filter.index import MANIFEST_FILE, FaissIdentityIndex, IdentityIndex
-from filter.index_lineage import acknowledgement, describe_acknowledgement, loosenings
+from filter.index_lineage import covering_acknowledgement, describe_acknowledgement, loosenings
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
 from filter.thresholds import FilterInForce, Thresholds
 from service.batcher import FilterSnapshot, ImageChecker
@@ -234,11 +235,12 @@ class ReloadFacts:
 
 def looser_refusal(serving: LiveFilter, loaded: LiveFilter) -> str | None:
     """Why `loaded` must not replace `serving`: its thresholds are looser and it carries no
-    acknowledgement (None: it may)."""
-    looser = loosenings(serving.thresholds.decision, loaded.thresholds.decision)
+    acknowledgement covering this step (None: it may)."""
+    before, after = serving.thresholds.decision, loaded.thresholds.decision
+    looser = loosenings(before, after)
     if not looser:
         return None
-    ack = acknowledgement(loaded.index.manifest)
+    ack = covering_acknowledgement(loaded.index.manifest, before, after)
     if ack is not None:
         log.warning(
             "index %s loosens the filter (%s), %s",
@@ -249,8 +251,10 @@ def looser_refusal(serving: LiveFilter, loaded: LiveFilter) -> str | None:
         return None
     return (
         f"its thresholds are looser than those serving ({'; '.join(looser)}) and it carries "
-        "no acknowledgement: publish it with `facegate index publish --allow-looser` (or save "
-        "its calibration with `calibrate --save --allow-looser`) if that is intended"
+        "no acknowledgement covering this step (one given against a looser predecessor does "
+        "not cover a step from stricter thresholds): publish it with `facegate index "
+        "publish --allow-looser` (or save its calibration with `calibrate --save "
+        "--allow-looser`) if that is intended"
     )
 
 

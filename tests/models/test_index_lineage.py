@@ -148,6 +148,29 @@ def test_rollback_to_a_stricter_release_is_a_plain_publish(
     assert facegate("index", "publish", str(looser), str(link)).returncode == 2
 
 
+def test_an_acknowledgement_does_not_cover_a_rollback_from_a_stricter_release(
+    calibrated: Path, tmp_path: Path
+) -> None:
+    """Acknowledged for 0.565 -> 0.6; after a stricter 0.5 went live, flipping back to that
+    release would loosen 0.5 -> 0.6, which no one acknowledged."""
+    link = _live(tmp_path, calibrated)
+    looser = _with_calibration(calibrated, tmp_path / "looser", threshold=0.60)
+    assert facegate("index", "publish", str(looser), str(link), "--allow-looser").returncode == 0
+    acknowledged = link.resolve()
+    stricter = _with_calibration(calibrated, tmp_path / "stricter", threshold=0.50)
+    assert facegate("index", "publish", str(stricter), str(link)).returncode == 0
+    live = link.resolve()
+    refused = facegate("index", "publish", str(acknowledged), str(link))
+    assert refused.returncode == 2 and "identity threshold 0.5 -> 0.6" in refused.stderr
+    assert link.resolve() == live
+    # Acknowledged anew, for this step: recorded against the release it replaces now.
+    allowed = facegate("index", "publish", str(acknowledged), str(link), "--allow-looser")
+    assert allowed.returncode == 0, allowed.stderr
+    ack = FaissIdentityIndex.load(link).manifest["looser_acknowledged"]
+    assert ack["replaces_fingerprint"] == FaissIdentityIndex.load(live).fingerprint
+    assert ack["before"]["identity"] == 0.5 and ack["after"]["identity"] == 0.6
+
+
 def test_remove_leaves_no_name_in_the_manifest_info_or_later_edits(
     calibrated: Path, identities_dir: Path, tmp_path: Path, key_file: Path
 ) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from filter.decide import DecisionThresholds, ImageVerdict
 from filter.errors import IndexCorruptError
+from filter.index_lineage import acknowledge
 from service.reload import IndexReloader, LiveFilter, SwappableChecker, index_state
 
 
@@ -197,16 +198,36 @@ def test_the_swappable_exposes_the_filter_in_force(name: str) -> None:
     assert getattr(SwappableChecker(inner), name) is getattr(inner, name)
 
 
-ACK = {"looser_acknowledged": {"by": "index publish --allow-looser", "at": "now"}}
+def ack(before: tuple[float, float | None], after: tuple[float, float | None]) -> dict[str, Any]:
+    """A manifest acknowledging the step `before` -> `after` (as filter.index_lineage
+    records it)."""
+    manifest: dict[str, Any] = {}
+    acknowledge(
+        manifest,
+        by="index publish --allow-looser",
+        replaces="A",
+        before=DecisionThresholds(*before),
+        after=DecisionThresholds(*after),
+    )
+    return manifest
 
 
+# What serves in these cases: identity 0.5, replica 0.6.
 @pytest.mark.parametrize(
     ("new", "manifest", "result"),
     [
         (Thresholds(0.9, 0.6), {}, "refused_looser"),  # identity up: looser
         (Thresholds(0.5, 0.9), {}, "refused_looser"),  # replica up: looser
         (Thresholds(0.5, None), {}, "refused_looser"),  # replica off: looser
-        (Thresholds(0.9, 0.6), ACK, "success"),  # looser, acknowledged for this release
+        (Thresholds(0.9, 0.6), ack((0.5, 0.6), (0.9, 0.6)), "success"),  # acknowledged step
+        (Thresholds(0.9, 0.6), ack((0.3, 0.6), (0.9, 0.6)), "success"),  # within it
+        # Given against a looser predecessor: a rollback after a stricter one went live.
+        (Thresholds(0.9, 0.6), ack((0.6, 0.6), (0.9, 0.6)), "refused_looser"),
+        (Thresholds(0.5, 0.9), ack((0.5, 0.7), (0.5, 0.9)), "refused_looser"),
+        (Thresholds(0.5, None), ack((0.5, None), (0.5, None)), "refused_looser"),
+        (Thresholds(0.9, 0.6), ack((0.5, 0.6), (0.8, 0.6)), "refused_looser"),  # beyond it
+        # An acknowledgement that does not say what it covers covers nothing.
+        (Thresholds(0.9, 0.6), {"looser_acknowledged": {"by": "x"}}, "refused_looser"),
         (Thresholds(0.4, 0.5), {}, "success"),  # stricter on both
         (Thresholds(0.5, 0.6), {}, "success"),  # the same
     ],
