@@ -46,7 +46,7 @@ class FilterSpec:
 
         index = FaissIdentityIndex.load(self.index_path)
         judged_by = in_force_for(index, self.threshold, self.replica_threshold)
-        return ManifestRun(judged_by, self.copy_mode)
+        return ManifestRun(judged_by, self.copy_mode, self.no_face_policy)
 
 
 def row_content(row: LoadedRow) -> FileContent:
@@ -78,7 +78,7 @@ class BatchChecker:
             threshold=spec.threshold,
             replica_threshold=spec.replica_threshold,
         )
-        self.run = ManifestRun(opened.in_force, spec.copy_mode)
+        self.run = ManifestRun(opened.in_force, spec.copy_mode, spec.no_face_policy)
         if self.run != expected:
             # The index was replaced between the driver's look and this actor's load.
             raise BatchError(f"the index at {spec.index_path} changed during the run")

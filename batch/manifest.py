@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.errors import ManifestError
+from filter.decide import NoFacePolicy
 from filter.thresholds import FilterInForce
 
 MANIFEST_DIR = "manifest"
@@ -49,6 +50,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("identity_threshold", pa.float64()),
         ("replica_threshold", pa.float64()),  # null: the index has no replica features
         ("copy_mode", pa.string()),  # pixels (re-encoded checked pixels) | original
+        ("no_face_policy", pa.string()),  # reject | pass: what an image without a face got
     ]
 )
 COPY_PIXELS = "pixels"
@@ -60,10 +62,12 @@ class ManifestRun:
     """What the verdicts depend on besides the image: the filter that judged them
     (`filter.thresholds.FilterInForce`, as the service signs it) and what a copy holds.
     Recorded on every row, and the same for every row of one manifest (a resumed run must
-    not mix two indexes' verdicts, nor two kinds of copy in one OUT)."""
+    not mix two indexes' verdicts, nor two kinds of copy in one OUT, nor passes of images
+    without a face made under `--no-face-policy pass` with a run that rejects them)."""
 
     judged_by: FilterInForce
     copy_mode: str = COPY_PIXELS
+    no_face_policy: str = NoFacePolicy.REJECT.value
 
     @property
     def index_fingerprint(self) -> str:
@@ -76,6 +80,7 @@ class ManifestRun:
             "identity_threshold": thresholds.identity,
             "replica_threshold": thresholds.replica,
             "copy_mode": self.copy_mode,
+            "no_face_policy": self.no_face_policy,
         }
 
 
@@ -84,6 +89,7 @@ class RunColumns(TypedDict):
     identity_threshold: float
     replica_threshold: float | None  # None: the index has no replica features
     copy_mode: str
+    no_face_policy: str
 
 
 def manifest_dir(out: Path) -> Path:
@@ -105,7 +111,8 @@ def read_manifest(out: Path, columns: Sequence[str] | None = None) -> pa.Table:
             if missing:
                 raise ManifestError(
                     f"{part} was written by an earlier facegate (no {', '.join(sorted(missing))}"
-                    "): its copies were made under another content rule. Write to a new --out"
+                    "): its verdicts and copies were made under rules this run cannot "
+                    "confirm. Write to a new --out"
                 )
         tables = [pq.read_table(part, columns=columns) for part in parts]
     except (OSError, pa.ArrowException) as exc:
@@ -116,19 +123,21 @@ def read_manifest(out: Path, columns: Sequence[str] | None = None) -> pa.Table:
 
 
 def check_run_identity(out: Path, run: ManifestRun) -> None:
-    """Refuse a manifest made with another index, other thresholds or another kind of
-    copy: its passes were decided (or copied) by rules this run does not apply."""
+    """Refuse a manifest made with another index, other thresholds, another kind of copy
+    or another no-face policy: its passes were decided (or copied) by rules this run does
+    not apply."""
     expected = run.columns()
     table = read_manifest(out, list(expected))
     for row in table.group_by(list(expected)).aggregate([]).to_pylist():
         if row != expected:
             raise ManifestError(
                 f"{out} holds verdicts made with index {row['index_fingerprint']}, "
-                f"thresholds {row['identity_threshold']}/{row['replica_threshold']} and "
-                f"{row['copy_mode']} copies; this run uses {expected['index_fingerprint']}, "
-                f"{expected['identity_threshold']}/{expected['replica_threshold']} and "
-                f"{expected['copy_mode']} "
-                "copies: write to a new --out"
+                f"thresholds {row['identity_threshold']}/{row['replica_threshold']}, "
+                f"{row['copy_mode']} copies and no-face policy {row['no_face_policy']}; this "
+                f"run uses {expected['index_fingerprint']}, "
+                f"{expected['identity_threshold']}/{expected['replica_threshold']}, "
+                f"{expected['copy_mode']} copies and no-face policy "
+                f"{expected['no_face_policy']}: write to a new --out"
             )
 
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from batch.manifest import ManifestRun
+from batch.manifest import COPY_PIXELS, ManifestRun
+from filter.decide import NoFacePolicy
 from filter.thresholds import FilterInForce, Thresholds
 
 
-def manifest_run(fingerprint: str, identity: float, copy_mode: str | None = None) -> ManifestRun:
+def manifest_run(
+    fingerprint: str,
+    identity: float,
+    copy_mode: str = COPY_PIXELS,
+    no_face_policy: str = NoFacePolicy.REJECT.value,
+) -> ManifestRun:
     judged_by = FilterInForce(fingerprint, Thresholds(identity, "override", None, None))
-    return ManifestRun(judged_by) if copy_mode is None else ManifestRun(judged_by, copy_mode)
+    return ManifestRun(judged_by, copy_mode, no_face_policy)
 
 
 RUN = manifest_run("fingerprint1", 0.4)

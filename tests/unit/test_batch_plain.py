@@ -22,6 +22,7 @@ from batch.manifest import (
 )
 from batch.reading import load_rows
 from batch.recording import record_rows
+from filter.decide import NoFacePolicy
 from tests.batch_rows import RUN, input_tree, manifest_row, manifest_run, sha256_hex
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -143,6 +144,9 @@ def test_resume_sees_whole_fragments_only_and_refuses_another_index(tmp_path: Pa
         manifest_run("another", 0.4),
         manifest_run("fingerprint1", 0.5),
         manifest_run("fingerprint1", 0.4, COPY_ORIGINAL),  # another kind of copy
+        # Images without a face passed under `--no-face-policy pass`: a rejecting run
+        # must not keep their copies by resuming.
+        manifest_run("fingerprint1", 0.4, no_face_policy=NoFacePolicy.PASS.value),
     ):
         with pytest.raises(Exception, match="new --out"):
             check_run_identity(tmp_path, other)
