@@ -279,15 +279,20 @@ def read_calibration(snapshot: IndexSnapshot, manifest: dict[str, Any]) -> dict[
         calibration = json.loads(snapshot.read(CALIBRATION_FILE))
         for key in ("threshold", "replica_threshold"):
             value = calibration.get(key)
+            # JSON true is an int to Python: as a threshold it would read as 1.0 (off).
             if value is not None and not (
-                isinstance(value, (int, float)) and math.isfinite(value) and -1 <= value <= 1
+                _is_number(value) and math.isfinite(value) and -1 <= value <= 1
             ):
                 raise ValueError(f"{key} {value!r} is not a similarity in [-1, 1]")
-        if not isinstance(calibration.get("threshold"), (int, float)):
+        if not _is_number(calibration.get("threshold")):
             raise ValueError("no threshold")
     except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
         raise IndexCorruptError(f"{path} is not a valid calibration: {exc}") from None
     return dict(calibration)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def write_json(path: Path, payload: object) -> None:

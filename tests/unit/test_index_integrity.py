@@ -200,10 +200,16 @@ def test_the_calibration_travels_with_the_index_and_is_checked(tmp_path: Path) -
     )
     with pytest.raises(IndexCorruptError, match=r"sha256|truncated or replaced"):
         FaissIdentityIndex.load(folder)
-    (folder / "calibration.json").write_text('{"threshold": 7, "replica_threshold": 0.7}')
-    _rehash(folder)
-    with pytest.raises(IndexCorruptError, match="not a valid calibration"):
-        FaissIdentityIndex.load(folder)
+    for bad in (
+        '{"threshold": 7, "replica_threshold": 0.7}',
+        # JSON true reads as the int 1 in Python: a threshold of 1.0 turns a signal off.
+        '{"threshold": true, "replica_threshold": 0.7}',
+        '{"threshold": 0.55, "replica_threshold": true}',
+    ):
+        (folder / "calibration.json").write_text(bad)
+        _rehash(folder)
+        with pytest.raises(IndexCorruptError, match="not a valid calibration"):
+            FaissIdentityIndex.load(folder)
 
 
 def test_an_unlisted_file_in_the_manifest_is_refused(tmp_path: Path) -> None:
