@@ -28,6 +28,7 @@ from filter.decide import ImageVerdict
 from filter.identity_filter import StageObserver
 from filter.stages import GENERATE
 from filter.thresholds import FilterInForce
+from service.encoding import deliver
 from service.errors import FilterFailure
 from service.generators import Generator, latents_for_draws
 
@@ -41,6 +42,9 @@ class CandidateOutcome:
     # The index and thresholds this candidate was checked against; None when the checker
     # does not say (a content signer then refuses to vouch for it).
     filtered_by: FilterInForce | None = None
+    # The lossy bytes whose decoded pixels (`image`) were checked (service.encoding.deliver);
+    # None for a lossless delivery.
+    delivered: bytes | None = None
 
 
 class PipelineObserver(Protocol):
@@ -117,7 +121,8 @@ class CandidateEngine:
         return FilterSnapshot(self.identity_filter)
 
     def run(self, draws: np.ndarray) -> list[CandidateOutcome]:
-        """`draws`: (N, 3) rows of (seed, slot, attempt); one outcome per row, in order."""
+        """`draws`: (N, 4) rows of (seed, slot, attempt, delivery); one outcome per row, in
+        order. Each candidate is checked as its caller will decode it."""
         snapshot = self.snapshot()  # the whole batch is drawn for, and checked by, one filter
         latents = latents_for_draws(draws, self.generator.latent_dim, self.seed_key, snapshot.salt)
         start = time.perf_counter()
@@ -127,14 +132,18 @@ class CandidateEngine:
             raise FilterFailure(
                 f"generator returned {len(images)} images for {len(latents)} latents"
             )
-        batch = list(images)
+        deliveries = [
+            deliver(image, int(quality))
+            for image, quality in zip(images, np.asarray(draws)[:, 3].tolist(), strict=True)
+        ]
+        batch = [pixels for pixels, _ in deliveries]
         verdicts = snapshot.checker.check(batch, observer=self.observer)
         if len(verdicts) != len(batch):
             raise FilterFailure("filter returned a verdict count that differs from its input")
         self.observer.batch(len(batch))
         return [
-            CandidateOutcome(image=img, verdict=v, filtered_by=snapshot.in_force)
-            for img, v in zip(batch, verdicts, strict=True)
+            CandidateOutcome(image=pixels, verdict=v, filtered_by=snapshot.in_force, delivered=data)
+            for (pixels, data), v in zip(deliveries, verdicts, strict=True)
         ]
 
 
@@ -217,7 +226,8 @@ class DynamicBatcher:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def submit(self, draws: np.ndarray) -> list[CandidateOutcome]:
-        """`draws`: (N, 3) rows of (seed, slot, attempt) (service.generators.draw_rows)."""
+        """`draws`: (N, 4) rows of (seed, slot, attempt, delivery)
+        (service.generators.draw_rows)."""
         self.start()
         future: asyncio.Future[list[CandidateOutcome]] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(draws, future))

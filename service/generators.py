@@ -51,17 +51,23 @@ _LATENT_DOMAIN = b"facegate/latent/v1"
 _SALTED_LATENT_DOMAIN = b"facegate/latent/v2"
 _UNKEYED_SALTED_DOMAIN = b"facegate/latent/v2/unkeyed"
 
-# A candidate to draw: one row (seed, slot, attempt) of an unsigned 64-bit array. The
-# batcher carries these rows, not latents: the engine turns them into latents under the
-# salt of the very filter that checks them (see `latents_for_draws`).
-DRAW_COLUMNS = 3
+# A candidate to draw: one row (seed, slot, attempt, delivery) of an unsigned 64-bit
+# array. The batcher carries these rows, not latents: the engine turns them into latents
+# under the salt of the very filter that checks them (see `latents_for_draws`), and into
+# the pixels the caller will decode (delivery: 0 lossless, else the JPEG quality; see
+# service.encoding.deliver), which are the pixels the filter checks.
+DRAW_COLUMNS = 4
+LOSSLESS = 0
 
 
-def draw_rows(seed: int, slot_attempts: Sequence[tuple[int, int]]) -> np.ndarray:
-    """(N, 3) uint64 rows (seed, slot, attempt) for the candidates of one request."""
+def draw_rows(
+    seed: int, slot_attempts: Sequence[tuple[int, int]], jpeg_quality: int = LOSSLESS
+) -> np.ndarray:
+    """(N, 4) uint64 rows (seed, slot, attempt, delivery) for the candidates of one request
+    (`jpeg_quality` 1..100 for a JPEG request, LOSSLESS otherwise)."""
     rows = np.empty((len(slot_attempts), DRAW_COLUMNS), dtype=np.uint64)
     for row, (slot, attempt) in enumerate(slot_attempts):
-        rows[row] = (seed, slot, attempt)
+        rows[row] = (seed, slot, attempt, jpeg_quality)
     return rows
 
 
@@ -111,14 +117,18 @@ def latents_for(
 def latents_for_draws(
     draws: np.ndarray, dim: int, key: bytes | None = None, salt: bytes = b""
 ) -> np.ndarray:
-    """(N, 3) draw rows -> (N, dim) float32 latents (see `latents_for`)."""
+    """(N, 4) draw rows -> (N, dim) float32 latents (see `latents_for`); the delivery
+    column does not enter the latent: a seed gives the same face in PNG and JPEG."""
     rows = np.asarray(draws)
     if rows.ndim != 2 or rows.shape[1] != DRAW_COLUMNS:
         raise ValueError(f"draws must be (N, {DRAW_COLUMNS}) rows; got {rows.shape}")
     if len(rows) == 0:
         return np.zeros((0, dim), dtype=np.float32)
     return np.stack(
-        [latents_for(int(s), int(slot), int(a), dim, key, salt) for s, slot, a in rows.tolist()]
+        [
+            latents_for(int(s), int(slot), int(a), dim, key, salt)
+            for s, slot, a in rows[:, :3].tolist()
+        ]
     )
 
 

@@ -22,7 +22,7 @@ from service.audit import AuditSink, NullAuditLog, Rejection
 from service.batcher import DynamicBatcher, NullObserver, PipelineObserver
 from service.encoding import ContentSigner, ImageFormat, encode_released
 from service.errors import DeadlineExceeded, InvalidRequest, NothingPassed
-from service.generators import draw_rows
+from service.generators import LOSSLESS, draw_rows
 from service.provenance import ReleaseFacts
 
 MAX_SEED = 2**64 - 1
@@ -121,6 +121,8 @@ class GenerationPipeline:
             requested=request.count, seed=seed, request_id=request.request_id
         )
         quality = request.jpeg_quality or self.jpeg_quality
+        # JPEG candidates are checked as decoded from the very bytes that will leave.
+        delivery = quality if request.image_format is ImageFormat.JPEG else LOSSLESS
         released: list[ReleasedImage] = []
         open_slots = list(range(request.count))
         attempts = dict.fromkeys(open_slots, 0)
@@ -128,7 +130,7 @@ class GenerationPipeline:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("deadline exceeded before the slots were filled")
             candidates = [(slot, attempts[slot]) for slot in open_slots]
-            outcomes = await self.batcher.submit(draw_rows(seed, candidates))
+            outcomes = await self.batcher.submit(draw_rows(seed, candidates, delivery))
             still_open: list[int] = []
             for (slot, attempt), outcome in zip(candidates, outcomes, strict=True):
                 attempts[slot] += 1
@@ -149,6 +151,7 @@ class GenerationPipeline:
                         quality,
                         self.signer,
                         facts,
+                        outcome.delivered,
                     )
                     image = ReleasedImage(
                         slot=slot,

@@ -23,7 +23,7 @@ from filter.decide import ImageVerdict
 from filter.errors import IndexCorruptError
 from filter.index import FaissIdentityIndex
 from service.batcher import CandidateEngine
-from service.generators import draw_rows, latents_for
+from service.generators import draw_rows, latents_for, latents_for_draws
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
 from service.reload import SwappableChecker
@@ -50,8 +50,12 @@ def test_the_salt_changes_every_latent_and_is_bound_to_the_key() -> None:
     assert abs(float(sample.mean())) < 0.05 and abs(float(sample.std()) - 1.0) < 0.05
     # Rows of draws give the same latents, up to the largest seed the API accepts.
     rows = draw_rows(2**64 - 1, [(0, 0), (3, 2)])
-    assert rows.dtype == np.uint64 and rows.shape == (2, 3)
-    assert int(rows[0, 0]) == 2**64 - 1
+    assert rows.dtype == np.uint64 and rows.shape == (2, 4)
+    assert int(rows[0, 0]) == 2**64 - 1 and rows[:, 3].tolist() == [0, 0]  # lossless
+    # The delivery does not enter the latent: a seed is the same face in PNG and JPEG.
+    jpeg = draw_rows(2**64 - 1, [(0, 0), (3, 2)], jpeg_quality=75)
+    assert jpeg[:, 3].tolist() == [75, 75]
+    assert np.array_equal(latents_for_draws(rows, 100, KEY), latents_for_draws(jpeg, 100, KEY))
 
 
 def test_every_index_gets_its_own_salt_and_a_malformed_one_is_refused(

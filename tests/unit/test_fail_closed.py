@@ -19,7 +19,7 @@ from filter.images import decode_image
 from service.audit import Rejection
 from service.batcher import CandidateEngine, DynamicBatcher
 from service.errors import FilterFailure, NothingPassed
-from service.generators import latents_for
+from service.generators import DRAW_COLUMNS, latents_for
 from service.pipeline import (
     GenerationPipeline,
     GenerationRequest,
@@ -30,6 +30,7 @@ from service.pipeline import (
 from tests.fakes import ScriptedFilter
 
 LATENT_DIM = 8
+WIDER = DRAW_COLUMNS + 3  # draw rows of another width: they cannot be concatenated
 
 
 class ScriptedGenerator:
@@ -144,7 +145,9 @@ def _crash_batch(shapes: Sequence[tuple[int, int]], max_batch: int) -> list[obje
         results = await asyncio.wait_for(asyncio.gather(*submits, return_exceptions=True), 10)
         assert generator.calls == 0  # the crash came before anything was generated
         # A fresh worker serves the next request: the crash did not take the batcher down.
-        after = await asyncio.wait_for(batcher.submit(np.zeros((2, 3), dtype=np.uint64)), 10)
+        after = await asyncio.wait_for(
+            batcher.submit(np.zeros((2, DRAW_COLUMNS), dtype=np.uint64)), 10
+        )
         assert len(after) == 2 and all(o.verdict.passed for o in after)
         await batcher.close()
         return list(results)
@@ -153,14 +156,16 @@ def _crash_batch(shapes: Sequence[tuple[int, int]], max_batch: int) -> list[obje
 
 
 def test_a_crashed_worker_fails_its_gathered_requests_closed() -> None:
-    results = _crash_batch([(1, 3), (1, 6)], max_batch=64)
+    results = _crash_batch([(1, DRAW_COLUMNS), (1, WIDER)], max_batch=64)
     assert [type(r) for r in results] == [FilterFailure, FilterFailure]
 
 
 def test_a_crashed_worker_fails_carried_and_queued_requests_closed() -> None:
     """max_batch 3: the first two requests (1 + 1 latents) are gathered, the third (2 more)
     does not fit and is carried to open the next batch, the fourth is still queued."""
-    results = _crash_batch([(1, 3), (1, 6), (2, 3), (1, 3)], max_batch=3)
+    results = _crash_batch(
+        [(1, DRAW_COLUMNS), (1, WIDER), (2, DRAW_COLUMNS), (1, DRAW_COLUMNS)], max_batch=3
+    )
     assert [type(r) for r in results] == [FilterFailure] * 4
 
 

@@ -187,7 +187,7 @@ class _Filter:
 def _draws(*values: int) -> np.ndarray:
     """One request's draw rows: seed = the value its candidate is painted with."""
     return draw_rows(0, [(slot, 0) for slot in range(len(values))]) + np.array(
-        [[value, 0, 0] for value in values], dtype=np.uint64
+        [[value, 0, 0, 0] for value in values], dtype=np.uint64
     )
 
 

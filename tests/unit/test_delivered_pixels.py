@@ -1,0 +1,100 @@
+"""What leaves is what was checked: a released JPEG decodes to exactly the pixels the
+filter saw (JPEG moves pixels, and with them a face's similarity), a PNG to the
+generator's own; a lossy encoding the filter did not see is never made."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.batcher import CandidateEngine, DynamicBatcher
+from service.encoding import ImageFormat, deliver, encode_released
+from service.errors import FilterFailure
+from service.pipeline import GenerationPipeline, GenerationRequest
+from tests.fakes import ScriptedFilter
+
+LATENT_DIM = 8
+SIDE = 64
+
+
+class TexturedGenerator:
+    """64 px colour images with edges and noise, a pure function of the latent: JPEG
+    cannot keep them exactly."""
+
+    name = "textured"
+    latent_dim = LATENT_DIM
+    model_sha256 = "0" * 64
+
+    def __init__(self) -> None:
+        self.made: list[np.ndarray] = []
+
+    def generate(self, latents: np.ndarray) -> np.ndarray:
+        images = []
+        for latent in latents:
+            rng = np.random.default_rng(np.abs(latent * 1e6).astype(np.int64))
+            image = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+            image[SIDE // 4 : SIDE // 2] = 255  # a hard edge
+            images.append(image)
+        self.made.extend(images)
+        return np.stack(images)
+
+
+def _released(
+    image_format: ImageFormat, quality: int | None
+) -> tuple[list[np.ndarray], ScriptedFilter, TexturedGenerator]:
+    generator = TexturedGenerator()
+    # The first candidate of each call is rejected: the resampled ones must hold too.
+    checker = ScriptedFilter(lambda call, position: position > 0 or call > 0)
+
+    async def run() -> list[bytes]:
+        batcher = DynamicBatcher(CandidateEngine(generator, checker), max_delay=0.001)
+        pipe = GenerationPipeline(batcher, LATENT_DIM, max_attempts=4, max_count=8)
+        result = await pipe.generate(
+            GenerationRequest(count=3, seed=5, image_format=image_format, jpeg_quality=quality)
+        )
+        await batcher.close()
+        return [image.data for image in result.images]
+
+    decoded = [
+        np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in asyncio.run(run())
+    ]
+    return decoded, checker, generator
+
+
+@pytest.mark.parametrize("quality", [90, 30])
+def test_a_released_jpeg_decodes_to_the_pixels_the_filter_checked(quality: int) -> None:
+    decoded, checker, generator = _released(ImageFormat.JPEG, quality)
+    assert len(decoded) == 3 and checker.rejected
+    for pixels in decoded:
+        assert any(np.array_equal(pixels, seen) for seen in checker.passed)
+        # ... and those are not the generator's: checking its pixels would check others.
+        assert not any(np.array_equal(pixels, made) for made in generator.made)
+    for rejected in checker.rejected:
+        assert not any(np.array_equal(rejected, pixels) for pixels in decoded)
+
+
+def test_a_released_png_holds_the_generators_pixels_as_checked() -> None:
+    decoded, checker, generator = _released(ImageFormat.PNG, None)
+    for pixels in decoded:
+        assert any(np.array_equal(pixels, seen) for seen in checker.passed)
+        assert any(np.array_equal(pixels, made) for made in generator.made)
+
+
+def test_deliver_is_deterministic_and_lossless_only_for_png() -> None:
+    image = TexturedGenerator().generate(np.ones((1, LATENT_DIM), np.float32))[0]
+    assert deliver(image, 0) == (image, None)
+    first, second = deliver(image, 75), deliver(image, 75)
+    assert first[1] is not None and first[1] == second[1] and first[1][:3] == b"\xff\xd8\xff"
+    assert np.array_equal(first[0], second[0]) and not np.array_equal(first[0], image)
+
+
+def test_no_lossy_encoding_is_made_after_the_check() -> None:
+    image = TexturedGenerator().generate(np.ones((1, LATENT_DIM), np.float32))[0]
+    with pytest.raises(FilterFailure, match="no checked jpeg bytes"):
+        encode_released(image, ImageFormat.JPEG, 90, None, None)
+    pixels, data = deliver(image, 90)
+    assert encode_released(pixels, ImageFormat.JPEG, 90, None, None, data) == data
