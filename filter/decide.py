@@ -72,6 +72,12 @@ def severity(reason: Reason | None) -> int:
     return SEVERITY.index(reason)
 
 
+def verdict_rank(verdict: ImageVerdict) -> int:
+    """Rank of a verdict in SEVERITY (a pass ranks last): `min(..., key=verdict_rank)` is
+    the worst of several views of one thing, the first of them on a tie."""
+    return severity(None if verdict.passed else verdict.reason)
+
+
 @dataclass(frozen=True)
 class DecisionThresholds:
     """Thresholds in force; `replica` is None when the index has no replica features."""

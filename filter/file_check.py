@@ -14,7 +14,7 @@ from typing import Protocol, TypedDict
 import numpy as np
 
 from filter.content import FileContent
-from filter.decide import ImageVerdict, Reason, severity
+from filter.decide import ImageVerdict, Reason, severity, verdict_rank
 
 
 class ImageChecker(Protocol):
@@ -80,18 +80,14 @@ def check_files(checker: ImageChecker, contents: Sequence[FileContent]) -> list[
     return out
 
 
-def _rank(verdict: ImageVerdict) -> int:
-    return severity(None if verdict.passed else verdict.reason)
-
-
 def file_verdict(content: FileContent, verdicts: Sequence[ImageVerdict]) -> FileVerdict:
     """The worst verdict of the file's images (the first such image on a tie, so the file's
     own first image speaks for a pass), or `unchecked_content` when it ranks worse."""
     if not verdicts:
         raise ValueError("a file shows at least one image")
-    worst = min(range(len(verdicts)), key=lambda i: _rank(verdicts[i]))
+    worst = min(range(len(verdicts)), key=lambda i: verdict_rank(verdicts[i]))
     verdict, view = verdicts[worst], content.views[worst]
-    if content.unaccounted and severity(Reason.UNCHECKED_CONTENT) < _rank(verdict):
+    if content.unaccounted and severity(Reason.UNCHECKED_CONTENT) < verdict_rank(verdict):
         unaccounted = "; ".join(content.unaccounted)
         unchecked = dataclasses.replace(
             verdict,

@@ -5,10 +5,12 @@ The batcher is the one place where requests meet; it keeps a fault in one reques
 candidates from failing its neighbours, and fails every waiting request closed if it
 dies itself.
 
-What travels through the batcher are draws, rows of (seed, slot, attempt), not latents:
-the engine reads the filter in force once per batch and derives each latent under that
-filter's index salt (service.generators.latents_for), so the candidate drawn and the
-filter that checks it always belong to the same index, also across a hot reload.
+What travels through the batcher are draws, rows of (seed, slot, attempt, delivery), not
+latents: the engine reads the filter in force once per batch and derives each latent under
+that filter's index salt (service.generators.latents_for), so the candidate drawn and the
+filter that checks it always belong to the same index, also across a hot reload. A JPEG
+delivery is encoded before the check, and both the generated and the decoded pixels are
+checked (service.encoding.deliver).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from filter.decide import ImageVerdict
+from filter.decide import ImageVerdict, verdict_rank
 from filter.identity_filter import StageObserver
 from filter.stages import GENERATE
 from filter.thresholds import FilterInForce
@@ -122,12 +124,14 @@ class CandidateEngine:
 
     def run(self, draws: np.ndarray) -> list[CandidateOutcome]:
         """`draws`: (N, 4) rows of (seed, slot, attempt, delivery); one outcome per row, in
-        order. Each candidate is checked as its caller will decode it."""
+        order. A lossy (JPEG) candidate is checked twice in the same batch, as generated
+        and as its caller will decode it, and passes only if both pass: the decoded pixels
+        are what leaves, and a caller choosing the quality must not blur an enrolled face
+        under the threshold."""
         snapshot = self.snapshot()  # the whole batch is drawn for, and checked by, one filter
         latents = latents_for_draws(draws, self.generator.latent_dim, self.seed_key, snapshot.salt)
         start = time.perf_counter()
         images = self.generator.generate(latents)
-        self.observer.observe_stage(GENERATE, time.perf_counter() - start)
         if len(images) != len(latents):
             raise FilterFailure(
                 f"generator returned {len(images)} images for {len(latents)} latents"
@@ -136,14 +140,19 @@ class CandidateEngine:
             deliver(image, int(quality))
             for image, quality in zip(images, np.asarray(draws)[:, 3].tolist(), strict=True)
         ]
-        batch = [pixels for pixels, _ in deliveries]
+        self.observer.observe_stage(GENERATE, time.perf_counter() - start)
+        lossy = [row for row, (_, data) in enumerate(deliveries) if data is not None]
+        batch = [*images, *(deliveries[row][0] for row in lossy)]
         verdicts = snapshot.checker.check(batch, observer=self.observer)
         if len(verdicts) != len(batch):
             raise FilterFailure("filter returned a verdict count that differs from its input")
-        self.observer.batch(len(batch))
+        final = list(verdicts[: len(images)])
+        for row, as_delivered in zip(lossy, verdicts[len(images) :], strict=True):
+            final[row] = min((final[row], as_delivered), key=verdict_rank)
+        self.observer.batch(len(images))
         return [
             CandidateOutcome(image=pixels, verdict=v, filtered_by=snapshot.in_force, delivered=data)
-            for (pixels, data), v in zip(deliveries, verdicts, strict=True)
+            for (pixels, data), v in zip(deliveries, final, strict=True)
         ]
 
 

@@ -43,8 +43,9 @@ def encode_image(image: np.ndarray, image_format: ImageFormat, jpeg_quality: int
 def deliver(image: np.ndarray, jpeg_quality: int) -> tuple[np.ndarray, bytes | None]:
     """The pixels a caller will decode, and the bytes that carry them when the encoding is
     lossy. JPEG moves pixels enough to move a face's similarity (up to +0.29 on 64 px
-    faces at quality 90), so the filter checks the decoded JPEG, not the generator's
-    pixels, and exactly those bytes are released. `jpeg_quality` 0: lossless (PNG)."""
+    faces at quality 90, and down as far), so the engine checks the decoded JPEG as well
+    as the generator's pixels, and exactly these bytes are released. `jpeg_quality` 0:
+    lossless (PNG)."""
     if jpeg_quality == 0:
         return image, None
     data = encode_image(image, ImageFormat.JPEG, jpeg_quality)
@@ -65,9 +66,9 @@ def encode_released(
     they are signed or nothing is returned: any failure is a SigningFailure, never the
     unsigned bytes. Signing changes the bytes (each manifest has its own id and
     signature), not the pixels."""
-    if delivered is None and image_format is not ImageFormat.PNG:
+    if (delivered is None) != (image_format is ImageFormat.PNG):
         # A lossy encoding made here would release pixels the filter never saw.
-        raise FilterFailure(f"no checked {image_format.value} bytes to release")
+        raise FilterFailure(f"the checked bytes do not fit a {image_format.value} release")
     data = delivered if delivered is not None else encode_image(image, image_format, jpeg_quality)
     if signer is None:
         return data

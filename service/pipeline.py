@@ -1,11 +1,12 @@
 """Slots, candidates and resampling: the gRPC-free core of Generate.
 
 A request asks for `count` slots. Each round, every open slot draws one candidate
-(seed, slot, attempt; the engine derives its latent under the seed key and the salt of the
-index that checks it); the candidates of all open requests are generated and filtered
-together by the batcher; passing candidates fill their
-slots, rejected ones are resampled until the attempt budget runs out. Only images
-that passed the filter are ever encoded or returned.
+(seed, slot, attempt, and how it will be delivered; the engine derives its latent under
+the seed key and the salt of the index that checks it); the candidates of all open
+requests are generated and filtered together by the batcher; passing candidates fill
+their slots, rejected ones are resampled until the attempt budget runs out. Only images
+that passed the filter are ever returned; a JPEG candidate is encoded (in memory) before
+the check, so that its decoded pixels are checked too, and dropped if rejected.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ from PIL import Image
 from service.batcher import CandidateEngine, DynamicBatcher
 from service.encoding import ImageFormat, deliver, encode_released
 from service.errors import FilterFailure
+from service.generators import latents_for
 from service.pipeline import GenerationPipeline, GenerationRequest
-from tests.fakes import ScriptedFilter
+from tests.fakes import HashListFilter, ScriptedFilter
 
 LATENT_DIM = 8
 SIDE = 64
@@ -94,7 +95,31 @@ def test_deliver_is_deterministic_and_lossless_only_for_png() -> None:
 
 def test_no_lossy_encoding_is_made_after_the_check() -> None:
     image = TexturedGenerator().generate(np.ones((1, LATENT_DIM), np.float32))[0]
-    with pytest.raises(FilterFailure, match="no checked jpeg bytes"):
+    with pytest.raises(FilterFailure, match="do not fit a jpeg release"):
         encode_released(image, ImageFormat.JPEG, 90, None, None)
     pixels, data = deliver(image, 90)
     assert encode_released(pixels, ImageFormat.JPEG, 90, None, None, data) == data
+    with pytest.raises(FilterFailure, match="do not fit a png release"):
+        encode_released(pixels, ImageFormat.PNG, 90, None, None, data)
+
+
+@pytest.mark.parametrize("enrolled_view", ["as generated", "as delivered"])
+def test_a_jpeg_candidate_is_held_back_when_either_view_matches(enrolled_view: str) -> None:
+    """Checked as decoded only, a caller choosing the quality could blur an enrolled face
+    under the threshold; checked as generated only, JPEG could lift one over it."""
+    generator = TexturedGenerator()
+    first = generator.generate(latents_for(5, 0, 0, LATENT_DIM)[None])[0]
+    checker = HashListFilter()
+    view = first if enrolled_view == "as generated" else deliver(first, 60)[0]
+    checker.enrolled.add(HashListFilter.key(view))
+
+    async def run() -> list[int]:
+        batcher = DynamicBatcher(CandidateEngine(generator, checker), max_delay=0.001)
+        pipe = GenerationPipeline(batcher, LATENT_DIM, max_attempts=4, max_count=8)
+        request = GenerationRequest(count=2, seed=5, image_format=ImageFormat.JPEG, jpeg_quality=60)
+        result = await pipe.generate(request)
+        await batcher.close()
+        return [image.attempts for image in sorted(result.images, key=lambda i: i.slot)]
+
+    assert asyncio.run(run()) == [2, 1]  # slot 0's first candidate was held back
+    assert checker.batches[0] == 4  # both views of both candidates, in one batch
