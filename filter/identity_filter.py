@@ -259,8 +259,13 @@ class IdentityFilter:
         return out, per_image
 
     def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+        self,
+        images: Sequence[np.ndarray],
+        observer: StageObserver | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> list[ImageVerdict]:
+        """One verdict per image. `candidates` (which candidate each image shows) changes
+        nothing here: it is for wrappers that count per candidate (filter.shadow)."""
         return [
             decide(evidence, self.thresholds, self.no_face_policy)
             for evidence in self.evidence(images, observer)

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from filter.decide import DecisionThresholds, ImageVerdict, decide, shadow_change
+from filter.decide import DecisionThresholds, ImageVerdict, decide, shadow_change, verdict_rank
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageObserver
 from filter.index import IdentityIndex
 
@@ -70,12 +70,26 @@ class ShadowedFilter:
         return self.inner.index
 
     def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+        self,
+        images: Sequence[np.ndarray],
+        observer: StageObserver | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> list[ImageVerdict]:
-        verdicts: list[ImageVerdict] = []
+        """The in-force verdict of each image. One comparison is reported per candidate:
+        images that show one candidate (`candidates`, e.g. a JPEG as generated and as
+        decoded) are judged by their worst view under each set of thresholds, as the
+        engine judges the candidate."""
+        in_force: list[ImageVerdict] = []
+        shadow: list[ImageVerdict] = []
         for evidence in self.inner.evidence(images, observer):
-            in_force = decide(evidence, self.inner.thresholds, self.inner.no_face_policy)
-            shadow = decide(evidence, self.shadow_thresholds, self.inner.no_face_policy)
-            self.observer.shadow(shadow_change(in_force, shadow))
-            verdicts.append(in_force)
-        return verdicts
+            in_force.append(decide(evidence, self.inner.thresholds, self.inner.no_face_policy))
+            shadow.append(decide(evidence, self.shadow_thresholds, self.inner.no_face_policy))
+        groups: dict[int, list[int]] = {}
+        owners = range(len(images)) if candidates is None else candidates
+        for image, candidate in zip(range(len(images)), owners, strict=True):
+            groups.setdefault(candidate, []).append(image)
+        for views in groups.values():
+            worst_in_force = min((in_force[i] for i in views), key=verdict_rank)
+            worst_shadow = min((shadow[i] for i in views), key=verdict_rank)
+            self.observer.shadow(shadow_change(worst_in_force, worst_shadow))
+        return in_force

@@ -75,10 +75,15 @@ class NullObserver:
 
 
 class ImageChecker(Protocol):
-    """What the engine needs of the identity filter (filter.IdentityFilter implements it)."""
+    """What the engine needs of the identity filter (filter.IdentityFilter implements it).
+    `candidates[i]`: the candidate image i shows (a JPEG candidate's two views share one),
+    for what is counted per candidate (filter.shadow); None: one candidate per image."""
 
     def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+        self,
+        images: Sequence[np.ndarray],
+        observer: StageObserver | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> list[ImageVerdict]: ...
 
 
@@ -143,7 +148,8 @@ class CandidateEngine:
         self.observer.observe_stage(GENERATE, time.perf_counter() - start)
         lossy = [row for row, (_, data) in enumerate(deliveries) if data is not None]
         batch = [*images, *(deliveries[row][0] for row in lossy)]
-        verdicts = snapshot.checker.check(batch, observer=self.observer)
+        candidates = [*range(len(images)), *lossy]
+        verdicts = snapshot.checker.check(batch, observer=self.observer, candidates=candidates)
         if len(verdicts) != len(batch):
             raise FilterFailure("filter returned a verdict count that differs from its input")
         final = list(verdicts[: len(images)])

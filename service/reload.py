@@ -181,9 +181,12 @@ class SwappableChecker:
         return self._snapshot
 
     def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+        self,
+        images: Sequence[np.ndarray],
+        observer: StageObserver | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> list[ImageVerdict]:
-        return self._snapshot.checker.check(images, observer=observer)
+        return self._snapshot.checker.check(images, observer=observer, candidates=candidates)
 
     # Beyond `check`, callers (tests, benches) read these two of the filter in force; only
     # these pass through, so nothing else reaches the filter behind the swap unnoticed.

@@ -38,7 +38,10 @@ class ScriptedFilter:
         self.entered = threading.Event()
 
     def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+        self,
+        images: Sequence[np.ndarray],
+        observer: StageObserver | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> list[ImageVerdict]:
         call = self.calls
         self.calls += 1
@@ -59,11 +62,13 @@ class ScriptedFilter:
 
 
 class HashListFilter:
-    """Rejects images whose pixel hash is enrolled; records batch sizes."""
+    """Rejects images whose pixel hash is enrolled; records batch sizes and which candidate
+    each image was said to show."""
 
     def __init__(self) -> None:
         self.enrolled: set[str] = set()
         self.batches: list[int] = []
+        self.candidates: list[list[int] | None] = []
         self.fail = False
 
     @staticmethod
@@ -71,11 +76,15 @@ class HashListFilter:
         return hashlib.sha256(image.tobytes()).hexdigest()
 
     def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+        self,
+        images: Sequence[np.ndarray],
+        observer: StageObserver | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> list[ImageVerdict]:
         if self.fail:
             raise RuntimeError("embedder exploded")
         self.batches.append(len(images))
+        self.candidates.append(None if candidates is None else list(candidates))
         out = []
         for image in images:
             hit = self.key(image) in self.enrolled

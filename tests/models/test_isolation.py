@@ -31,7 +31,10 @@ class PoisonFilter(HashListFilter):
         self.checked: set[str] = set()
 
     def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+        self,
+        images: Sequence[np.ndarray],
+        observer: StageObserver | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> list[ImageVerdict]:
         self.calls.append(len(images))
         if any(self.key(image) in self.poison for image in images):

@@ -123,3 +123,4 @@ def test_a_jpeg_candidate_is_held_back_when_either_view_matches(enrolled_view: s
 
     assert asyncio.run(run()) == [2, 1]  # slot 0's first candidate was held back
     assert checker.batches[0] == 4  # both views of both candidates, in one batch
+    assert checker.candidates[0] == [0, 1, 0, 1]  # each view says whose it is

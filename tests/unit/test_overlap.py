@@ -164,7 +164,10 @@ class _Filter:
         self.batches: list[list[int]] = []
 
     def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+        self,
+        images: Sequence[np.ndarray],
+        observer: StageObserver | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> list[ImageVerdict]:
         values = [int(image[0, 0, 0]) for image in images]
         self.batches.append(values)
@@ -246,7 +249,10 @@ class _HeldFilter(_Filter):
         self.release = threading.Event()
 
     def check(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None = None
+        self,
+        images: Sequence[np.ndarray],
+        observer: StageObserver | None = None,
+        candidates: Sequence[int] | None = None,
     ) -> list[ImageVerdict]:
         if not self.entered.is_set():
             self.entered.set()

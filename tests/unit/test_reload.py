@@ -27,7 +27,12 @@ class Named:
         self.gate = gate
         self.started = threading.Event()
 
-    def check(self, images: Sequence[np.ndarray], observer: Any = None) -> list[ImageVerdict]:
+    def check(
+        self,
+        images: Sequence[np.ndarray],
+        observer: Any = None,
+        candidates: Sequence[int] | None = None,
+    ) -> list[ImageVerdict]:
         self.started.set()
         if self.gate is not None:
             assert self.gate.wait(10)

@@ -52,6 +52,35 @@ def test_verdicts_are_those_in_force_and_differences_are_counted() -> None:
     assert counter.changes == ["would_reject", "same", "same", "would_pass", "same"]
 
 
+@pytest.mark.parametrize(
+    ("generated", "decoded", "shadow_identity", "change"),
+    [
+        # Rejected in force by the decoded view (0.60 >= 0.56) and by the shadow (0.50 >=
+        # 0.40): the same for the candidate, though its views differ one by one.
+        (0.50, 0.60, 0.40, "same"),
+        # Rejected in force (0.60, 0.70 >= 0.56) and under a shadow of 0.65 (0.70): same.
+        (0.60, 0.70, 0.65, "same"),
+        # Passes in force (0.50, 0.52 < 0.56), a shadow of 0.51 rejects the decoded view.
+        (0.50, 0.52, 0.51, "would_reject"),
+        # Rejected in force by the generated view only; a shadow of 0.65 passes both.
+        (0.60, 0.50, 0.65, "would_pass"),
+    ],
+)
+def test_views_of_one_candidate_are_compared_once_by_their_worst(
+    generated: float, decoded: float, shadow_identity: float, change: str
+) -> None:
+    """The engine checks a JPEG candidate as generated and as decoded, and it passes only
+    if both pass: the shadow counts that candidate once, judged the same way."""
+    in_force = DecisionThresholds(identity=0.56)
+    inner = Evidence([_image(0.10), _image(generated), _image(decoded)], in_force)
+    counter = Counter()
+    shadow = ShadowThresholds(identity=shadow_identity).applied_to(in_force)
+    checked = ShadowedFilter(inner, shadow, counter)  # type: ignore[arg-type]
+    verdicts = checked.check([np.zeros((4, 4, 3), np.uint8)] * 3, candidates=[0, 1, 1])
+    assert len(verdicts) == 3  # one verdict per image, as before
+    assert counter.changes == ["same", change]
+
+
 def test_shadow_overrides_only_what_is_set() -> None:
     in_force = DecisionThresholds(identity=0.5, replica=0.9)
     assert ShadowThresholds(identity=0.6).applied_to(in_force) == DecisionThresholds(0.6, 0.9)
