@@ -79,6 +79,20 @@ def configured_generator(settings: Settings) -> Generator:
     )
 
 
+def warn_faceless_identities(identities: list[str], has_replicas: bool) -> None:
+    """Name each identity none of whose images gave a face to enrol: the filter cannot
+    recognise that person's face, whatever the thresholds (the summary's
+    `identities_without_faces`; one line per image says why)."""
+    held = "only near-copies of its images are" if has_replicas else "nothing of it is"
+    for identity in identities:
+        print(
+            f"warning: identity {identity} has no enrolled face (none of its images showed "
+            f"one the filter can search): its face is not held back, {held}; add a clear "
+            "photo of it",
+            file=sys.stderr,
+        )
+
+
 def restrict_to_owner(folder: Path) -> None:
     """An index says who is in the training set: owner-only folder (0700) and files (0600)."""
     folder.chmod(0o700)

@@ -19,6 +19,7 @@ from service.cli.common import (
     progress_bar,
     restrict_to_owner,
     seed_key,
+    warn_faceless_identities,
 )
 from service.config import Settings
 
@@ -82,6 +83,7 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
         )
     for item in report.skipped:
         print(f"warning: skipped {item['path']}: {item['error']}", file=sys.stderr)
+    warn_faceless_identities(report.empty_identities, index.has_replicas)
     return 0
 
 

@@ -17,6 +17,7 @@ from service.cli.common import (
     model_options,
     progress_bar,
     restrict_to_owner,
+    warn_faceless_identities,
 )
 from service.config import Settings
 
@@ -86,6 +87,8 @@ def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
     kept = "enrolled for replicas only" if edited.has_replicas else "not enrolled"
     for path in report.gallery.no_face if report.gallery else []:
         print(f"warning: no face found in {gallery / path}; {kept}", file=sys.stderr)
+    if report.gallery is not None:
+        warn_faceless_identities(report.gallery.empty_identities, edited.has_replicas)
     emit(_report(edited, report, written, args))
     return 0
 

@@ -54,9 +54,14 @@ def test_index_build_enrols_bystanders_counts_them_and_skips_a_crowd(
         (gallery / "group" / name).symlink_to(faces_dir / "multi" / name)
     crowd = crowd_of(identities_dir / "id02" / "01.jpg", 32)
     Image.fromarray(crowd).save(gallery / "group" / "crowd.png")
+    (gallery / "faceless").mkdir()  # an identity whose only photo shows no face
+    Image.new("RGB", (160, 160), (120, 130, 140)).save(gallery / "faceless" / "blank.png")
     result = facegate("index", "build", str(gallery), "--out", str(tmp_path / "index"))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
+    assert summary["identities_without_faces"] == ["faceless"]
+    assert "identity faceless has no enrolled face" in result.stderr
+    assert "identity id05 has" not in result.stderr and "identity group has" not in result.stderr
     assert summary["images_too_many_faces"] == 1
     assert summary["too_many_faces"] == [str(gallery / "group" / "crowd.png")]
     assert "crowd.png holds more faces than the filter searches" in result.stderr
