@@ -158,6 +158,23 @@ def remove_partial_fragments(out: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse an OUT that is a file, or a folder holding files of something else: a run
+    removes what under OUT/pass/ its manifest does not name, which must never be
+    somebody's files. A new folder, an empty one or a batch's OUT is fine."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ManifestError(f"--out {out} is a file; name a folder (new, or a batch's OUT)")
+    if manifest_dir(out).is_dir() or not any(out.iterdir()):
+        return
+    raise ManifestError(
+        f"--out {out} holds files and is not a batch's OUT (no {MANIFEST_DIR}/): a run "
+        f"replaces what its {PASS_DIR}/ holds; name a new folder"
+    )
+
+
 def remove_unrecorded_copies(out: Path) -> int:
     """Files under OUT/pass/ that no current manifest row names: copies (or half-written
     copies) of a batch that crashed before its fragment was written, or of bytes a later

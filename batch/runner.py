@@ -16,6 +16,7 @@ from batch.manifest import (
     COPY_PIXELS,
     PASS_DIR,
     ManifestRun,
+    check_out_folder,
     check_run_identity,
     current_rows,
     manifest_dir,
@@ -39,9 +40,13 @@ def plan_batch(
     inputs: Sequence[str], out: Path, spec: FilterSpec, resume_by: str = RESUME_CONTENT
 ) -> Plan:
     """What a run over `inputs` into `out` has left to do (batch.resume)."""
+    check_out_folder(out)
     run = spec.run()
     remove_partial_fragments(out)
     check_run_identity(out, run)
+    # Marks OUT as a batch's before any copy is written: a run that stops before its
+    # first fragment leaves an OUT its rerun accepts (and cleans).
+    manifest_dir(out).mkdir(parents=True, exist_ok=True)
     # OUT may sit inside an input folder: its own copies are not inputs.
     own = Path(out).absolute()
     suffix = PNG_SUFFIX if spec.copy_mode == COPY_PIXELS else None

@@ -44,6 +44,7 @@ from filter.index_store import (
     REPLICAS_FILE,
     VECTORS_FILE,
     IndexSnapshot,
+    check_replaceable,
     fsync_dir,
     labels_of,
     read_calibration,
@@ -274,6 +275,7 @@ class FaissIdentityIndex:
     def save(self, folder: Path) -> None:
         """Write the index atomically: a staging folder, then a rename over the target."""
         folder = Path(folder)
+        check_replaceable(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
         try:

@@ -342,6 +342,21 @@ def exchange(first: Path, second: Path) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def check_replaceable(target: Path) -> None:
+    """Refuse to write an index over anything but nothing, an empty folder or an index:
+    an `--out` naming the wrong folder must not delete what it holds."""
+    if target.is_symlink() or not target.exists():
+        return
+    if not target.is_dir():
+        raise IndexLayoutError(f"{target} is a file, not an index folder; choose another path")
+    if (target / MANIFEST_FILE).is_file() or not any(target.iterdir()):
+        return
+    raise IndexLayoutError(
+        f"{target} holds files and is not an identity index (no {MANIFEST_FILE}); "
+        "refusing to replace it: choose a new path, or remove it yourself"
+    )
+
+
 def swap_in(staging: Path, target: Path) -> None:
     """Replace `target` by `staging`; a reader sees the old folder or the new one, whole,
     and the path never goes missing (see the module's docstring)."""
@@ -350,6 +365,7 @@ def swap_in(staging: Path, target: Path) -> None:
             f"{target} is a symlink: write a new release and flip it "
             "(filter.index_release.publish), not the link itself"
         )
+    check_replaceable(target)
     if not target.exists():
         os.replace(staging, target)
         return

@@ -167,8 +167,16 @@ class MetricsHttpServer:
             app = require_bearer(app, read_token(endpoint.bearer_token_file))
         tls = tls_context(endpoint)
 
+        try:
+            family = _family(endpoint.host)
+        except OSError as exc:  # the name does not resolve
+            raise MetricsConfigError(
+                f"cannot resolve the metrics host {endpoint.host!r} (FACEGATE_METRICS_HOST): "
+                f"{exc.strerror or exc}"
+            ) from None
+
         class Server(_MetricsServer):
-            address_family = _family(endpoint.host)
+            address_family = family
 
         Server.tls = tls
         try:

@@ -262,10 +262,17 @@ class FacegateServer:
         credentials = server_credentials(
             self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
         )
-        if credentials is not None:
-            self.grpc_port = server.add_secure_port(address, credentials)
-        else:
-            self.grpc_port = server.add_insecure_port(address)
+        try:
+            if credentials is not None:
+                self.grpc_port = server.add_secure_port(address, credentials)
+            else:
+                self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc raises where it used to return 0
+            tls = " with FACEGATE_TLS_CERT/FACEGATE_TLS_KEY" if credentials is not None else ""
+            raise StartupError(
+                f"cannot bind gRPC address {address}{tls} ({exc}): is the port in use, "
+                "or the certificate and key not a pair?"
+            ) from None
         if self.grpc_port == 0:
             raise StartupError(f"cannot bind gRPC address {address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

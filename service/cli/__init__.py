@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, FilterError, BatchError) as exc:
         print(f"facegate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a path the command could not read or write: it names it
+        print(f"facegate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     finally:

@@ -32,9 +32,11 @@ if TYPE_CHECKING:
 def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
     from filter.assembly import detector_manifest
     from filter.gallery import build_gallery_index, gallery_images
+    from filter.index_store import check_replaceable
     from filter.replica import MIN_REPLICA_IMAGES
     from filter.vector_table import APPROXIMATE_TYPES
 
+    check_replaceable(Path(args.out))  # before the enrolment, not after it
     gallery = Path(args.gallery)
     total = len(list(gallery_images(gallery)))
     pipeline = embedding_pipeline(settings, args)

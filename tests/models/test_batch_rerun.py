@@ -17,6 +17,8 @@ def test_a_rerun_plans_only_the_images_without_a_row(
 ) -> None:
     root = input_tree(tmp_path / "gen", identities_dir)
     out = root / "out"  # inside the input: its copies are not inputs
+    # What a run that stopped after a copy, before its first fragment, leaves.
+    (out / "manifest").mkdir(parents=True)
     (out / "pass" / "gen").mkdir(parents=True)
     (out / "pass" / "gen" / "a.png").write_bytes((root / "a.jpg").read_bytes())
     spec = FilterSpec(EmbeddingSpec("sface", models_dir), full_index)

@@ -13,6 +13,7 @@ from batch.errors import BatchInputError
 from batch.inputs import discover_inputs
 from batch.manifest import (
     COPY_ORIGINAL,
+    check_out_folder,
     check_run_identity,
     current_rows,
     fragments,
@@ -207,3 +208,26 @@ def test_copies_no_row_names_are_removed_before_a_rerun(tmp_path: Path) -> None:
     lone.parent.mkdir(parents=True)
     lone.write_bytes(PNG)
     assert remove_unrecorded_copies(tmp_path / "fresh") == 1 and not lone.exists()
+
+
+def test_out_must_be_new_empty_or_a_batchs_own(tmp_path: Path) -> None:
+    """A run removes what OUT/pass/ holds that its manifest does not name: an OUT that is
+    somebody's folder is refused before anything is read (review finding)."""
+    from batch.errors import ManifestError
+    from batch.runner import plan_batch
+
+    theirs = tmp_path / "theirs"
+    (theirs / "pass").mkdir(parents=True)
+    (theirs / "pass" / "holiday.jpg").write_bytes(b"keep")
+    with pytest.raises(ManifestError, match="not a batch's OUT"):
+        plan_batch([str(tmp_path)], theirs, None)  # type: ignore[arg-type]
+    assert (theirs / "pass" / "holiday.jpg").read_bytes() == b"keep"
+    (tmp_path / "a-file").write_text("keep")
+    with pytest.raises(ManifestError, match="is a file"):
+        check_out_folder(tmp_path / "a-file")
+    check_out_folder(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_out_folder(tmp_path / "empty")
+    (tmp_path / "earlier" / "manifest").mkdir(parents=True)
+    (tmp_path / "earlier" / "pass").mkdir()
+    check_out_folder(tmp_path / "earlier")

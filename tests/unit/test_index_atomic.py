@@ -200,3 +200,32 @@ def test_saving_onto_a_symlink_is_refused(tmp_path: Path) -> None:
     with pytest.raises(store.IndexLayoutError, match="symlink"):
         small_index(2).save(link)
     assert link.is_symlink()
+
+
+def test_an_index_is_written_only_over_nothing_an_empty_folder_or_an_index(
+    tmp_path: Path,
+) -> None:
+    """An `--out` naming the wrong folder must not delete what it holds (review finding:
+    `index build --out` swapped its folder in and removed a folder of other files)."""
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "keep.jpg").write_bytes(b"somebody's file")
+    with pytest.raises(store.IndexLayoutError, match="not an identity index"):
+        small_index(1).save(other)
+    assert (other / "keep.jpg").read_bytes() == b"somebody's file"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    with pytest.raises(store.IndexLayoutError, match="is a file"):
+        small_index(1).save(a_file)
+    assert a_file.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "photos"]  # no staging
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    small_index(1).save(empty)
+    second = small_index(2)
+    second.save(empty)  # an index is replaced by an index
+    assert FaissIdentityIndex.load(empty).fingerprint == second.fingerprint
+    # The CLI refuses before any enrolment, with the same words and nothing else.
+    result = facegate("index", "build", str(tmp_path / "gallery"), "--out", str(other))
+    assert result.returncode == 2 and "not an identity index" in result.stderr
+    assert "Traceback" not in result.stderr

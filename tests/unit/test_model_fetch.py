@@ -99,3 +99,15 @@ def test_a_failed_download_says_which_model_and_why(
     with pytest.raises(ModelError, match="no network") as info:
         fetch_model(DCGAN_DIGIFACE, tmp_path)
     assert DCGAN_DIGIFACE.wheel_requirement in str(info.value)
+
+
+def test_a_path_the_command_cannot_write_is_a_message_naming_it(tmp_path: Path) -> None:
+    """An OSError (here: a file where a folder is needed) is a line naming the path and
+    exit 2, never a traceback (review finding)."""
+    from tests.commands import facegate
+
+    (tmp_path / "a-file").write_text("x")
+    target = tmp_path / "a-file" / "models"
+    result = facegate("models", "fetch", "--models-dir", str(target))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("facegate: ") and str(target) in result.stderr
