@@ -6,7 +6,10 @@ for:
 - every frame or page (GIF, APNG, animated WebP, multi-page TIFF), as a viewer composes
   it; MPO images through the MPF index;
 - for a frame with transparent pixels, also the colour channels under them (a program
-  that drops the alpha channel shows them; the filter otherwise sees the frame over white);
+  that drops the alpha channel shows them; the filter otherwise sees the frame over white)
+  and the frame over black (a dark page shows white drawn on transparency);
+- for a frame whose colour profile (ICC, PNG gAMA/cHRM) changes what a viewer shows, the
+  frame as managed (`filter.colour_views`);
 - every thumbnail and embedded image its structure holds (EXIF thumbnails, compressed or
   as uncompressed strips; JFIF/JFXX, Photoshop and XMP thumbnails; TIFF SubIFDs) and any
   image file, or base64 image, found in free-form metadata (text, comments, ICC
@@ -37,6 +40,7 @@ from filter.content_scan import Embedded, Layout, trailing
 from filter.errors import ImageError
 from filter.images import (
     DECODE_ERRORS,
+    FrameViews,
     ImageLimits,
     check_pixels,
     frame_views,
@@ -53,6 +57,10 @@ MAX_REASONS = 8  # unaccounted reasons kept per file (the first ones)
 # zlib level of re-encoded copies: level 1 encoded a 1024x1024 photo 8x faster than PIL's
 # default 6, 23 % larger (docs/batch.md); a copy can be recompressed losslessly later.
 COPY_COMPRESS_LEVEL = 1
+# APNG stores a frame's delay in 16 bits of milliseconds (as PIL writes it) and the loop
+# count in 32: a longer frame of a GIF or WebP is copied at the longest APNG can say.
+APNG_MAX_DELAY_MS = 65_535
+APNG_MAX_LOOP = 2**31 - 1
 # Embedded images a file may ask the reader to try: a payload stuffed with signatures
 # would otherwise cost one decode attempt each.
 MAX_EMBEDDED = 256
@@ -155,29 +163,30 @@ class _Reader:
             decoded = first if index == 0 else self._decode(img, index, label, top)
             if decoded is None:
                 continue
-            shown, hidden, duration = decoded
-            self.add(label, shown, own_frame=top)
-            if hidden is not None:
-                self.add(f"{label}, colour under its transparent pixels", hidden)
+            views, duration = decoded
+            self.add(label, views.shown, own_frame=top)
+            for other_name, other in views.others:
+                self.add(f"{label}, {other_name}", other)
+            self.unaccounted += [f"{label} has {problem}" for problem in views.problems]
             durations.append(duration)
         loop = img.info.get("loop")
         return durations, int(loop) if isinstance(loop, int) else (1 if total > 1 else 0)
 
     def _decode(
         self, img: Image.Image, index: int, label: str, top: bool
-    ) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+    ) -> tuple[FrameViews, int] | None:
         try:
             if index:
                 img.seek(index)
             check_pixels(img, self.limits)
             img.load()
-            shown, hidden = frame_views(img)
+            views = frame_views(img)
         except _FRAME_ERRORS as exc:
             if top and index == 0:
                 raise
             self.unaccounted.append(f"{label} cannot be decoded: {exc}")
             return None
-        return shown, hidden, int(img.info.get("duration") or 0)
+        return views, int(img.info.get("duration") or 0)
 
     def structure(self, data: bytes, image_format: str, found: Embedded, depth: int) -> int:
         """Walk the container; record what it holds. Returns where its structure ends."""
@@ -283,8 +292,8 @@ def checked_pixels_png(content: FileContent) -> bytes:
         compress_level=COPY_COMPRESS_LEVEL,
         save_all=True,
         append_images=canvases[1:],
-        duration=[d or 100 for d in durations],
-        loop=content.loop,
+        duration=[min(d, APNG_MAX_DELAY_MS) if d > 0 else 100 for d in durations],
+        loop=min(max(content.loop, 0), APNG_MAX_LOOP),
         disposal=0,
         blend=0,
     )

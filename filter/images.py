@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from filter.colour_views import managed_view
 from filter.errors import ImageError
 
 # What PIL's decoders raise on hostile or broken files (fuzzed in tests/loopback/test_fuzz.py): each
@@ -120,13 +121,26 @@ def decode_image(source: bytes | Path | str, limits: ImageLimits | None = None) 
     data = read_image_bytes(source, limits)
     with opened_image(data, limits) as img:
         img.load()
-        return frame_views(img)[0]
+        return frame_views(img).shown
 
 
-def frame_views(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """The current frame as the filter sees it (EXIF-oriented, every mode as 8-bit RGB,
-    transparency composited on white), and, when some pixels are not opaque, the colour
-    channels under them as a program that drops the alpha channel shows them (else None)."""
+@dataclass(frozen=True)
+class FrameViews:
+    """One frame as the filter sees it (`shown`: EXIF-oriented, every mode as 8-bit RGB,
+    transparency composited on white), the other ways viewers show the same frame
+    (`others`, named), and what about it cannot be shown here (`problems`)."""
+
+    shown: np.ndarray
+    others: tuple[tuple[str, np.ndarray], ...] = ()
+    problems: tuple[str, ...] = ()
+
+
+def frame_views(img: Image.Image) -> FrameViews:
+    """The current frame's views. With pixels that are not opaque: also the colour
+    channels under them (a program that drops the alpha channel shows them) and the frame
+    over black (a dark page or viewer shows white drawn on transparency: a face drawn in
+    the alpha channel alone is blank over white). With a colour profile (ICC, or PNG
+    gAMA/cHRM) that changes what a viewer shows: also the managed view."""
     # No needless copies: at the pixel limit each is 256 MB (PIL keeps RGB in 4 bytes a
     # pixel), and exif_transpose copies even an image it does not turn.
     if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
@@ -136,17 +150,31 @@ def frame_views(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         low, high = float(arr.min()), float(arr.max())
         scaled = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
         img = Image.fromarray(scaled.astype(np.uint8), mode="L")
-    hidden = None
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info
-    ):
+    others: list[tuple[str, np.ndarray]] = []
+    profiled = img
+    # tRNS gives RGB and L images a transparent colour as it gives palettes a transparent
+    # index: viewers show it as transparent either way.
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         if int(np.asarray(rgba.getchannel("A")).min()) < 255:
-            hidden = np.ascontiguousarray(np.asarray(rgba, dtype=np.uint8)[..., :3])
+            others.append(
+                (
+                    "colour under its transparent pixels",
+                    np.ascontiguousarray(np.asarray(rgba, dtype=np.uint8)[..., :3]),
+                )
+            )
+            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            others.append(
+                ("over black", _rgb_array(Image.alpha_composite(black, rgba).convert("RGB")))
+            )
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     rgb = img if img.mode == "RGB" else img.convert("RGB")
-    return _rgb_array(rgb), hidden
+    shown = _rgb_array(rgb)
+    managed = managed_view(profiled, shown)
+    if managed.pixels is not None:
+        others.append((managed.name, managed.pixels))
+    return FrameViews(shown, tuple(others), (managed.problem,) if managed.problem else ())
 
 
 # Larger images are converted to an array a band of rows at a time.

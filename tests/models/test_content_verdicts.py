@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.colour_probes import alpha_drawn, dark_with_gamma, icc_stretched, side_by_side
 from tests.commands import facegate
 from tests.conftest import make_gallery
 from tests.content_probes import (
     UNREADABLE_PLACES,
     encode,
     hiding_places,
+    load,
     probe_files,
 )
 
@@ -66,3 +68,35 @@ def test_unchecked_content_wins_over_the_no_face_pass_policy(index: Path, tmp_pa
     lines = check_lines(index, files, "--no-face-policy", "pass")
     assert lines["blank"]["verdict"] == "pass"
     assert lines["padded"]["reason"] == "unchecked_content"
+
+
+def test_check_rejects_an_enrolled_face_a_viewer_shows_and_the_raw_pixels_hide(
+    index: Path, identities_dir: Path, tmp_path: Path
+) -> None:
+    """Beside a stranger: an enrolled face drawn in the alpha channel alone (blank over
+    white), squeezed into a band of values that an ICC profile or PNG gamma stretches back,
+    or turned on its side or upside down (MTCNN finds faces near upright only). Each passed
+    before; the stranger alone passes."""
+    shown = load(identities_dir / "id05" / "01.jpg", (200, 200))
+    hidden = load(identities_dir / "id02" / "02.jpg", (200, 200))
+    builders = {
+        "alpha": lambda: alpha_drawn(shown, hidden),
+        "icc png": lambda: icc_stretched(shown, hidden, "PNG"),
+        "icc jpeg": lambda: icc_stretched(shown, hidden, "JPEG"),
+        "gamma": lambda: dark_with_gamma(shown, hidden),
+        "on its side": lambda: encode(side_by_side(shown, np.rot90(hidden)), "PNG"),
+        "upside down": lambda: encode(side_by_side(shown, np.rot90(hidden, 2)), "PNG"),
+        "stranger": lambda: encode(shown, "PNG"),
+    }
+    files = {}
+    for name, build in builders.items():
+        files[name] = tmp_path / f"{name.replace(' ', '_')}.png"
+        files[name].write_bytes(build())
+    lines = check_lines(index, files)
+    assert lines.pop("stranger")["verdict"] == "pass"
+    for name, line in lines.items():
+        assert (line["verdict"], line["reason"], line["identity"]) == (
+            "reject",
+            "identity_match",
+            "id02",
+        ), (name, line)

@@ -204,9 +204,11 @@ def test_transparent_pixels_show_their_colour_too(shown: np.ndarray) -> None:
     assert [v.name for v in content.views] == [
         "image",
         "image, colour under its transparent pixels",
+        "image, over black",
     ]
     assert (content.views[0].pixels == 255).all()
     assert np.array_equal(content.views[1].pixels, shown)
+    assert (content.views[2].pixels == 0).all()
     assert content.frames == 1  # the copy holds what was shown, over white
 
 
@@ -261,6 +263,15 @@ def test_the_copy_is_the_checked_pixels_and_nothing_else(
             assert np.array_equal(frame, view.pixels), place
         recheck = read_content(copy)
         assert recheck.complete and len(recheck.views) == content.frames, place
+
+
+def test_a_frame_longer_than_apng_can_say_is_copied_at_its_longest(shown: np.ndarray) -> None:
+    frames = [_resized(shown, (32, 32)), _resized(shown, (32, 32))[::-1]]
+    webp = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=70_001)
+    content = read_content(webp)
+    assert content.durations[0] > 65_535  # more than APNG's 16-bit delay holds
+    copy = Image.open(io.BytesIO(checked_pixels_png(content)))
+    assert copy.n_frames == 2 and copy.info["duration"] == 65_535
 
 
 def _png_chunks(data: bytes) -> set[bytes]:
@@ -337,7 +348,7 @@ def test_check_files_checks_every_image_of_every_file_in_one_call() -> None:
             return [_verdict(None)] * 2 + [_verdict(Reason.IDENTITY_MATCH)] + [_verdict(None)]
 
     results = check_files(Checker(), [_content(2), _content(1), _content(1)])
-    assert calls == [4]
+    assert calls == [4, 4, 4, 4]  # as stored, then each quarter turn (test_turned_faces.py)
     assert [r.verdict.reason for r in results] == [None, Reason.IDENTITY_MATCH, None]
 
 

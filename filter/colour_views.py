@@ -1,0 +1,141 @@
+"""A frame as colour-managed viewers show it, where that differs from its raw pixels.
+
+Browsers and photo viewers convert an image's pixels to the display's colour space with
+the profile the file carries (an ICC profile in PNG iCCP, JPEG APP2, WebP ICCP or a TIFF
+tag; or PNG's gAMA and cHRM chunks). A profile can map a narrow band of stored values to
+the full range: a face stored at values 120 to 136 is a flat grey panel to a decoder and a
+normal face to a viewer. So a frame whose managed view differs from its pixels by more
+than `VISIBLE_DIFFERENCE` is also checked as managed (`filter.content`); a profile
+facegate cannot apply makes the file's content unaccounted (it is not passed).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageCms
+
+# Largest per-channel difference (of 255) between the managed and the raw view that is
+# not checked again: what an sRGB or near-sRGB profile moves, far below what it takes to
+# hide a face from the detector in one view and show it in the other.
+VISIBLE_DIFFERENCE = 8
+# PNG's gAMA for sRGB-like data is 1/2.2 (45455 in the chunk); within this relative
+# distance of it the raw view is what a viewer shows.
+GAMMA_TOLERANCE = 0.02
+# sRGB's white point and primaries (x, y): white, red, green, blue, as PNG cHRM orders them.
+SRGB_CHROMATICITY = (0.3127, 0.3290, 0.64, 0.33, 0.30, 0.60, 0.15, 0.06)
+CHROMATICITY_TOLERANCE = 0.005
+_DISPLAY_GAMMA = 2.2
+_ICC_SPACES = {
+    "RGB ": ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA"),
+    "GRAY": ("L", "LA", "La", "1"),
+    "CMYK": ("CMYK",),
+}
+
+
+@dataclass(frozen=True)
+class ManagedView:
+    """A frame as a colour-managed viewer shows it (None: the same as its raw view, within
+    VISIBLE_DIFFERENCE), or why it cannot be said (`problem`)."""
+
+    pixels: np.ndarray | None = None
+    name: str = ""
+    problem: str = ""
+
+
+def managed_view(img: Image.Image, shown: np.ndarray) -> ManagedView:
+    """The frame `img` (EXIF-oriented, its own mode) as viewers show it, given `shown`, the
+    filter's RGB view of it. PNG's rule of precedence: iCCP over sRGB over gAMA and cHRM."""
+    icc = img.info.get("icc_profile")
+    if icc:
+        return _icc_view(img, shown, icc)
+    if "srgb" not in img.info:  # gamma and chromaticity come from PNG only
+        return _png_chunk_view(img.info, shown)
+    return ManagedView()
+
+
+def _icc_view(img: Image.Image, shown: np.ndarray, icc: bytes) -> ManagedView:
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        space = str(profile.profile.xcolor_space)
+    except (OSError, ValueError, TypeError, ImageCms.PyCMSError) as exc:
+        return ManagedView(problem=f"an ICC profile facegate cannot read ({exc})")
+    modes = _ICC_SPACES.get(space)
+    if modes is None or img.mode not in modes:
+        return ManagedView(
+            problem=f"an ICC profile for {space.strip() or 'unknown'} colour on "
+            f"{img.mode} pixels, which facegate does not apply"
+        )
+    if img.mode == "CMYK":
+        source = img
+    elif space == "GRAY":
+        source = Image.fromarray(np.ascontiguousarray(shown[..., 0]), "L")
+    else:
+        source = Image.fromarray(shown, "RGB")
+    try:
+        managed = ImageCms.profileToProfile(
+            source, profile, ImageCms.createProfile("sRGB"), outputMode="RGB"
+        )
+    except (OSError, ValueError, ImageCms.PyCMSError) as exc:
+        return ManagedView(problem=f"an ICC profile facegate cannot apply ({exc})")
+    assert managed is not None  # profileToProfile returns the image unless inPlace
+    return _if_visible(np.asarray(managed, dtype=np.uint8), shown, "as its ICC profile shows it")
+
+
+def _png_chunk_view(info: Mapping[Any, object], shown: np.ndarray) -> ManagedView:
+    gamma = info.get("gamma")
+    chromaticity = info.get("chromaticity")
+    if gamma is None and chromaticity is None:
+        return ManagedView()
+    if gamma is not None and not (isinstance(gamma, float) and 0.0 < gamma < 100.0):
+        return ManagedView(problem=f"a PNG gamma (gAMA) of {gamma}, which facegate does not apply")
+    file_gamma = float(gamma) if isinstance(gamma, float) else 1.0 / _DISPLAY_GAMMA
+    primaries: tuple[float, ...] = SRGB_CHROMATICITY
+    if chromaticity is not None:
+        values = tuple(float(v) for v in chromaticity)  # type: ignore[attr-defined]
+        if max(abs(a - b) for a, b in zip(values, SRGB_CHROMATICITY, strict=True)) > (
+            CHROMATICITY_TOLERANCE
+        ):
+            primaries = values
+    plain_gamma = abs(file_gamma * _DISPLAY_GAMMA - 1.0) <= GAMMA_TOLERANCE
+    if plain_gamma and primaries == SRGB_CHROMATICITY:
+        return ManagedView()
+    # Stored samples are linear light to the power of the file's gamma.
+    linear = (np.arange(256, dtype=np.float64) / 255.0) ** (1.0 / file_gamma)
+    if primaries == SRGB_CHROMATICITY:
+        out = linear[shown]
+    else:
+        try:
+            matrix = np.linalg.solve(_rgb_to_xyz(SRGB_CHROMATICITY), _rgb_to_xyz(primaries))
+        except np.linalg.LinAlgError:
+            return ManagedView(problem="PNG chromaticities (cHRM) that define no colour space")
+        if not np.isfinite(matrix).all():
+            return ManagedView(problem="PNG chromaticities (cHRM) that define no colour space")
+        out = np.clip(linear[shown] @ matrix.T, 0.0, 1.0)
+    encoded = np.round(255.0 * out ** (1.0 / _DISPLAY_GAMMA)).astype(np.uint8)
+    return _if_visible(encoded, shown, "as its PNG gamma and chromaticities show it")
+
+
+def _rgb_to_xyz(chromaticity: tuple[float, ...]) -> np.ndarray:
+    """The matrix from linear RGB with these primaries and white point to CIE XYZ."""
+    wx, wy, rx, ry, gx, gy, bx, by = chromaticity
+    if min(wy, ry, gy, by) <= 0.0:
+        raise np.linalg.LinAlgError("a chromaticity with y = 0")
+    primaries = np.array(
+        [[x / y, 1.0, (1.0 - x - y) / y] for x, y in ((rx, ry), (gx, gy), (bx, by))]
+    ).T
+    white = np.array([wx / wy, 1.0, (1.0 - wx - wy) / wy])
+    return primaries * np.linalg.solve(primaries, white)
+
+
+def _if_visible(managed: np.ndarray, shown: np.ndarray, name: str) -> ManagedView:
+    if managed.shape != shown.shape:
+        return ManagedView(problem=f"a colour profile that changes the image's shape ({name})")
+    difference = np.abs(managed.astype(np.int16) - shown.astype(np.int16)).max(initial=0)
+    if difference <= VISIBLE_DIFFERENCE:
+        return ManagedView()
+    return ManagedView(pixels=np.ascontiguousarray(managed), name=name)
