@@ -50,6 +50,12 @@ _LATENT_DOMAIN = b"facegate/latent/v1"
 # index's membership maps every seed to new candidates.
 _SALTED_LATENT_DOMAIN = b"facegate/latent/v2"
 _UNKEYED_SALTED_DOMAIN = b"facegate/latent/v2/unkeyed"
+# A lossy delivery draws its own candidates: a JPEG candidate held back for its decoded
+# view must not be the PNG candidate of the same (seed, slot, attempt), or a caller who
+# got that PNG would encode the held-back JPEG himself (and learn from each quality he
+# asks for whether it passes). Lossless deliveries keep the v1/v2 derivations.
+_DELIVERY_LATENT_DOMAIN = b"facegate/latent/v3"
+_UNKEYED_DELIVERY_DOMAIN = b"facegate/latent/v3/unkeyed"
 
 # A candidate to draw: one row (seed, slot, attempt, delivery) of an unsigned 64-bit
 # array. The batcher carries these rows, not latents: the engine turns them into latents
@@ -78,8 +84,10 @@ def latents_for(
     dim: int,
     key: bytes | None = None,
     salt: bytes = b"",
+    delivery: int = LOSSLESS,
 ) -> np.ndarray:
-    """The latent of one candidate, a pure function of (key, salt, seed, slot, attempt).
+    """The latent of one candidate, a pure function of (key, salt, seed, slot, attempt,
+    delivery).
 
     Each candidate has its own stream, so a slot's sequence does not depend on how
     many other slots a request has, which of them were rejected, or how candidates
@@ -94,11 +102,20 @@ def latents_for(
     Without a salt (an index made before salts existed) the derivation is the earlier one,
     so such an index keeps its seeds; without a key the latent is a function of the seed
     and the salt alone (FACEGATE_ALLOW_UNKEYED_SEEDS, demos only).
+    A lossy delivery (a JPEG quality) enters the message under its own domain: each
+    quality draws other candidates than PNG and than every other quality.
     """
     position = struct.pack(">QQQ", seed, slot, attempt)
     if key is not None and len(key) < MIN_SEED_KEY_BYTES:
         raise ValueError(f"seed key must be at least {MIN_SEED_KEY_BYTES} bytes")
-    if not salt:
+    if delivery != LOSSLESS:
+        message = struct.pack(">H", len(salt)) + salt + position + struct.pack(">Q", delivery)
+        if key is None:
+            digest = hashlib.sha256(_UNKEYED_DELIVERY_DOMAIN + message).digest()
+        else:
+            digest = hmac.new(key, _DELIVERY_LATENT_DOMAIN + message, hashlib.sha256).digest()
+        sequence = np.random.SeedSequence(entropy=int.from_bytes(digest, "big"))
+    elif not salt:
         if key is None:
             sequence = np.random.SeedSequence(entropy=seed, spawn_key=(slot, attempt))
         else:
@@ -117,8 +134,9 @@ def latents_for(
 def latents_for_draws(
     draws: np.ndarray, dim: int, key: bytes | None = None, salt: bytes = b""
 ) -> np.ndarray:
-    """(N, 4) draw rows -> (N, dim) float32 latents (see `latents_for`); the delivery
-    column does not enter the latent: a seed gives the same face in PNG and JPEG."""
+    """(N, 4) draw rows -> (N, dim) float32 latents (see `latents_for`); a lossy delivery
+    draws other candidates than PNG: a seed gives other faces in PNG and in each JPEG
+    quality."""
     rows = np.asarray(draws)
     if rows.ndim != 2 or rows.shape[1] != DRAW_COLUMNS:
         raise ValueError(f"draws must be (N, {DRAW_COLUMNS}) rows; got {rows.shape}")
@@ -126,8 +144,8 @@ def latents_for_draws(
         return np.zeros((0, dim), dtype=np.float32)
     return np.stack(
         [
-            latents_for(int(s), int(slot), int(a), dim, key, salt)
-            for s, slot, a in rows[:, :3].tolist()
+            latents_for(int(s), int(slot), int(a), dim, key, salt, int(d))
+            for s, slot, a, d in rows.tolist()
         ]
     )
 

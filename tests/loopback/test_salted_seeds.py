@@ -52,10 +52,35 @@ def test_the_salt_changes_every_latent_and_is_bound_to_the_key() -> None:
     rows = draw_rows(2**64 - 1, [(0, 0), (3, 2)])
     assert rows.dtype == np.uint64 and rows.shape == (2, 4)
     assert int(rows[0, 0]) == 2**64 - 1 and rows[:, 3].tolist() == [0, 0]  # lossless
-    # The delivery does not enter the latent: a seed is the same face in PNG and JPEG.
-    jpeg = draw_rows(2**64 - 1, [(0, 0), (3, 2)], jpeg_quality=75)
-    assert jpeg[:, 3].tolist() == [75, 75]
-    assert np.array_equal(latents_for_draws(rows, 100, KEY), latents_for_draws(jpeg, 100, KEY))
+    # PNG rows keep their latents: those of `latents_for` without a delivery.
+    png = latents_for_draws(rows, 100, KEY, salt_a)
+    assert np.array_equal(png[1], latents_for(2**64 - 1, 3, 2, 100, KEY, salt_a))
+
+
+def test_each_jpeg_quality_draws_other_candidates_than_png() -> None:
+    """A JPEG candidate is held back for its decoded view too: were it the PNG candidate of
+    the same seed, slot and attempt, a caller who got that PNG would encode the held-back
+    JPEG himself, and learn per quality whether it passes."""
+    salt = bytes(range(16))
+    slots = [(0, 0), (3, 2)]
+    png = latents_for_draws(draw_rows(9, slots), 100, KEY, salt)
+    by_quality = {}
+    for quality in (20, 75, 90, 100):
+        rows = draw_rows(9, slots, jpeg_quality=quality)
+        assert rows[:, 3].tolist() == [quality, quality]
+        latents = latents_for_draws(rows, 100, KEY, salt)
+        assert np.array_equal(latents, latents_for_draws(rows, 100, KEY, salt))  # reproducible
+        assert not np.isin(latents, png).any()
+        by_quality[quality] = latents
+        assert np.array_equal(latents[1], latents_for(9, 3, 2, 100, KEY, salt, delivery=quality))
+        # Keyed and salted as lossless draws are.
+        assert not np.array_equal(latents, latents_for_draws(rows, 100, bytes(range(1, 33)), salt))
+        assert not np.array_equal(latents, latents_for_draws(rows, 100, KEY, salt[::-1]))
+        assert not np.array_equal(latents, latents_for_draws(rows, 100, None, salt))
+    distinct = {latents.tobytes() for latents in by_quality.values()}
+    assert len(distinct) == len(by_quality)
+    sample = np.stack([latents_for(1, s, 0, 100, KEY, salt, delivery=90) for s in range(200)])
+    assert abs(float(sample.mean())) < 0.05 and abs(float(sample.std()) - 1.0) < 0.05
 
 
 def test_every_index_gets_its_own_salt_and_a_malformed_one_is_refused(

@@ -108,7 +108,8 @@ def test_a_jpeg_candidate_is_held_back_when_either_view_matches(enrolled_view: s
     """Checked as decoded only, a caller choosing the quality could blur an enrolled face
     under the threshold; checked as generated only, JPEG could lift one over it."""
     generator = TexturedGenerator()
-    first = generator.generate(latents_for(5, 0, 0, LATENT_DIM)[None])[0]
+    # The JPEG request's first candidate: its latent is drawn for quality 60.
+    first = generator.generate(latents_for(5, 0, 0, LATENT_DIM, delivery=60)[None])[0]
     checker = HashListFilter()
     view = first if enrolled_view == "as generated" else deliver(first, 60)[0]
     checker.enrolled.add(HashListFilter.key(view))
