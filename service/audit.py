@@ -48,6 +48,9 @@ class Rejection:
     faces: int
     client: str | None = None  # verified client-certificate subject, when mutual TLS is on
     caller_request_id: str | None = None  # the caller's x-request-id (validated), if sent
+    # The best replica similarity (a `replica` rejection's score; `similarity` is the best
+    # face's, which for a replica may be another identity's or none).
+    replica_similarity: float | None = None
 
 
 class AuditSink(Protocol):
@@ -157,8 +160,10 @@ class JsonLinesAuditLog:
     def rejection(self, record: Rejection) -> None:
         """Format and enqueue; never blocks (called on the event loop)."""
         line = {"time": _now(), "event": "candidate_rejected", **asdict(record)}
-        if record.similarity is not None:
-            line["similarity"] = round(record.similarity, 6)
+        for score in ("similarity", "replica_similarity"):
+            value = getattr(record, score)
+            if value is not None:
+                line[score] = round(value, 6)
         if self._hash is not None and record.identity is not None:
             line["identity"] = self._hash(record.identity)
         try:

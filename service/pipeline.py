@@ -179,6 +179,7 @@ class GenerationPipeline:
                         faces=outcome.verdict.faces,
                         client=request.client,
                         caller_request_id=request.caller_request_id,
+                        replica_similarity=outcome.verdict.replica_similarity,
                     )
                 )
                 if attempts[slot] < self.max_attempts:

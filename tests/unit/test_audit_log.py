@@ -4,6 +4,7 @@ file is owner-only."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import stat
@@ -11,8 +12,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
+from filter.decide import ImageVerdict, Reason
 from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
 from service.audit import JsonLinesAuditLog, Rejection, identity_hasher
+from service.batcher import CandidateEngine, DynamicBatcher
+from service.pipeline import GenerationPipeline, GenerationRequest
+from tests.fakes import ScriptedFilter
 
 
 def _rejection(n: int, identity: str = "alice-smith") -> Rejection:
@@ -68,3 +75,63 @@ def test_hashed_identities_and_owner_only_audit_file(tmp_path: Path) -> None:
     # The one derivation (filter.keys): a subkey of the master, never the master itself.
     expected = identity_digest(derive_subkey(key, AUDIT_IDENTITY), "alice-smith")
     assert records[0]["identity"] == expected
+
+
+class _ReplicaFirst(ScriptedFilter):
+    """Holds back the first candidate as a replica of a training image (its best face
+    similarity low, its replica similarity high); passes the rest."""
+
+    def _verdict(self, passed: bool) -> ImageVerdict:
+        if passed:
+            return super()._verdict(passed)
+        return ImageVerdict(
+            passed=False,
+            reason=Reason.REPLICA,
+            faces=1,
+            max_similarity=0.2,
+            identity=self.label,
+            replica_similarity=0.95,
+        )
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.records: list[Rejection] = []
+
+    def rejection(self, record: Rejection) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_replica_rejection_records_the_replica_similarity() -> None:
+    """The audit line of a `replica` rejection carries the score that rejected it, not
+    only the best face's (another identity's, or none)."""
+    checker = _ReplicaFirst(lambda call, position: (call, position) != (0, 0))
+    sink = _Sink()
+
+    async def run() -> None:
+        batcher = DynamicBatcher(CandidateEngine(_FlatGenerator(), checker), max_delay=0.001)
+        pipe = GenerationPipeline(batcher, 4, max_attempts=3, max_count=4, audit=sink)
+        await pipe.generate(GenerationRequest(count=1, seed=3))
+        await batcher.close()
+
+    asyncio.run(run())
+    [record] = sink.records
+    assert (record.reason, record.similarity, record.replica_similarity) == ("replica", 0.2, 0.95)
+    stream = io.StringIO()
+    audit = JsonLinesAuditLog(stream)
+    audit.rejection(record)
+    audit.close()
+    line = json.loads(stream.getvalue())
+    assert (line["similarity"], line["replica_similarity"]) == (0.2, 0.95)
+
+
+class _FlatGenerator:
+    name = "flat"
+    latent_dim = 4
+    model_sha256 = "0" * 64
+
+    def generate(self, latents: np.ndarray) -> np.ndarray:
+        return np.zeros((len(latents), 8, 8, 3), np.uint8)

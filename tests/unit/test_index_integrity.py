@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -145,8 +146,37 @@ def test_an_index_whose_rows_cannot_be_found_fails_the_self_test(tmp_path: Path)
     ivf.quantizer.add(_unit(np.random.default_rng(9).standard_normal((8, 16))))
     ivf.nprobe = 1
     _replace_faiss(folder, ivf)
-    with pytest.raises(IndexCorruptError, match="self-test failed"):
+    with pytest.raises(IndexCorruptError, match="self-test failed") as refused:
         FaissIdentityIndex.load(folder)
+    # The refusal reaches the server's log (startup, reload), which names no one.
+    assert not set(_index().faces.identities) & set(re.findall(r"\bid\d+\b", str(refused.value)))
+    assert "row" in str(refused.value)
+
+
+def _flat_index(vectors: np.ndarray, identities: list[str]) -> FaissIdentityIndex:
+    return FaissIdentityIndex.build(
+        vectors,
+        identities,
+        [f"f{i}.jpg" for i in range(len(identities))],
+        embedder_name="test",
+        model_sha256="0" * 64,
+        detector=DETECTOR,
+        index_type="flat",
+    )
+
+
+def test_more_copies_of_one_face_than_neighbours_searched_pass_the_self_test(
+    tmp_path: Path,
+) -> None:
+    """One group photo enrolled under each of the twelve people in it: twelve equal
+    vectors under twelve names, more than the self-test's neighbours."""
+    rng = np.random.default_rng(5)
+    group = np.repeat(_unit(rng.standard_normal((1, 16))), 12, axis=0)
+    others = _unit(rng.standard_normal((28, 16)))
+    labels = [f"person {i}" for i in range(12)] + [f"other {i}" for i in range(28)]
+    folder = tmp_path / "idx"
+    _flat_index(np.concatenate([group, others]), labels).save(folder)
+    assert FaissIdentityIndex.load(folder).vector_count == 40
 
 
 def test_a_detector_that_changes_embeddings_is_refused_but_search_scope_is_not(
