@@ -1,7 +1,8 @@
 """JPEG and MPO structure for the content rule (`filter.containers` dispatches here):
-markers and entropy-coded data, the APPn segments that hold thumbnails (JFIF, JFXX, EXIF,
-Photoshop, XMP) or other images (MPF: an MPO's further images), and the ones it does not
-read, which leave the file unaccounted."""
+markers and entropy-coded data (scanned for image files), frame, table and scan headers
+(each exactly as long as its fields), the APPn segments that hold thumbnails (JFIF, JFXX,
+EXIF, Photoshop, XMP) or other images (MPF: an MPO's further images), and the ones it
+does not read, which leave the file unaccounted."""
 
 from __future__ import annotations
 
@@ -80,13 +81,55 @@ def _jpeg_stream(data: bytes, start: int, layout: Layout) -> tuple[int | None, l
             layout.unread(f"the JPEG segment at byte {pos} is truncated")
             return None, segments
         next_pos = pos + 2 + length
+        if marker == 0xDA or marker in _JPEG_STRUCTURE:
+            size = _structure_size(marker, body)
+            if size != len(body):
+                layout.unread(
+                    f"a JPEG {_structure_name(marker)} segment at byte {pos} holds "
+                    f"{len(body)} bytes, not the {size} its fields take"
+                )
         if marker == 0xDA:  # entropy-coded data up to the next marker that is not RSTn
-            next_pos = _after_scan(data, next_pos)
+            scan_end = _after_scan(data, next_pos)
+            # A decoder reads only the codes it needs and skips the rest up to the next
+            # marker: whatever image file hides there is carved out by the scan.
+            scan(data[next_pos:scan_end], f"the JPEG scan data at byte {next_pos}", layout)
+            next_pos = scan_end
         elif 0xE0 <= marker <= 0xEF or marker == 0xFE:
             segments.append((marker, body, pos + 4))
         elif marker not in _JPEG_STRUCTURE:
             layout.unread(f"a JPEG marker {marker:#04x} that facegate does not read")
         pos = next_pos
+
+
+_STRUCTURE_NAMES = {0xC4: "DHT", 0xCC: "DAC", 0xDA: "SOS", 0xDB: "DQT", 0xDC: "DNL"}
+_STRUCTURE_NAMES |= {0xDD: "DRI", 0xDE: "DHP", 0xDF: "EXP"}
+
+
+def _structure_name(marker: int) -> str:
+    return _STRUCTURE_NAMES.get(marker, f"SOF{marker - 0xC0}")
+
+
+def _structure_size(marker: int, body: bytes) -> int:
+    """How many bytes a frame, table or scan header takes by its own fields (ITU T.81,
+    B.2-B.3): the rest of its segment would be read by no decoder."""
+    fixed = {0xDC: 2, 0xDD: 2, 0xDF: 1}.get(marker)
+    if fixed is not None:
+        return fixed
+    if marker == 0xDA:  # Ns, a selector pair per component, Ss, Se, Ah/Al
+        return 4 + 2 * body[0] if body else 1
+    if marker == 0xCC:  # conditioning entries of two bytes
+        return len(body) - len(body) % 2
+    if marker in (0xC4, 0xDB):
+        at = 0
+        while at < len(body):
+            if marker == 0xDB:  # Pq/Tq, then 64 values of one or two bytes
+                at += 1 + 64 * (2 if body[at] >> 4 else 1)
+            elif at + 17 > len(body):  # Tc/Th, 16 code counts, then that many values
+                return at + 17
+            else:
+                at += 17 + sum(body[at + 1 : at + 17])
+        return at
+    return 6 + 3 * body[5] if len(body) > 5 else 6  # SOFn, DHP: P, Y, X, Nf, components
 
 
 def _after_scan(data: bytes, pos: int) -> int:
@@ -129,6 +172,7 @@ def _jpeg_metadata(
         elif marker == 0xE2 and body.startswith(b"ICC_PROFILE\x00"):
             joined["ICC profile"].extend(body[14:])
         elif marker == 0xE2 and body.startswith(b"MPF\x00"):
+            walk_tiff(body[4:], "the MPF segment", layout, file=False)
             if not nested:  # an MPO's later images carry attributes only
                 claimed += _mpf_entries(body, at + 4, layout)
         elif marker == 0xEB and body.startswith(b"JP"):
@@ -143,7 +187,8 @@ def _jpeg_metadata(
         elif marker == 0xED and body.startswith(b"Photoshop 3.0\x00"):
             joined["Photoshop"].extend(body[14:])
         elif marker == 0xEE and body.startswith(b"Adobe"):
-            continue
+            # Version, two flag words and the colour transform take 12 bytes; none follow.
+            scan(body[12:], "the JPEG APP14 Adobe segment", layout)
         else:
             ident = body[:12].split(b"\x00")[0].decode("latin-1", "replace")
             layout.unread(

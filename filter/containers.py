@@ -2,9 +2,11 @@
 segment or block is either image data (decoded as a frame or a thumbnail), metadata of a
 known kind (scanned for embedded images where it is free-form), or unaccounted.
 
-- PNG, APNG: every chunk of the PNG specification and APNG, and a few small fixed private
-  chunks; text, ICC, EXIF and C2PA (caBX) are scanned. Unaccounted: other chunks, bytes
-  after IEND.
+- PNG, APNG (filter.container_png): every chunk of the PNG specification and APNG at its
+  specified size, and a few small fixed private chunks; text, ICC, EXIF, C2PA (caBX),
+  sPLT and pCAL are scanned; each frame's image data must inflate to exactly its rows.
+  Unaccounted: other chunks, frames beyond acTL's count, bytes after a compressed stream
+  or after IEND.
 - JPEG, MPO: markers and entropy-coded data; APP0 JFIF/JFXX (thumbnails), APP1 EXIF and
   XMP, APP2 ICC and MPF (the MPO's other images), APP11 JUMBF (C2PA), APP12, APP13
   Photoshop, APP14 Adobe, COM. Unaccounted: other APP segments (FlashPix, ...), unknown
@@ -22,14 +24,11 @@ known kind (scanned for embedded images where it is free-form), or unaccounted.
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Callable
 
 from filter.container_jpeg import EXIF_HEADERS, walk_jpeg
+from filter.container_png import walk_png
 from filter.content_scan import Layout, scan, walk_tiff
-
-# Compressed metadata (zTXt, iTXt, iCCP) inflates to at most this much before it is scanned.
-MAX_INFLATED = 16 * 1024 * 1024
 
 
 def walk(image_format: str, data: bytes, layout: Layout) -> bool:
@@ -40,76 +39,6 @@ def walk(image_format: str, data: bytes, layout: Layout) -> bool:
         return False
     walker(data, layout)
     return True
-
-
-_PNG_IMAGE_DATA = {b"IDAT", b"fdAT"}
-_PNG_FIXED = {
-    b"IHDR", b"PLTE", b"IEND", b"tRNS", b"cHRM", b"gAMA", b"sBIT", b"sRGB", b"cICP",
-    b"mDCv", b"cLLi", b"bKGD", b"hIST", b"pHYs", b"sPLT", b"tIME", b"acTL", b"fcTL",
-    b"oFFs", b"pCAL", b"sCAL", b"sTER", b"gIFg",
-}  # fmt: skip
-_PNG_TEXT = {b"tEXt", b"zTXt", b"iTXt", b"iCCP", b"caBX", b"gIFx", b"dSIG"}
-# Private chunks that common writers add, each a few fixed fields (ImageMagick's virtual
-# page, canvas and orientation, Apple's iDOT, Android's nine-patch): read when they are
-# too small to hold an image.
-_PNG_SMALL_PRIVATE = {b"vpAg", b"caNv", b"orNT", b"iDOT", b"npTc", b"npOl", b"npLb"}
-SMALL_CHUNK = 64
-
-
-def walk_png(data: bytes, layout: Layout) -> None:
-    pos = 8
-    while True:
-        if pos + 8 > len(data):
-            layout.unread(f"the PNG chunks end without IEND at byte {pos}")
-            return
-        length, kind = struct.unpack_from(">I4s", data, pos)
-        body = data[pos + 8 : pos + 8 + length]
-        if len(body) != length or pos + 12 + length > len(data):
-            layout.unread(f"the PNG chunk {_name(kind)} at byte {pos} is truncated")
-            return
-        pos += 12 + length
-        if kind == b"IEND":
-            break
-        if kind in _PNG_IMAGE_DATA or kind in _PNG_FIXED:
-            continue
-        if kind in _PNG_SMALL_PRIVATE and length <= SMALL_CHUNK:
-            continue
-        where = f"the PNG {_name(kind)} chunk"
-        if kind == b"eXIf":
-            walk_tiff(body, "EXIF", layout, file=False)
-        elif kind in _PNG_TEXT:
-            payload = _png_text(kind, body, where, layout)
-            if payload is not None:
-                scan(payload, where, layout)
-        else:
-            layout.unread(f"a PNG chunk {_name(kind)} that facegate does not read")
-    layout.end = pos
-
-
-def _png_text(kind: bytes, body: bytes, where: str, layout: Layout) -> bytes | None:
-    """The text of a text chunk (inflated when compressed), or a profile's bytes."""
-    _keyword, _, rest = body.partition(b"\x00")
-    if kind == b"zTXt" or kind == b"iCCP":
-        return _inflate(rest[1:], where, layout)
-    if kind == b"iTXt":
-        compressed = rest[:1] == b"\x01"
-        _language, _, rest = rest[2:].partition(b"\x00")
-        _translated, _, text = rest.partition(b"\x00")
-        return _inflate(text, where, layout) if compressed else text
-    return body
-
-
-def _inflate(compressed: bytes, where: str, layout: Layout) -> bytes | None:
-    inflater = zlib.decompressobj()
-    try:
-        out = inflater.decompress(compressed, MAX_INFLATED)
-    except zlib.error as exc:
-        layout.unread(f"{where} cannot be inflated: {exc}")
-        return None
-    if inflater.unconsumed_tail:
-        layout.unread(f"{where} inflates to more than {MAX_INFLATED} bytes")
-        return None
-    return out
 
 
 def _name(kind: bytes) -> str:

@@ -23,6 +23,8 @@ import struct
 from dataclasses import dataclass, field
 from itertools import count
 
+from filter.scan_spans import span
+
 # One scan's hits share a group: an image found at one offset claims the bytes up to its
 # end, and hits inside it are its own business (its own walk finds them).
 _groups = count(1)
@@ -33,12 +35,22 @@ class Embedded:
     """An image inside a file, to be decoded and checked like the file's own frames."""
 
     name: str  # e.g. "EXIF thumbnail", "an image in the PNG tEXt chunk"
-    data: bytes
+    source: bytes  # the image's bytes, or the payload it starts in at `start`
     whole_file: bool = True  # False: a page of a TIFF structure already walked: decode only
     host_after_end: bool = False  # found by a scan: the bytes after its end are the host's
     group: int = 0
     offset: int = 0  # within the scanned payload (group > 0)
     swap_red_blue: bool = False  # Photoshop's old thumbnail resource stores BGR
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def data(self) -> bytes:
+        # A scan hit shares its payload and is cut only when it is tried: a hit inside an
+        # image already read is skipped uncut.
+        if self.start or self.stop is not None:
+            return self.source[self.start : self.stop]
+        return self.source
 
 
 @dataclass
@@ -49,6 +61,7 @@ class Layout:
     raw: list[tuple[str, bytes, int, int]] = field(default_factory=list)  # name, RGB, w, h
     unaccounted: list[str] = field(default_factory=list)
     end: int | None = None  # where the container's structure ends (None: it broke off)
+    offered: int = 0  # bytes of scan hits handed to decoders (MAX_OFFERED)
 
     def unread(self, what: str) -> None:
         self.unaccounted.append(what)
@@ -71,37 +84,62 @@ _SIGNATURE = re.compile(
     rb"|8BPS\x00\x01|\x00\x00\x00\x0cjP  \r\n\x87\n|BM",
     re.DOTALL,
 )
-# The same files as the start of base64 text (an image encoded alone starts a base64 group).
+# The same files as the start of base64 text (an image encoded alone starts a base64 group):
+# PNG, JPEG, GIF, WebP (RIFF), TIFF (both orders), PSD, JPEG 2000, BMP ("BM" and the
+# size's first bits).
 _BASE64_IMAGE = re.compile(
-    rb"(?:iVBORw0KGgo|/9j/|R0lGOD|UklGR|SUkqA|TU0AK|OEJQUw)[A-Za-z0-9+/]{60,}={0,2}"
+    rb"(?:iVBORw0KGgo|/9j/|R0lGOD|UklGR|SUkqA|TU0AK|OEJQUw|AAAADGpQ|Qk[0-3])"
+    rb"[A-Za-z0-9+/]{60,}={0,2}"
 )
-# Line breaks inside base64 text as XMP, JSON and XML write them.
-_TEXT_BREAKS = re.compile(rb"&#x[aAdD];|&#1[03];|\\[nr]|\\|\s")
+# Line breaks inside base64 text as XMP, JSON and XML write them, then whitespace: removed
+# in two passes (the same result as one) since a regular expression over every whitespace
+# byte of a large payload (a JPEG's scan data) is several times slower.
+_TEXT_BREAKS = re.compile(rb"&#(?:x[aAdD]|1[03]);|\\[nr]?")
+_WHITESPACE = b" \t\n\r\x0b\x0c"
+# Images one payload may ask the reader to try, as many as filter.content tries in a whole
+# file (MAX_EMBEDDED): a payload stuffed with signatures rejects the file either way, and
+# stopping here keeps the hits themselves from costing time and memory.
+MAX_HITS = 256
+# Bytes the hits of one container's payloads may hand to decoders in all: PIL reads a GIF's
+# or JPEG's unknown bytes one at a time, so each failing hit costs as much as it is given.
+MAX_OFFERED = 64 * 1024 * 1024
 
 
 def scan(payload: bytes, where: str, layout: Layout) -> None:
-    """Record every image file embedded in a free-form payload."""
+    """Record every image file embedded in a free-form payload (at most MAX_HITS; more
+    leave the payload unaccounted)."""
     if len(payload) < 8:
         return
     group = next(_groups)
+    hits = 0
     for match in _SIGNATURE.finditer(payload):
         offset = match.start()
-        if _plausible(payload, offset):
-            layout.embedded.append(
-                Embedded(
-                    f"an image in {where}",
-                    payload[offset:],
-                    host_after_end=True,
-                    group=group,
-                    offset=offset,
-                )
+        if not _plausible(payload, offset):
+            continue
+        hits += 1
+        if hits > MAX_HITS:
+            layout.unread(f"more than {MAX_HITS} embedded images in {where}, from byte {offset} on")
+            return
+        stop = span(payload, offset)
+        if not _offer(layout, stop - offset, where, offset):
+            return
+        layout.embedded.append(
+            Embedded(
+                f"an image in {where}",
+                payload,
+                host_after_end=True,
+                group=group,
+                offset=offset,
+                start=offset,
+                stop=None if stop == len(payload) else stop,
             )
+        )
     texts = [payload]
     if b"\x00" in payload:  # UTF-16 text (EXIF XP tags, a Unicode UserComment)
         texts.append(payload.replace(b"\x00", b""))
     seen: set[bytes] = set()
     for text in texts:
-        for match in _BASE64_IMAGE.finditer(_TEXT_BREAKS.sub(b"", text)):
+        for match in _BASE64_IMAGE.finditer(_unbroken(text)):
             encoded = match.group()
             try:
                 decoded = base64.b64decode(encoded + b"=" * (-len(encoded) % 4))
@@ -110,9 +148,30 @@ def scan(payload: bytes, where: str, layout: Layout) -> None:
             if decoded in seen or not _SIGNATURE.match(decoded) or not _plausible(decoded, 0):
                 continue
             seen.add(decoded)
+            hits += 1
+            if hits > MAX_HITS:
+                layout.unread(f"more than {MAX_HITS} embedded images in {where} (base64)")
+                return
+            if not _offer(layout, len(decoded), where, match.start()):
+                return
             layout.embedded.append(
                 Embedded(f"a base64 image in {where}", decoded, host_after_end=True)
             )
+
+
+def _offer(layout: Layout, size: int, where: str, offset: int) -> bool:
+    layout.offered += size
+    if layout.offered <= MAX_OFFERED:
+        return True
+    layout.unread(
+        f"embedded images in {where} from byte {offset} on, past the {MAX_OFFERED} bytes "
+        "facegate decodes from one container's metadata"
+    )
+    return False
+
+
+def _unbroken(text: bytes) -> bytes:
+    return _TEXT_BREAKS.sub(b"", text).translate(None, _WHITESPACE)
 
 
 def _plausible(data: bytes, offset: int) -> bool:

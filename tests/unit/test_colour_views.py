@@ -48,7 +48,11 @@ def test_a_face_drawn_in_the_alpha_channel_is_seen_over_black(
 ) -> None:
     content = read_content(alpha_drawn(shown, hidden))
     views = {v.name: v.pixels for v in content.views}
-    assert set(views) == {"image", "image, colour under its transparent pixels", "image, over black"}
+    assert set(views) == {
+        "image",
+        "image, colour under its transparent pixels",
+        "image, over black",
+    }
     assert (_right_half(views["image"]) == 255).all()  # over white: blank
     assert (_right_half(views["image, colour under its transparent pixels"]) == 255).all()
     grey = np.asarray(Image.fromarray(hidden).convert("L"))
