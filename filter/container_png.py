@@ -21,6 +21,9 @@ MAX_INFLATED = 16 * 1024 * 1024
 
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
 # Chunks of one size whatever the image.
+# cICP's colour primaries, transfer function and matrix for sRGB (ITU-T H.273: BT.709
+# primaries, the sRGB transfer, RGB); its fourth byte (full range) changes nothing here.
+_CICP_SRGB = bytes((1, 13, 0))
 _FIXED_SIZE = {
     b"IHDR": 13, b"IEND": 0, b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"cICP": 4, b"mDCv": 24,
     b"cLLi": 8, b"pHYs": 9, b"tIME": 7, b"acTL": 8, b"fcTL": 26, b"oFFs": 9, b"sTER": 1,
@@ -185,6 +188,11 @@ def _chunk(png: _Png, kind: bytes, body: bytes, at: int, layout: Layout) -> None
             png.frames = frames if 0 < frames <= 0x80000000 else 0
     elif kind in (b"IDAT", b"fdAT", b"fcTL"):
         _image_data(png, kind, body, at, layout)
+    elif kind == b"cICP" and body[:3] != _CICP_SRGB:
+        # Viewers that honour cICP (HDR transfer curves, other primaries) show other
+        # pixels than the decoder gives the filter; filter.colour_views applies iCCP,
+        # gAMA and cHRM, not these.
+        layout.unread(f"{where} at byte {at} names colours other than sRGB's")
     elif kind == b"eXIf":
         walk_tiff(body, "EXIF", layout, file=False)
     elif kind in _PNG_TEXT:

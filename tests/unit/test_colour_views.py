@@ -144,3 +144,12 @@ def test_the_managed_view_is_skipped_only_below_a_visible_difference(shown: np.n
     assert len(views) == 2
     moved = np.abs(views[1].pixels.astype(int) - views[0].pixels.astype(int)).max()
     assert moved > VISIBLE_DIFFERENCE
+
+
+def test_a_png_cicp_other_than_srgb_is_unaccounted(shown: np.ndarray) -> None:
+    png = encode(shown, "PNG")
+    pq = png_with_chunks_before_idat(png, (b"cICP", bytes((9, 16, 0, 1))))  # BT.2100 PQ
+    content = read_content(pq)
+    assert any("cICP" in reason and "sRGB" in reason for reason in content.unaccounted)
+    srgb = png_with_chunks_before_idat(png, (b"cICP", bytes((1, 13, 0, 1))))
+    assert read_content(srgb).complete
