@@ -23,7 +23,10 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
         pip install --extra-index-url "$TORCH_INDEX_CPU" "torch==2.14.1" "torchvision==0.29.1"; \
     fi \
  && pip install .
-RUN facegate models fetch --models-dir /opt/facegate/models
+# The CLI writes under umask 077; the weights are public and the runtime user (10001)
+# must read them, but not rewrite what it verifies: root-owned, a+rX, no group/other write.
+RUN facegate models fetch --models-dir /opt/facegate/models \
+ && chmod -R a+rX,go-w /opt/facegate/models
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG VARIANT=cpu
@@ -33,7 +36,7 @@ LABEL org.opencontainers.image.title="facegate" \
 RUN groupadd --system --gid 10001 facegate \
  && useradd --system --uid 10001 --gid facegate --home-dir /nonexistent --shell /usr/sbin/nologin facegate
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/facegate/models /opt/facegate/models
+COPY --from=build --chown=root:root /opt/facegate/models /opt/facegate/models
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     FACEGATE_MODELS_DIR=/opt/facegate/models \

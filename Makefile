@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # The floor sits 2 points below, for branches that depend on timing. Raise it as the suite grows.
 COVERAGE_FLOOR ?= 86
 
-.PHONY: setup models protos lint typecheck test test-slow test-fast bench run eval demo-index tools deploy-check clean c2pa-test-chain mutation compose-secrets
+.PHONY: setup models protos lint typecheck test test-slow test-fast bench run eval demo-index tools deploy-check clean c2pa-test-chain mutation compose-secrets compose-permissions
 
 setup: $(STAMP) models
 
@@ -113,11 +113,25 @@ demo-index: setup
 
 # What deploy/compose.yaml mounts as secrets: the seed key and demo index, the C2PA demo
 # chain, the bearer token Prometheus scrapes facegate's /metrics with, and Grafana's admin
-# password (each made once, owner-only).
+# password (each made once).
 compose-secrets: demo-index c2pa-test-chain
 	@umask 077 && for secret in var/metrics.token var/grafana-admin.password; do \
 		[ -s $$secret ] || head -c 32 /dev/urandom | base64 | tr -d '\n=+/' > $$secret; done
+	@$(MAKE) --no-print-directory compose-permissions
 	@echo "compose secrets in var/: seed.key, metrics.token, grafana-admin.password (Grafana user admin), c2pa/"
+	@echo "start: docker compose --env-file var/compose.env -f deploy/compose.yaml up --build"
+
+# Compose bind-mounts files with their host owner and mode, and its containers run as
+# other users (facegate 10001, Prometheus 65534, Grafana 472), so what it mounts is made
+# readable by your primary group, which each service joins (group_add, gid from
+# var/compose.env). No root needed; var/ stays owner-only, so no other user of this host
+# reaches the files, and the CA key (c2pa/root.key), which nothing mounts, stays 0600.
+COMPOSE_VAR ?= var
+compose-permissions:
+	@chmod 700 $(COMPOSE_VAR)
+	@chmod g+r,g-wx,o-rwx $(addprefix $(COMPOSE_VAR)/,seed.key metrics.token grafana-admin.password c2pa/chain.pem c2pa/signer.key)
+	@chmod -R g+rX,g-w,o-rwx $(COMPOSE_VAR)/index
+	@echo "COMPOSE_SECRETS_GID=$$(id -g)" > $(COMPOSE_VAR)/compose.env
 
 # A demo ES256 chain for C2PA content credentials (README "Content credentials"): made
 # once, and again when the signing certificate expires within a day. UNTRUSTED: its root

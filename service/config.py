@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from filter.decide import NoFacePolicy
 from filter.fast_path_mode import FastPathMode
@@ -19,6 +20,18 @@ ENV_PREFIX = "FACEGATE_"
 
 # Names that the test suite and tooling read but the service does not.
 NON_SETTING_ENV = frozenset({"FACEGATE_TEST_FACES"})
+# Upper bounds on durations: far above any sane value, low enough that a typo (ms for s, an
+# exponent too many) is refused instead of stalling batches or a shutdown for ever.
+MAX_BATCH_DELAY_MS = 1000.0
+MAX_GRACE_SECONDS = 3600.0
+MAX_WAIT_SECONDS = 86400.0
+# Polling faster than this re-stats the index in a busy loop.
+MIN_INDEX_WATCH_SECONDS = 0.1
+# What a JSON-valued setting must hold, for the message when it does not parse.
+JSON_FORMS = {
+    "client_concurrency": 'a JSON object of subject -> limit, e.g. {"CN=batch": 2}',
+    "tls_client_allowed": 'a JSON list of subjects or SANs, e.g. ["CN=batch,O=acme"]',
+}
 
 
 class ConfigError(Exception):
@@ -26,7 +39,10 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    # inf and nan are refused everywhere: no setting means "for ever" or "undefined".
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = Field(50051, ge=0, le=65535)
@@ -47,6 +63,11 @@ class Settings(BaseSettings):
     metrics_bearer_token_file: Path | None = Field(
         None, description="secret: scrapers must send `Authorization: Bearer <token>`"
     )
+    metrics_allow_unauthenticated: bool = Field(
+        False,
+        description="serve /metrics beyond loopback with neither a bearer token nor client "
+        "certificates (refused otherwise)",
+    )
     index_path: Path = Path("var/index")
     threshold: float | None = Field(
         None, ge=-1.0, le=1.0, description="identity threshold; overrides the saved calibration"
@@ -61,7 +82,11 @@ class Settings(BaseSettings):
         None, ge=-1.0, le=1.0, description="replica threshold evaluated on traffic, not acted on"
     )
     index_watch_seconds: float = Field(
-        0.0, ge=0.0, description="poll the index path and reload on change; 0: SIGHUP only"
+        0.0,
+        ge=0.0,
+        le=MAX_WAIT_SECONDS,
+        description=f"poll the index path and reload on change (>= {MIN_INDEX_WATCH_SECONDS} "
+        "s); 0: SIGHUP only",
     )
     max_attempts: int = Field(8, ge=1, le=1000)
     no_face_policy: NoFacePolicy = NoFacePolicy.REJECT
@@ -82,10 +107,12 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(16, ge=1)
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    grace_seconds: float = Field(20.0, ge=0.0)
+    grace_seconds: float = Field(20.0, ge=0.0, le=MAX_GRACE_SECONDS)
     audit_log: str = Field("stderr", description="'stderr', 'none', or a file path")
     max_batch: int = Field(64, ge=1, description="candidates per filter batch")
-    max_batch_delay_ms: float = Field(5.0, ge=0.0, description="wait to fill a batch")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0.0, le=MAX_BATCH_DELAY_MS, description="wait to fill a batch"
+    )
     batches_in_flight: int = Field(
         0,
         ge=0,
@@ -108,7 +135,7 @@ class Settings(BaseSettings):
         "and the index salt (demos only)",
     )
     max_request_seconds: float = Field(
-        60.0, gt=0.0, description="every call ends by then (DEADLINE_EXCEEDED)"
+        60.0, gt=0.0, le=MAX_WAIT_SECONDS, description="every call ends by then (DEADLINE_EXCEEDED)"
     )
     tls_client_ca: Path | None = Field(
         None, description="CA bundle; makes client certificates required and verified"
@@ -141,7 +168,8 @@ class Settings(BaseSettings):
         description="per peer address when a call has no client certificate; 0 = off "
         "(behind a load balancer every call shares its address)",
     )
-    client_concurrency: dict[str, int] = Field(
+    # 0 would lift the client's cap and a negative limit block it: a limit is positive.
+    client_concurrency: dict[str, Annotated[int, Field(gt=0)]] = Field(
         default_factory=dict,
         description='JSON, client-certificate subject -> its own limit, e.g. {"CN=batch": 2}',
     )
@@ -161,6 +189,13 @@ class Settings(BaseSettings):
         None, description="PEM chain (signing certificate first): sign every released image"
     )
     c2pa_key: Path | None = Field(None, description="secret: the signing certificate's key")
+
+    @field_validator("index_watch_seconds")
+    @classmethod
+    def _watch_interval(cls, value: float) -> float:
+        if 0 < value < MIN_INDEX_WATCH_SECONDS:
+            raise ValueError(f"must be 0 (no watch) or at least {MIN_INDEX_WATCH_SECONDS} seconds")
+        return value
 
     @field_validator("generated_fast_path", mode="before")
     @classmethod
@@ -279,15 +314,28 @@ def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment; raise ConfigError naming the variable."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except SettingsError as exc:
+        raise ConfigError(_unparsed_message(exc)) from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = ".".join(str(p) for p in error["loc"])
-            name = f"{ENV_PREFIX}{field.upper()}" if field else "configuration"
+            loc = [str(p) for p in error["loc"]]
+            name = f"{ENV_PREFIX}{loc[0].upper()}" if loc else "configuration"
+            # A dict or list entry: its key, as written (subjects are case-sensitive).
+            entry = "".join(f"[{p}]" for p in loc[1:])
             value = error.get("input")
-            shown = f" (got {value!r})" if field and not isinstance(value, dict) else ""
-            problems.append(f"{name}: {error['msg']}{shown}")
+            shown = f" (got {value!r})" if loc and not isinstance(value, dict) else ""
+            problems.append(f"{name}{entry}: {error['msg']}{shown}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def _unparsed_message(exc: SettingsError) -> str:
+    """pydantic-settings could not decode a complex (JSON) setting: name it and its form."""
+    match = re.search(r'field "(\w+)"', str(exc))
+    field = match.group(1) if match else ""
+    name = f"{ENV_PREFIX}{field.upper()}" if field else "a FACEGATE_* variable"
+    form = JSON_FORMS.get(field, "JSON")
+    return f"invalid configuration: {name} is not valid JSON: it must be {form}"
 
 
 def unknown_env_warnings(environ: dict[str, str] | None = None) -> list[str]:

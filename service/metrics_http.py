@@ -1,10 +1,12 @@
 """The /metrics endpoint: for the monitoring system only.
 
-Loopback by default (FACEGATE_METRICS_HOST). An operator who opens it to the network can
-require TLS with client certificates (FACEGATE_METRICS_TLS_CERT/_KEY/_CLIENT_CA) and/or a
+Loopback by default (FACEGATE_METRICS_HOST). An operator who opens it to the network
+requires TLS with client certificates (FACEGATE_METRICS_TLS_CERT/_KEY/_CLIENT_CA) and/or a
 bearer token (FACEGATE_METRICS_BEARER_TOKEN_FILE), the two ways Prometheus authenticates a
-scrape. Per-request counters read around another caller's request tell what happened to
-it (its rejections, its similarity bins): whoever may scrape is an operator.
+scrape; without either the server refuses to start unless
+FACEGATE_METRICS_ALLOW_UNAUTHENTICATED=true says so (logged as a warning). Per-request
+counters read around another caller's request tell what happened to it (its rejections,
+its similarity bins): whoever may scrape is an operator.
 
 The TLS handshake runs in the request's own thread, with a timeout, so a client that
 stalls in it holds one thread, not the listener.
@@ -47,6 +49,25 @@ class MetricsEndpoint:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     bearer_token_file: Path | None = None
+    allow_unauthenticated: bool = False
+
+    @property
+    def authenticated(self) -> bool:
+        """Scrapers must prove who they are (server-only TLS proves nothing about them)."""
+        return self.tls_client_ca is not None or self.bearer_token_file is not None
+
+    def refusal(self) -> str | None:
+        """Why /metrics must not be served as configured (None: it may)."""
+        if self.loopback_only or self.authenticated or self.allow_unauthenticated:
+            return None
+        return (
+            f"metrics on {self.host}:{self.port} would accept any scraper that reaches them "
+            "(no client certificate, no bearer token): per-request counters read around "
+            "another caller's request show its rejections. Set "
+            "FACEGATE_METRICS_BEARER_TOKEN_FILE or FACEGATE_METRICS_TLS_CLIENT_CA, keep "
+            "FACEGATE_METRICS_HOST on loopback, or, with a network policy in front, set "
+            "FACEGATE_METRICS_ALLOW_UNAUTHENTICATED=true"
+        )
 
     @property
     def loopback_only(self) -> bool:
@@ -63,12 +84,13 @@ class MetricsEndpoint:
         if self.loopback_only:
             return []
         out = []
-        if self.tls_client_ca is None and self.bearer_token_file is None:
+        if not self.authenticated:
             out.append(
-                f"metrics on {where} accept any scraper that reaches them (no client "
-                "certificate, no bearer token): per-request counters read around another "
-                "caller's request show its rejections. Keep the port behind a network policy "
-                "or set FACEGATE_METRICS_BEARER_TOKEN_FILE / FACEGATE_METRICS_TLS_CLIENT_CA"
+                f"FACEGATE_METRICS_ALLOW_UNAUTHENTICATED=true: metrics on {where} accept any "
+                "scraper that reaches them (no client certificate, no bearer token): "
+                "per-request counters read around another caller's request show its "
+                "rejections. Keep the port behind a network policy, or set "
+                "FACEGATE_METRICS_BEARER_TOKEN_FILE / FACEGATE_METRICS_TLS_CLIENT_CA"
             )
         if self.bearer_token_file is not None and self.tls_cert is None:
             out.append(

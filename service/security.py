@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from filter.decide import NoFacePolicy
+from filter.fast_path_mode import FAST_PATH_VERIFIED_GENERATORS, FastPathMode
 from service.audit import AuditFileError, identity_hasher, open_owner_only
 from service.config import Settings
 from service.errors import StartupError
@@ -39,7 +41,7 @@ def preflight(settings: Settings) -> None:
     ):
         if path is not None and not Path(path).is_file():
             raise StartupError(f"{variable} {path} does not exist")
-    for warning in transport_warnings(settings):
+    for warning in transport_warnings(settings) + policy_warnings(settings):
         log.warning("%s", warning)
 
 
@@ -153,6 +155,7 @@ def metrics_endpoint(settings: Settings) -> MetricsEndpoint:
         tls_key=settings.metrics_tls_key,
         tls_client_ca=settings.metrics_tls_client_ca,
         bearer_token_file=settings.metrics_bearer_token_file,
+        allow_unauthenticated=settings.metrics_allow_unauthenticated,
     )
 
 
@@ -175,3 +178,23 @@ def transport_warnings(settings: Settings) -> list[str]:
             "issued may call, server certificates included; name your clients' subjects or SANs"
         ]
     return []
+
+
+def policy_warnings(settings: Settings) -> list[str]:
+    """Filter policies the operator set weaker than the defaults."""
+    warnings = []
+    if settings.no_face_policy is NoFacePolicy.PASS:
+        warnings.append(
+            "FACEGATE_NO_FACE_POLICY=pass: images in which no face is detected are released "
+            "with only the whole-image replica check, a training face the detector missed "
+            "included"
+        )
+    fast = settings.generated_fast_path
+    if fast is FastPathMode.ON and settings.generator not in FAST_PATH_VERIFIED_GENERATORS:
+        warnings.append(
+            f"FACEGATE_GENERATED_FAST_PATH=on for generator {settings.generator}, whose "
+            "agreement with the full detection pyramid was never measured: a face smaller "
+            "than the fast path looks for is released unchecked (auto uses it only for "
+            f"{', '.join(sorted(FAST_PATH_VERIFIED_GENERATORS))})"
+        )
+    return warnings

@@ -40,6 +40,7 @@ from service.reload import (
     ReloadFacts,
     SwappableChecker,
     load_live_filter,
+    startup_looser_warning,
 )
 from service.security import (
     check_audit_destination,
@@ -84,6 +85,10 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         return load_live_filter(settings, embedding, generator.name, metrics)
 
     live = load()
+    # Reloads compare with the index serving; the first load compares with the defaults.
+    looser = startup_looser_warning(live.index, live.thresholds)
+    if looser:
+        log.warning("%s", looser)
     metrics.index_loaded(live.facts)
     index = live.index
     # Detection scope is the filter's policy: the fast path only where it cannot skip a face.
@@ -313,6 +318,9 @@ class FacegateServer:
 
     def _serve_metrics(self) -> None:
         endpoint = metrics_endpoint(self.settings)
+        refusal = endpoint.refusal()
+        if refusal is not None:
+            raise StartupError(refusal)
         for warning in endpoint.warnings():
             log.warning("%s", warning)
         try:

@@ -209,10 +209,16 @@ def test_unkeyed_opt_in_is_logged_and_shown_and_metrics_stay_on_loopback(
     assert _listening(running.server.metrics_port) == {"0100007F"}  # 127.0.0.1
 
 
-def test_a_keyed_server_says_so_and_opening_metrics_is_warned(
+def test_a_keyed_server_says_so_and_opening_metrics_unauthenticated_is_a_warned_opt_in(
     held: list[InProcessServer], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = _settings(tmp_path, seed_key_file=write_seed_key(tmp_path), metrics_host="0.0.0.0")
+    # Without the opt-in this is refused (tests/unit/test_startup_safety.py).
+    settings = _settings(
+        tmp_path,
+        seed_key_file=write_seed_key(tmp_path),
+        metrics_host="0.0.0.0",
+        metrics_allow_unauthenticated=True,
+    )
     with caplog.at_level("WARNING"):
         running = _start(held, settings)
     info = _config_info(f"http://127.0.0.1:{running.server.metrics_port}/metrics")
@@ -221,6 +227,8 @@ def test_a_keyed_server_says_so_and_opening_metrics_is_warned(
     assert (
         "accept any scraper" in caplog.text and "FACEGATE_METRICS_BEARER_TOKEN_FILE" in caplog.text
     )
+    assert "FACEGATE_METRICS_ALLOW_UNAUTHENTICATED=true" in caplog.text
+    assert info["metrics_allow_unauthenticated"] == "True"
 
 
 # --- metrics for the monitoring system only ---------------------------------------------

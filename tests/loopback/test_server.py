@@ -178,15 +178,45 @@ def test_metrics_are_scraped_over_http(
     assert metric_value(text, "facegate_build_info", {"embedder": "sface"}) == 1
 
 
+def test_startup_warns_of_an_index_calibrated_looser_than_the_defaults_unacknowledged(
+    demo_index: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload onto it would be refused; a start cannot know what served before (an edit
+    or a second looser recalibration keeps such a calibration), so it starts, loudly."""
+    from filter.index import FaissIdentityIndex
+
+    loose = tmp_path / "loose"
+    FaissIdentityIndex.load(demo_index).with_calibration({"threshold": 0.61}).save(loose)
+    with caplog.at_level(logging.WARNING, logger="facegate.server"):
+        running = InProcessServer(settings_for(loose, tmp_path, threshold=None))
+        running.stop()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "identity threshold 0.4 -> 0.61" in m and "no acknowledgement" in m for m in warned
+    ), warned
+
+
 def test_the_index_calibration_is_in_force_without_an_override(
     demo_index: Path, tmp_path: Path
 ) -> None:
+    from filter.decide import DecisionThresholds
     from filter.index import FaissIdentityIndex
+    from filter.index_lineage import acknowledge
 
     calibrated = tmp_path / "calibrated"
-    FaissIdentityIndex.load(demo_index).with_calibration(
+    index = FaissIdentityIndex.load(demo_index).with_calibration(
         {"threshold": 0.61, "replica_threshold": 0.93, "target_false_reject": 0.05}
-    ).save(calibrated)
+    )
+    # Looser than the defaults (0.40, 0.90): acknowledged, as
+    # `calibrate --save --allow-looser` does (see test_startup_warns_...).
+    acknowledge(
+        index.manifest,
+        by="calibrate --save --allow-looser",
+        replaces=None,
+        before=DecisionThresholds(0.40, 0.90 if index.has_replicas else None),
+        after=DecisionThresholds(0.61, 0.93 if index.has_replicas else None),
+    )
+    index.save(calibrated)
     running = InProcessServer(settings_for(calibrated, tmp_path, threshold=None))
     try:
         text = scrape(running.metrics_url)
