@@ -16,7 +16,7 @@ are looser than those serving now is refused (`refused_looser`) unless its manif
 carries an acknowledgement given for that release and covering this step: from
 thresholds no stricter than those it was given against (filter.index_lineage). Startup
 warns where the index's calibration is looser than the defaults, saying whether an
-acknowledgement covers that step (`startup_looser_warning`; it does not refuse: a restart
+acknowledgement covers that step (`service.threshold_notices`; it does not refuse: a restart
 cannot know what served before). An explicit threshold setting is the operator's own
 choice and is not refused, but logged as a warning where it is looser.
 """
@@ -42,14 +42,7 @@ from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
 from filter.index import MANIFEST_FILE, FaissIdentityIndex, IdentityIndex
 from filter.index_lineage import covering_acknowledgement, describe_acknowledgement, loosenings
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
-from filter.thresholds import (
-    DEFAULT_IDENTITY_THRESHOLD,
-    DEFAULT_REPLICA_THRESHOLD,
-    OVERRIDE,
-    FilterInForce,
-    Thresholds,
-    resolve_thresholds,
-)
+from filter.thresholds import FilterInForce, Thresholds
 from service.batcher import FilterSnapshot, ImageChecker
 from service.config import Settings
 from service.live_index import (
@@ -58,6 +51,7 @@ from service.live_index import (
     RELOAD_SUCCESS,
     LiveIndexFacts,
 )
+from service.threshold_notices import override_warnings
 
 log = logging.getLogger("facegate.reload")
 
@@ -247,68 +241,6 @@ class ReloadFacts:
 
     def reload_finished(self, result: str) -> None:
         self.sink.reload_finished(result)
-
-
-def default_thresholds(index: FaissIdentityIndex) -> DecisionThresholds:
-    """What a server applies to `index` with neither a calibration nor an override."""
-    return DecisionThresholds(
-        DEFAULT_IDENTITY_THRESHOLD, DEFAULT_REPLICA_THRESHOLD if index.has_replicas else None
-    )
-
-
-def override_warnings(index: FaissIdentityIndex, thresholds: Thresholds) -> list[str]:
-    """An explicit threshold looser than the index's own (its calibration, else the
-    default) or than the default: allowed, as the operator's choice, but never quietly."""
-    own, default = resolve_thresholds(index).decision, default_thresholds(index)
-    out = []
-    for variable, value, source, references in (
-        ("FACEGATE_THRESHOLD", thresholds.identity, thresholds.identity_source,
-         {"the index's own": own.identity, "the default": default.identity}),
-        ("FACEGATE_REPLICA_THRESHOLD", thresholds.replica, thresholds.replica_source,
-         {"the index's own": own.replica, "the default": default.replica}),
-    ):  # fmt: skip
-        looser = [
-            f"{name} {ref:g}"
-            for name, ref in references.items()
-            if ref is not None and value is not None and value > ref
-        ]
-        if source == OVERRIDE and looser:
-            out.append(
-                f"{variable}={value:g} is looser than {' and '.join(looser)}: images closer "
-                "to a training identity are released. It pins every index reloaded later too"
-            )
-    return out
-
-
-def startup_looser_warning(index: FaissIdentityIndex, thresholds: Thresholds) -> str:
-    """What a server starting on `index` must say where the thresholds it brings (its
-    calibration; explicit overrides are warned about by `override_warnings`) are looser
-    than the defaults ("" where they are not).
-
-    A start is not refused for it, as a reload is: a restart cannot know what served
-    before, and an index edited (`index add`/`remove`) or recalibrated looser twice keeps a
-    looser calibration without an acknowledgement reaching back to the defaults, so a
-    refusal would stop every restart of an index its operator accepted. It is never
-    quiet: a warning names the step and whether an acknowledgement covers it."""
-    default = default_thresholds(index)
-    brought = DecisionThresholds(
-        default.identity if thresholds.identity_source == OVERRIDE else thresholds.identity,
-        default.replica if thresholds.replica_source == OVERRIDE else thresholds.replica,
-    )
-    looser = loosenings(default, brought)
-    if not looser:
-        return ""
-    step = f"index {index.fingerprint} is looser than the defaults ({'; '.join(looser)})"
-    ack = covering_acknowledgement(index.manifest, default, brought)
-    if ack is not None:
-        return f"{step}, {describe_acknowledgement(ack)}"
-    return (
-        f"{step}, and no acknowledgement in it covers that step (a reload onto it from the "
-        "defaults would be refused): if that is not intended, publish a stricter release; "
-        "if it is, acknowledge it with `facegate index publish --allow-looser` or "
-        "`calibrate --save --allow-looser`, or set FACEGATE_THRESHOLD / "
-        "FACEGATE_REPLICA_THRESHOLD explicitly"
-    )
 
 
 def looser_refusal(serving: LiveFilter, loaded: LiveFilter) -> str | None:

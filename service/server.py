@@ -40,7 +40,6 @@ from service.reload import (
     ReloadFacts,
     SwappableChecker,
     load_live_filter,
-    startup_looser_warning,
 )
 from service.security import (
     check_audit_destination,
@@ -49,6 +48,7 @@ from service.security import (
     service_keys,
 )
 from service.servicer import Admission, GenerationServicer, add_to_server
+from service.threshold_notices import startup_looser_warning
 from service.tls import MAX_MESSAGE_BYTES as TLS_MAX_MESSAGE_BYTES
 from service.tls import AllowlistInterceptor, server_credentials
 

@@ -19,9 +19,9 @@ from filter.thresholds import resolve_thresholds
 from service.config import Settings
 from service.errors import StartupError
 from service.metrics import ServiceMetrics
-from service.reload import override_warnings, startup_looser_warning
 from service.security import preflight
 from service.server import FacegateServer, LoadedService
+from service.threshold_notices import override_warnings, startup_looser_warning
 from tests.conftest import write_seed_key
 
 
