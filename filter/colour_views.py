@@ -4,15 +4,16 @@ Browsers and photo viewers convert an image's pixels to the display's colour spa
 the profile the file carries (an ICC profile in PNG iCCP, JPEG APP2, WebP ICCP or a TIFF
 tag; or PNG's gAMA and cHRM chunks). A profile can map a narrow band of stored values to
 the full range: a face stored at values 120 to 136 is a flat grey panel to a decoder and a
-normal face to a viewer. So a frame whose managed view differs from its pixels by more
-than `VISIBLE_DIFFERENCE` is also checked as managed (`filter.content`); a profile
+normal face to a viewer. So a frame whose managed views differ from its raw ones by more
+than `VISIBLE_DIFFERENCE` is also checked as managed (`filter.images.frame_views`, which
+manages the colour before it composites any transparency, as viewers do); a profile
 facegate cannot apply makes the file's content unaccounted (it is not passed).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,64 +36,88 @@ _ICC_SPACES = {
     "GRAY": ("L", "LA", "La", "1"),
     "CMYK": ("CMYK",),
 }
+ICC_NAME = "as its ICC profile shows it"
+PNG_NAME = "as its PNG gamma and chromaticities show it"
 
 
 @dataclass(frozen=True)
-class ManagedView:
-    """A frame as a colour-managed viewer shows it (None: the same as its raw view, within
-    VISIBLE_DIFFERENCE), or why it cannot be said (`problem`)."""
+class ColourTransform:
+    """How a viewer manages a frame's colours: `apply` maps its (H, W, 3) uint8 colour
+    channels, before any compositing, to what the viewer shows (None: nothing to manage);
+    `problem` says why it cannot be said."""
 
-    pixels: np.ndarray | None = None
+    apply: Callable[[np.ndarray], np.ndarray] | None = None
     name: str = ""
     problem: str = ""
 
 
-def managed_view(img: Image.Image, shown: np.ndarray) -> ManagedView:
-    """The frame `img` (EXIF-oriented, its own mode) as viewers show it, given `shown`, the
-    filter's RGB view of it. PNG's rule of precedence: iCCP over sRGB over gAMA and cHRM."""
+def colour_transform(img: Image.Image) -> ColourTransform:
+    """The transform of the frame `img` (EXIF-oriented, its own mode). PNG's rule of
+    precedence: iCCP over sRGB over gAMA and cHRM."""
     icc = img.info.get("icc_profile")
     if icc:
-        return _icc_view(img, shown, icc)
+        return _icc_transform(img, icc)
     if "srgb" not in img.info:  # gamma and chromaticity come from PNG only
-        return _png_chunk_view(img.info, shown)
-    return ManagedView()
+        return _png_chunk_transform(img.info)
+    return ColourTransform()
 
 
-def _icc_view(img: Image.Image, shown: np.ndarray, icc: bytes) -> ManagedView:
+def visible(managed: np.ndarray, raw: np.ndarray) -> bool:
+    """Whether a managed view shows more than its raw one (differs beyond
+    VISIBLE_DIFFERENCE somewhere, or in shape)."""
+    if managed.shape != raw.shape:
+        return True
+    difference = np.abs(managed.astype(np.int16) - raw.astype(np.int16)).max(initial=0)
+    return bool(difference > VISIBLE_DIFFERENCE)
+
+
+def _icc_transform(img: Image.Image, icc: bytes) -> ColourTransform:
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         space = str(profile.profile.xcolor_space)
     except (OSError, ValueError, TypeError, ImageCms.PyCMSError) as exc:
-        return ManagedView(problem=f"an ICC profile facegate cannot read ({exc})")
+        return ColourTransform(problem=f"an ICC profile facegate cannot read ({exc})")
     modes = _ICC_SPACES.get(space)
     if modes is None or img.mode not in modes:
-        return ManagedView(
+        return ColourTransform(
             problem=f"an ICC profile for {space.strip() or 'unknown'} colour on "
             f"{img.mode} pixels, which facegate does not apply"
         )
-    if img.mode == "CMYK":
-        source = img
-    elif space == "GRAY":
-        source = Image.fromarray(np.ascontiguousarray(shown[..., 0]), "L")
-    else:
-        source = Image.fromarray(shown, "RGB")
+    source_mode = {"RGB ": "RGB", "GRAY": "L", "CMYK": "CMYK"}[space]
     try:
-        managed = ImageCms.profileToProfile(
-            source, profile, ImageCms.createProfile("sRGB"), outputMode="RGB"
+        transform = ImageCms.buildTransform(
+            profile, ImageCms.createProfile("sRGB"), source_mode, "RGB"
+        )
+        # CMYK frames have no alpha: their managed view comes from the CMYK pixels
+        # themselves, never from the RGB the filter otherwise sees.
+        cmyk = (
+            np.asarray(ImageCms.applyTransform(img, transform), dtype=np.uint8)
+            if space == "CMYK"
+            else None
         )
     except (OSError, ValueError, ImageCms.PyCMSError) as exc:
-        return ManagedView(problem=f"an ICC profile facegate cannot apply ({exc})")
-    assert managed is not None  # profileToProfile returns the image unless inPlace
-    return _if_visible(np.asarray(managed, dtype=np.uint8), shown, "as its ICC profile shows it")
+        return ColourTransform(problem=f"an ICC profile facegate cannot apply ({exc})")
+
+    def apply(colour: np.ndarray) -> np.ndarray:
+        if cmyk is not None:
+            return cmyk
+        channels = np.ascontiguousarray(colour[..., 0] if source_mode == "L" else colour)
+        managed = ImageCms.applyTransform(Image.fromarray(channels, source_mode), transform)
+        assert managed is not None  # applyTransform returns the image unless inPlace
+        return np.asarray(managed, dtype=np.uint8)
+
+    return ColourTransform(apply, ICC_NAME)
 
 
-def _png_chunk_view(info: Mapping[Any, object], shown: np.ndarray) -> ManagedView:
+def _png_chunk_transform(info: Mapping[Any, object]) -> ColourTransform:
     gamma = info.get("gamma")
     chromaticity = info.get("chromaticity")
     if gamma is None and chromaticity is None:
-        return ManagedView()
+        return ColourTransform()
     if gamma is not None and not (isinstance(gamma, float) and 0.0 < gamma < 100.0):
-        return ManagedView(problem=f"a PNG gamma (gAMA) of {gamma}, which facegate does not apply")
+        return ColourTransform(
+            problem=f"a PNG gamma (gAMA) of {gamma}, which facegate does not apply"
+        )
     file_gamma = float(gamma) if isinstance(gamma, float) else 1.0 / _DISPLAY_GAMMA
     primaries: tuple[float, ...] = SRGB_CHROMATICITY
     if chromaticity is not None:
@@ -103,21 +128,25 @@ def _png_chunk_view(info: Mapping[Any, object], shown: np.ndarray) -> ManagedVie
             primaries = values
     plain_gamma = abs(file_gamma * _DISPLAY_GAMMA - 1.0) <= GAMMA_TOLERANCE
     if plain_gamma and primaries == SRGB_CHROMATICITY:
-        return ManagedView()
+        return ColourTransform()
     # Stored samples are linear light to the power of the file's gamma.
     linear = (np.arange(256, dtype=np.float64) / 255.0) ** (1.0 / file_gamma)
-    if primaries == SRGB_CHROMATICITY:
-        out = linear[shown]
-    else:
+    matrix = None
+    if primaries != SRGB_CHROMATICITY:
         try:
             matrix = np.linalg.solve(_rgb_to_xyz(SRGB_CHROMATICITY), _rgb_to_xyz(primaries))
         except np.linalg.LinAlgError:
-            return ManagedView(problem="PNG chromaticities (cHRM) that define no colour space")
-        if not np.isfinite(matrix).all():
-            return ManagedView(problem="PNG chromaticities (cHRM) that define no colour space")
-        out = np.clip(linear[shown] @ matrix.T, 0.0, 1.0)
-    encoded = np.round(255.0 * out ** (1.0 / _DISPLAY_GAMMA)).astype(np.uint8)
-    return _if_visible(encoded, shown, "as its PNG gamma and chromaticities show it")
+            matrix = None
+        if matrix is None or not np.isfinite(matrix).all():
+            return ColourTransform(problem="PNG chromaticities (cHRM) that define no colour space")
+
+    def apply(colour: np.ndarray) -> np.ndarray:
+        light = linear[colour]
+        if matrix is not None:
+            light = np.clip(light @ matrix.T, 0.0, 1.0)
+        return np.round(255.0 * light ** (1.0 / _DISPLAY_GAMMA)).astype(np.uint8)
+
+    return ColourTransform(apply, PNG_NAME)
 
 
 def _rgb_to_xyz(chromaticity: tuple[float, ...]) -> np.ndarray:
@@ -130,12 +159,3 @@ def _rgb_to_xyz(chromaticity: tuple[float, ...]) -> np.ndarray:
     ).T
     white = np.array([wx / wy, 1.0, (1.0 - wx - wy) / wy])
     return primaries * np.linalg.solve(primaries, white)
-
-
-def _if_visible(managed: np.ndarray, shown: np.ndarray, name: str) -> ManagedView:
-    if managed.shape != shown.shape:
-        return ManagedView(problem=f"a colour profile that changes the image's shape ({name})")
-    difference = np.abs(managed.astype(np.int16) - shown.astype(np.int16)).max(initial=0)
-    if difference <= VISIBLE_DIFFERENCE:
-        return ManagedView()
-    return ManagedView(pixels=np.ascontiguousarray(managed), name=name)

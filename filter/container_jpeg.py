@@ -157,6 +157,7 @@ def _jpeg_metadata(
     jumbf: dict[bytes, bytearray] = {}
     extended_xmp: dict[bytes, bytearray] = {}
     claimed: list[tuple[int, int]] = []
+    icc_parts: list[bytes] = []  # (sequence number, count) of each ICC_PROFILE segment
     for marker, body, at in segments:
         if marker == 0xFE:
             scan(body, "a JPEG comment", layout)
@@ -171,6 +172,7 @@ def _jpeg_metadata(
             extended_xmp.setdefault(guid, bytearray()).extend(body[len(_XMP_EXTENSION) + 40 :])
         elif marker == 0xE2 and body.startswith(b"ICC_PROFILE\x00"):
             joined["ICC profile"].extend(body[14:])
+            icc_parts.append(body[12:14] if len(body) >= 14 else b"")
         elif marker == 0xE2 and body.startswith(b"MPF\x00"):
             walk_tiff(body[4:], "the MPF segment", layout, file=False)
             if not nested:  # an MPO's later images carry attributes only
@@ -194,6 +196,11 @@ def _jpeg_metadata(
             layout.unread(
                 f"a JPEG APP{marker - 0xE0} segment ({ident!r}) that facegate does not read"
             )
+    if icc_parts and not _one_icc_profile(icc_parts):
+        # Decoders disagree on such a set: Pillow drops the whole profile, libjpeg (and
+        # browsers) skip a short segment and keep the rest, so viewers would apply a
+        # profile the filter never saw.
+        layout.unread("ICC profile segments that do not make one profile (numbered 1 to N)")
     scan(bytes(joined["ICC profile"]), "the ICC profile", layout)
     walk_photoshop(bytes(joined["Photoshop"]), "the Photoshop resources", layout)
     for box in jumbf.values():
@@ -201,6 +208,17 @@ def _jpeg_metadata(
     for part in extended_xmp.values():
         scan(bytes(part), "the extended XMP packet", layout)
     return claimed
+
+
+def _one_icc_profile(parts: list[bytes]) -> bool:
+    """Whether the ICC_PROFILE segments are one profile: each holds its sequence number
+    and the count, all give the same count, and the numbers are 1 to that count once."""
+    if any(len(part) != 2 for part in parts):
+        return False
+    counts = {part[1] for part in parts}
+    return len(counts) == 1 and sorted(part[0] for part in parts) == list(
+        range(1, counts.pop() + 1)
+    )
 
 
 def _app0(body: bytes, layout: Layout) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from filter.colour_views import managed_view
+from filter.colour_views import ColourTransform, colour_transform, visible
 from filter.errors import ImageError
 
 # What PIL's decoders raise on hostile or broken files (fuzzed in tests/loopback/test_fuzz.py): each
@@ -140,7 +140,8 @@ def frame_views(img: Image.Image) -> FrameViews:
     channels under them (a program that drops the alpha channel shows them) and the frame
     over black (a dark page or viewer shows white drawn on transparency: a face drawn in
     the alpha channel alone is blank over white). With a colour profile (ICC, or PNG
-    gAMA/cHRM) that changes what a viewer shows: also the managed view."""
+    gAMA/cHRM) that changes what a viewer shows: also each of those as managed, the colour
+    managed before it is composited, as viewers do."""
     # No needless copies: at the pixel limit each is 256 MB (PIL keeps RGB in 4 bytes a
     # pixel), and exif_transpose copies even an image it does not turn.
     if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
@@ -149,32 +150,49 @@ def frame_views(img: Image.Image) -> FrameViews:
         arr = np.asarray(img, dtype=np.float64)
         low, high = float(arr.min()), float(arr.max())
         scaled = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
+        info = img.info  # the profile and gamma hold for the rescaled pixels too
         img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        img.info.update(info)
+    transform = colour_transform(img)
+    problems = (transform.problem,) if transform.problem else ()
     others: list[tuple[str, np.ndarray]] = []
-    profiled = img
+    # (name, managed view, the raw view it is kept beside only where it shows more)
+    managed: list[tuple[str, np.ndarray, np.ndarray]] = []
     # tRNS gives RGB and L images a transparent colour as it gives palettes a transparent
     # index: viewers show it as transparent either way.
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
-        if int(np.asarray(rgba.getchannel("A")).min()) < 255:
-            others.append(
-                (
-                    "colour under its transparent pixels",
-                    np.ascontiguousarray(np.asarray(rgba, dtype=np.uint8)[..., :3]),
-                )
-            )
-            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            others.append(
-                ("over black", _rgb_array(Image.alpha_composite(black, rgba).convert("RGB")))
-            )
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    shown = _rgb_array(rgb)
-    managed = managed_view(profiled, shown)
-    if managed.pixels is not None:
-        others.append((managed.name, managed.pixels))
-    return FrameViews(shown, tuple(others), (managed.problem,) if managed.problem else ())
+        alpha = np.asarray(rgba.getchannel("A"))
+        shown = _rgb_array(_composite(rgba, (255, 255, 255)))
+        colour = shown
+        if int(alpha.min()) < 255:
+            colour = np.ascontiguousarray(np.asarray(rgba, dtype=np.uint8)[..., :3])
+            over_black = _rgb_array(_composite(rgba, (0, 0, 0)))
+            others += [("colour under its transparent pixels", colour), ("over black", over_black)]
+            if transform.apply is not None:
+                # Viewers manage the colour, then composite it.
+                mixed = Image.fromarray(np.dstack([transform.apply(colour), alpha]), "RGBA")
+                name = transform.name
+                managed += [
+                    (name, _rgb_array(_composite(mixed, (255, 255, 255))), shown),
+                    (f"{name}, colour under its transparent pixels",
+                     np.asarray(mixed, dtype=np.uint8)[..., :3], colour),
+                    (f"{name}, over black", _rgb_array(_composite(mixed, (0, 0, 0))), over_black),
+                ]  # fmt: skip
+                transform = ColourTransform()  # applied
+    else:
+        shown = colour = _rgb_array(img if img.mode == "RGB" else img.convert("RGB"))
+    if transform.apply is not None:
+        managed.append((transform.name, transform.apply(colour), shown))
+    others += [
+        (name, np.ascontiguousarray(view)) for name, view, raw in managed if visible(view, raw)
+    ]
+    return FrameViews(shown, tuple(others), problems)
+
+
+def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    ground = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(ground, rgba).convert("RGB")
 
 
 # Larger images are converted to an array a band of rows at a time.

@@ -89,6 +89,9 @@ def index_kind(index: Any) -> str:
 
 SELF_TEST_SAMPLE = 64
 SELF_TEST_MIN_SIMILARITY = 0.999
+# Near-copies of one vector searched to find a row among them (one face enrolled under
+# this many names at most).
+SELF_TEST_MAX_COPIES = 256
 
 
 class VectorTable:
@@ -211,7 +214,8 @@ class VectorTable:
             )
         neighbours = min(8, self.count)
         similarities, rows = self.index.search(np.ascontiguousarray(vectors), neighbours)
-        for query_row, sims, found in zip(sample, similarities, rows, strict=True):
+        crowded = 0
+        for query_row, vector, sims, found in zip(sample, vectors, similarities, rows, strict=True):
             own = self.identities[int(query_row)]
             if any(
                 0 <= r < self.count
@@ -221,9 +225,12 @@ class VectorTable:
             ):
                 continue
             # More near-copies of this vector than neighbours searched (one group photo
-            # enrolled under each of the people in it): its own may rank past them. The
-            # other sampled rows still catch labels that do not belong to the vectors.
-            if len(sims) == neighbours and float(sims[-1]) >= SELF_TEST_MIN_SIMILARITY:
+            # enrolled under each of the people in it): its own may rank past them, so
+            # the row itself is looked for among all its near-copies.
+            if float(sims[-1]) >= SELF_TEST_MIN_SIMILARITY and self._finds_row(
+                vector, int(query_row)
+            ):
+                crowded += 1
                 continue
             # The message names the row only: it reaches the server's log, which names
             # no one.
@@ -232,3 +239,20 @@ class VectorTable:
                 f"find itself (best similarity {float(sims[0]):.4f}); the index is broken "
                 "or foreign. Rebuild it with `facegate index build`"
             )
+        # Near-copies are a few faces enrolled under several names; most of the table
+        # being copies of a few vectors is a broken one (it would match almost nothing).
+        if crowded * 2 > len(sample):
+            raise IndexCorruptError(
+                f"{folder}: self-test failed: {crowded} of {len(sample)} sampled {self.name} "
+                f"rows have more than {neighbours - 1} near-copies; the vectors have "
+                "collapsed. Rebuild the index with `facegate index build`"
+            )
+
+    def _finds_row(self, vector: np.ndarray, row: int) -> bool:
+        """Whether a search among every near-copy of `vector` returns `row` itself."""
+        found = min(self.count, SELF_TEST_MAX_COPIES)
+        sims, rows = self.index.search(np.ascontiguousarray(vector[None]), found)
+        return any(
+            int(r) == row and s >= SELF_TEST_MIN_SIMILARITY
+            for s, r in zip(sims[0], rows[0], strict=True)
+        )

@@ -47,24 +47,28 @@ def _xyz(x: float, y: float, z: float) -> bytes:
     return b"XYZ " + bytes(4) + _s15(x) + _s15(y) + _s15(z)
 
 
-def stretching_icc_profile() -> bytes:
+def stretching_icc_profile(grey: bool = False) -> bytes:
     """An RGB display profile (sRGB's primaries, D50) whose tone curves map BAND to the full
-    range: what is stored in the band, a viewer shows at full contrast."""
+    range: what is stored in the band, a viewer shows at full contrast (`grey`: the same as
+    a greyscale profile, one curve)."""
     low, high = BAND
     values = np.clip((np.arange(256) - low) / (high - low), 0.0, 1.0)
     linear = np.where(values <= 0.04045, values / 12.92, ((values + 0.055) / 1.055) ** 2.4)
     curve = b"curv" + bytes(4) + struct.pack(">I", 256)
     curve += np.round(linear * 65535).astype(">u2").tobytes()
     description = b"desc" + bytes(4) + struct.pack(">I", 8) + b"stretch\0" + bytes(79)
-    tags = [
-        (b"desc", description),
-        (b"wtpt", _xyz(0.9642, 1.0, 0.8249)),
+    colour = [
         (b"rXYZ", _xyz(0.4361, 0.2225, 0.0139)),
         (b"gXYZ", _xyz(0.3851, 0.7169, 0.0971)),
         (b"bXYZ", _xyz(0.1431, 0.0606, 0.7141)),
         (b"rTRC", curve),
         (b"gTRC", curve),
         (b"bTRC", curve),
+    ]
+    tags = [
+        (b"desc", description),
+        (b"wtpt", _xyz(0.9642, 1.0, 0.8249)),
+        *([(b"kTRC", curve)] if grey else colour),
         (b"cprt", b"text" + bytes(4) + b"none\0"),
     ]
     offset = 128 + 4 + 12 * len(tags)
@@ -76,7 +80,7 @@ def stretching_icc_profile() -> bytes:
     profile = bytearray(128) + struct.pack(">I", len(tags)) + directory + body
     struct.pack_into(">I", profile, 0, len(profile))
     profile[8:12] = b"\x02\x10\x00\x00"  # version 2.1
-    profile[12:24] = b"mntrRGB XYZ "
+    profile[12:24] = b"mntrGRAYXYZ " if grey else b"mntrRGB XYZ "
     profile[36:40] = b"acsp"
     profile[68:80] = _s15(0.9642) + _s15(1.0) + _s15(0.8249)  # D50
     return bytes(profile)

@@ -19,8 +19,10 @@ from tests.colour_probes import (
     alpha_drawn,
     dark_with_gamma,
     icc_stretched,
+    in_band,
     png_with_chunks_before_idat,
     side_by_side,
+    stretching_icc_profile,
 )
 from tests.content_probes import encode, load
 
@@ -153,3 +155,49 @@ def test_a_png_cicp_other_than_srgb_is_unaccounted(shown: np.ndarray) -> None:
     assert any("cICP" in reason and "sRGB" in reason for reason in content.unaccounted)
     srgb = png_with_chunks_before_idat(png, (b"cICP", bytes((1, 13, 0, 1))))
     assert read_content(srgb).complete
+
+
+def test_colours_are_managed_before_transparency_is_composited(
+    shown: np.ndarray, hidden: np.ndarray
+) -> None:
+    """Viewers manage the colour, then blend it: a face squeezed into the band under 78 %
+    opacity is washed out of the band once blended over white, so managing the blended
+    frame would show a flat panel."""
+    band = side_by_side(shown, in_band(hidden))
+    alpha = np.full(band.shape[:2], 255, np.uint8)
+    alpha[:, shown.shape[1] :] = 200
+    buffer = io.BytesIO()
+    Image.fromarray(np.dstack([band, alpha]), "RGBA").save(
+        buffer, "PNG", icc_profile=stretching_icc_profile()
+    )
+    views = {v.name: v.pixels for v in read_content(buffer.getvalue()).views}
+    managed = _right_half(views["image, as its ICC profile shows it"])
+    blended = 255.0 - (255.0 - hidden.astype(np.float64)) * 200 / 255  # the face over white
+    assert _mean_error(managed, blended) < 15.0
+    under = _right_half(
+        views["image, as its ICC profile shows it, colour under its transparent pixels"]
+    )
+    assert _mean_error(under, hidden) < 20.0
+
+
+def test_a_16_bit_greyscale_frame_keeps_its_profile(shown: np.ndarray, hidden: np.ndarray) -> None:
+    grey = np.asarray(Image.fromarray(side_by_side(shown, in_band(hidden))).convert("L"))
+    deep = Image.fromarray(grey.astype(np.uint16) * 257)  # mode I;16
+    buffer = io.BytesIO()
+    deep.save(buffer, "PNG", icc_profile=stretching_icc_profile(grey=True))
+    views = {v.name: v.pixels for v in read_content(buffer.getvalue()).views}
+    assert "image, as its ICC profile shows it" in views
+    managed = _right_half(views["image, as its ICC profile shows it"])[..., 0]
+    assert managed.max() - managed.min() > 200  # the band stretched to full range
+
+
+def test_jpeg_icc_segments_that_do_not_make_one_profile_are_unaccounted(
+    shown: np.ndarray, hidden: np.ndarray
+) -> None:
+    """Pillow drops the whole profile when a segment is too short to be numbered; libjpeg
+    and browsers skip that segment and apply the rest."""
+    jpeg = icc_stretched(shown, hidden, "JPEG")
+    short = jpeg[:2] + b"\xff\xe2\x00\x0fICC_PROFILE\x00\xff" + jpeg[2:]
+    content = read_content(short)
+    assert any("ICC profile segments" in reason for reason in content.unaccounted)
+    assert read_content(jpeg).complete

@@ -179,6 +179,16 @@ def test_more_copies_of_one_face_than_neighbours_searched_pass_the_self_test(
     assert FaissIdentityIndex.load(folder).vector_count == 40
 
 
+def test_a_table_of_copies_of_one_vector_fails_the_self_test(tmp_path: Path) -> None:
+    """Every row a copy of one vector: each finds itself among its copies, but such a
+    table matches almost nothing; it is broken, not a group photo."""
+    vector = _unit(np.random.default_rng(6).standard_normal((1, 16)))
+    folder = tmp_path / "idx"
+    _flat_index(np.repeat(vector, 40, axis=0), [f"p{i}" for i in range(40)]).save(folder)
+    with pytest.raises(IndexCorruptError, match="collapsed"):
+        FaissIdentityIndex.load(folder)
+
+
 def test_a_detector_that_changes_embeddings_is_refused_but_search_scope_is_not(
     tmp_path: Path,
 ) -> None:
