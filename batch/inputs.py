@@ -13,6 +13,7 @@ from typing import cast
 
 from batch.errors import BatchInputError
 from batch.rows import ItemRow
+from batch.targets import refuse_taken_places
 from filter.images import IMAGE_SUFFIXES
 
 PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
@@ -26,8 +27,10 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 @dataclass(frozen=True)
 class InputItem:
     """One image to check. `key` is what the manifest records as its path: the file's
-    absolute path, or the Parquet row's path or URI (`FILE.parquet#row=N` when the row
-    has none). `copy_to` is where a passing copy goes, relative to OUT/pass/."""
+    absolute path, or for a Parquet row its Parquet file's resolved path and the row's
+    path or URI (`FILE.parquet#path=P`; `FILE.parquet#row=N` when the row has none), so
+    that the rows of two Parquet files never share a key. `copy_to` is where a passing
+    copy goes, relative to OUT/pass/."""
 
     key: str
     source: str  # the file (or URI) to read; for Parquet bytes, the Parquet file
@@ -42,9 +45,12 @@ class InputItem:
         return cast(ItemRow, asdict(self))
 
 
-def discover_inputs(specs: Sequence[str], copy_suffix: str | None = None) -> list[InputItem]:
+def discover_inputs(
+    specs: Sequence[str], copy_suffix: str | None = None, exclude: Path | None = None
+) -> list[InputItem]:
     """Every image named by the specs, in a stable order, each once. `copy_suffix`: the
     suffix every copy gets (".png" for re-encoded copies; None keeps each file's own).
+    `exclude`: a resolved folder whose files are not inputs (OUT, inside an input folder).
     Raises BatchInputError for a spec that names nothing, a Parquet file without an image
     column, or two inputs whose copies would land on the same path."""
     items: list[InputItem] = []
@@ -53,9 +59,26 @@ def discover_inputs(specs: Sequence[str], copy_suffix: str | None = None) -> lis
         if not found:
             raise BatchInputError(f"{spec}: no images found (folder, glob, image or Parquet file)")
         items.extend(found)
+    if exclude is not None:
+        folders: dict[str, Path | None] = {}  # resolved once per folder, not per file
+        items = [item for item in items if not _inside(item.source, exclude, folders)]
     if copy_suffix is not None:
         items = [replace(item, copy_to=with_suffix(item.copy_to, copy_suffix)) for item in items]
     return _unique(items)
+
+
+def _inside(source: str, folder: Path, folders: dict[str, Path | None]) -> bool:
+    if "://" in source:
+        return False
+    path = Path(source)
+    parent = str(path.parent)
+    if parent not in folders:
+        try:
+            folders[parent] = path.parent.resolve()
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+            folders[parent] = None
+    resolved = folders[parent]
+    return resolved is not None and (resolved / path.name).is_relative_to(folder)
 
 
 def with_suffix(copy_to: str, suffix: str) -> str:
@@ -118,12 +141,22 @@ def parquet_items(path: Path) -> list[InputItem]:
     relative path is taken from the Parquet file's folder). Only the path column is read
     here: the bytes are read later, and only for rows the manifest does not have yet."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException) as exc:
-        raise BatchInputError(f"{path}: not a readable Parquet file: {exc}") from None
+        return _parquet_items(path)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        # A corrupt file fails in pyarrow's decoders with their own errors (ArrowInvalid,
+        # a UnicodeDecodeError on a garbled string, ...), which name no file.
+        raise BatchInputError(
+            f"{path}: not a readable Parquet file: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _parquet_items(path: Path) -> list[InputItem]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
     types = {name: schema.field(name).type for name in schema.names}
     binary = [n for n, t in types.items() if pa.types.is_binary(t) or pa.types.is_large_binary(t)]
     strings = [n for n, t in types.items() if pa.types.is_string(t) or pa.types.is_large_string(t)]
@@ -141,12 +174,13 @@ def parquet_items(path: Path) -> list[InputItem]:
         else [None] * pq.ParquetFile(absolute).metadata.num_rows
     )
     stem = absolute.stem
+    resolved = path.resolve()
     items: list[InputItem] = []
     for row, name in enumerate(named):
         if bytes_column is not None:
             items.append(
                 InputItem(
-                    key=name or f"{absolute}#row={row}",
+                    key=f"{resolved}#path={name}" if name else f"{resolved}#row={row}",
                     source=str(absolute),
                     copy_to=f"{stem}/{safe_relative(name) if name else f'row-{row:09d}'}",
                     row=row,
@@ -156,7 +190,11 @@ def parquet_items(path: Path) -> list[InputItem]:
         elif name:
             source = name if "://" in name else str(absolute.parent / name)
             items.append(
-                InputItem(key=name, source=source, copy_to=f"{stem}/{safe_relative(name)}")
+                InputItem(
+                    key=f"{resolved}#path={name}",
+                    source=source,
+                    copy_to=f"{stem}/{safe_relative(name)}",
+                )
             )
         else:
             raise BatchInputError(f"{path}: row {row} has no path")
@@ -177,9 +215,9 @@ def safe_relative(name: str) -> str:
 
 def _unique(items: list[InputItem]) -> list[InputItem]:
     """Each image once (a file named twice is checked once); two different images that
-    would be recorded under one path, or copied onto one path, are refused."""
+    would be recorded under one path, or copied onto one path (batch.targets), are
+    refused."""
     by_key: dict[str, InputItem] = {}
-    by_copy: dict[str, InputItem] = {}
     out: list[InputItem] = []
     for item in items:
         seen = by_key.get(item.key)
@@ -187,15 +225,7 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
             if (seen.source, seen.row) == (item.source, item.row):
                 continue  # the same image named twice (its first name decides the copy)
             raise BatchInputError(f"two inputs are both named {item.key!r}; rename one")
-        other = by_copy.get(item.copy_to)
-        if other is not None:
-            raise BatchInputError(
-                f"{other.key} and {item.key} would both be copied to pass/{item.copy_to}; "
-                "give inputs whose folders have different names (copies are PNGs, so files "
-                "that differ only by their suffix collide too: rename one, or use "
-                "--copy-original)"
-            )
         by_key[item.key] = item
-        by_copy[item.copy_to] = item
         out.append(item)
+    refuse_taken_places(out)
     return out

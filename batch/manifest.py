@@ -29,7 +29,7 @@ FRAGMENT_GLOB = "part-*.parquet"
 
 MANIFEST_SCHEMA = pa.schema(
     [
-        ("path", pa.string()),  # absolute path, or the Parquet row's path or URI
+        ("path", pa.string()),  # absolute path; FILE.parquet#path=P or #row=N for a Parquet row
         ("sha256", pa.string()),  # of the bytes checked; null when they could not be read
         ("verdict", pa.string()),  # pass | reject
         ("reason", pa.string()),  # null when passed; else filter.decide.Reason
@@ -141,11 +141,28 @@ def check_run_identity(out: Path, run: ManifestRun) -> None:
             )
 
 
+# A key an earlier facegate gave a Parquet row: its path or URI alone, not tied to its
+# Parquet file (every key is now an absolute local path: a file's, or FILE.parquet#...).
+_UNQUALIFIED_KEY = r"^(?:[A-Za-z][A-Za-z0-9+.-]*://|[^/])"
+
+
 def current_rows(out: Path) -> dict[str, dict[str, Any]]:
-    """Each recorded path's current row: its newest (`recorded_at`)."""
+    """Each recorded path's current row: its newest (`recorded_at`). Refuses a manifest
+    whose Parquet rows are keyed by their path alone (an earlier facegate): the rows of
+    two Parquet files that name their images alike would take each other's place."""
+    import pyarrow.compute as pc
+
     table = read_manifest(
-        out, ["path", "sha256", "source_size", "source_mtime_ns", "pass_copy", "recorded_at"]
+        out,
+        ["path", "sha256", "reason", "source_size", "source_mtime_ns", "pass_copy", "recorded_at"],
     )
+    unqualified = table.filter(pc.match_substring_regex(table.column("path"), _UNQUALIFIED_KEY))
+    if unqualified.num_rows:
+        raise ManifestError(
+            f"{manifest_dir(out)} records Parquet rows by their path alone "
+            f"({unqualified.column('path')[0].as_py()!r}), as an earlier facegate did: rows "
+            "of two Parquet files could take each other's place. Write to a new --out"
+        )
     current: dict[str, dict[str, Any]] = {}
     for row in table.sort_by("recorded_at").to_pylist():
         current[row["path"]] = row

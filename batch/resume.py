@@ -13,7 +13,10 @@ is fingerprinted on the driver:
 An input whose bytes changed is checked again: its new row supersedes the old one (it
 names the old row's sha256 in `supersedes` and is newer), and the old row's copy is
 removed before the run, so no copy of bytes that are no longer there stays in OUT/pass/.
-An input that could not be read then and cannot be read now keeps its row.
+Only bytes actually read and found different count as a change: an input that cannot be
+read now (moved, on a volume not mounted, an unreachable URI) keeps its row and its copy
+(`unavailable`), and so does one that could not be read then either. A row the filter
+passed but whose copy could not be made (`not_copied`) is checked again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 from batch.inputs import InputItem
 from batch.reading import parquet_bytes, read_source, source_stat
-from filter.errors import ImageError
+from batch.recording import NOT_COPIED
 from filter.images import ImageLimits
 
 RESUME_CONTENT = "content"
@@ -44,6 +47,7 @@ class Resumed:
     skipped: int  # the same bytes as their current row
     changed: int  # had a row, but other bytes now
     removed_copies: list[Path]  # copies of superseded rows, removed
+    unavailable: int = 0  # had a row, but cannot be read now: row and copy kept
 
 
 def resume(
@@ -65,13 +69,21 @@ def resume(
     digests = _digests(to_hash, limits)
     pending: list[InputItem] = []
     removed: list[Path] = []
-    skipped = changed = 0
+    skipped = changed = unavailable = 0
     for item in items:
         row = current.get(item.key)
         if row is None:
             pending.append(item)
-        elif item.key in trusted or digests[item.key] == row["sha256"]:
+            continue
+        same = item.key in trusted or digests[item.key] == row["sha256"]
+        if same and row.get("reason") == NOT_COPIED:
+            pending.append(replace(item, supersedes=row["sha256"] or ""))
+        elif same:
             skipped += 1
+        elif digests[item.key] is None:
+            # Nothing was read, so nothing says the bytes changed: the row and its copy
+            # stay until different bytes are read.
+            unavailable += 1
         else:
             changed += 1
             pending.append(replace(item, supersedes=row["sha256"] or ""))
@@ -80,13 +92,13 @@ def resume(
                 if copy.is_file() or copy.is_symlink():
                     copy.unlink()
                     removed.append(copy)
-    return Resumed(pending, skipped, changed, removed)
+    return Resumed(pending, skipped, changed, removed, unavailable)
 
 
 def _same_stat(item: InputItem, row: dict[str, Any]) -> bool:
     try:
         size, mtime = source_stat(item.source)
-    except (OSError, ValueError):
+    except Exception:
         return False
     return (size, mtime) == (row["source_size"], row["source_mtime_ns"]) and mtime is not None
 
@@ -101,7 +113,7 @@ def _digests(items: Sequence[InputItem], limits: ImageLimits) -> dict[str, str |
     for members in by_file.values():
         try:
             found = parquet_bytes([m.as_row() for m in members])
-        except (OSError, ValueError):
+        except Exception:  # a corrupt or missing Parquet file: nothing read
             found = {}
         for i, member in enumerate(members):
             data = found.get(i)
@@ -111,7 +123,7 @@ def _digests(items: Sequence[InputItem], limits: ImageLimits) -> dict[str, str |
     def digest(item: InputItem) -> str | None:
         try:
             return hashlib.sha256(read_source(item.as_row(), limits)).hexdigest()
-        except (OSError, ImageError, ValueError):
+        except Exception:  # unreadable now, for whatever reason: nothing read
             return None
 
     workers = min(HASH_THREADS, max(1, os.cpu_count() or 1))

@@ -3,6 +3,7 @@ manifest already has (batch.resume), run the rest on Ray, count."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from batch.manifest import (
     remove_unrecorded_copies,
 )
 from batch.resume import RESUME_CONTENT, resume
+from batch.targets import refuse_recorded_places
 
 PNG_SUFFIX = ".png"  # copies of checked pixels are PNGs
 
@@ -34,6 +36,7 @@ class Plan:
     pending: list[InputItem]
     skipped: int  # their current manifest row holds the same bytes
     changed: int = 0  # had a row, but their bytes changed: checked again
+    unavailable: int = 0  # had a row, but cannot be read now: row and copy kept
 
 
 def plan_batch(
@@ -47,13 +50,15 @@ def plan_batch(
     # Marks OUT as a batch's before any copy is written: a run that stops before its
     # first fragment leaves an OUT its rerun accepts (and cleans).
     manifest_dir(out).mkdir(parents=True, exist_ok=True)
-    # OUT may sit inside an input folder: its own copies are not inputs.
-    own = Path(out).absolute()
+    # OUT may sit inside an input folder, or be named through a symlink or `..`: its own
+    # copies are not inputs.
     suffix = PNG_SUFFIX if spec.copy_mode == COPY_PIXELS else None
-    items = [i for i in discover_inputs(inputs, suffix) if not Path(i.source).is_relative_to(own)]
-    resumed = resume(items, current_rows(out), out, resume_by)
+    items = discover_inputs(inputs, suffix, exclude=Path(out).resolve())
+    current = current_rows(out)
+    refuse_recorded_places(items, current, out)
+    resumed = resume(items, current, out, resume_by)
     remove_unrecorded_copies(out)
-    return Plan(run, resumed.pending, resumed.skipped, resumed.changed)
+    return Plan(run, resumed.pending, resumed.skipped, resumed.changed, resumed.unavailable)
 
 
 def execute_plan(
@@ -75,7 +80,7 @@ def execute_plan(
                 counts = run_batch(plan.pending, out, spec, plan.run, options, progress)
         except ray.exceptions.RayError as exc:
             # Fail closed: what was recorded stays, with its copies; nothing else is.
-            cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            cause = failure_cause(exc)
             raise BatchError(
                 f"the batch stopped ({cause}); batches already recorded are kept: rerun the "
                 "same command to resume"
@@ -84,9 +89,46 @@ def execute_plan(
         "processed": counts["processed"],
         "skipped": plan.skipped,
         "changed": plan.changed,
+        "unavailable": plan.unavailable,
         "passed": counts["passed"],
         "rejected": counts["rejected"],
         "manifest": str(manifest_dir(out)),
         "pass": str(Path(out) / PASS_DIR),
         "index_fingerprint": plan.run.index_fingerprint,
     }
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CHAINED = re.compile(
+    r"\n\s*(?:The above exception was the direct cause of the following exception"
+    r"|During handling of the above exception, another exception occurred):\s*\n"
+)
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The exception that stopped a Ray run, as `Type: message`. Ray hands the driver a
+    wrapper (Ray Data's "UDF failed ... retry" hint, whose last line says nothing of the
+    cause); the original exception is the first of the traceback text's chain, since it
+    comes across as text only."""
+    inner: BaseException = exc
+    seen = {id(inner)}
+    while True:
+        nxt = getattr(inner, "cause", None) or inner.__cause__
+        if not isinstance(nxt, BaseException) or id(nxt) in seen:
+            break
+        inner, seen = nxt, seen | {id(nxt)}
+    import ray.exceptions
+
+    if not isinstance(inner, ray.exceptions.RayError):
+        return f"{type(inner).__name__}: {inner}"
+    text = _ANSI.sub("", str(exc)).strip()
+    first = _CHAINED.split(text)[0]
+    lines = first.splitlines()
+    # The exception's own lines follow the last frame ("  File ...", then its indented
+    # code and caret lines).
+    frames = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+    start = frames[-1] + 1 if frames else 0
+    while start < len(lines) and lines[start][:1].isspace():
+        start += 1
+    message = " ".join(line.strip() for line in lines[start:] if line.strip())
+    return message or (lines[-1].strip() if lines else type(exc).__name__)

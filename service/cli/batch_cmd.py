@@ -63,6 +63,12 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
             "old copies were removed)",
             file=sys.stderr,
         )
+    if plan.unavailable:
+        print(
+            f"{plan.unavailable} files with a manifest row cannot be read now (moved, "
+            "unmounted, unreachable): their rows and copies are kept",
+            file=sys.stderr,
+        )
     with progress_bar(len(plan.pending), "checking") as bar:
         summary = execute_plan(
             plan, out, spec, ray_options(args, in_flight=settings.batches_in_flight), bar.update

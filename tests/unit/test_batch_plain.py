@@ -73,12 +73,15 @@ def test_parquet_rows_are_read_from_the_row_groups_that_hold_them(tmp_path: Path
     )
     pq.write_table(table, tmp_path / "rows.parquet", row_group_size=2)
     items = discover_inputs([str(tmp_path / "rows.parquet")])
+    # Keys are tied to their Parquet file: another file's rows of the same names are
+    # other images.
+    parquet = (tmp_path / "rows.parquet").resolve()
     assert [i.key for i in items] == [
-        "gen/0.png",
-        f"{tmp_path / 'rows.parquet'}#row=1",
-        "../up/2.png",
-        "s3://bucket/3.png",
-        "gen/4.png",
+        f"{parquet}#path=gen/0.png",
+        f"{parquet}#row=1",
+        f"{parquet}#path=../up/2.png",
+        f"{parquet}#path=s3://bucket/3.png",
+        f"{parquet}#path=gen/4.png",
     ]
     assert [i.copy_to for i in items] == [
         "rows/gen/0.png",
@@ -102,7 +105,8 @@ def test_parquet_paths_are_read_beside_the_parquet_file(
     (tmp_path / "imgs" / "a.jpg").write_bytes((identities_dir / "id02" / "01.jpg").read_bytes())
     pq.write_table(pa.table({"path": ["imgs/a.jpg", "imgs/gone.jpg"]}), tmp_path / "p.parquet")
     items = discover_inputs([str(tmp_path / "p.parquet")])
-    assert [i.key for i in items] == ["imgs/a.jpg", "imgs/gone.jpg"]
+    parquet = (tmp_path / "p.parquet").resolve()
+    assert [i.key for i in items] == [f"{parquet}#path=imgs/a.jpg", f"{parquet}#path=imgs/gone.jpg"]
     loaded = load_rows([i.as_row() for i in items])
     assert loaded[0]["error"] is None and loaded[0]["view_heights"][0] > 0
     assert loaded[0]["view_pixels"] and loaded[0]["copy"].startswith(PNG)

@@ -114,7 +114,8 @@ def test_parquet_rows_are_resumed_by_their_bytes(tmp_path: Path) -> None:
     assert resume(items, current_rows(out), out).skipped == 2
     pq.write_table(pa.table({"path": ["a.png", "b.png"], "bytes": [PNG + b"a", PNG + b"X"]}), table)
     resumed = resume(items, current_rows(out), out)
-    assert [i.key for i in resumed.pending] == ["b.png"] and resumed.skipped == 1
+    assert [i.key for i in resumed.pending] == [f"{table.resolve()}#path=b.png"]
+    assert resumed.skipped == 1
 
 
 def test_a_file_unreadable_then_and_now_keeps_its_row(tmp_path: Path) -> None:
