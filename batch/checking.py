@@ -70,9 +70,11 @@ class BatchChecker:
 
     def __init__(self, spec: FilterSpec, expected: ManifestRun) -> None:
         from filter.assembly import open_filter
+        from filter.turned import searching_turned
 
+        # Files are also searched turned (filter.turned), as `facegate check` searches them.
         opened = open_filter(
-            spec.embedding.build(),
+            searching_turned(spec.embedding.build()),
             spec.index_path,
             NoFacePolicy(spec.no_face_policy),
             threshold=spec.threshold,

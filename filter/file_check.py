@@ -65,34 +65,12 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-# Quarter turns each image is also searched at. MTCNN finds faces within about 45 degrees
-# of upright: a face turned on its side or upside down (a photo stored turned, or a face
-# hidden that way beside a stranger) is found only in a turned copy.
-TURNS = (1, 2, 3)
-# What a turned copy's verdict may add to the file's: a match, or a search that did not
-# complete (fail closed). Finding no face there says nothing: an upright face is seldom
-# found turned.
-_TURNED_REASONS = frozenset(
-    {Reason.IDENTITY_MATCH, Reason.REPLICA, Reason.TOO_MANY_FACES, Reason.FILTER_ERROR}
-)
-
-
-def check_files(
-    checker: ImageChecker, contents: Sequence[FileContent], turns: Sequence[int] = TURNS
-) -> list[FileVerdict]:
-    """Check every image of every file in one call of the filter per orientation (as
-    stored, then each of `turns` quarter turns), then decide per file."""
+def check_files(checker: ImageChecker, contents: Sequence[FileContent]) -> list[FileVerdict]:
+    """Check every image of every file in one call of the filter, then decide per file."""
     flat = [view.pixels for content in contents for view in content.views]
-    verdicts = _checked(checker, flat)
-    for turn in turns if flat else ():
-        turned = _checked(checker, [np.ascontiguousarray(np.rot90(p, turn)) for p in flat])
-        verdicts = [
-            own
-            if seen.passed or seen.reason not in _TURNED_REASONS
-            # The worse of the two; the image as stored on a tie.
-            else min(own, _turned(seen, turn), key=verdict_rank)
-            for own, seen in zip(verdicts, turned, strict=True)
-        ]
+    verdicts = checker.check(flat) if flat else []
+    if len(verdicts) != len(flat):
+        raise ValueError(f"the filter returned {len(verdicts)} verdicts for {len(flat)} images")
     out: list[FileVerdict] = []
     start = 0
     for content in contents:
@@ -100,19 +78,6 @@ def check_files(
         start += len(content.views)
         out.append(file_verdict(content, own))
     return out
-
-
-def _checked(checker: ImageChecker, images: list[np.ndarray]) -> list[ImageVerdict]:
-    verdicts = checker.check(images) if images else []
-    if len(verdicts) != len(images):
-        raise ValueError(f"the filter returned {len(verdicts)} verdicts for {len(images)} images")
-    return verdicts
-
-
-def _turned(verdict: ImageVerdict, turn: int) -> ImageVerdict:
-    where = f"turned {90 * turn} degrees"
-    detail = f"{where}: {verdict.detail}" if verdict.detail else where
-    return dataclasses.replace(verdict, detail=detail)
 
 
 def file_verdict(content: FileContent, verdicts: Sequence[ImageVerdict]) -> FileVerdict:

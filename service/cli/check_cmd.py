@@ -29,10 +29,11 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     from filter.errors import ImageError
     from filter.file_check import FileVerdict, check_files
     from filter.images import BATCH_PIXELS, ImageLimits, read_image_bytes
+    from filter.turned import searching_turned
 
     threshold, replica_threshold = threshold_overrides(settings, args)
     opened = open_filter(
-        embedding_pipeline(settings, args),
+        searching_turned(embedding_pipeline(settings, args)),
         Path(args.index),
         NoFacePolicy(flag_over_setting(args.no_face_policy, settings.no_face_policy)),
         threshold=threshold,

@@ -116,11 +116,7 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
 ) -> None:
     inputs, same_bytes = _inputs(tmp_path / "in", identities_dir, faces_dir)
     out = tmp_path / "out"
-    # Above the real-photo default (0.40): the crowd's 32 px faces, searched turned (fewer
-    # found than upright, so searched at all), meet an enrolled identity near 0.42.
-    threshold = ["--threshold", "0.6"]
     command = ["batch", "--index", str(ray_index), "--out", str(out), "--batch-size", "3"]
-    command += threshold
     assert main(command + _models(models_dir) + inputs) == 0
     summary = _last_json(capsys)
     rows = read_manifest(out).to_pylist()
@@ -134,7 +130,7 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     # The very verdicts of `facegate check` on the same bytes.
     assert (
         main(
-            ["check", "--index", str(ray_index), *threshold]
+            ["check", "--index", str(ray_index)]
             + _models(models_dir)
             + [str(p) for p in same_bytes.values()]
         )

@@ -308,6 +308,7 @@ def test_audit_log_records_rejections_without_image_data(
             "faces",
             "client",
             "caller_request_id",
+            "replica_similarity",
         }
         # The demo index's salt is new each session, so which candidates show a face varies:
         # an enrolled candidate whose face the detector misses is still held back, as a

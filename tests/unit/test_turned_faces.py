@@ -1,70 +1,116 @@
-"""A face turned on its side or upside down is searched too (`filter.file_check.TURNS`):
-MTCNN finds faces within about 45 degrees of upright, so `facegate check` and `facegate
-batch` also search each image turned by each quarter turn. Without models: a checker that
-matches one exact array shows which copies were searched and how their verdicts count.
-End to end with the real filter: tests/models/test_content_verdicts.py."""
+"""A face turned on its side or upside down is found (`filter.turned`): MTCNN finds faces
+within about 45 degrees of upright, so `facegate check` and `facegate batch` also search
+each image at each quarter turn and add the confident faces found there that no face
+found upright covers. Without models: a scripted detector stands in for MTCNN. End to end
+with the real filter (a turned enrolled face beside a stranger is rejected):
+tests/models/test_content_verdicts.py."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 
-from filter.content import FileContent, ImageView
-from filter.decide import ImageVerdict, Reason
-from filter.file_check import TURNS, check_files
-from tests.fakes import HashListFilter
+from filter.faces import DetectedFace, DetectorSettings, FaceAligner
+from filter.identity_filter import FaceEmbeddingPipeline
+from filter.turned import TURNED_MIN_SCORE, TURNS, TurnedDetector, searching_turned, turned_back
 
-
-def _content(*views: np.ndarray) -> FileContent:
-    return FileContent("PNG", tuple(ImageView(f"view {i}", v) for i, v in enumerate(views)), 1)
+HEIGHT, WIDTH = 6, 10
 
 
-def _image(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+def _face(box: tuple[float, float, float, float], score: float = 1.0) -> DetectedFace:
+    x1, y1, x2, y2 = box
+    marks = np.array([[x1, y1], [x2, y1], [x1, y2], [x2, y2], [x1, y2]], dtype=np.float32)
+    return DetectedFace(box=box, score=score, landmarks=marks)
 
 
-def test_a_face_enrolled_as_turned_is_found_at_each_quarter_turn() -> None:
-    image = _image(1)
-    for turn in TURNS:
-        checker = HashListFilter()
-        # The stored image shows the enrolled face turned back by `turn` quarter turns.
-        checker.enrolled.add(HashListFilter.key(np.ascontiguousarray(np.rot90(image, turn))))
-        [result] = check_files(checker, [_content(_image(0), image)])
-        assert (result.verdict.reason, result.part) == (Reason.IDENTITY_MATCH, "view 1"), turn
-        assert result.detail == f"view 1: turned {90 * turn} degrees"
-        assert checker.batches == [2, 2, 2, 2]  # as stored, then three turns, one call each
-    unturned = HashListFilter()
-    unturned.enrolled.add(HashListFilter.key(np.ascontiguousarray(np.rot90(image, 1))))
-    [result] = check_files(unturned, [_content(image)], turns=())
-    assert result.passed  # what the turns add
+@pytest.mark.parametrize("turn", TURNS)
+def test_a_point_found_turned_maps_back_to_the_same_pixel(turn: int) -> None:
+    image = np.arange(HEIGHT * WIDTH * 3, dtype=np.int64).reshape(HEIGHT, WIDTH, 3)
+    turned = np.rot90(image, turn)
+    for ty in range(turned.shape[0]):
+        for tx in range(turned.shape[1]):
+            face = DetectedFace(
+                box=(tx, ty, tx, ty), score=1.0, landmarks=np.full((5, 2), (tx, ty), np.float32)
+            )
+            back = turned_back(face, turn, HEIGHT, WIDTH)
+            x, y = (round(float(v)) for v in back.landmarks[0])
+            assert (image[y, x] == turned[ty, tx]).all(), (turn, tx, ty)
+            assert back.box == (x, y, x, y)
 
 
-class _UprightOnly:
-    """Finds a face (and passes) only in arrays of the stored shape; anything turned
-    shows no face, fails or has too many, as scripted."""
+class Scripted:
+    """Finds, in an image of the stored shape, `upright`; in a turned copy (told apart by
+    its first pixel, which np.rot90 moves), `turned[k]`."""
 
-    def __init__(self, turned: ImageVerdict) -> None:
-        self.turned = turned
+    settings = DetectorSettings()
+    device = "cpu"
 
-    def check(self, images: Sequence[np.ndarray]) -> list[ImageVerdict]:
-        return [
-            ImageVerdict(passed=True, reason=None, faces=1, max_similarity=0.1, identity=None)
-            if image.shape[0] < image.shape[1] or image.shape[0] == 24
-            else self.turned
-            for image in images
-        ]
+    def __init__(self, upright: list[DetectedFace], turned: dict[int, list[DetectedFace]]):
+        self.upright, self.turned = upright, turned
+        self.calls: list[int] = []
+
+    def searchable(self, height: int, width: int) -> bool:
+        return True
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
+        self.calls.append(len(images))
+        out = []
+        for image in images:
+            corner = int(image[0, 0, 0])
+            turn = corner
+            out.append(list(self.upright) if turn == 0 else list(self.turned.get(turn, [])))
+        return out
 
 
-def test_a_turned_copy_adds_only_matches_and_searches_that_did_not_complete() -> None:
-    no_face = ImageVerdict(
-        passed=False, reason=Reason.NO_FACE, faces=0, max_similarity=None, identity=None
-    )
-    [result] = check_files(_UprightOnly(no_face), [_content(_image(2))], turns=(1,))
-    assert result.passed  # an upright face is seldom found turned: says nothing
-    for reason in (Reason.FILTER_ERROR, Reason.TOO_MANY_FACES):
-        failed = ImageVerdict(
-            passed=False, reason=reason, faces=0, max_similarity=None, identity=None
-        )
-        [result] = check_files(_UprightOnly(failed), [_content(_image(2))], turns=(1,))
-        assert result.verdict.reason is reason  # fail closed
+def _marked_image() -> np.ndarray:
+    """Its top-left pixel says which quarter turn a copy is (0 as stored)."""
+    image = np.full((HEIGHT, WIDTH, 3), 9, np.uint8)
+    # np.rot90 (counter-clockwise) brings the top-right corner to the top left first.
+    image[0, 0], image[0, -1], image[-1, -1], image[-1, 0] = 0, 1, 2, 3
+    return image
+
+
+def test_a_confident_face_found_turned_is_added_in_the_images_pixels() -> None:
+    upright = [_face((0, 3, 2, 5))]
+    # Found at the top left of the quarter-turned copy: the image's top right.
+    found = _face((0, 0, 2, 2))
+    inner = Scripted(upright, {1: [found]})
+    [faces] = TurnedDetector(inner).detect([_marked_image()])
+    assert faces[0] is upright[0]  # the upright faces first, as they were
+    assert len(faces) == 2
+    assert faces[1].box == turned_back(found, 1, HEIGHT, WIDTH).box == (7.0, 0.0, 9.0, 2.0)
+    assert inner.calls == [1, 1, 1, 1]  # as stored, then one call per turn
+
+
+def test_a_face_found_upright_is_not_added_again_nor_an_unconfident_one() -> None:
+    upright = [_face((2, 1, 8, 5))]
+    doubtful = _face((0, 0, 2, 2), score=TURNED_MIN_SCORE - 0.01)
+    # The upright face, found again in the half-turned copy.
+    same = _face(_inverse_box(upright[0].box, 2))
+    inner = Scripted(upright, {2: [same], 3: [doubtful]})
+    [faces] = TurnedDetector(inner).detect([_marked_image()])
+    assert faces == upright
+
+
+def _inverse_box(
+    box: tuple[float, float, float, float], turn: int
+) -> tuple[float, float, float, float]:
+    """Where a box of the image lies in its copy turned `turn` quarter turns (half turn)."""
+    assert turn == 2
+    x1, y1, x2, y2 = box
+    return (WIDTH - 1 - x2, HEIGHT - 1 - y2, WIDTH - 1 - x1, HEIGHT - 1 - y1)
+
+
+def test_the_turned_search_keeps_what_an_index_requires_of_the_detector() -> None:
+    inner = Scripted([], {})
+
+    class Embedder:
+        crop_size = 112
+
+    pipeline = FaceEmbeddingPipeline(FaceAligner(inner, 112), Embedder())  # type: ignore[arg-type]
+    turned = searching_turned(pipeline)
+    assert isinstance(turned.aligner.detector, TurnedDetector)
+    assert turned.aligner.detector.settings is inner.settings  # the manifest's detector
+    assert turned.embedder is pipeline.embedder and turned.max_faces == pipeline.max_faces
