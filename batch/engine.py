@@ -21,7 +21,7 @@ import batch
 from batch.errors import BatchError
 from batch.manifest import COPY_ORIGINAL, MANIFEST_SCHEMA, ManifestRun
 from batch.reading import load_rows
-from batch.recording import record_rows
+from batch.recording import NOT_COPIED, record_rows
 
 if TYPE_CHECKING:  # not imported at run time: every Ray worker imports this module
     from batch.checking import FilterSpec
@@ -193,7 +193,23 @@ class _CheckActor:
 
 def _record(table: pa.Table, out: str) -> pa.Table:
     recorded = record_rows(Path(out), _rows(table))
-    return pa.Table.from_pylist([{"verdict": row["verdict"]} for row in recorded])
+    return pa.Table.from_pylist(
+        [{"verdict": row["verdict"], "reason": row["reason"]} for row in recorded],
+        schema=pa.schema([("verdict", pa.string()), ("reason", pa.string())]),
+    )
+
+
+def count_recorded(verdicts: list[str], reasons: list[str | None]) -> dict[str, int]:
+    """A recorded block's counts. A pass whose copy could not be written (`not_copied`) is
+    a reject row in the manifest, but neither a pass nor a filter rejection: counted on
+    its own, so an operator sees that a rerun has work to do."""
+    not_copied = reasons.count(NOT_COPIED)
+    return {
+        "processed": len(verdicts),
+        "passed": verdicts.count("pass"),
+        "rejected": verdicts.count("reject") - not_copied,
+        "not_copied": not_copied,
+    }
 
 
 def run_batch(
@@ -239,11 +255,13 @@ def run_batch(
             partial(_record, out=str(out)), batch_format="pyarrow", batch_size=options.batch_size
         )
     )
-    counts = {"processed": 0, "passed": 0, "rejected": 0}
+    counts = dict.fromkeys(("processed", "passed", "rejected", "not_copied"), 0)
     for result in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        verdicts = cast(Any, result).column("verdict").to_pylist()
-        counts["processed"] += len(verdicts)
-        counts["passed"] += verdicts.count("pass")
-        counts["rejected"] += verdicts.count("reject")
-        progress(len(verdicts))
+        block = cast(Any, result)
+        recorded = count_recorded(
+            block.column("verdict").to_pylist(), block.column("reason").to_pylist()
+        )
+        for name, value in recorded.items():
+            counts[name] += value
+        progress(recorded["processed"])
     return counts

@@ -69,7 +69,7 @@ def execute_plan(
     progress: Callable[[int], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Run the pending images on Ray (started or joined here) and summarise."""
-    counts = {"processed": 0, "passed": 0, "rejected": 0}
+    counts = dict.fromkeys(("processed", "passed", "rejected", "not_copied"), 0)
     if plan.pending:
         import ray.exceptions
 
@@ -92,6 +92,7 @@ def execute_plan(
         "unavailable": plan.unavailable,
         "passed": counts["passed"],
         "rejected": counts["rejected"],
+        "not_copied": counts["not_copied"],
         "manifest": str(manifest_dir(out)),
         "pass": str(Path(out) / PASS_DIR),
         "index_fingerprint": plan.run.index_fingerprint,

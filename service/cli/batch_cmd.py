@@ -74,6 +74,15 @@ def cmd_batch(settings: Settings, args: argparse.Namespace) -> int:
             plan, out, spec, ray_options(args, in_flight=settings.batches_in_flight), bar.update
         )
     emit(summary)
+    if summary["not_copied"]:
+        # Passed, but nothing was handed on: a run that leaves work undone says so.
+        print(
+            f"{summary['not_copied']} passed images could not be copied to {summary['pass']} "
+            "(their rows' error says why, reason not_copied): free the space or fix the "
+            "path, then rerun the same command to check and copy them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -125,6 +125,7 @@ def test_batch_gives_checks_verdicts_copies_what_passed_and_resumes(
     assert summary["processed"] == len(rows) == 8 + probes and summary["skipped"] == 0
     assert summary["passed"] == sum(r["verdict"] == "pass" for r in rows)
     assert summary["rejected"] == sum(r["verdict"] == "reject" for r in rows)
+    assert summary["not_copied"] == 0
     assert len(fragments(out)) >= 8  # one per block of 3: a crash loses only blocks in flight
 
     # The very verdicts of `facegate check` on the same bytes.

@@ -319,3 +319,80 @@ def test_a_stopped_run_reports_the_original_exception(
         execute_plan(plan, tmp_path, _spec(), batch.engine.RayOptions())
     assert "OSError: [Errno 28] No space left on device" in str(stopped.value)
     assert "transient" not in str(stopped.value)
+
+
+def test_passes_that_could_not_be_copied_are_counted_apart_from_rejections() -> None:
+    """`not_copied` rows are reject rows in the manifest, but the filter passed them: they
+    were summed into `rejected`, so a run that copied nothing looked like a strict filter."""
+    from batch.engine import count_recorded
+
+    counts = count_recorded(
+        ["pass", "reject", "reject", "reject"], [None, "identity_match", "not_copied", "no_face"]
+    )
+    assert counts == {"processed": 4, "passed": 1, "rejected": 2, "not_copied": 1}
+
+
+def test_batch_exits_1_and_says_so_when_a_pass_was_not_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exit 0 with nothing on stderr let a pipeline hand on OUT/pass/ without the images
+    whose copies failed (a full disk, say), unaware that a rerun had work to do."""
+    import batch.runner
+    from tests.commands import facegate
+
+    summary: dict[str, Any] = {
+        "processed": 3, "skipped": 0, "changed": 0, "unavailable": 0, "passed": 1,
+        "rejected": 0, "not_copied": 2, "manifest": "m", "pass": str(tmp_path / "pass"),
+        "index_fingerprint": "f",
+    }  # fmt: skip
+    monkeypatch.setattr(batch.runner, "plan_batch", lambda *_: Plan(RUN, [], 0))
+    monkeypatch.setattr(batch.runner, "execute_plan", lambda *_args, **_kw: dict(summary))
+    args = ["batch", "--index", str(tmp_path / "index"), "--out", str(tmp_path / "out")]
+    result = facegate(*args, str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert "2 passed images could not be copied" in result.stderr
+    assert "rerun" in result.stderr
+    summary["not_copied"] = 0
+    assert facegate(*args, str(tmp_path)).returncode == 0
+
+
+def test_the_documented_current_row_recipe_agrees_with_a_rerun(tmp_path: Path) -> None:
+    """docs/batch.md's pandas recipe took the rows no `(path, supersedes)` names: a file
+    that changed back to earlier bytes, and a `not_copied` row checked again, then had no
+    current row at all."""
+    import re
+    from datetime import UTC, datetime, timedelta
+
+    import pandas as pd
+
+    from batch.manifest import write_fragment
+    from tests.conftest import REPO
+
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    a, b = "a" * 64, "b" * 64
+    history = [  # (path, sha256, supersedes, reason)
+        ("/in/back.png", a, None, None),
+        ("/in/back.png", b, a, None),
+        ("/in/back.png", a, b, None),  # changed back to its first bytes
+        ("/in/full.png", a, None, "not_copied"),
+        ("/in/full.png", a, a, None),  # checked again, copied this time
+        ("/in/once.png", b, None, None),
+    ]
+    for minute, (path, sha, supersedes, reason) in enumerate(history):
+        row = manifest_row(path, "pass", "x.png", None, sha)
+        row |= {"supersedes": supersedes, "recorded_at": start + timedelta(minutes=minute)}
+        if reason:
+            row |= {"verdict": "reject", "reason": reason}
+        write_fragment(tmp_path, [row])
+
+    text = (REPO / "docs/batch.md").read_text()
+    recipe = re.search(r"^current = (.+)$", text, re.M)
+    assert recipe, "docs/batch.md no longer shows how to select the current rows"
+    manifest = pd.read_parquet(tmp_path / "manifest")
+    current = eval(recipe[1], {"manifest": manifest, "pd": pd})
+    documented = {(r.path, r.sha256, r.recorded_at) for r in current.itertuples()}
+    expected = {
+        (path, row["sha256"], pd.Timestamp(row["recorded_at"]))
+        for path, row in current_rows(tmp_path).items()
+    }
+    assert len(expected) == 3 and documented == expected
