@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import struct
 
-from filter.content_scan import Embedded, Layout, scan, walk_photoshop, walk_tiff
+from filter.container_tiff import walk_photoshop, walk_tiff
+from filter.content_scan import Embedded, Layout, scan
 
 EXIF_HEADERS = (b"Exif\x00\x00", b"Exif\x00\xff")
 

@@ -14,7 +14,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-from filter.content_scan import Layout, scan, walk_tiff
+from filter.container_tiff import walk_tiff
+from filter.content_scan import Layout, scan
 
 # Compressed metadata (zTXt, iTXt, iCCP) inflates to at most this much before it is scanned.
 MAX_INFLATED = 16 * 1024 * 1024

@@ -28,7 +28,8 @@ from collections.abc import Callable
 
 from filter.container_jpeg import EXIF_HEADERS, walk_jpeg
 from filter.container_png import walk_png
-from filter.content_scan import Layout, scan, walk_tiff
+from filter.container_tiff import walk_tiff
+from filter.content_scan import Layout, scan
 
 
 def walk(image_format: str, data: bytes, layout: Layout) -> bool:
