@@ -142,6 +142,9 @@ def parquet_items(path: Path) -> list[InputItem]:
     here: the bytes are read later, and only for rows the manifest does not have yet."""
     import pyarrow as pa
 
+    if not path.is_file():
+        # A FIFO named *.parquet (matched by a glob) would block the listing forever.
+        raise BatchInputError(f"{path}: a Parquet input must be a regular file")
     try:
         return _parquet_items(path)
     except (OSError, ValueError, pa.ArrowException) as exc:

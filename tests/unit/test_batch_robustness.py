@@ -396,3 +396,15 @@ def test_the_documented_current_row_recipe_agrees_with_a_rerun(tmp_path: Path) -
         for path, row in current_rows(tmp_path).items()
     }
     assert len(expected) == 3 and documented == expected
+
+
+@pytest.mark.timeout(20, method="thread")  # a blocked open() ignores signals
+def test_a_fifo_a_glob_names_as_parquet_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """`shards/*.parquet` matching a FIFO blocked the listing (pyarrow opened it and
+    waited for a writer) before any image was read."""
+    good = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"path": ["x.png"], "bytes": [PNG]}), good)
+    os.mkfifo(tmp_path / "b.parquet")
+    with pytest.raises(BatchInputError, match=r"b\.parquet: a Parquet input must be a regular"):
+        discover_inputs([str(tmp_path / "*.parquet")], ".png")
+    assert [i.copy_to for i in discover_inputs([str(good)], ".png")] == ["a/x.png"]
