@@ -15,7 +15,9 @@ names the old row's sha256 in `supersedes` and is newer), and the old row's copy
 removed before the run, so no copy of bytes that are no longer there stays in OUT/pass/.
 Only bytes actually read and found different count as a change: an input that cannot be
 read now (moved, on a volume not mounted, an unreachable URI) keeps its row and its copy
-(`unavailable`), and so does one that could not be read then either. A row the filter
+(`unavailable`), and so does one that could not be read then either. A file now over the
+size limit, or a Parquet value now null, was read far enough to differ from hashed bytes:
+changed (its copy goes; its new row says why it cannot be checked). A row the filter
 passed but whose copy could not be made (`not_copied`) is checked again.
 """
 
@@ -39,6 +41,9 @@ RESUME_CONTENT = "content"
 RESUME_SIZE_MTIME = "size-mtime"
 RESUME_MODES = (RESUME_CONTENT, RESUME_SIZE_MTIME)
 HASH_THREADS = 4  # hashing reads files: threads overlap the I/O (hashlib releases the GIL)
+# A digest for bytes read far enough to differ from any hashed row's, without a sha256:
+# a file now over the size limit, a Parquet value now null. No sha256 is this string.
+DIFFERENT = "different-now"
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,17 @@ def resume(
         if row is None:
             pending.append(item)
             continue
-        same = item.key in trusted or digests[item.key] == row["sha256"]
+        digest = None if item.key in trusted else digests[item.key]
+        recorded = row["sha256"]
+        # Unreadable then (no sha256) and now, whether missing, over the limit or null.
+        same = (
+            item.key in trusted or digest == recorded or (recorded is None and digest == DIFFERENT)
+        )
         if same and row.get("reason") == NOT_COPIED:
             pending.append(replace(item, supersedes=row["sha256"] or ""))
         elif same:
             skipped += 1
-        elif digests[item.key] is None:
+        elif digest is None:
             # Nothing was read, so nothing says the bytes changed: the row and its copy
             # stay until different bytes are read.
             unavailable += 1
@@ -116,18 +126,30 @@ def _digests(items: Sequence[InputItem], limits: ImageLimits) -> dict[str, str |
         except Exception:  # a corrupt or missing Parquet file: nothing read
             found = {}
         for i, member in enumerate(members):
-            data = found.get(i)
-            out[member.key] = None if data is None else hashlib.sha256(data).hexdigest()
+            if i not in found:
+                out[member.key] = None  # the file could not be read
+            else:
+                data = found[i]
+                out[member.key] = DIFFERENT if data is None else hashlib.sha256(data).hexdigest()
     files = [item for item in items if item.row < 0]
 
     def digest(item: InputItem) -> str | None:
         try:
             return hashlib.sha256(read_source(item.as_row(), limits)).hexdigest()
         except Exception:  # unreadable now, for whatever reason: nothing read
-            return None
+            return DIFFERENT if _over_the_limit(item.source, limits) else None
 
     workers = min(HASH_THREADS, max(1, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for item, value in zip(files, pool.map(digest, files), strict=True):
             out[item.key] = value
     return out
+
+
+def _over_the_limit(source: str, limits: ImageLimits) -> bool:
+    """The file is there and larger than any row's bytes could have been."""
+    try:
+        size, _ = source_stat(source)
+    except Exception:
+        return False
+    return size > limits.max_bytes

@@ -141,3 +141,56 @@ def test_a_file_unreadable_then_and_now_keeps_its_row(tmp_path: Path) -> None:
     (tmp_path / "gone.png").write_bytes(PNG)
     resumed = resume(items, current_rows(out), out)  # readable now: checked
     assert len(resumed.pending) == 1 and resumed.pending[0].supersedes == ""
+
+
+def test_a_file_now_over_the_size_limit_is_a_change_and_its_copy_goes(tmp_path: Path) -> None:
+    """It counted as `unavailable` (not read), so the copy of its old bytes stayed in
+    OUT/pass/ beside a file that no longer holds them; the size alone says they differ."""
+    from filter.images import ImageLimits
+
+    limits = ImageLimits(max_bytes=64)
+    grown, kept = tmp_path / "gen" / "grown.png", tmp_path / "gen" / "kept.png"
+    grown.parent.mkdir()
+    grown.write_bytes(PNG + b"small")
+    kept.write_bytes(PNG + b"kept")
+    out = tmp_path / "out"
+    items = discover_inputs([str(tmp_path / "gen")], ".png")
+    for item, path in zip(items, [grown, kept], strict=True):
+        _record(out, item.key, item.copy_to, path.read_bytes())
+    old_copy = out / "pass" / "gen" / "grown.png"
+    grown.write_bytes(PNG + b"x" * 100)  # over the limit now
+    resumed = resume(items, current_rows(out), out, limits=limits)
+    assert (resumed.changed, resumed.unavailable, resumed.skipped) == (1, 0, 1)
+    assert [i.key for i in resumed.pending] == [str(grown)]
+    assert resumed.pending[0].supersedes == _sha(PNG + b"small")
+    assert not old_copy.exists() and (out / "pass" / "gen" / "kept.png").is_file()
+    os.remove(kept)  # missing now: nothing was read, the row and copy stay
+    resumed = resume(items, current_rows(out), out, limits=limits)
+    assert resumed.unavailable == 1 and (out / "pass" / "gen" / "kept.png").is_file()
+
+
+def test_a_parquet_value_now_null_is_a_change_and_null_twice_is_not(tmp_path: Path) -> None:
+    table = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "bytes": [PNG + b"a", None]}), table)
+    out = tmp_path / "out"
+    items = discover_inputs([str(table)], ".png")
+    _record(out, items[0].key, items[0].copy_to, PNG + b"a")
+    record_rows(
+        out,
+        [
+            {
+                "path": items[1].key,
+                "sha256": None,
+                "verdict": "reject",
+                "reason": "unreadable",
+                "faces": 0,
+                "copy_to": items[1].copy_to,
+                **RUN.columns(),
+            }
+        ],
+    )
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "bytes": [None, None]}), table)
+    resumed = resume(items, current_rows(out), out)
+    assert (resumed.changed, resumed.unavailable, resumed.skipped) == (1, 0, 1)
+    assert [i.key for i in resumed.pending] == [items[0].key]
+    assert not (out / "pass" / "rows" / "a.png").exists()
