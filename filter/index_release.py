@@ -16,12 +16,15 @@ operator gives one for it (`--allow-looser`), which is recorded in its manifest
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,14 +62,68 @@ def flip_link(link: Path, release: Path) -> None:
     os.replace(staging, link)
 
 
-def publish(index: FaissIdentityIndex, path: Path) -> Path:
+class IndexBusyError(FilterError):
+    """Another facegate command is writing the same index."""
+
+
+class IndexChangedError(FilterError):
+    """The index changed between a command's reading it and its writing the result."""
+
+
+@contextmanager
+def editing(path: Path) -> Iterator[None]:
+    """Hold the edit lock of the index at `path` (a link or a folder) while a command
+    reads it, works and writes the result: two edits of one index (an `index add` while
+    `calibrate --save` measures) would each publish what they read, and the later would
+    silently drop the earlier's change (an opt-out, an erasure). Not waited on: a second
+    command is refused at once, before its work, naming the holder."""
+    path = Path(path)
+    lock_path = Path(os.path.realpath(path.parent)) / f".{path.name}.lock"
+    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip()
+            raise IndexBusyError(
+                f"another facegate command is writing {path} ({holder or 'unknown'}; lock "
+                f"{lock_path}): wait for it to finish, then run this one on its result"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.pwrite(descriptor, f"pid {os.getpid()} since {stamp}".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock; the file stays (removing it would race)
+
+
+def fingerprint_at(path: Path) -> str | None:
+    """The fingerprint of the index `path` holds now, from its manifest alone (None:
+    nothing there)."""
+    manifest = Path(path) / MANIFEST_FILE
+    if not manifest.exists():
+        return None
+    try:
+        return _fingerprint(json.loads(manifest.read_text()))
+    except (OSError, ValueError):
+        return "unreadable"
+
+
+def publish(index: FaissIdentityIndex, path: Path, read: str | None = None) -> Path:
     """Write `index` at `path` atomically for readers; returns the folder written.
 
     A symlink at `path`: the index goes to a new release folder beside the current
     target, then the link flips. A plain folder (or nothing) at `path`: a staging folder
     is renamed over it (readers that resolve the path once, as the server does, see one
-    folder or the other)."""
+    folder or the other).
+
+    `read`: the fingerprint of the index at `path` the result was made from; refused
+    (IndexChangedError) if `path` holds another index by now, whose change writing this
+    result would undo. Call it under `editing(path)`, which keeps other facegate commands
+    out; this check also catches a writer that takes no lock (a link flipped by hand)."""
     path = Path(path)
+    if read is not None:
+        refuse_if_changed(path, read)
     if not path.is_symlink():
         index.save(path)
         return path
@@ -134,6 +191,8 @@ def publish_folder(
     if release is None:
         release = _free_name(releases, _release_name(name or source.resolve().name, expected))
         _copy_verified(source, release, record, expected)
+    # The looser check was made against `live`: flip only if the link still points there.
+    refuse_if_changed(link, live.fingerprint if live is not None else None)
     flip_link(link, release)
     ack = None
     if looser:
@@ -185,6 +244,18 @@ def _fingerprint(manifest: dict[str, Any]) -> str:
     twin = object.__new__(FaissIdentityIndex)
     twin.manifest = manifest
     return twin.fingerprint
+
+
+def refuse_if_changed(path: Path, read: str | None) -> None:
+    """`read`: the fingerprint of what `path` held when the command read it (None:
+    nothing)."""
+    now = fingerprint_at(path)
+    if now != read:
+        raise IndexChangedError(
+            f"{path} changed while this command worked (it read {read or 'nothing'}, the "
+            f"path now holds {now or 'nothing'}): nothing was written, so that change stays. "
+            "Rerun the command on the index as it is now"
+        )
 
 
 def index_thresholds(index: FaissIdentityIndex) -> DecisionThresholds:

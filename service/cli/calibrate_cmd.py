@@ -75,6 +75,17 @@ def _non_member_batches(
 
 
 def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.index_release import editing
+
+    if not args.save:
+        return _calibrate(settings, args)
+    # Held from reading the index to saving into it: an edit published meanwhile (an
+    # opt-out added) would be undone by saving a copy of what was read.
+    with editing(Path(args.index)):
+        return _calibrate(settings, args)
+
+
+def _calibrate(settings: Settings, args: argparse.Namespace) -> int:
     from filter.assembly import load_index_for, measuring_filter
     from filter.calibrate import same_person_floor_warning
     from filter.decide import ImageEvidence
@@ -143,7 +154,7 @@ def cmd_calibrate(settings: Settings, args: argparse.Namespace) -> int:
                 "lower --target-false-reject"
             ) from None
         # A symlinked index gets a new release and the link flips; a folder is exchanged.
-        written = publish(saved, index_path)
+        written = publish(saved, index_path, read=index.fingerprint)
         restrict_to_owner(written)
         report["saved"] = str(index_path)
         report["written"] = str(written)

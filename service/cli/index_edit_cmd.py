@@ -4,6 +4,7 @@ publish an index where live servers pick it up (atomically, through a symlink)."
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -56,15 +57,35 @@ def _report(
     return summary
 
 
-def _publish(edited: FaissIdentityIndex, args: argparse.Namespace) -> Path:
+def _publish(edited: FaissIdentityIndex, read: str, args: argparse.Namespace) -> Path:
+    """Write the edit of the index whose fingerprint was `read`; in place, refused if
+    the index changed meanwhile (its change would be undone)."""
     from filter.index_release import publish
 
-    written = publish(edited, _destination(args))
+    destination = _destination(args)
+    in_place = os.path.realpath(destination) == os.path.realpath(args.index)
+    written = publish(edited, destination, read=read if in_place else None)
     restrict_to_owner(written)
     return written
 
 
 def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.index_release import editing
+
+    with editing(_destination(args)):
+        return _index_add(settings, args)
+
+
+def cmd_index_remove(settings: Settings, args: argparse.Namespace) -> int:
+    from filter.index_release import editing
+
+    if not args.identity:
+        raise CliError("name at least one --identity to remove")
+    with editing(_destination(args)):
+        return _index_remove(settings, args)
+
+
+def _index_add(settings: Settings, args: argparse.Namespace) -> int:
     from filter.assembly import load_index_for
     from filter.gallery import gallery_images
     from filter.index_edit import add_gallery
@@ -83,7 +104,7 @@ def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
             index_name=str(_destination(args)),
             key=key,
         )
-    written = _publish(edited, args)
+    written = _publish(edited, index.fingerprint, args)
     kept = "enrolled for replicas only" if edited.has_replicas else "not enrolled"
     for path in report.gallery.no_face if report.gallery else []:
         print(f"warning: no face found in {gallery / path}; {kept}", file=sys.stderr)
@@ -93,20 +114,18 @@ def cmd_index_add(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index_remove(settings: Settings, args: argparse.Namespace) -> int:
+def _index_remove(settings: Settings, args: argparse.Namespace) -> int:
     from filter.index import FaissIdentityIndex
     from filter.index_edit import remove_identities
     from filter.index_release import releases_holding
 
-    if not args.identity:
-        raise CliError("name at least one --identity to remove")
     key = _edit_key(settings)
     source = Path(args.index)
     linked = source.is_symlink()
     before = source.resolve()
     index = FaissIdentityIndex.load(source)  # integrity and self-test
     edited, report = remove_identities(index, args.identity, key)
-    written = _publish(edited, args)
+    written = _publish(edited, index.fingerprint, args)
     summary = _report(edited, report, written, args)
     # What still holds the removed vectors: older releases beside the old target (a
     # symlinked index; the live one is the new release, unless the result went to --out),
@@ -142,11 +161,12 @@ def cmd_index_remove(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_index_publish(settings: Settings, args: argparse.Namespace) -> int:
     from filter.index_lineage import describe_acknowledgement
-    from filter.index_release import publish_folder
+    from filter.index_release import editing, publish_folder
 
-    published = publish_folder(
-        Path(args.source), Path(args.link), name=args.name, allow_looser=args.allow_looser
-    )
+    with editing(Path(args.link)):
+        published = publish_folder(
+            Path(args.source), Path(args.link), name=args.name, allow_looser=args.allow_looser
+        )
     emit(
         {
             "link": str(args.link),
