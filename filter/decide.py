@@ -75,7 +75,11 @@ def severity(reason: Reason | None) -> int:
 def verdict_rank(verdict: ImageVerdict) -> int:
     """Rank of a verdict in SEVERITY (a pass ranks last): `min(..., key=verdict_rank)` is
     the worst of several views of one thing, the first of them on a tie."""
-    return severity(None if verdict.passed else verdict.reason)
+    if verdict.passed:
+        return severity(None)
+    # A rejection that gives no reason is still a rejection: ranked with a pass, it lost
+    # the tie to a pass of another view of the same image, which was then released.
+    return severity(verdict.reason or Reason.FILTER_ERROR)
 
 
 @dataclass(frozen=True)

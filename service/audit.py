@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import stat
@@ -163,11 +164,12 @@ class JsonLinesAuditLog:
         for score in ("similarity", "replica_similarity"):
             value = getattr(record, score)
             if value is not None:
-                line[score] = round(value, 6)
+                # A search that found no neighbour scores NaN, which JSON cannot say.
+                line[score] = round(value, 6) if math.isfinite(value) else None
         if self._hash is not None and record.identity is not None:
             line["identity"] = self._hash(record.identity)
         try:
-            self._queue.put_nowait(json.dumps(line, sort_keys=True))
+            self._queue.put_nowait(json.dumps(line, sort_keys=True, allow_nan=False))
         except queue.Full:
             with self._lock:
                 self._dropped += 1

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from filter.stages import GENERATE
 from filter.thresholds import FilterInForce
 from service.encoding import deliver
 from service.errors import FilterFailure
-from service.generators import Generator, latents_for_draws
+from service.generators import LOSSLESS, Generator, latents_for_draws
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,19 @@ class CandidateEngine:
         ]
 
 
+def filter_images(draws: np.ndarray) -> int:
+    """How many images the filter checks for these draws: a lossy (JPEG) candidate is
+    checked twice (CandidateEngine.run)."""
+    return len(draws) + int(np.count_nonzero(np.asarray(draws)[:, 3] != LOSSLESS))
+
+
+def _split(draws: np.ndarray, max_images: int) -> list[np.ndarray]:
+    """`draws` in order, in parts of at most `max_images` filter images (one row at
+    least)."""
+    rows_per_part = max(1, max_images // (filter_images(draws[:1]) if len(draws) else 1))
+    return [draws[i : i + rows_per_part] for i in range(0, len(draws), rows_per_part)] or [draws]
+
+
 @dataclass
 class _Pending:
     draws: np.ndarray
@@ -242,11 +255,23 @@ class DynamicBatcher:
 
     async def submit(self, draws: np.ndarray) -> list[CandidateOutcome]:
         """`draws`: (N, 4) rows of (seed, slot, attempt, delivery)
-        (service.generators.draw_rows)."""
+        (service.generators.draw_rows). A request larger than a batch goes in parts, so
+        that no filter call holds more than `max_batch` images, whatever one caller asks."""
         self.start()
-        future: asyncio.Future[list[CandidateOutcome]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(draws, future))
-        return await future
+        loop = asyncio.get_running_loop()
+        parts = [_Pending(part, loop.create_future()) for part in _split(draws, self.max_batch)]
+        try:
+            for pending in parts:
+                await self._queue.put(pending)
+            answers = await asyncio.gather(*(p.future for p in parts), return_exceptions=True)
+        except asyncio.CancelledError:
+            for pending in parts:
+                pending.future.cancel()
+            raise
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return [outcome for answer in answers for outcome in cast(list[CandidateOutcome], answer)]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -276,7 +301,7 @@ class DynamicBatcher:
         first = self._carry or await self._queue.get()
         self._carry = None
         batch = self._gathered = [first]
-        size = len(first.draws)
+        size = filter_images(first.draws)
         deadline = loop.time() + self.max_delay
         while size < self.max_batch:
             timeout = deadline - loop.time()
@@ -288,11 +313,11 @@ class DynamicBatcher:
                 )
             except (TimeoutError, asyncio.QueueEmpty):
                 break
-            if size + len(item.draws) > self.max_batch and size > 0:
+            if size + filter_images(item.draws) > self.max_batch and size > 0:
                 self._carry = item
                 break
             batch.append(item)
-            size += len(item.draws)
+            size += filter_images(item.draws)
         live = [p for p in batch if not p.future.done()]
         if not live:
             return None
@@ -331,10 +356,13 @@ class DynamicBatcher:
             # Isolate the fault: one request's candidate must not fail its neighbours
             # (seeds are caller-chosen and replayable). Each request runs alone once;
             # only the one whose candidates fail again gets INTERNAL.
+            # With its traceback: if every request then passes alone, this is the only
+            # trace of the fault.
             log.warning(
                 "filter batch of %d requests failed (%s); retrying each request alone",
                 len(live),
                 type(exc).__name__,
+                exc_info=exc,
             )
             for p in live:
                 await self._run_alone(loop, p)

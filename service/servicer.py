@@ -36,7 +36,7 @@ from service.pipeline import (
 )
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc
-from service.tls import client_subject
+from service.tls import MAX_MESSAGE_BYTES, client_subject
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,14 +61,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, NothingPassed):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, SigningFailure):
-        log.error("content credentials failed; request failed closed: %s", exc)
+        log.error("content credentials failed; request failed closed: %s", exc, exc_info=exc)
         return (
             grpc.StatusCode.INTERNAL,
             "content credentials could not be signed; no image was released",
         )
     if isinstance(exc, (FilterFailure, FilterError)):
         # The message names only the failure class: no scores, paths or identities.
-        log.error("identity filter failure; request failed closed: %s", exc)
+        log.error("identity filter failure; request failed closed: %s", exc, exc_info=exc)
         return grpc.StatusCode.INTERNAL, "identity filter failed; no image was released"
     log.error("unexpected error in Generate", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error; no image was released"
@@ -170,10 +170,21 @@ def summary_to_proto(summary: GenerationSummary) -> pb.GenerateSummary:
 
 
 def result_to_proto(result: GenerationResult) -> pb.GenerateResponse:
-    return pb.GenerateResponse(
+    """The unary response; InvalidRequest if it is larger than a response may be (large
+    frames times a large count): gRPC would otherwise fail the send after the work, with
+    RESOURCE_EXHAUSTED, which reads as "retry later" though a retry fails alike."""
+    response = pb.GenerateResponse(
         images=[image_to_proto(img) for img in result.images],
         summary=summary_to_proto(result.summary),
     )
+    size = response.ByteSize()
+    if size > MAX_MESSAGE_BYTES:
+        raise InvalidRequest(
+            f"{len(result.images)} images make a {size}-byte response, over the "
+            f"{MAX_MESSAGE_BYTES} bytes a Generate response may carry: use GenerateStream "
+            "(one image per message) or a lower count"
+        )
+    return response
 
 
 class Admission:

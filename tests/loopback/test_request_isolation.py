@@ -42,7 +42,9 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 def test_an_embedder_failing_on_one_input_fails_only_that_request(
-    server: InProcessServer, stub: pb_grpc.GenerationServiceStub
+    server: InProcessServer,
+    stub: pb_grpc.GenerationServiceStub,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     assert server.server.loaded is not None
     engine = server.server.loaded.batcher.engine
@@ -101,6 +103,10 @@ def test_an_embedder_failing_on_one_input_fails_only_that_request(
     assert "no image was released" in (info.value.details() or "")
     # The poison met its neighbours in one batch first, then failed again alone.
     assert max(failed_batches) > len(poison) and len(failed_batches) >= 2
+    # The shared batch's failure is logged with its traceback: were every request to
+    # pass alone, it would be the fault's only trace.
+    (warned,) = [r for r in caplog.records if "retrying each request alone" in r.getMessage()]
+    assert warned.exc_info is not None and "one specific input" in str(warned.exc_info[1])
     released = [_decode(i.data) for r in responses for i in r.images]
     assert all(r.summary.released == 3 for r in responses)
     # Every released image, re-checked by the filter, passes.

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from filter.decide import ImageVerdict, Reason
 from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
@@ -135,3 +136,17 @@ class _FlatGenerator:
 
     def generate(self, latents: np.ndarray) -> np.ndarray:
         return np.zeros((len(latents), 8, 8, 3), np.uint8)
+
+
+def test_a_score_that_is_not_a_number_is_written_as_null() -> None:
+    """A filter_error whose replica search found no neighbour scored NaN, and the audit
+    line said `NaN`, which strict JSON readers (Go, Elasticsearch) refuse: the very lines
+    an operator needs most."""
+    stream = io.StringIO()
+    audit = JsonLinesAuditLog(stream)
+    nan = float("nan")
+    audit.rejection(Rejection("req1", 0, 1, "filter_error", nan, None, 1, replica_similarity=nan))
+    audit.close()
+    line = json.loads(stream.getvalue(), parse_constant=lambda name: pytest.fail(name))
+    assert line["similarity"] is None and line["replica_similarity"] is None
+    assert line["reason"] == "filter_error"

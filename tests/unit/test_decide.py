@@ -194,3 +194,14 @@ def test_a_missing_replica_score_makes_the_image_unusable_never_a_low_score() ->
     # Without replica features, no replica evidence is expected: the image is scored.
     plain = score_evidence("set", [unsearched], has_replicas=False)
     assert plain.scored.tolist() == [True]
+
+
+def test_a_rejection_without_a_reason_outranks_a_pass() -> None:
+    """Ranked as a pass, it lost the tie to the generated view's pass when the server
+    took the worst of an image's views, and the JPEG was released (review)."""
+    from filter.decide import ImageVerdict, severity, verdict_rank
+
+    passed = ImageVerdict(True, None, 1, 0.1, None)
+    rejected = ImageVerdict(False, None, 1, None, None)
+    assert min((passed, rejected), key=verdict_rank) is rejected
+    assert verdict_rank(rejected) == severity(Reason.FILTER_ERROR)

@@ -125,3 +125,35 @@ def test_a_jpeg_candidate_is_held_back_when_either_view_matches(enrolled_view: s
     assert asyncio.run(run()) == [2, 1]  # slot 0's first candidate was held back
     assert checker.batches[0] == 4  # both views of both candidates, in one batch
     assert checker.candidates[0] == [0, 1, 0, 1]  # each view says whose it is
+
+
+@pytest.mark.parametrize(("image_format", "per_row"), [(ImageFormat.PNG, 1), (ImageFormat.JPEG, 2)])
+def test_no_filter_call_holds_more_than_max_batch_images_whatever_one_request_asks(
+    image_format: ImageFormat, per_row: int
+) -> None:
+    """One request of 96 went to the filter as one call of 96 images (192 for JPEG, each
+    checked as generated and as decoded) with FACEGATE_MAX_BATCH=8: one caller could make
+    the server hold any number of frames at once."""
+    sizes: list[int] = []
+    checker = ScriptedFilter(lambda call, position: True)
+    check = checker.check
+
+    def counted(images: list[np.ndarray], **kwargs: object) -> object:
+        sizes.append(len(images))
+        return check(images, **kwargs)  # type: ignore[arg-type]
+
+    checker.check = counted  # type: ignore[method-assign]
+    generator = TexturedGenerator()
+
+    async def run() -> list[int]:
+        batcher = DynamicBatcher(CandidateEngine(generator, checker), max_batch=8, max_delay=0.001)
+        pipeline = GenerationPipeline(batcher, LATENT_DIM, max_attempts=1, max_count=96)
+        result = await pipeline.generate(
+            GenerationRequest(count=96, seed=5, image_format=image_format)
+        )
+        await batcher.close()
+        return [image.slot for image in result.images]
+
+    slots = asyncio.run(run())
+    assert slots == list(range(96))  # every slot, in order, from its parts
+    assert max(sizes) <= 8 and sum(sizes) == 96 * per_row

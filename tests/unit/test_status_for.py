@@ -83,3 +83,47 @@ def test_an_unknown_exception_is_internal_and_logged_with_its_traceback(
     (record,) = [r for r in caplog.records if r.exc_info]
     assert record.exc_info is not None and record.exc_info[1] is error
     assert "Traceback" in caplog.text and "raise KeyError" in caplog.text
+
+
+@pytest.mark.parametrize("wrapper", [SigningFailure, FilterFailure])
+def test_a_wrapped_failure_is_logged_with_the_traceback_of_its_cause(
+    wrapper: type[ServiceError], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in the signer (an AttributeError wrapped as SigningFailure) was logged as one
+    line of text: nothing said where it was raised."""
+
+    def signer() -> None:
+        raise AttributeError("'ReleaseFacts' object has no attribute 'no_such_field'")
+
+    try:
+        try:
+            signer()
+        except AttributeError as cause:
+            raise wrapper("content signer failed") from cause
+    except ServiceError as exc:
+        error = exc
+    with caplog.at_level(logging.ERROR, logger="service.servicer"):
+        code, _message = status_for(error)
+    assert code == grpc.StatusCode.INTERNAL
+    assert "Traceback" in caplog.text and "in signer" in caplog.text
+
+
+def test_a_unary_response_too_large_to_send_is_refused_as_invalid() -> None:
+    """30 images of 3 MB (a large-frame generator) were generated, filtered and counted
+    OK, then gRPC failed the send with a raw RESOURCE_EXHAUSTED that invites a retry."""
+    from service.pipeline import GenerationResult, GenerationSummary, ReleasedImage
+    from service.servicer import result_to_proto
+    from service.tls import MAX_MESSAGE_BYTES
+
+    def result(count: int, size: int) -> GenerationResult:
+        images = [
+            ReleasedImage(slot, bytes(size), "image/png", 1, 1024, 1024) for slot in range(count)
+        ]
+        return GenerationResult(images, GenerationSummary(count, 1, "r", released=count))
+
+    fits = result(2, 3_000_000)
+    assert len(result_to_proto(fits).images) == 2
+    per_image = MAX_MESSAGE_BYTES // 20
+    with pytest.raises(InvalidRequest, match="use GenerateStream") as refused:
+        result_to_proto(result(30, per_image))
+    assert status_for(refused.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
