@@ -78,6 +78,15 @@ def build_manifest(
     return manifest
 
 
+def _count(folder: Path, value: object, field: str, *, least: int) -> None:
+    """A whole number the loader sizes arrays by: anything else is a corrupt manifest,
+    said with its file, not a ValueError traceback."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise IndexCorruptError(
+            f"{folder}/{MANIFEST_FILE}: {field} is {value!r}, not a whole number >= {least}"
+        )
+
+
 def check_manifest(
     folder: Path,
     manifest: dict[str, Any],
@@ -94,6 +103,12 @@ def check_manifest(
     except ValueError as exc:
         raise IndexCorruptError(f"{folder}/{MANIFEST_FILE}: {exc}") from None
     embedder = manifest["embedder"]
+    if not isinstance(embedder, dict):
+        raise IndexCorruptError(f"{folder}/{MANIFEST_FILE}: embedder must be an object")
+    _count(folder, embedder.get("dim"), "embedder.dim", least=1)
+    replica = manifest.get("replica")
+    if isinstance(replica, dict) and "components" in replica:
+        _count(folder, replica["components"], "replica.components", least=0)
     if expect_embedder is not None and embedder.get("name") != expect_embedder:
         raise IndexMismatchError(
             f"index {folder} was built with embedder {embedder.get('name')!r} but the "

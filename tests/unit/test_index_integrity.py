@@ -9,7 +9,9 @@ import math
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -318,4 +320,25 @@ def test_a_file_claiming_an_array_beyond_memory_is_refused_not_raised(tmp_path: 
     # 512 GiB of doubles: under FAISS's own bound on an array (1 TiB), over any machine here.
     _claim_length(folder, "vectors.faiss", 1 << 36)
     with pytest.raises(IndexCorruptError, match="larger than this machine's memory"):
+        FaissIdentityIndex.load(folder)
+
+
+@pytest.mark.parametrize(
+    ("edit", "said"),
+    [
+        (lambda m: m["embedder"].update(dim="x"), "embedder.dim is 'x'"),
+        (lambda m: m["embedder"].update(dim=None), "embedder.dim is None"),
+        (lambda m: m["replica"].update(components="x"), "replica.components is 'x'"),
+    ],
+)
+def test_a_manifest_with_a_malformed_size_is_corrupt_naming_the_file(
+    tmp_path: Path, edit: Callable[[dict[str, Any]], None], said: str
+) -> None:
+    """`int(...)` of such a field escaped as a ValueError traceback (exit 1, no path), and
+    a server's reload logged only that text."""
+    folder = _saved(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexCorruptError, match=rf"{folder}/manifest\.json: {re.escape(said)}"):
         FaissIdentityIndex.load(folder)
