@@ -22,8 +22,8 @@ from filter.gallery import (
     Enrolment,
     decode_chunk,
     embed_chunk,
-    gallery_chunks,
 )
+from filter.gallery_files import gallery_chunks, list_gallery
 from filter.images import ImageLimits
 
 # One model call per chunk, as filter.gallery.build_gallery_index makes them.
@@ -73,7 +73,9 @@ def enrol_gallery_on_ray(
 
     quiet_data_context()
     gallery = Path(gallery).absolute()
-    chunks = gallery_chunks(gallery, GALLERY_CHUNK)
+    listing = list_gallery(gallery)
+    enrolment.expect_gallery(listing)
+    chunks = gallery_chunks(listing, GALLERY_CHUNK)
     sizes = [len(chunk) for chunk in chunks]
     rows = [
         {"chunk": i, "identities": [c[0] for c in chunk], "paths": [str(c[1]) for c in chunk]}

@@ -40,6 +40,7 @@ from filter.content_scan import Embedded, Layout, trailing
 from filter.errors import ImageError
 from filter.images import (
     DECODE_ERRORS,
+    FRAME_FORMATS,
     FrameViews,
     ImageLimits,
     check_pixels,
@@ -50,7 +51,6 @@ from filter.images import (
 
 # Formats whose later frames or pages PIL decodes. An MPO's later images are found through
 # its MPF index (filter.containers), so that each is walked for its own thumbnails.
-FRAME_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
 ACCOUNTED_FORMATS = "PNG, JPEG, MPO, GIF, WebP, TIFF, BMP and PNM"
 MAX_DEPTH = 3  # an image inside an image inside an image
 MAX_REASONS = 8  # unaccounted reasons kept per file (the first ones)

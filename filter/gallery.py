@@ -12,15 +12,16 @@ and is listed under `too_many_faces`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from filter.errors import FilterError, ImageError
+from filter.gallery_files import GalleryListing, gallery_chunks, list_gallery
 from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces, embedding_problem
-from filter.images import BATCH_PIXELS, ImageLimits, decode_image, header_pixels, list_images
+from filter.images import ImageLimits, decode_frames
 from filter.index import FaissIdentityIndex
 from filter.numerics import compute_manifest
 from filter.replica import MIN_REPLICA_IMAGES, ReplicaFeaturizer, frames
@@ -40,6 +41,14 @@ class GalleryReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     empty_identities: list[str] = field(default_factory=list)
     replica_images: int = 0
+    ignored: list[dict[str, str]] = field(default_factory=list)  # files not enrolled, and why
+
+    def name_under(self, gallery: Path) -> None:
+        """Name the images listed by their source (relative to GALLERY) by their path."""
+        self.no_face = [str(gallery / p) for p in self.no_face]
+        self.unsearchable = [str(gallery / p) for p in self.unsearchable]
+        self.too_many_faces = [str(gallery / p) for p in self.too_many_faces]
+        self.with_bystanders = [str(gallery / p) for p in self.with_bystanders]
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -60,20 +69,9 @@ class GalleryReport:
             "skipped": self.skipped,
             "identities_without_faces": self.empty_identities,
             "replica_images": self.replica_images,
+            "files_ignored": len(self.ignored),
+            "ignored": self.ignored,
         }
-
-
-def gallery_images(gallery: Path) -> Iterator[tuple[str, Path]]:
-    """(identity, image path) for every image, identities and files in sorted order."""
-    gallery = Path(gallery)
-    if not gallery.is_dir():
-        raise FilterError(f"gallery {gallery} is not a folder")
-    folders = sorted(p for p in gallery.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise FilterError(f"gallery {gallery} has no identity subfolders (one per identity)")
-    for folder in folders:
-        for path in list_images(folder):
-            yield folder.name, path
 
 
 @dataclass(frozen=True)
@@ -107,41 +105,24 @@ class EmbeddedChunk:
     frames: np.ndarray  # replica working frames (filter.replica.frames), in memory only
 
 
-def gallery_chunks(
-    gallery: Path, batch_size: int = 16, max_pixels: int = BATCH_PIXELS
-) -> list[list[tuple[str, Path]]]:
-    """The gallery's images in the chunks every build embeds them in (one model call each:
-    the same chunks give the same vectors, whichever process embeds them): `batch_size`
-    images, fewer where their pixels (read from the file headers) would pass `max_pixels`,
-    since a chunk is decoded whole before it is embedded."""
-    chunks: list[list[tuple[str, Path]]] = []
-    pixels = 0
-    for item in gallery_images(gallery):
-        size = header_pixels(item[1])
-        if not chunks or len(chunks[-1]) >= batch_size or pixels + size > max_pixels:
-            chunks.append([])
-            pixels = 0
-        chunks[-1].append(item)
-        pixels += size
-    return chunks
-
-
 def decode_chunk(
     gallery: Path, chunk: Sequence[tuple[str, Path]], limits: ImageLimits | None = None
 ) -> DecodedChunk:
     """Decode a chunk; unreadable files are skipped and reported (sources are paths
-    relative to GALLERY)."""
+    relative to GALLERY; a file's frames after the first are `PATH#frame=N`)."""
     skipped: list[dict[str, str]] = []
     labels: list[tuple[str, str]] = []
     images: list[np.ndarray] = []
     for identity, path in chunk:
         try:
-            image = decode_image(path, limits)
+            decoded = decode_frames(path, limits)
         except ImageError as exc:
             skipped.append({"path": str(path), "error": str(exc)})
             continue
-        labels.append((identity, str(Path(path).relative_to(gallery))))
-        images.append(image)
+        source = str(Path(path).relative_to(gallery))
+        for number, image in enumerate(decoded, start=1):
+            labels.append((identity, source if number == 1 else f"{source}#frame={number}"))
+            images.append(image)
     return DecodedChunk([identity for identity, _ in chunk], skipped, labels, images)
 
 
@@ -174,6 +155,13 @@ class Enrolment:
     def expect_identity(self, identity: str) -> None:
         """Count an identity even if none of its images turns out to hold a face."""
         self._faces_per_identity.setdefault(identity, 0)
+
+    def expect_gallery(self, listing: GalleryListing) -> None:
+        """Every identity folder counts, even one with no image; what is not enrolled is
+        reported."""
+        for identity in listing.identities:
+            self.expect_identity(identity)
+        self.report.ignored.extend(listing.ignored)
 
     def add(self, items: Sequence[tuple[str, str, np.ndarray]]) -> None:
         """Enrol (identity, source, RGB image) items, embedded as one batch."""
@@ -229,6 +217,10 @@ class Enrolment:
         self.report.skipped.extend(chunk.skipped)
         self.add_embedded(chunk.labels, chunk.results, chunk.frames)
 
+    def faceless_identities(self) -> list[str]:
+        """Identities none of whose files gave a face (unreadable, faceless, or none)."""
+        return sorted(k for k, n in self._faces_per_identity.items() if n == 0)
+
     def rows(self) -> EnrolledRows:
         """What was enrolled so far, as rows (faces, and every image's working frame)."""
         dim = self.pipeline.embedder.dim
@@ -250,7 +242,7 @@ class Enrolment:
     ) -> FaissIdentityIndex:
         report = self.report
         report.identities = sum(1 for n in self._faces_per_identity.values() if n)
-        report.empty_identities = sorted(k for k, n in self._faces_per_identity.items() if n == 0)
+        report.empty_identities = self.faceless_identities()
         if not self._vectors:
             raise FilterError(
                 f"no face was found in any of the {report.images} readable images; nothing "
@@ -321,10 +313,7 @@ def finish_gallery_index(
     except FilterError as exc:
         raise FilterError(f"gallery {gallery}: {exc}") from None
     report = enrolment.report
-    report.no_face = [str(gallery / p) for p in report.no_face]
-    report.unsearchable = [str(gallery / p) for p in report.unsearchable]
-    report.too_many_faces = [str(gallery / p) for p in report.too_many_faces]
-    report.with_bystanders = [str(gallery / p) for p in report.with_bystanders]
+    report.name_under(gallery)
     return index, report
 
 
@@ -340,7 +329,9 @@ def enrol_gallery(
     relative to GALLERY); unreadable files are skipped and reported."""
     gallery = Path(gallery)
     enrolment = Enrolment(pipeline)
-    for chunk in gallery_chunks(gallery, batch_size):
+    listing = list_gallery(gallery)
+    enrolment.expect_gallery(listing)
+    for chunk in gallery_chunks(listing, batch_size):
         enrolment.add_chunk(embed_chunk(decode_chunk(gallery, chunk, limits), pipeline))
         if progress is not None:
             progress(len(chunk))

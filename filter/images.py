@@ -38,6 +38,8 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (
 )
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+# Formats whose frames (pages) are images of their own: each is checked, and enrolled.
+FRAME_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF"})
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,6 @@ class ImageLimits:
 # the decoder's limit, or sixteen 2,000 x 2,000 photos (3 bytes each: 192 MB). The filter's
 # own working memory is bounded apart from it (filter/faces.py, DETECT_BATCH_PIXELS).
 BATCH_PIXELS = 64_000_000
-
-
-def header_pixels(path: Path) -> int:
-    """Width x height from the file's header (nothing decoded); 0 if it cannot be read
-    (decoding will say why)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                return int(width) * int(height)
-    except Exception:  # any unreadable header: decoding says why
-        return 0
 
 
 def read_image_bytes(source: bytes | Path | str, limits: ImageLimits) -> bytes:
@@ -122,6 +111,35 @@ def decode_image(source: bytes | Path | str, limits: ImageLimits | None = None) 
     with opened_image(data, limits) as img:
         img.load()
         return frame_views(img).shown
+
+
+def decode_frames(
+    source: bytes | Path | str, limits: ImageLimits | None = None
+) -> list[np.ndarray]:
+    """Every frame (page) of an image file, each as `decode_image` gives the first: what
+    enrolment reads, since a training image's later pages show people too. ImageError if
+    any frame cannot be decoded, or there are more than `limits.max_images` frames, or
+    their pixels together pass `limits.max_pixels`."""
+    limits = limits or ImageLimits()
+    data = read_image_bytes(source, limits)
+    with opened_image(data, limits) as img:
+        img.load()
+        frames = [frame_views(img).shown]
+        total = int(getattr(img, "n_frames", 1)) if img.format in FRAME_FORMATS else 1
+        if total > limits.max_images:
+            raise ImageError(f"{total} frames, over the limit of {limits.max_images} per file")
+        pixels = frames[0].shape[0] * frames[0].shape[1]
+        for index in range(1, total):
+            img.seek(index)
+            check_pixels(img, limits)
+            img.load()
+            frames.append(frame_views(img).shown)
+            pixels += frames[-1].shape[0] * frames[-1].shape[1]
+            if pixels > limits.max_pixels:
+                raise ImageError(
+                    f"its {total} frames hold more than {limits.max_pixels} pixels together"
+                )
+        return frames
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,10 @@ def add_gallery(
     report.identities_extended = [i for i in added if i in existing]
     report.gallery = enrolment.report
     report.gallery.identities = len(added)
-    report.gallery.empty_identities = sorted(set(rows.replica_identities) - set(rows.identities))
+    # From every identity folder, not only those with a readable image: an opt-out whose
+    # only photo cannot be read is enrolled as nothing, and must be named.
+    report.gallery.empty_identities = enrolment.faceless_identities()
+    report.gallery.name_under(Path(gallery))
     replicas = index.replicas
     featurizer = index.replica_featurizer
     replica_parts: dict[str, Any] = {}

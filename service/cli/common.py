@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
     from filter.assembly import EmbeddingSpec
+    from filter.gallery import GalleryReport
     from filter.identity_filter import FaceEmbeddingPipeline
     from service.generators import Generator
 
@@ -79,12 +80,40 @@ def configured_generator(settings: Settings) -> Generator:
     )
 
 
-def warn_faceless_identities(identities: list[str], has_replicas: bool) -> None:
-    """Name each identity none of whose images gave a face to enrol: the filter cannot
-    recognise that person's face, whatever the thresholds (the summary's
-    `identities_without_faces`; one line per image says why)."""
+def warn_enrolment(report: GalleryReport, has_replicas: bool) -> None:
+    """Say on stderr what of a gallery was not enrolled as faces, and why (`index build`
+    and `index add` alike): images with no face, too thin to search, or with too many
+    faces; files skipped as unreadable or ignored; and each identity none of whose images
+    gave a face to enrol, which the filter cannot recognise whatever the thresholds."""
+    kept = "enrolled for replicas only" if has_replicas else "not enrolled"
+    for path in report.no_face:
+        print(f"warning: no face found in {path}; {kept}", file=sys.stderr)
+    for path in report.unsearchable:
+        print(f"warning: {path} is too thin to search for faces; {kept}", file=sys.stderr)
+    for path in report.too_many_faces:
+        print(
+            f"warning: {path} holds more faces than the filter searches in one image; {kept}",
+            file=sys.stderr,
+        )
+    for item in report.skipped:
+        print(f"warning: skipped {item['path']}: {item['error']}", file=sys.stderr)
+    outside = [item["path"] for item in report.ignored if item["why"] != "not an image"]
+    for path in outside:
+        print(
+            f"warning: {path} is not in an identity folder (GALLERY/<identity>/...); "
+            "not enrolled",
+            file=sys.stderr,
+        )
+    others = [item["path"] for item in report.ignored if item["why"] == "not an image"]
+    if others:  # captions and metadata beside images: one line, not one each
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        print(
+            f"warning: {len(others)} files under identity folders are not images and were "
+            f"not enrolled ({shown}; the summary's `ignored` lists them)",
+            file=sys.stderr,
+        )
     held = "only near-copies of its images are" if has_replicas else "nothing of it is"
-    for identity in identities:
+    for identity in report.empty_identities:
         print(
             f"warning: identity {identity} has no enrolled face (none of its images showed "
             f"one the filter can search): its face is not held back, {held}; add a clear "

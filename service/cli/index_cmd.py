@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.cli import batch_cmd, index_edit_cmd
 from service.cli.common import (
+    CliError,
     configured_generator,
     embedding_pipeline,
     embedding_spec,
@@ -19,11 +20,12 @@ from service.cli.common import (
     progress_bar,
     restrict_to_owner,
     seed_key,
-    warn_faceless_identities,
+    warn_enrolment,
 )
 from service.config import Settings
 
 if TYPE_CHECKING:
+    from filter.decide import DecisionThresholds
     from filter.gallery import GalleryReport
     from filter.identity_filter import FaceEmbeddingPipeline
     from filter.index import FaissIdentityIndex
@@ -31,12 +33,21 @@ if TYPE_CHECKING:
 
 def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
     from filter.assembly import detector_manifest
-    from filter.gallery import build_gallery_index, gallery_images
+    from filter.gallery import build_gallery_index
+    from filter.gallery_files import gallery_images
     from filter.index_store import check_replaceable
     from filter.replica import MIN_REPLICA_IMAGES
     from filter.vector_table import APPROXIMATE_TYPES
 
-    check_replaceable(Path(args.out))  # before the enrolment, not after it
+    out = Path(args.out)
+    if out.is_symlink():  # before the enrolment, not after it
+        raise CliError(
+            f"{out} is a symlink to a release: build to a new folder, then "
+            f"`facegate index publish NEW {out}` (it verifies the release and flips the link)"
+        )
+    check_replaceable(out)
+    replaced = _replaced_thresholds(out)
+    _refuse_looser(replaced, _uncalibrated(replaced), out, args.allow_looser)
     gallery = Path(args.gallery)
     total = len(list(gallery_images(gallery)))
     pipeline = embedding_pipeline(settings, args)
@@ -51,8 +62,10 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
                 index_type=args.index_type,
                 progress=bar.update,
             )
-    index.save(Path(args.out))
-    restrict_to_owner(Path(args.out))
+    if replaced is not None:
+        _acknowledge_looser(index, replaced, out, args.allow_looser)
+    index.save(out)
+    restrict_to_owner(out)
     summary = {
         "index": str(args.out),
         "index_type": index.manifest["index_type"],
@@ -60,16 +73,6 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
         **report.as_dict(),
     }
     emit(summary)
-    kept = "enrolled for replicas only" if index.has_replicas else "not enrolled"
-    for path in report.no_face:
-        print(f"warning: no face found in {path}; {kept}", file=sys.stderr)
-    for path in report.unsearchable:
-        print(f"warning: {path} is too thin to search for faces; {kept}", file=sys.stderr)
-    for path in report.too_many_faces:
-        print(
-            f"warning: {path} holds more faces than the filter searches in one image; {kept}",
-            file=sys.stderr,
-        )
     if args.index_type in APPROXIMATE_TYPES:
         print(
             f"warning: a {args.index_type} index searches approximately and can miss a match "
@@ -83,10 +86,82 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
             f"training images and the gallery has {report.images}",
             file=sys.stderr,
         )
-    for item in report.skipped:
-        print(f"warning: skipped {item['path']}: {item['error']}", file=sys.stderr)
-    warn_faceless_identities(report.empty_identities, index.has_replicas)
+    warn_enrolment(report, index.has_replicas)
     return 0
+
+
+def _replaced_thresholds(out: Path) -> DecisionThresholds | None:
+    """The thresholds the index at OUT applies now, which a rebuild replaces (None: no
+    index there, or one that does not load, which protects nothing)."""
+    from filter.errors import FilterError
+    from filter.index import FaissIdentityIndex
+    from filter.index_release import index_thresholds
+    from filter.index_store import MANIFEST_FILE
+
+    if not (out / MANIFEST_FILE).is_file():
+        return None
+    try:
+        return index_thresholds(FaissIdentityIndex.load(out))
+    except FilterError:
+        return None
+
+
+def _uncalibrated(replaced: DecisionThresholds | None) -> DecisionThresholds | None:
+    """What a rebuilt index applies: no calibration, so the defaults."""
+    from filter.decide import DecisionThresholds
+    from filter.thresholds import DEFAULT_IDENTITY_THRESHOLD, DEFAULT_REPLICA_THRESHOLD
+
+    if replaced is None:
+        return None
+    replica = DEFAULT_REPLICA_THRESHOLD if replaced.replica is not None else None
+    return DecisionThresholds(DEFAULT_IDENTITY_THRESHOLD, replica)
+
+
+def _refuse_looser(
+    before: DecisionThresholds | None,
+    after: DecisionThresholds | None,
+    out: Path,
+    allow_looser: bool,
+) -> list[str]:
+    """A rebuild over a calibrated index starts uncalibrated: where that loosens what the
+    index at OUT applies, refuse unless the operator says so (a server restarted on it
+    would release faces the old index held back, and a reload would refuse it)."""
+    from filter.index_lineage import loosenings
+
+    if before is None or after is None:
+        return []
+    looser = loosenings(before, after)
+    if looser and not allow_looser:
+        raise CliError(
+            f"{out} holds an index whose thresholds are stricter than the rebuilt one's "
+            f"({'; '.join(looser)}; a rebuild starts uncalibrated): build to a new --out, "
+            f"calibrate it (`facegate calibrate --index NEW ... --save`), then replace {out}; "
+            "or give --allow-looser (recorded in the new index's manifest)"
+        )
+    return looser
+
+
+def _acknowledge_looser(
+    index: FaissIdentityIndex, replaced: DecisionThresholds, out: Path, allow_looser: bool
+) -> None:
+    from filter.index_lineage import acknowledge
+    from filter.index_release import fingerprint_at, index_thresholds
+
+    after = index_thresholds(index)
+    looser = _refuse_looser(replaced, after, out, allow_looser)
+    if looser:
+        acknowledge(
+            index.manifest,
+            by="index build --allow-looser",
+            replaces=fingerprint_at(out),
+            before=replaced,
+            after=after,
+        )
+        print(
+            f"facegate: warning: {out} is replaced by a looser index ({'; '.join(looser)}), "
+            "as --allow-looser allows (recorded in its manifest)",
+            file=sys.stderr,
+        )
 
 
 def build_on_ray(
@@ -179,6 +254,12 @@ def register(sub: Any) -> None:
     build = index.add_parser("build", help="build an index from GALLERY/<identity>/*.jpg")
     build.add_argument("gallery")
     build.add_argument("--out", required=True, help="index folder to write")
+    build.add_argument(
+        "--allow-looser",
+        action="store_true",
+        help="replace an index at --out whose thresholds (its calibration) are stricter than "
+        "the rebuilt, uncalibrated one's; recorded in the new index's manifest",
+    )
     build.add_argument("--index-type", choices=["auto", "flat", "hnsw", "ivf"], default="auto")
     build.add_argument(
         "--ray",

@@ -18,7 +18,7 @@ from service.cli.common import (
     model_options,
     progress_bar,
     restrict_to_owner,
-    warn_faceless_identities,
+    warn_enrolment,
 )
 from service.config import Settings
 
@@ -87,7 +87,7 @@ def cmd_index_remove(settings: Settings, args: argparse.Namespace) -> int:
 
 def _index_add(settings: Settings, args: argparse.Namespace) -> int:
     from filter.assembly import load_index_for
-    from filter.gallery import gallery_images
+    from filter.gallery_files import gallery_images
     from filter.index_edit import add_gallery
 
     gallery = Path(args.gallery)
@@ -105,11 +105,8 @@ def _index_add(settings: Settings, args: argparse.Namespace) -> int:
             key=key,
         )
     written = _publish(edited, index.fingerprint, args)
-    kept = "enrolled for replicas only" if edited.has_replicas else "not enrolled"
-    for path in report.gallery.no_face if report.gallery else []:
-        print(f"warning: no face found in {gallery / path}; {kept}", file=sys.stderr)
     if report.gallery is not None:
-        warn_faceless_identities(report.gallery.empty_identities, edited.has_replicas)
+        warn_enrolment(report.gallery, edited.has_replicas)
     emit(_report(edited, report, written, args))
     return 0
 

@@ -277,3 +277,84 @@ def test_a_saved_calibration_is_what_check_uses_unless_overridden(
     assert "identity 0.5 (override)" in overridden.stderr
     uncalibrated = facegate("check", "--index", str(cli_index), image)
     assert "(default)" in uncalibrated.stderr
+
+
+def test_index_build_over_a_stricter_calibrated_index_is_refused_unless_allowed(
+    identities_dir: Path, tmp_path: Path
+) -> None:
+    """A rebuild starts uncalibrated: over an index calibrated stricter than the defaults
+    it silently loosened the threshold any server restarted on it applies."""
+    from filter.index import FaissIdentityIndex
+    from filter.index_lineage import acknowledgement
+    from filter.index_release import index_thresholds
+
+    gallery = make_gallery(identities_dir, tmp_path / "gallery", ["id01", "id02"])
+    out = tmp_path / "index"
+    assert facegate("index", "build", str(gallery), "--out", str(out)).returncode == 0
+    strict = FaissIdentityIndex.load(out).with_calibration({"threshold": 0.3})
+    strict.save(out)
+    result = facegate("index", "build", str(gallery), "--out", str(out))
+    assert result.returncode == 2
+    assert "identity threshold 0.3 -> 0.4" in result.stderr and "--allow-looser" in result.stderr
+    assert FaissIdentityIndex.load(out).fingerprint == strict.fingerprint  # left alone
+    link = tmp_path / "current"
+    link.symlink_to(out)
+    refused = facegate("index", "build", str(gallery), "--out", str(link))
+    assert refused.returncode == 2 and f"facegate index publish NEW {link}" in refused.stderr
+
+    allowed = facegate("index", "build", str(gallery), "--out", str(out), "--allow-looser")
+    assert allowed.returncode == 0, allowed.stderr
+    assert "replaced by a looser index (identity threshold 0.3 -> 0.4)" in allowed.stderr
+    rebuilt = FaissIdentityIndex.load(out)
+    assert index_thresholds(rebuilt).identity == 0.4
+    ack = acknowledgement(rebuilt.manifest)
+    assert ack is not None and ack["by"] == "index build --allow-looser"
+    assert ack["replaces_fingerprint"] == strict.fingerprint
+    again = facegate("index", "build", str(gallery), "--out", str(out))  # defaults -> defaults
+    assert again.returncode == 0, again.stderr
+
+
+def test_index_build_enrols_every_face_below_each_identity_and_names_what_it_leaves(
+    identities_dir: Path, tmp_path: Path
+) -> None:
+    """Enrolment read only the first frame of images directly inside each identity folder
+    with a listed suffix: a photo in person/2019/, a .jfif, a file without a suffix and
+    the second page of a TIFF were dropped with nothing said, and their people passed."""
+    from filter.index import FaissIdentityIndex
+
+    gallery = tmp_path / "gallery"
+    for name in ("alice", "bob/2019", "carol", "dave", "erin"):
+        (gallery / name).mkdir(parents=True)
+    photo = {i: identities_dir / i / "01.jpg" for i in ("id01", "id02", "id03", "id05", "id06")}
+    (gallery / "alice" / "01.jpg").symlink_to(photo["id01"])
+    (gallery / "bob" / "2019" / "01.jpg").symlink_to(photo["id02"])  # in a subfolder
+    (gallery / "carol" / "01.jfif").symlink_to(photo["id03"])  # a suffix not listed
+    (gallery / "carol" / "caption.txt").write_text("carol at the beach")
+    pages = [Image.open(photo[i]).convert("RGB") for i in ("id01", "id05")]
+    pages[0].save(gallery / "dave" / "album.tif", save_all=True, append_images=pages[1:])
+    (gallery / "erin" / "portrait").write_bytes(photo["id06"].read_bytes())  # no suffix
+    (gallery / "stray.jpg").symlink_to(photo["id01"])  # beside the identity folders
+    (gallery / "frank").mkdir()  # an identity with nothing in it
+
+    result = facegate("index", "build", str(gallery), "--out", str(tmp_path / "index"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    rows = FaissIdentityIndex.load(tmp_path / "index")
+    sources = set(rows.faces.sources)
+    assert {"bob/2019/01.jpg", "carol/01.jfif", "erin/portrait"} <= sources
+    assert {"dave/album.tif", "dave/album.tif#frame=2"} <= sources  # both pages
+    assert set(rows.faces.identities) == {"alice", "bob", "carol", "dave", "erin"}
+    assert summary["identities_without_faces"] == ["frank"]
+    assert "identity frank has no enrolled face" in result.stderr
+    ignored = {Path(item["path"]).name: item["why"] for item in summary["ignored"]}
+    assert ignored == {
+        "stray.jpg": "not in an identity folder (GALLERY/<identity>/...)",
+        "caption.txt": "not an image",
+    }
+    assert f"{gallery / 'stray.jpg'} is not in an identity folder" in result.stderr
+    assert "1 files under identity folders are not images" in result.stderr
+
+    # Bob's and the second page's person are held back now.
+    for probe in (photo["id02"], photo["id05"]):
+        checked = facegate("check", "--index", str(tmp_path / "index"), str(probe))
+        assert json.loads(checked.stdout)["verdict"] == "reject", checked.stdout

@@ -229,3 +229,23 @@ def test_cli_add_through_the_live_link(
     assert live.fingerprint == summary["fingerprint_after"] and live.calibration is not None
     assert live.calibration["replica_threshold"] == CALIBRATION["replica_threshold"]
     assert "id05" in live.faces.identities
+
+
+def test_cli_add_names_what_it_could_not_enrol(
+    base_index: Path, identities_dir: Path, tmp_path: Path
+) -> None:
+    """An opt-out whose only photo is unreadable was neither warned about nor listed in
+    `identities_without_faces` (computed from the readable images only), exit 0: the
+    operator believed the person was held back."""
+    out = tmp_path / "edited"
+    gallery = make_gallery(identities_dir, tmp_path / "optout", ["id05"])
+    (gallery / "eve").mkdir()
+    truncated = (identities_dir / "id06" / "01.jpg").read_bytes()[:600]
+    (gallery / "eve" / "01.jpg").write_bytes(truncated)
+    result = facegate("index", "add", str(base_index), str(gallery), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["gallery"]["identities_without_faces"] == ["eve"]
+    assert f"skipped {gallery / 'eve' / '01.jpg'}" in result.stderr
+    assert "identity eve has no enrolled face" in result.stderr
+    assert summary["identities_new"] == ["id05"]

@@ -380,22 +380,27 @@ def test_check_and_index_build_cut_batches_by_decoded_pixels(
     identities_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from filter import images
-    from filter.gallery import gallery_chunks
+    from filter.gallery_files import gallery_chunks, header_frames, list_gallery
     from tests.commands import facegate
 
     photos = sorted((identities_dir / "id01").glob("*.jpg"))[:4]
-    sizes = [images.header_pixels(p) for p in photos]
+    sizes = [header_frames(p)[0] * header_frames(p)[1] for p in photos]
     assert all(size > 0 for size in sizes)
     gallery = tmp_path / "gallery" / "id01"
     gallery.mkdir(parents=True)
     for photo in photos:
         (gallery / photo.name).symlink_to(photo)
-    assert [len(c) for c in gallery_chunks(gallery.parent)] == [4]
+    assert [len(c) for c in gallery_chunks(list_gallery(gallery.parent))] == [4]
     # 01+02 fill the budget exactly, so 03 starts a chunk, and 03+04 fit in one.
     two = sizes[0] + sizes[1]
     assert sizes[2] + sizes[3] <= two < two + sizes[2]
-    assert [len(c) for c in gallery_chunks(gallery.parent, max_pixels=two)] == [2, 2]
-    assert [len(c) for c in gallery_chunks(gallery.parent, max_pixels=1)] == [1, 1, 1, 1]
+    assert [len(c) for c in gallery_chunks(list_gallery(gallery.parent), max_pixels=two)] == [2, 2]
+    assert [len(c) for c in gallery_chunks(list_gallery(gallery.parent), max_pixels=1)] == [
+        1,
+        1,
+        1,
+        1,
+    ]
     # check: one image per filter call, the same lines in the same order.
     index = tmp_path / "index"
     assert facegate("index", "build", str(gallery.parent), "--out", str(index)).returncode == 0
