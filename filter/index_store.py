@@ -69,10 +69,15 @@ class IndexSnapshot:
         self.folder = Path(folder)
         try:
             self._fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
+        except FileNotFoundError:
             raise IdentityIndexError(
                 f"identity index {folder} does not exist; build one with "
                 "`facegate index build GALLERY --out INDEX`"
+            ) from None
+        except NotADirectoryError:
+            raise IdentityIndexError(
+                f"identity index {folder} is a file, not an index folder (what "
+                "`facegate index build GALLERY --out INDEX` writes)"
             ) from None
         except OSError as exc:
             raise IdentityIndexError(f"cannot open identity index {folder}: {exc}") from None

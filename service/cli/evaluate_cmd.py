@@ -38,6 +38,14 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     from filter.evaluate import EvaluationPlan, evaluate_generated, evaluate_leave_one_out
     from service.generators import latents_for
 
+    if args.det is not None:  # before minutes of evaluation, not after
+        det = Path(args.det)
+        if det.is_dir():
+            raise CliError(f"--det {det} is a folder; name the PNG file to write")
+        if not det.parent.is_dir():
+            raise CliError(f"--det {det}: the folder {det.parent} does not exist")
+        if det.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise CliError(f"--det {det}: name a .png, .svg or .pdf file")
     transforms = tuple(args.transform or PROBE_NAMES)
     if transforms == ("none",):
         transforms = ()

@@ -373,6 +373,20 @@ def test_evaluate_names_an_unknown_transform_and_the_known_ones() -> None:
     assert "unknown --transform sepia" in result.stderr and "mirrored" in result.stderr
 
 
+def test_evaluate_refuses_a_det_path_it_cannot_write_before_evaluating(tmp_path: Path) -> None:
+    """`--det DIR` ran the whole evaluation, then matplotlib wrote DIR.png beside it."""
+    from tests.commands import facegate
+
+    for det, said in (
+        (tmp_path, "is a folder"),
+        (tmp_path / "missing" / "det.png", "does not exist"),
+        (tmp_path / "det", "name a .png, .svg or .pdf file"),
+    ):
+        result = facegate("evaluate", "--det", str(det))
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_training_image_without_a_usable_replica_feature_stops_the_build(
     generated: dict[str, np.ndarray],
 ) -> None:

@@ -342,3 +342,13 @@ def test_a_manifest_with_a_malformed_size_is_corrupt_naming_the_file(
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexCorruptError, match=rf"{folder}/manifest\.json: {re.escape(said)}"):
         FaissIdentityIndex.load(folder)
+
+
+def test_an_index_path_naming_a_file_says_so(tmp_path: Path) -> None:
+    """It said the index "does not exist", and the operator looked for a missing file."""
+    missing, a_file = tmp_path / "missing", tmp_path / "index.faiss"
+    a_file.write_bytes(b"")
+    with pytest.raises(IdentityIndexError, match="missing does not exist; build one"):
+        FaissIdentityIndex.load(missing)
+    with pytest.raises(IdentityIndexError, match=r"index\.faiss is a file, not an index folder"):
+        FaissIdentityIndex.load(a_file)
