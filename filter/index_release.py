@@ -35,10 +35,17 @@ from filter.index import FaissIdentityIndex
 from filter.index_lineage import (
     acknowledge,
     acknowledgement,
+    changes_undone,
     covering_acknowledgement,
     loosenings,
 )
-from filter.index_store import LABELS_FILE, MANIFEST_FILE, REPLICA_LABELS_FILE, write_json
+from filter.index_store import (
+    LABELS_FILE,
+    MANIFEST_FILE,
+    REPLICA_LABELS_FILE,
+    swap_in,
+    write_json,
+)
 
 RELEASES_DIR = "releases"
 _RELEASE_SUFFIX = re.compile(r"\.\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -78,6 +85,7 @@ def editing(path: Path) -> Iterator[None]:
     silently drop the earlier's change (an opt-out, an erasure). Not waited on: a second
     command is refused at once, before its work, naming the holder."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as writing the index would
     lock_path = Path(os.path.realpath(path.parent)) / f".{path.name}.lock"
     descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -123,13 +131,28 @@ def publish(index: FaissIdentityIndex, path: Path, read: str | None = None) -> P
     out; this check also catches a writer that takes no lock (a link flipped by hand)."""
     path = Path(path)
     if read is not None:
-        refuse_if_changed(path, read)
+        refuse_if_changed(path, read)  # before the work of writing, and again after it
     if not path.is_symlink():
-        index.save(path)
+        if read is None:
+            index.save(path)
+            return path
+        staged = path.parent / f".{path.name}.publish-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            index.save(staged)
+            refuse_if_changed(path, read)
+            swap_in(staged, path)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
         return path
     current = Path(os.path.realpath(path))
     release = current.parent / _release_name(current.name, index.fingerprint)
     index.save(release)
+    if read is not None:
+        try:
+            refuse_if_changed(path, read)
+        except IndexChangedError:
+            shutil.rmtree(release, ignore_errors=True)
+            raise
     flip_link(path, release)
     return release
 
@@ -144,10 +167,19 @@ class Published:
     fingerprint: str
     looser: list[str]  # how it is looser than what the link pointed to ([]: it is not)
     acknowledgement: dict[str, Any] | None  # the release's, when it is looser
+    undone: str | None = None  # what of the live index it replaced, with --discard-live-changes
+
+
+class DivergedIndexError(FilterError):
+    """A release not made from the live index, whose changes publishing it would undo."""
 
 
 def publish_folder(
-    source: Path, link: Path, name: str | None = None, allow_looser: bool = False
+    source: Path,
+    link: Path,
+    name: str | None = None,
+    allow_looser: bool = False,
+    discard_live_changes: bool = False,
 ) -> Published:
     """Copy a built index folder into `<link's folder>/releases/`, verify the copy
     (manifest, hashes, self-test), then flip `link` to it. The files are copied as they
@@ -163,6 +195,16 @@ def publish_folder(
             f"folder into {link.parent / RELEASES_DIR} and link to it)"
         )
     live = FaissIdentityIndex.load(link) if link.exists() else None
+    undone = None
+    if live is not None:
+        undone = changes_undone(live.manifest, live.fingerprint, built.manifest, fingerprint)
+        if undone is not None and not discard_live_changes:
+            raise DivergedIndexError(
+                f"{source} was not made from the index {link} holds now ({live.fingerprint}):"
+                f" publishing it would undo {undone}. Make it again from {link} (`facegate "
+                f"index add|remove {link} ... --out NEW`, then calibrate NEW), or publish "
+                "with --discard-live-changes to replace them knowingly (a rollback)"
+            )
     looser: list[str] = []
     record: dict[str, Any] | None = None
     if live is not None:
@@ -197,7 +239,7 @@ def publish_folder(
     ack = None
     if looser:
         ack = acknowledgement(built.manifest if record is None else record)
-    return Published(release, expected, looser, ack)
+    return Published(release, expected, looser, ack, undone)
 
 
 def _existing_release(releases: Path, fingerprint: str) -> Path | None:

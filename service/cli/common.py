@@ -97,11 +97,16 @@ def warn_enrolment(report: GalleryReport, has_replicas: bool) -> None:
         )
     for item in report.skipped:
         print(f"warning: skipped {item['path']}: {item['error']}", file=sys.stderr)
+    for item in report.partly_enrolled:
+        print(
+            f"warning: {item['path']}: {item['error']}; its earlier frames were enrolled "
+            "(split it into one file per frame to enrol the rest)",
+            file=sys.stderr,
+        )
     outside = [item["path"] for item in report.ignored if item["why"] != "not an image"]
     for path in outside:
         print(
-            f"warning: {path} is not in an identity folder (GALLERY/<identity>/...); "
-            "not enrolled",
+            f"warning: {path} is not in an identity folder (GALLERY/<identity>/...); not enrolled",
             file=sys.stderr,
         )
     others = [item["path"] for item in report.ignored if item["why"] == "not an image"]

@@ -162,7 +162,11 @@ def cmd_index_publish(settings: Settings, args: argparse.Namespace) -> int:
 
     with editing(Path(args.link)):
         published = publish_folder(
-            Path(args.source), Path(args.link), name=args.name, allow_looser=args.allow_looser
+            Path(args.source),
+            Path(args.link),
+            name=args.name,
+            allow_looser=args.allow_looser,
+            discard_live_changes=args.discard_live_changes,
         )
     emit(
         {
@@ -173,6 +177,11 @@ def cmd_index_publish(settings: Settings, args: argparse.Namespace) -> int:
             "looser_acknowledged": published.acknowledgement,
         }
     )
+    if published.undone is not None:
+        print(
+            f"facegate: warning: --discard-live-changes: this release undoes {published.undone}",
+            file=sys.stderr,
+        )
     if published.looser and published.acknowledgement is not None:
         print(
             f"facegate: warning: this release is looser than the one it replaces "
@@ -225,5 +234,11 @@ def register_into(index: Any) -> None:
         action="store_true",
         help="publish even though its thresholds are looser than the current index's; the "
         "acknowledgement is recorded in this release's manifest (servers then reload it)",
+    )
+    publish.add_argument(
+        "--discard-live-changes",
+        action="store_true",
+        help="publish even though SOURCE was not made from the index LINK holds now, whose "
+        "changes since (removals, additions, a recalibration) it then undoes: a rollback",
     )
     publish.set_defaults(handler=cmd_index_publish)

@@ -6,6 +6,7 @@ lock cannot change lint, types or verdicts; these tests keep the two files from 
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -64,3 +65,28 @@ def test_the_facegate_package_itself_is_not_locked() -> None:
     # An editable line (-e / file path) would tie a clone to the machine the lock was made on.
     assert "facegate" not in _locked_versions()
     assert not re.search(r"^(-e|.* @ )", (REPO / "constraints.txt").read_text(), re.M)
+
+
+def test_make_lock_locks_what_pip_would_install_without_facegate_itself(tmp_path: Path) -> None:
+    """`make lock` resolves afresh (`pip install --dry-run --report`): after a requirement
+    changes, the old lock may exclude what pyproject now asks for."""
+    from tools.lock_constraints import main
+
+    report = {
+        "install": [
+            {"metadata": {"name": "numpy", "version": "2.5.0"}, "download_info": {}},
+            {
+                "metadata": {"name": "facegate", "version": "0.1.0"},
+                "download_info": {"dir_info": {"editable": True}},
+            },
+            {"metadata": {"name": "Attrs", "version": "26.1.0"}, "download_info": {}},
+        ]
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("# kept\n# header\nnumpy==2.4.6\nold==1.0\n")
+    assert main([str(tmp_path / "report.json"), str(constraints)]) == 0
+    assert constraints.read_text() == "# kept\n# header\nAttrs==26.1.0\nnumpy==2.5.0\n"
+    makefile = (REPO / "Makefile").read_text()
+    lock = makefile.split("\nlock:")[1].split("\n\n")[0]
+    assert "--dry-run" in lock and "--report" in lock and "-c constraints.txt" not in lock

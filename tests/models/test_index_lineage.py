@@ -67,12 +67,13 @@ def test_index_add_keeps_the_thresholds_and_publishes_without_loosening(
     assert result.returncode == 0, result.stderr
     assert _thresholds(link) == (0.565, 0.575)
     assert "carried" in json.loads(result.stdout)["calibration"]
-    # The documented workflow: add to a copy, then publish it over the live link.
+    # The documented workflow: add to a copy of the live index, then publish it over the
+    # live link (a second live link: the first holds the in-place edit now).
+    other = tmp_path / "other" / "current"
+    publish_folder(calibrated, other, name="v1")
     new = tmp_path / "new"
-    assert (
-        facegate("index", "add", str(calibrated), str(gallery), "--out", str(new)).returncode == 0
-    )
-    published = facegate("index", "publish", str(new), str(link))
+    assert facegate("index", "add", str(other), str(gallery), "--out", str(new)).returncode == 0
+    published = facegate("index", "publish", str(new), str(other))
     assert published.returncode == 0, published.stderr
     assert json.loads(published.stdout)["looser"] == []
 

@@ -380,11 +380,11 @@ def test_check_and_index_build_cut_batches_by_decoded_pixels(
     identities_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from filter import images
-    from filter.gallery_files import gallery_chunks, header_frames, list_gallery
+    from filter.gallery_files import gallery_chunks, header_pixels, list_gallery
     from tests.commands import facegate
 
     photos = sorted((identities_dir / "id01").glob("*.jpg"))[:4]
-    sizes = [header_frames(p)[0] * header_frames(p)[1] for p in photos]
+    sizes = [header_pixels(p) for p in photos]
     assert all(size > 0 for size in sizes)
     gallery = tmp_path / "gallery" / "id01"
     gallery.mkdir(parents=True)

@@ -115,3 +115,64 @@ def test_index_remove_is_refused_while_another_command_edits_the_index(
     result = facegate("index", "remove", str(link), "--identity", "person-1-0")
     assert result.returncode == 0, result.stderr
     assert os.path.realpath(link) != str(release)
+
+
+def test_publishing_a_copy_made_before_an_erasure_does_not_bring_the_person_back(
+    tmp_path: Path,
+) -> None:
+    """The documented workflow: `index add CURRENT optouts --out NEW`, calibrate NEW (hours),
+    `index publish NEW CURRENT`. An `index remove CURRENT` in between was undone."""
+    link, _ = _linked(tmp_path)
+    new = tmp_path / "new"
+    made = facegate("index", "remove", str(link), "--identity", "person-1-0", "--out", str(new))
+    assert made.returncode == 0, made.stderr
+    erased = facegate("index", "remove", str(link), "--identity", "person-1-5")
+    assert erased.returncode == 0, erased.stderr
+    live = os.path.realpath(link)
+    refused = facegate("index", "publish", str(new), str(link))
+    assert refused.returncode == 2
+    assert "1 removal(s), whose identities would be back" in refused.stderr
+    assert "--discard-live-changes" in refused.stderr and os.path.realpath(link) == live
+    assert "person-1-5" not in FaissIdentityIndex.load(link).faces.identities
+    # Made again from the live index, it publishes; so does a knowing rollback.
+    again = tmp_path / "again"
+    assert (
+        facegate(
+            "index", "remove", str(link), "--identity", "person-1-0", "--out", str(again)
+        ).returncode
+        == 0
+    )
+    assert facegate("index", "publish", str(again), str(link)).returncode == 0
+    rollback = facegate("index", "publish", str(new), str(link), "--discard-live-changes")
+    assert rollback.returncode == 0, rollback.stderr
+    assert "this release undoes 2 edit(s)" in rollback.stderr
+
+
+def test_a_hand_flip_while_the_result_is_written_is_not_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change check ran before the release was written, then the link flipped."""
+    link, _ = _linked(tmp_path)
+    read = FaissIdentityIndex.load(link)
+    edited, _report = remove_identities(read, ["person-1-0"], None)
+    save = FaissIdentityIndex.save
+    by_hand = tmp_path / "releases" / "by-hand"
+    small_index(5).save(by_hand)
+
+    def save_then_someone_flips(index: FaissIdentityIndex, folder: Path) -> None:
+        save(index, folder)
+        flip_link(link, by_hand)
+
+    monkeypatch.setattr(FaissIdentityIndex, "save", save_then_someone_flips)
+    with pytest.raises(IndexChangedError):
+        publish(edited, link, read=read.fingerprint)
+    assert os.path.realpath(link) == str(by_hand)
+    assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == ["by-hand", "r1"]
+
+
+def test_an_edit_to_a_folder_not_made_yet_takes_its_lock_there(tmp_path: Path) -> None:
+    link, _ = _linked(tmp_path)
+    out = tmp_path / "a" / "b" / "idx"
+    result = facegate("index", "remove", str(link), "--identity", "person-1-0", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert FaissIdentityIndex.load(out).identity_count == 11
