@@ -56,12 +56,20 @@ def test_an_embedder_failing_on_one_input_fails_only_that_request(
         poison.extend(np.asarray(crops, dtype=np.int16))
         return original(crops)
 
+    # A seed whose first candidate holds a face and passes: its poison is met in the
+    # first, shared batch. (With a first candidate that shows no face, the poison came only
+    # with the resample, alone; which seed that is depends on the index's random salt.)
     embedder.embed = record
     try:
-        stub.Generate(pb.GenerateRequest(count=1, seed=POISON_SEED), timeout=60)
+        for poison_seed in range(POISON_SEED, POISON_SEED + 20):
+            poison.clear()
+            response = stub.Generate(pb.GenerateRequest(count=1, seed=poison_seed), timeout=60)
+            if response.images and response.images[0].attempts == 1 and poison:
+                break
+        else:
+            pytest.fail("no seed among 20 whose first candidate passed")
     finally:
         embedder.embed = original
-    assert poison, "the poison seed's candidates must hold a face"
     lock = threading.Lock()
     failed_batches: list[int] = []
 
@@ -83,7 +91,7 @@ def test_an_embedder_failing_on_one_input_fails_only_that_request(
         counting.gate.clear()
         opener = stub.Generate.future(pb.GenerateRequest(count=1, seed=99), timeout=60)
         assert counting.entered.wait(60), "the opener never reached the generator"
-        bad = stub.Generate.future(pb.GenerateRequest(count=1, seed=POISON_SEED), timeout=60)
+        bad = stub.Generate.future(pb.GenerateRequest(count=1, seed=poison_seed), timeout=60)
         good = [
             stub.Generate.future(pb.GenerateRequest(count=3, seed=s), timeout=60)
             for s in (100, 101, 102)
