@@ -10,9 +10,11 @@ Two signals reject an image (identity OR replica), so they are calibrated togeth
 each non-member's score on each signal is turned into its rank among the calibration
 set, and both thresholds are set at the same rank, the highest at which the union of
 the two rejects at most the target share. Neither signal needs a positive example to
-calibrate, and neither takes the whole false-reject budget. The target counts
-non-members rejected for any reason except "no face"; the no-face share is reported
-on its own.
+calibrate, and neither takes the whole false-reject budget. The target is the share of
+non-members with a usable face (one the filter searched) that the two signals reject;
+images with no face, and unusable ones (more faces than the filter searches, an
+embedding it cannot trust), are rejected by the filter whatever the thresholds, so no
+threshold moves them: they are counted and reported on their own.
 
 Saving a calibration into an index follows one policy (`recalibrated_index`): never
 looser than the thresholds the index had without an acknowledgement for that release.
@@ -114,7 +116,7 @@ def calibrate_thresholds(
     if replica is not None and (replica.shape != identity.shape or not np.isfinite(replica).all()):
         raise ValueError("replica scores must be finite, one per identity score")
     n = identity.size
-    needed = math.ceil(1.0 / target_false_reject - 1e-9)
+    needed = minimum_faces(target_false_reject)
     if n < needed:
         # With fewer, the budget rounds to zero and the threshold lands just above the
         # highest non-member seen: one outlier would set it, however high.
@@ -146,6 +148,23 @@ def calibrate_thresholds(
         else:
             high = mid - 1
     t_id, t_rep = thresholds(low)
+    if low == 0:
+        # Rank 1 of both signals rejects two images (their highest scores are two
+        # different non-members) and the budget is one: both thresholds would land just
+        # above the highest scores, rejecting nothing, set by one outlier each.
+        raise ValueError(
+            f"{n} non-member faces are too few to calibrate a {target_false_reject:g} "
+            f"false-reject rate on two signals: the highest identity and replica scores are "
+            f"two different images, and a budget of {budget} cannot reject one of each; it "
+            f"needs at least {minimum_faces(target_false_reject, replica=True)}"
+        )
+    for name, value in (("identity", t_id), ("replica", t_rep)):
+        if value is not None and value > 1.0:
+            raise ValueError(
+                f"the {name} threshold would be {value}, above any similarity: non-member "
+                "images score 1.0 against the index, so they (or copies of them) are "
+                "enrolled; take them out of the non-member set"
+            )
     total = int(n + no_face)
     return Calibration(
         threshold=t_id,
@@ -171,6 +190,13 @@ def calibrate_threshold(
 ) -> Calibration:
     """The identity signal alone (an index without replica features)."""
     return calibrate_thresholds(max_similarities, None, target_false_reject, no_face)
+
+
+def minimum_faces(target_false_reject: float, replica: bool = False) -> int:
+    """Non-member faces a calibration needs: a budget of one image, or with the replica
+    signal, one image per signal (always enough, whichever images score highest)."""
+    signals = 2 if replica else 1
+    return math.ceil(signals / target_false_reject - 1e-9)
 
 
 def _quantiles(values: np.ndarray) -> dict[str, float]:

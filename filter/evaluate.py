@@ -32,7 +32,7 @@ import numpy as np
 from filter.assembly import detector_manifest, measuring_filter
 from filter.augment import PROBE_NAMES, probe_transform, transformed
 from filter.calibrate import Calibration, calibrate_thresholds
-from filter.decide import DecisionThresholds, ImageEvidence, NoFacePolicy, decide
+from filter.decide import DecisionThresholds, ImageEvidence, NoFacePolicy, Reason, decide
 from filter.gallery import Enrolment
 from filter.identity_filter import FaceEmbeddingPipeline, ImageFaces
 from filter.images import decode_image, list_images
@@ -277,6 +277,8 @@ class LeaveOneOut:
     strangers_rejected: int = 0
     false_rejects: list[str] = field(default_factory=list)
     thresholds: str = ""
+    # Photos the filter rejects for no face or too many faces: neither a match nor a miss.
+    unusable: list[str] = field(default_factory=list)
 
     def lines(self) -> list[dict[str, object]]:
         return [
@@ -285,6 +287,7 @@ class LeaveOneOut:
                 "photos": self.enrolled_photos,
                 "rejected": self.enrolled_rejected / max(self.enrolled_photos, 1),
                 "missed": self.missed,
+                "unusable": self.unusable,
                 "thresholds": self.thresholds,
             },
             {
@@ -319,7 +322,10 @@ def evaluate_leave_one_out(identities_dir: Path, pipeline: FaceEmbeddingPipeline
         )
         return enrolment.build(detector_settings=detector)
 
-    def rejected(index: FaissIdentityIndex, i: int) -> tuple[bool, str]:
+    def rejected(index: FaissIdentityIndex, i: int) -> tuple[bool | None, str]:
+        """True: rejected as a training identity (identity or replica); False: passed;
+        None: rejected for another reason (no face, too many faces), which says nothing
+        about identity matching."""
         thresholds = resolve_thresholds(index)
         result = embedded[i]
         evidence = ImageEvidence(
@@ -330,7 +336,11 @@ def evaluate_leave_one_out(identities_dir: Path, pipeline: FaceEmbeddingPipeline
             face_limit=result.face_limit,
         )
         verdict = decide(evidence, thresholds.decision, NoFacePolicy.REJECT)
-        return not verdict.passed, thresholds.describe()
+        if verdict.passed:
+            return False, thresholds.describe()
+        if verdict.reason in (Reason.IDENTITY_MATCH, Reason.REPLICA):
+            return True, thresholds.describe()
+        return None, thresholds.describe()
 
     report = LeaveOneOut()
     by_identity: dict[str, list[int]] = {}
@@ -340,6 +350,9 @@ def evaluate_leave_one_out(identities_dir: Path, pipeline: FaceEmbeddingPipeline
         if len(members) > 1:
             for i in members:
                 hit, report.thresholds = rejected(index_without({i}), i)
+                if hit is None:
+                    report.unusable.append(str(photos[i][1]))
+                    continue
                 report.enrolled_photos += 1
                 report.enrolled_rejected += hit
                 if not hit:
@@ -347,6 +360,10 @@ def evaluate_leave_one_out(identities_dir: Path, pipeline: FaceEmbeddingPipeline
         stranger_index = index_without(set(members))
         for i in members:
             hit, report.thresholds = rejected(stranger_index, i)
+            if hit is None:
+                if str(photos[i][1]) not in report.unusable:
+                    report.unusable.append(str(photos[i][1]))
+                continue
             report.stranger_photos += 1
             report.strangers_rejected += hit
             if hit:

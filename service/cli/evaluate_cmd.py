@@ -65,6 +65,15 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
         transforms=transforms,
         transformed=min(args.transformed, args.gallery),
     )
+    from filter.calibrate import minimum_faces
+
+    needed = minimum_faces(plan.target_false_reject)
+    if plan.calibration < needed:  # before minutes of generation, not after
+        raise CliError(
+            f"--calibration {plan.calibration} is too few to calibrate a "
+            f"{plan.target_false_reject:g} false-reject rate: it needs at least {needed} "
+            "images with a face"
+        )
     pipeline = embedding_pipeline(settings, args)
     generator = configured_generator(settings)
     key = seed_key(settings)
@@ -76,13 +85,16 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
         + plan.test
     )
     with progress_bar(total, "evaluating") as bar:
-        evaluation, _ = evaluate_generated(
-            generator.generate,
-            lambda seed, slot: latents_for(seed, slot, 0, generator.latent_dim, key),
-            pipeline,
-            plan,
-            progress=bar.update,
-        )
+        try:
+            evaluation, _ = evaluate_generated(
+                generator.generate,
+                lambda seed, slot: latents_for(seed, slot, 0, generator.latent_dim, key),
+                pipeline,
+                plan,
+                progress=bar.update,
+            )
+        except ValueError as exc:  # the calibration set, as generated, cannot calibrate
+            raise CliError(f"cannot calibrate on the generated calibration set: {exc}") from None
     for line in evaluation.lines():
         emit({"generator": generator.name, **line})
     faces = _faces_dir(args)
