@@ -225,7 +225,7 @@ def changes_undone(
     a recalibration in place) would silently be gone."""
     if new_fingerprint == live_fingerprint or made_from(new, live_fingerprint):
         return None
-    live_edits = [e for e in _history(live) if e not in _history(new)]
+    live_edits = _edits_since_branch(_history(live), _history(new))
     if not live_edits and not _history(new):
         return None
     if not live_edits:
@@ -233,10 +233,24 @@ def changes_undone(
     removals = sum(1 for e in live_edits if e.get("op") == "remove")
     additions = sum(1 for e in live_edits if e.get("op") == "add")
     return (
-        f"{len(live_edits)} edit(s) of the live index that this one does not hold: "
-        f"{removals} removal(s), whose identities would be back, and {additions} "
-        "addition(s), whose identities would be released again"
+        f"{len(live_edits)} edit(s) made to the live index since the one this index was "
+        f"made from: {removals} removal(s), whose identities would be back, and "
+        f"{additions} addition(s), whose identities would be released again"
     )
+
+
+def _edits_since_branch(
+    live: list[dict[str, Any]], new: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The live index's edits since the latest index both histories start an edit from
+    (by fingerprint: two records of the same second and count are equal dicts); all of
+    them when `new` names none of the live index's ancestors."""
+    for entry in reversed(new):
+        branch = entry.get("from_fingerprint")
+        for position, edit in enumerate(live):
+            if edit.get("from_fingerprint") == branch:
+                return live[position:]
+    return [edit for edit in live if edit not in new]
 
 
 def _history(manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -339,7 +339,7 @@ def test_evaluate_reports_recall_per_transform_in_its_lines_and_the_det_legend(
         gallery=36,
         near_copies=6,
         sigmas=(0.2,),
-        calibration=24,
+        calibration=40,  # two signals at 5 %: a budget of two (README, "The threshold")
         test=24,
         transformed=6,
         seed=2323,

@@ -118,10 +118,14 @@ def test_index_remove_is_refused_while_another_command_edits_the_index(
 
 
 def test_publishing_a_copy_made_before_an_erasure_does_not_bring_the_person_back(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The documented workflow: `index add CURRENT optouts --out NEW`, calibrate NEW (hours),
     `index publish NEW CURRENT`. An `index remove CURRENT` in between was undone."""
+    import filter.index_lineage
+
+    # Both edits in one second, without a key: their records are equal dicts (CI).
+    monkeypatch.setattr(filter.index_lineage.time, "strftime", lambda *_: "2026-12-06T03:00:00Z")
     link, _ = _linked(tmp_path)
     new = tmp_path / "new"
     made = facegate("index", "remove", str(link), "--identity", "person-1-0", "--out", str(new))
