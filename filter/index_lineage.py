@@ -225,7 +225,9 @@ def changes_undone(
     a recalibration in place) would silently be gone."""
     if new_fingerprint == live_fingerprint or made_from(new, live_fingerprint):
         return None
-    live_edits = _edits_since_branch(_history(live), _history(new))
+    live_edits = _edits_since_branch(
+        _history(live), live_fingerprint, _history(new), new_fingerprint
+    )
     if not live_edits and not _history(new):
         return None
     if not live_edits:
@@ -240,16 +242,28 @@ def changes_undone(
 
 
 def _edits_since_branch(
-    live: list[dict[str, Any]], new: list[dict[str, Any]]
+    live: list[dict[str, Any]],
+    live_fingerprint: str,
+    new: list[dict[str, Any]],
+    new_fingerprint: str,
 ) -> list[dict[str, Any]]:
-    """The live index's edits since the latest index both histories start an edit from
-    (by fingerprint: two records of the same second and count are equal dicts); all of
-    them when `new` names none of the live index's ancestors."""
-    for entry in reversed(new):
-        branch = entry.get("from_fingerprint")
+    """The live index's edits that `new` does not hold, found by fingerprints (two records
+    of one second and count, without a key, are equal dicts): after `new` itself when the
+    live index was edited from it (a rollback), else after the latest index both started
+    an edit from; all of them when `new` names none of the live index's ancestors. A
+    recalibration in place leaves no record, so across one this counts from further back
+    (at most the live index's history)."""
+    for position, edit in enumerate(live):
+        if edit.get("from_fingerprint") == new_fingerprint:
+            return live[position:]
+    live_after = [e.get("from_fingerprint") for e in live[1:]] + [live_fingerprint]
+    new_after = [e.get("from_fingerprint") for e in new[1:]] + [new_fingerprint]
+    for index in reversed(range(len(new))):
+        branch = new[index].get("from_fingerprint")
         for position, edit in enumerate(live):
             if edit.get("from_fingerprint") == branch:
-                return live[position:]
+                shared = live_after[position] == new_after[index]  # the same edit
+                return live[position + 1 :] if shared else live[position:]
     return [edit for edit in live if edit not in new]
 
 

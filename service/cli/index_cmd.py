@@ -251,7 +251,10 @@ def register(sub: Any) -> None:
     index = sub.add_parser("index", help="identity index").add_subparsers(
         dest="index_cmd", required=True
     )
-    build = index.add_parser("build", help="build an index from GALLERY/<identity>/*.jpg")
+    build = index.add_parser(
+        "build",
+        help="build an index from every image below GALLERY/<identity>/ (any suffix, every frame)",
+    )
     build.add_argument("gallery")
     build.add_argument("--out", required=True, help="index folder to write")
     build.add_argument(

@@ -200,7 +200,8 @@ def cmd_index_publish(settings: Settings, args: argparse.Namespace) -> int:
 def register_into(index: Any) -> None:
     """Add the `add`, `remove` and `publish` subcommands to the `index` group."""
     add = index.add_parser(
-        "add", help="enrol GALLERY/<identity>/* into an existing index (no rebuild)"
+        "add",
+        help="enrol every image below GALLERY/<identity>/ into an existing index (no rebuild)",
     )
     add.add_argument("index")
     add.add_argument("gallery")

@@ -152,6 +152,21 @@ def test_publishing_a_copy_made_before_an_erasure_does_not_bring_the_person_back
     assert "this release undoes 2 edit(s)" in rollback.stderr
 
 
+def test_a_rollback_counts_only_the_edits_made_since_the_release(tmp_path: Path) -> None:
+    """Back to P = remove(L0) from remove(P): the warning counted P's own edit as undone."""
+    link, _ = _linked(tmp_path)
+    assert facegate("index", "remove", str(link), "--identity", "person-1-0").returncode == 0
+    previous = os.path.realpath(link)
+    assert facegate("index", "remove", str(link), "--identity", "person-1-5").returncode == 0
+    refused = facegate("index", "publish", previous, str(link))
+    assert refused.returncode == 2
+    said = " ".join(refused.stderr.split())
+    assert (
+        "undo 1 edit(s) made to the live index since the one this index was made from: "
+        "1 removal(s)" in said
+    )
+
+
 def test_a_hand_flip_while_the_result_is_written_is_not_overwritten(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
