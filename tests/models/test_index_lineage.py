@@ -250,7 +250,9 @@ def test_calibrate_save_never_loosens_without_an_acknowledgement(
     first = link.resolve()
     held_out = make_gallery(identities_dir, tmp_path / "held_out", ["id05", "id06", "id07"])
     args = ["calibrate", "--index", str(link), "--non-members", str(held_out)]
-    args += ["--target-false-reject", "0.2", "--save"]
+    # 7 photos, two signals: 0.4 leaves a budget of two, one per signal, whichever photos
+    # score highest (at 0.2 the budget of one fits only when one photo tops both).
+    args += ["--target-false-reject", "0.4", "--save"]
     refused = facegate(*args)
     assert refused.returncode == 2, refused.stderr
     assert "looser" in refused.stderr and "--allow-looser" in refused.stderr
