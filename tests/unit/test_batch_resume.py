@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.inputs import discover_inputs
+from batch.inputs import InputItem, discover_inputs
 from batch.manifest import ManifestRun, current_rows, read_manifest, remove_unrecorded_copies
 from batch.recording import record_rows
 from batch.resume import RESUME_SIZE_MTIME, resume
@@ -22,6 +22,12 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _record_unreadable(out: Path, item: InputItem) -> None:
+    """The row of an input that could not be read (no sha256, no copy)."""
+    row = {"path": item.key, "sha256": None, "verdict": "reject", "reason": "unreadable"}
+    record_rows(out, [{**row, "faces": 0, "copy_to": item.copy_to, **RUN.columns()}])
 
 
 def _record(out: Path, key: str, copy_to: str, data: bytes, verdict: str = "pass") -> None:
@@ -123,20 +129,7 @@ def test_a_file_unreadable_then_and_now_keeps_its_row(tmp_path: Path) -> None:
     pq.write_table(pa.table({"path": ["gone.png"]}), listing)  # names a file not there
     out = tmp_path / "out"
     items = discover_inputs([str(listing)], ".png")
-    record_rows(
-        out,
-        [
-            {
-                "path": items[0].key,
-                "sha256": None,
-                "verdict": "reject",
-                "reason": "unreadable",
-                "faces": 0,
-                "copy_to": items[0].copy_to,
-                **RUN.columns(),
-            }
-        ],
-    )
+    _record_unreadable(out, items[0])
     assert resume(items, current_rows(out), out).skipped == 1
     (tmp_path / "gone.png").write_bytes(PNG)
     resumed = resume(items, current_rows(out), out)  # readable now: checked
@@ -175,20 +168,7 @@ def test_a_parquet_value_now_null_is_a_change_and_null_twice_is_not(tmp_path: Pa
     out = tmp_path / "out"
     items = discover_inputs([str(table)], ".png")
     _record(out, items[0].key, items[0].copy_to, PNG + b"a")
-    record_rows(
-        out,
-        [
-            {
-                "path": items[1].key,
-                "sha256": None,
-                "verdict": "reject",
-                "reason": "unreadable",
-                "faces": 0,
-                "copy_to": items[1].copy_to,
-                **RUN.columns(),
-            }
-        ],
-    )
+    _record_unreadable(out, items[1])
     pq.write_table(pa.table({"path": ["a.png", "b.png"], "bytes": [None, None]}), table)
     resumed = resume(items, current_rows(out), out)
     assert (resumed.changed, resumed.unavailable, resumed.skipped) == (1, 0, 1)
