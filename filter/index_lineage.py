@@ -208,11 +208,7 @@ def carried_calibration(
 
 def made_from(manifest: dict[str, Any], fingerprint: str) -> bool:
     """Whether the index of `manifest` was edited from (a descendant of) `fingerprint`."""
-    history = manifest.get(EDITS)
-    return any(
-        isinstance(entry, dict) and entry.get("from_fingerprint") == fingerprint
-        for entry in (history if isinstance(history, list) else [])
-    )
+    return any(entry.get("from_fingerprint") == fingerprint for entry in _history(manifest))
 
 
 def changes_undone(

@@ -260,18 +260,21 @@ class DynamicBatcher:
         self.start()
         loop = asyncio.get_running_loop()
         parts = [_Pending(part, loop.create_future()) for part in _split(draws, self.max_batch)]
+        futures = [pending.future for pending in parts]
         try:
             for pending in parts:
                 await self._queue.put(pending)
-            answers = await asyncio.gather(*(p.future for p in parts), return_exceptions=True)
-        except asyncio.CancelledError:
-            for pending in parts:
-                pending.future.cancel()
-            raise
-        for answer in answers:
-            if isinstance(answer, BaseException):
-                raise answer
-        return [outcome for answer in answers for outcome in cast(list[CandidateOutcome], answer)]
+            await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            # A failed part fails the request: its other parts are not filtered for nothing
+            # (and a cancelled request's parts leave the queue unfiltered).
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+        for future in futures:
+            if not future.cancelled() and future.exception() is not None:
+                raise cast(BaseException, future.exception())
+        return [outcome for future in futures for outcome in future.result()]
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

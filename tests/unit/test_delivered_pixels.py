@@ -157,3 +157,23 @@ def test_no_filter_call_holds_more_than_max_batch_images_whatever_one_request_as
     slots = asyncio.run(run())
     assert slots == list(range(96))  # every slot, in order, from its parts
     assert max(sizes) <= 8 and sum(sizes) == 96 * per_row
+
+
+def test_a_request_whose_first_part_fails_is_not_filtered_further() -> None:
+    """The request fails closed on its first failed part; its remaining parts were still
+    generated and filtered, for nothing."""
+    checker = ScriptedFilter(lambda call, position: (_ for _ in ()).throw(RuntimeError("boom")))
+
+    async def run() -> None:
+        batcher = DynamicBatcher(
+            CandidateEngine(TexturedGenerator(), checker), max_batch=8, max_delay=0.001
+        )
+        pipeline = GenerationPipeline(batcher, LATENT_DIM, max_attempts=1, max_count=32)
+        try:
+            with pytest.raises(FilterFailure):
+                await pipeline.generate(GenerationRequest(count=32, seed=5))
+        finally:
+            await batcher.close()
+
+    asyncio.run(run())
+    assert checker.calls == 1  # four parts of eight: only the first was filtered
