@@ -47,6 +47,7 @@ from filter.images import (
     frame_views,
     opened_image,
     read_image_bytes,
+    transparency_as_decoded,
 )
 
 # Formats whose later frames or pages PIL decodes. An MPO's later images are found through
@@ -178,6 +179,7 @@ class _Reader:
         try:
             if index:
                 img.seek(index)
+                transparency_as_decoded(img)
             check_pixels(img, self.limits)
             img.load()
             views = frame_views(img)

@@ -87,6 +87,7 @@ def opened_image(data: bytes, limits: ImageLimits) -> Iterator[Image.Image]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 check_pixels(img, limits)
+                transparency_as_decoded(img)
                 yield img
     except ImageError:
         raise
@@ -94,6 +95,34 @@ def opened_image(data: bytes, limits: ImageLimits) -> Iterator[Image.Image]:
         raise ImageError("not a recognised image format, or the image is too large") from None
     except DECODE_ERRORS as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+
+
+# Set in a frame's info where its transparent colour cannot be matched exactly here.
+_INEXACT_TRANSPARENCY = "facegate: 16-bit transparent colour"
+
+
+def transparency_as_decoded(img: Image.Image) -> None:
+    """Make a PNG's transparent colour (tRNS) match the pixels PIL decodes. PIL scales the
+    samples of a 2- or 4-bit grey PNG to 8 bits but leaves the transparent grey level as
+    written, so no pixel matches it and the pixels viewers show as transparent would be
+    checked as opaque grey only; scaled here, before anything decodes, they get every
+    transparency view. A 16-bit colour PNG is decoded to 8 bits a channel, where its
+    transparent colour cannot be told from its neighbours: noted, so the frame is not
+    passed as if it had no transparency (16-bit grey keeps its samples: see frame_views).
+    Called again after each seek: an APNG's rewind restores the info as read."""
+    transparent = img.info.get("transparency")
+    if img.format != "PNG" or not img.tile or transparent is None:
+        return
+    args = img.tile[0].args
+    rawmode = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) else None)
+    bits = {"L;2": 2, "L;4": 4}.get(rawmode) if isinstance(rawmode, str) else None
+    if bits is not None and isinstance(transparent, int):
+        levels = (1 << bits) - 1
+        # The PNG specification: only the low `bits` bits of the tRNS sample count.
+        img.info["transparency"] = (transparent & levels) * (255 // levels)
+    elif isinstance(rawmode, str) and rawmode.startswith("RGB;16") and img.mode == "RGB":
+        del img.info["transparency"]  # 16-bit values: compared with 8-bit pixels, wrongly
+        img.info[_INEXACT_TRANSPARENCY] = True
 
 
 def check_pixels(img: Image.Image, limits: ImageLimits) -> None:
@@ -133,6 +162,7 @@ def decode_frames(
                 return frames, f"frames {index + 1}-{total} not read: over {limits.max_images}"
             try:
                 img.seek(index)
+                transparency_as_decoded(img)
                 width, height = img.size
                 if pixels + width * height > limits.max_pixels:
                     return frames, (
@@ -169,15 +199,27 @@ def frame_views(img: Image.Image) -> FrameViews:
     # pixel), and exif_transpose copies even an image it does not turn.
     if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         img = ImageOps.exif_transpose(img) or img
+    problems: list[str] = []
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         low, high = float(arr.min()), float(arr.max())
         scaled = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
-        info = img.info  # the profile and gamma hold for the rescaled pixels too
+        info = dict(img.info)  # the profile and gamma hold for the rescaled pixels too
+        transparent = info.pop("transparency", None)
         img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        if isinstance(transparent, int):
+            # A 16-bit grey level is transparent, matched before the samples are scaled.
+            opaque = np.where(np.asarray(arr) == transparent, 0, 255).astype(np.uint8)
+            img = Image.merge("LA", (img, Image.fromarray(opaque, mode="L")))
         img.info.update(info)
+    if img.info.get(_INEXACT_TRANSPARENCY):
+        problems.append(
+            "a transparent colour in 16 bits a channel, which facegate cannot match "
+            "exactly: what viewers show as transparent is not known"
+        )
     transform = colour_transform(img)
-    problems = (transform.problem,) if transform.problem else ()
+    if transform.problem:
+        problems.append(transform.problem)
     others: list[tuple[str, np.ndarray]] = []
     # (name, managed view, the raw view it is kept beside only where it shows more)
     managed: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -210,7 +252,7 @@ def frame_views(img: Image.Image) -> FrameViews:
     others += [
         (name, np.ascontiguousarray(view)) for name, view, raw in managed if visible(view, raw)
     ]
-    return FrameViews(shown, tuple(others), problems)
+    return FrameViews(shown, tuple(others), tuple(problems))
 
 
 def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:

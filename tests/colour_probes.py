@@ -118,3 +118,39 @@ def dark_with_gamma(shown: np.ndarray, hidden: np.ndarray, gamma: float = 1.5) -
     return png_with_chunks_before_idat(
         buffer.getvalue(), (b"gAMA", struct.pack(">I", round(gamma * 100000)))
     )
+
+
+def raw_png(samples: np.ndarray, bits: int, transparent: tuple[int, ...]) -> bytes:
+    """A PNG written sample by sample (PIL writes no 2- or 4-bit grey, nor a tRNS colour
+    in 16 bits): `samples` is HxW (grey) or HxWx3 (colour) at `bits` per sample, and the
+    tRNS chunk makes `transparent` (one value per channel) the transparent colour."""
+    colour = samples.ndim == 3
+    height, width = samples.shape[:2]
+    if bits == 16:
+        rows = [samples[y].astype(">u2").tobytes() for y in range(height)]
+    elif bits == 8:
+        rows = [samples[y].astype(np.uint8).tobytes() for y in range(height)]
+    else:
+        per_byte = 8 // bits
+        rows = []
+        for y in range(height):
+            packed = bytearray((width + per_byte - 1) // per_byte)
+            for x, value in enumerate(samples[y]):
+                packed[x // per_byte] |= int(value) << (8 - bits * (x % per_byte + 1))
+            rows.append(bytes(packed))
+    idat = zlib.compress(b"".join(b"\x00" + row for row in rows))
+    header = struct.pack(">IIBBBBB", width, height, bits, 2 if colour else 0, 0, 0, 0)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    trns = struct.pack(f">{len(transparent)}H", *transparent)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"tRNS", trns)
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )

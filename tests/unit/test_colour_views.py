@@ -21,6 +21,7 @@ from tests.colour_probes import (
     icc_stretched,
     in_band,
     png_with_chunks_before_idat,
+    raw_png,
     side_by_side,
     stretching_icc_profile,
 )
@@ -72,6 +73,44 @@ def test_a_transparent_colour_in_an_rgb_png_is_transparent(shown: np.ndarray) ->
     assert (views["image"][:40] == 255).all()  # a viewer shows the page through it
     assert (views["image, over black"][:40] == 0).all()
     assert np.array_equal(views["image, colour under its transparent pixels"], pixels)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_transparent_grey_level_below_8_bits_is_transparent(
+    hidden: np.ndarray, bits: int
+) -> None:
+    # PIL scales the samples to 8 bits but not the tRNS level: without the fix, the face
+    # drawn in the transparent level was checked as opaque grey only.
+    top = (1 << bits) - 1
+    grey = np.asarray(Image.fromarray(hidden).convert("L")).astype(np.int64)
+    samples = np.where(grey > 100, 1, 0)  # the face's light parts in the transparent level
+    samples[:, :20] = top
+    views = {v.name: v.pixels for v in read_content(raw_png(samples, bits, (1,))).views}
+    transparent = samples == 1
+    assert (views["image"][transparent] == 255).all()  # the page shows through
+    assert (views["image, over black"][transparent] == 0).all()
+    assert (views["image, over black"][samples == top] == 255).all()
+    under = views["image, colour under its transparent pixels"]
+    assert (under[transparent] == 255 // top).all()  # the level as PIL scales it
+
+
+def test_a_transparent_16_bit_grey_level_is_matched_before_scaling(shown: np.ndarray) -> None:
+    samples = np.full((8, 8), 1001, np.int64)
+    samples[:4] = 1000  # one step from its neighbours: the same once scaled to 8 bits
+    samples[-1, 0], samples[-1, -1] = 0, 65535  # the range the samples are scaled over
+    views = {v.name: v.pixels for v in read_content(raw_png(samples, 16, (1000,))).views}
+    assert (views["image"][:4] == 255).all() and (views["image"][4:-1] < 255).all()
+    assert (views["image, over black"][:4] == 0).all()
+
+
+def test_a_transparent_16_bit_colour_is_unaccounted(shown: np.ndarray) -> None:
+    samples = np.full((8, 8, 3), 1001, np.int64)
+    samples[:4] = 1000  # 8 bits a channel cannot tell these rows apart
+    content = read_content(raw_png(samples, 16, (1000, 1000, 1000)))
+    assert not content.complete
+    assert any("transparent colour in 16 bits" in reason for reason in content.unaccounted)
+    # Not matched wrongly either: the 16-bit level compared with 8-bit pixels.
+    assert {v.name for v in content.views} == {"image"}
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
