@@ -111,9 +111,10 @@ def transparency_as_decoded(img: Image.Image) -> None:
     passed as if it had no transparency (16-bit grey keeps its samples: see frame_views).
     Called again after each seek: an APNG's rewind restores the info as read."""
     transparent = img.info.get("transparency")
-    if img.format != "PNG" or not img.tile or transparent is None:
+    tile = getattr(img, "tile", None)  # an ImageFile's, before it decodes
+    if img.format != "PNG" or not tile or transparent is None:
         return
-    args = img.tile[0].args
+    args = tile[0].args
     rawmode = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) else None)
     bits = {"L;2": 2, "L;4": 4}.get(rawmode) if isinstance(rawmode, str) else None
     if bits is not None and isinstance(transparent, int):

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
@@ -175,10 +175,13 @@ def _split(draws: np.ndarray, max_images: int) -> list[np.ndarray]:
     return [draws[i : i + rows_per_part] for i in range(0, len(draws), rows_per_part)] or [draws]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     draws: np.ndarray
     future: asyncio.Future[list[CandidateOutcome]]
+    # The request's parts, this one included: a failed part cancels the others at once,
+    # before the worker can take the next one from the queue.
+    parts: list[_Pending] = field(default_factory=list, repr=False)
 
 
 class DynamicBatcher:
@@ -260,6 +263,8 @@ class DynamicBatcher:
         self.start()
         loop = asyncio.get_running_loop()
         parts = [_Pending(part, loop.create_future()) for part in _split(draws, self.max_batch)]
+        for pending in parts:
+            pending.parts = parts
         futures = [pending.future for pending in parts]
         try:
             for pending in parts:
@@ -393,3 +398,6 @@ class DynamicBatcher:
 def _fail(pending: _Pending, exc: BaseException) -> None:
     if not pending.future.done():
         pending.future.set_exception(FilterFailure(f"identity filter failed: {type(exc).__name__}"))
+    for sibling in pending.parts:
+        if not sibling.future.done():
+            sibling.future.cancel()

@@ -86,8 +86,12 @@ class GenerationPipeline:
         observer: PipelineObserver | None = None,
         audit: AuditSink | None = None,
         signer: ContentSigner | None = None,
+        max_result_bytes: int | None = None,
     ) -> None:
         self.batcher = batcher
+        # The image bytes one result (without on_image) may hold: a unary response larger
+        # than its transport carries fails anyway, so the work stops once it must.
+        self.max_result_bytes = max_result_bytes
         self.signer = signer  # None: images carry no content credentials
         self.latent_dim = latent_dim
         self.max_attempts = max_attempts
@@ -125,6 +129,7 @@ class GenerationPipeline:
         # JPEG candidates are checked as decoded from the very bytes that will leave.
         delivery = quality if request.image_format is ImageFormat.JPEG else LOSSLESS
         released: list[ReleasedImage] = []
+        result_bytes = 0
         open_slots = list(range(request.count))
         attempts = dict.fromkeys(open_slots, 0)
         while open_slots:
@@ -163,9 +168,18 @@ class GenerationPipeline:
                         height=int(outcome.image.shape[0]),
                     )
                     released.append(image)
-                    self.observer.released(image.attempts)
                     if on_image is not None:
+                        self.observer.released(image.attempts)
                         await on_image(image)
+                        continue
+                    result_bytes += len(data)
+                    if self.max_result_bytes is not None and result_bytes > self.max_result_bytes:
+                        raise InvalidRequest(
+                            f"{len(released)} images already make {result_bytes} bytes, over "
+                            f"the {self.max_result_bytes} bytes one response may carry: "
+                            "stream them (GenerateStream, one image per message) or ask for "
+                            "fewer"
+                        )
                     continue
                 summary.candidates_rejected += 1
                 self.audit.rejection(
@@ -185,6 +199,10 @@ class GenerationPipeline:
                 if attempts[slot] < self.max_attempts:
                     still_open.append(slot)
             open_slots = still_open
+        if on_image is None:
+            # Counted once the result is whole: a result refused above released nothing.
+            for image in released:
+                self.observer.released(image.attempts)
         released.sort(key=lambda img: img.slot)
         summary.released = len(released)
         summary.slots_unfilled = request.count - len(released)

@@ -137,6 +137,7 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         observer=metrics,
         audit=audit,
         signer=content_signer_for(settings, generator.name, generator.model_sha256),
+        max_result_bytes=MAX_MESSAGE_BYTES,
     )
     return LoadedService(pipeline=pipeline, batcher=batcher, audit=audit, reloader=reloader)
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.batcher import CandidateEngine, DynamicBatcher
+from service.batcher import CandidateEngine, DynamicBatcher, NullObserver
 from service.encoding import ImageFormat, deliver, encode_released
-from service.errors import FilterFailure
+from service.errors import FilterFailure, InvalidRequest
 from service.generators import latents_for
 from service.pipeline import GenerationPipeline, GenerationRequest
 from tests.fakes import HashListFilter, ScriptedFilter
@@ -177,3 +177,50 @@ def test_a_request_whose_first_part_fails_is_not_filtered_further() -> None:
 
     asyncio.run(run())
     assert checker.calls == 1  # four parts of eight: only the first was filtered
+
+
+class _ReleaseCounter(NullObserver):
+    def __init__(self) -> None:
+        self.released_attempts: list[int] = []
+
+    def released(self, attempts: int) -> None:
+        self.released_attempts.append(attempts)
+
+
+def test_a_result_too_large_for_one_response_stops_early_and_counts_nothing_released() -> None:
+    """A unary result over what one response may carry fails anyway: the pipeline stops
+    once the images certainly exceed it, and the metrics count no image as released,
+    since none leaves. The same request streamed releases and counts every image."""
+    one_png = len(encode_released(TexturedGenerator().generate(np.ones((1, LATENT_DIM)))[0],
+                                  ImageFormat.PNG, 90, None, None, None))  # fmt: skip
+    observer = _ReleaseCounter()
+
+    async def run(streamed: bool) -> int:
+        batcher = DynamicBatcher(
+            CandidateEngine(TexturedGenerator(), ScriptedFilter(lambda call, position: True)),
+            max_delay=0.001,
+        )
+        pipeline = GenerationPipeline(
+            batcher, LATENT_DIM, max_attempts=1, max_count=16, observer=observer,
+            max_result_bytes=4 * one_png,
+        )  # fmt: skip
+        sent: list[object] = []
+
+        async def send(image: object) -> None:
+            sent.append(image)
+
+        try:
+            await pipeline.generate(
+                GenerationRequest(count=16, seed=5), on_image=send if streamed else None
+            )
+        finally:
+            await batcher.close()
+        return len(sent)
+
+    with pytest.raises(InvalidRequest, match="stream them") as refused:
+        asyncio.run(run(streamed=False))
+    kept = int(str(refused.value).split(" images")[0])
+    assert 4 <= kept < 16  # stopped once over, not after encoding all 16
+    assert observer.released_attempts == []
+    assert asyncio.run(run(streamed=True)) == 16
+    assert observer.released_attempts == [1] * 16
