@@ -30,7 +30,7 @@ import numpy as np
 
 from filter.decide import DecisionThresholds
 from filter.errors import FilterError
-from filter.index_lineage import acknowledge, loosenings, recalibrated_manifest
+from filter.index_lineage import accept_looser, recalibrated_manifest
 
 if TYPE_CHECKING:
     from filter.index import FaissIdentityIndex
@@ -228,11 +228,17 @@ def recalibrated_index(
 
     before = index_thresholds(index)
     after = DecisionThresholds(calibration.threshold, calibration.replica_threshold)
-    looser = loosenings(before, after)
-    if looser and not allow_looser:
-        raise LooserCalibrationError(looser)
+    # The manifest drops the index's own acknowledgement: it was for that release only.
+    manifest = recalibrated_manifest(index.manifest)
+    looser = accept_looser(
+        manifest,
+        before=before,
+        after=after,
+        allowed=allow_looser,
+        by=by,
+        replaces=index.fingerprint,
+        refuse=LooserCalibrationError,
+    )
     saved = index.with_calibration(payload)
-    saved.manifest = recalibrated_manifest(index.manifest)
-    if looser:
-        acknowledge(saved.manifest, by=by, replaces=index.fingerprint, before=before, after=after)
+    saved.manifest = manifest
     return saved, looser

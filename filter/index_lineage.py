@@ -31,7 +31,7 @@ log's (`filter.keys`), so `facegate audit hash LABEL` finds a person in both.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from filter.decide import DecisionThresholds
@@ -108,6 +108,31 @@ def acknowledge(
         "after": _thresholds(after),
         "changes": loosenings(before, after),
     }
+
+
+def accept_looser(
+    manifest: dict[str, Any],
+    *,
+    before: DecisionThresholds,
+    after: DecisionThresholds,
+    allowed: bool,
+    by: str,
+    replaces: str | None,
+    refuse: Callable[[list[str]], Exception],
+) -> list[str]:
+    """The one rule for every way a release replaces another (calibrate --save, index
+    publish, index build over an index): a release whose thresholds (`after`) are looser
+    than those it replaces (`before`) is refused, `refuse(looser)` raised, unless its
+    `manifest` already holds an acknowledgement that covers the step, or the operator
+    allows it: then one is recorded in `manifest` (who, when, which index it replaces, the
+    step). Returns how it is looser ([] when it is not)."""
+    looser = loosenings(before, after)
+    if not looser or covering_acknowledgement(manifest, before, after) is not None:
+        return looser
+    if not allowed:
+        raise refuse(looser)
+    acknowledge(manifest, by=by, replaces=replaces, before=before, after=after)
+    return looser
 
 
 def _thresholds(thresholds: DecisionThresholds) -> dict[str, float | None]:

@@ -32,13 +32,7 @@ from typing import Any
 from filter.decide import DecisionThresholds
 from filter.errors import FilterError
 from filter.index import FaissIdentityIndex
-from filter.index_lineage import (
-    acknowledge,
-    acknowledgement,
-    changes_undone,
-    covering_acknowledgement,
-    loosenings,
-)
+from filter.index_lineage import accept_looser, acknowledgement, changes_undone
 from filter.index_store import (
     LABELS_FILE,
     MANIFEST_FILE,
@@ -208,24 +202,27 @@ def publish_folder(
     looser: list[str] = []
     record: dict[str, Any] | None = None
     if live is not None:
-        before, after = index_thresholds(live), index_thresholds(built)
-        looser = loosenings(before, after)
-        if looser and covering_acknowledgement(built.manifest, before, after) is None:
-            if not allow_looser:
-                raise LooserIndexError(
-                    f"{source} is looser than the index {link} points to ({'; '.join(looser)})"
-                    ": servers watching the link would release faces the current index "
-                    "holds back. Publish it with --allow-looser to acknowledge that for this "
-                    "release (recorded in its manifest), or recalibrate"
-                )
-            record = dict(built.manifest)
-            acknowledge(
-                record,
-                by="index publish --allow-looser",
-                replaces=live.fingerprint,
-                before=before,
-                after=after,
+
+        def refuse(looser: list[str]) -> Exception:
+            return LooserIndexError(
+                f"{source} is looser than the index {link} points to ({'; '.join(looser)}): "
+                "servers watching the link would release faces the current index holds "
+                "back. Publish it with --allow-looser to acknowledge that for this release "
+                "(recorded in its manifest), or recalibrate"
             )
+
+        # A copy: the release keeps its files (and fingerprint) unless acknowledged now.
+        candidate = dict(built.manifest)
+        looser = accept_looser(
+            candidate,
+            before=index_thresholds(live),
+            after=index_thresholds(built),
+            allowed=allow_looser,
+            by="index publish --allow-looser",
+            replaces=live.fingerprint,
+            refuse=refuse,
+        )
+        record = candidate if candidate != built.manifest else None
     releases = link.parent / RELEASES_DIR
     releases.mkdir(parents=True, exist_ok=True)
     expected = fingerprint if record is None else _fingerprint(record)

@@ -47,7 +47,8 @@ def cmd_index_build(settings: Settings, args: argparse.Namespace) -> int:
         )
     check_replaceable(out)
     replaced = _replaced_thresholds(out)
-    _refuse_looser(replaced, _uncalibrated(replaced), out, args.allow_looser)
+    if not args.allow_looser:
+        _refuse_looser(replaced, _uncalibrated(replaced), out)
     gallery = Path(args.gallery)
     total = len(list(gallery_images(gallery)))
     pipeline = embedding_pipeline(settings, args)
@@ -117,46 +118,48 @@ def _uncalibrated(replaced: DecisionThresholds | None) -> DecisionThresholds | N
     return DecisionThresholds(DEFAULT_IDENTITY_THRESHOLD, replica)
 
 
-def _refuse_looser(
-    before: DecisionThresholds | None,
-    after: DecisionThresholds | None,
-    out: Path,
-    allow_looser: bool,
-) -> list[str]:
-    """A rebuild over a calibrated index starts uncalibrated: where that loosens what the
-    index at OUT applies, refuse unless the operator says so (a server restarted on it
-    would release faces the old index held back, and a reload would refuse it)."""
-    from filter.index_lineage import loosenings
-
-    if before is None or after is None:
-        return []
-    looser = loosenings(before, after)
-    if looser and not allow_looser:
-        raise CliError(
+def _rebuild_refusal(out: Path) -> Callable[[list[str]], Exception]:
+    def refuse(looser: list[str]) -> Exception:
+        return CliError(
             f"{out} holds an index whose thresholds are stricter than the rebuilt one's "
             f"({'; '.join(looser)}; a rebuild starts uncalibrated): build to a new --out, "
             f"calibrate it (`facegate calibrate --index NEW ... --save`), then replace {out}; "
             "or give --allow-looser (recorded in the new index's manifest)"
         )
-    return looser
+
+    return refuse
+
+
+def _refuse_looser(
+    before: DecisionThresholds | None, after: DecisionThresholds | None, out: Path
+) -> None:
+    """A rebuild over a calibrated index starts uncalibrated: where that loosens what the
+    index at OUT applies, refuse before the enrolment unless the operator says so (a
+    server restarted on it would release faces the old index held back, and a reload
+    would refuse it). The rule itself is applied to the built index (_acknowledge_looser)."""
+    from filter.index_lineage import loosenings
+
+    looser = loosenings(before, after) if before is not None and after is not None else []
+    if looser:
+        raise _rebuild_refusal(out)(looser)
 
 
 def _acknowledge_looser(
     index: FaissIdentityIndex, replaced: DecisionThresholds, out: Path, allow_looser: bool
 ) -> None:
-    from filter.index_lineage import acknowledge
+    from filter.index_lineage import accept_looser
     from filter.index_release import fingerprint_at, index_thresholds
 
-    after = index_thresholds(index)
-    looser = _refuse_looser(replaced, after, out, allow_looser)
+    looser = accept_looser(
+        index.manifest,
+        before=replaced,
+        after=index_thresholds(index),
+        allowed=allow_looser,
+        by="index build --allow-looser",
+        replaces=fingerprint_at(out),
+        refuse=_rebuild_refusal(out),
+    )
     if looser:
-        acknowledge(
-            index.manifest,
-            by="index build --allow-looser",
-            replaces=fingerprint_at(out),
-            before=replaced,
-            after=after,
-        )
         print(
             f"facegate: warning: {out} is replaced by a looser index ({'; '.join(looser)}), "
             "as --allow-looser allows (recorded in its manifest)",
