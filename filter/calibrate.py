@@ -228,8 +228,9 @@ def recalibrated_index(
 
     before = index_thresholds(index)
     after = DecisionThresholds(calibration.threshold, calibration.replica_threshold)
-    # The manifest drops the index's own acknowledgement: it was for that release only.
-    manifest = recalibrated_manifest(index.manifest)
+    # The manifest drops the index's own acknowledgement (it was for that release only)
+    # and names the index it was recalibrated from.
+    manifest = recalibrated_manifest(index.manifest, index.fingerprint)
     looser = accept_looser(
         manifest,
         before=before,

@@ -18,7 +18,7 @@ Manifest fields across a change, in one place (`EDIT_FIELDS`, `RECALIBRATION_DRO
 | field | `index add` / `remove` | `calibrate --save` |
 |---|---|---|
 | calibration (`calibration.json`) | carried, noted as carried | replaced |
-| `edits` (history) | carried as counts and keyed hashes, plus this edit | carried |
+| `edits` (history) | carried as counts and keyed hashes, plus this edit | carried, plus a `calibrate` entry |
 | `built_at`, `compute` (the edit records its own) | carried | carried |
 | `looser_acknowledged` | dropped: it was for one release | dropped, or given anew |
 | everything else | rebuilt from the edited tables | carried |
@@ -39,6 +39,10 @@ from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
 
 LOOSER_ACK = "looser_acknowledged"
 EDITS = "edits"
+# The `op` of a recalibration's history entry: it links the recalibrated index to the one
+# it was made from, so that publish finds the branch exactly; it changes no identity.
+CALIBRATE = "calibrate"
+IDENTITY_EDITS = ("add", "remove")
 # Fields an edited index takes over from the index it came from as they are. Fields a
 # change must draw anew (a per-release salt, say) go in EDIT_ROLLED with their maker.
 EDIT_FIELDS = ("built_at", "compute")
@@ -212,10 +216,12 @@ def edited_manifest(
     return manifest
 
 
-def recalibrated_manifest(parent: dict[str, Any]) -> dict[str, Any]:
+def recalibrated_manifest(parent: dict[str, Any], parent_fingerprint: str) -> dict[str, Any]:
     """The manifest a recalibrated index starts from: the parent's, minus what was given
-    for the parent release only."""
-    return {k: v for k, v in parent.items() if k not in RECALIBRATION_DROPS}
+    for the parent release only, plus a history entry naming the parent."""
+    manifest = {k: v for k, v in parent.items() if k not in RECALIBRATION_DROPS}
+    manifest[EDITS] = [*_history(parent), edit_record(CALIBRATE, [], parent_fingerprint, None)]
+    return manifest
 
 
 def carried_calibration(
@@ -246,12 +252,14 @@ def changes_undone(
     a recalibration in place) would silently be gone."""
     if new_fingerprint == live_fingerprint or made_from(new, live_fingerprint):
         return None
-    live_edits = _edits_since_branch(
-        _history(live), live_fingerprint, _history(new), new_fingerprint
-    )
-    if not live_edits and not _history(new):
-        return None
+    since = _edits_since_branch(_history(live), live_fingerprint, _history(new), new_fingerprint)
+    live_edits = [e for e in since if e.get("op") in IDENTITY_EDITS]
     if not live_edits:
+        # Recalibrations alone are the threshold rule's to judge (accept_looser); with no
+        # history at all, neither was ever edited. Else something changed the live index
+        # that left no record (a recalibration in place, before they left one).
+        if since or not _history(new):
+            return None
         return "a change made there since this index was made from an earlier one"
     removals = sum(1 for e in live_edits if e.get("op") == "remove")
     additions = sum(1 for e in live_edits if e.get("op") == "add")
@@ -272,8 +280,8 @@ def _edits_since_branch(
     of one second and count, without a key, are equal dicts): after `new` itself when the
     live index was edited from it (a rollback), else after the latest index both started
     an edit from; all of them when `new` names none of the live index's ancestors. A
-    recalibration in place leaves no record, so across one this counts from further back
-    (at most the live index's history)."""
+    recalibration leaves a `calibrate` entry; one made before they did leaves none, and
+    across it this counts from further back (at most the live index's history)."""
     for position, edit in enumerate(live):
         if edit.get("from_fingerprint") == new_fingerprint:
             return live[position:]
