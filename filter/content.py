@@ -47,8 +47,8 @@ from filter.images import (
     frame_views,
     opened_image,
     read_image_bytes,
-    transparency_as_decoded,
 )
+from filter.pil_quirks import prepare_frame
 
 # Formats whose later frames or pages PIL decodes. An MPO's later images are found through
 # its MPF index (filter.containers), so that each is walked for its own thumbnails.
@@ -179,7 +179,7 @@ class _Reader:
         try:
             if index:
                 img.seek(index)
-                transparency_as_decoded(img)
+                prepare_frame(img)
             check_pixels(img, self.limits)
             img.load()
             views = frame_views(img)

@@ -21,6 +21,16 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from filter.colour_views import ColourTransform, colour_transform, visible
 from filter.errors import ImageError
+from filter.pil_quirks import (
+    INEXACT_TRANSPARENCY,
+    PREMULTIPLIED,
+    UNSPECIFIED_SAMPLES,
+    over,
+    padded_palette_view,
+    premultiplied,
+    prepare_frame,
+    scaled_views,
+)
 
 # What PIL's decoders raise on hostile or broken files (fuzzed in tests/loopback/test_fuzz.py): each
 # means the image cannot be decoded, never a bug of ours.
@@ -87,7 +97,7 @@ def opened_image(data: bytes, limits: ImageLimits) -> Iterator[Image.Image]:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 check_pixels(img, limits)
-                transparency_as_decoded(img)
+                prepare_frame(img)
                 yield img
     except ImageError:
         raise
@@ -95,35 +105,6 @@ def opened_image(data: bytes, limits: ImageLimits) -> Iterator[Image.Image]:
         raise ImageError("not a recognised image format, or the image is too large") from None
     except DECODE_ERRORS as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
-
-
-# Set in a frame's info where its transparent colour cannot be matched exactly here.
-_INEXACT_TRANSPARENCY = "facegate: 16-bit transparent colour"
-
-
-def transparency_as_decoded(img: Image.Image) -> None:
-    """Make a PNG's transparent colour (tRNS) match the pixels PIL decodes. PIL scales the
-    samples of a 2- or 4-bit grey PNG to 8 bits but leaves the transparent grey level as
-    written, so no pixel matches it and the pixels viewers show as transparent would be
-    checked as opaque grey only; scaled here, before anything decodes, they get every
-    transparency view. A 16-bit colour PNG is decoded to 8 bits a channel, where its
-    transparent colour cannot be told from its neighbours: noted, so the frame is not
-    passed as if it had no transparency (16-bit grey keeps its samples: see frame_views).
-    Called again after each seek: an APNG's rewind restores the info as read."""
-    transparent = img.info.get("transparency")
-    tile = getattr(img, "tile", None)  # an ImageFile's, before it decodes
-    if img.format != "PNG" or not tile or transparent is None:
-        return
-    args = tile[0].args
-    rawmode = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) else None)
-    bits = {"L;2": 2, "L;4": 4}.get(rawmode) if isinstance(rawmode, str) else None
-    if bits is not None and isinstance(transparent, int):
-        levels = (1 << bits) - 1
-        # The PNG specification: only the low `bits` bits of the tRNS sample count.
-        img.info["transparency"] = (transparent & levels) * (255 // levels)
-    elif isinstance(rawmode, str) and rawmode.startswith("RGB;16") and img.mode == "RGB":
-        del img.info["transparency"]  # 16-bit values: compared with 8-bit pixels, wrongly
-        img.info[_INEXACT_TRANSPARENCY] = True
 
 
 def check_pixels(img: Image.Image, limits: ImageLimits) -> None:
@@ -163,7 +144,7 @@ def decode_frames(
                 return frames, f"frames {index + 1}-{total} not read: over {limits.max_images}"
             try:
                 img.seek(index)
-                transparency_as_decoded(img)
+                prepare_frame(img)
                 width, height = img.size
                 if pixels + width * height > limits.max_pixels:
                     return frames, (
@@ -201,32 +182,46 @@ def frame_views(img: Image.Image) -> FrameViews:
     if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         img = ImageOps.exif_transpose(img) or img
     problems: list[str] = []
+    others: list[tuple[str, np.ndarray]] = []
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        low, high = float(arr.min()), float(arr.max())
-        scaled = (arr - low) * (255.0 / (high - low)) if high > low else np.zeros_like(arr)
         info = dict(img.info)  # the profile and gamma hold for the rescaled pixels too
         transparent = info.pop("transparency", None)
-        img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        img, samples, extra = scaled_views(img)
+        others += [(name, _rgb_array(view.convert("RGB"))) for name, view in extra]
         if isinstance(transparent, int):
             # A 16-bit grey level is transparent, matched before the samples are scaled.
-            opaque = np.where(np.asarray(arr) == transparent, 0, 255).astype(np.uint8)
+            opaque = np.where(samples == transparent, 0, 255).astype(np.uint8)
             img = Image.merge("LA", (img, Image.fromarray(opaque, mode="L")))
         img.info.update(info)
-    if img.info.get(_INEXACT_TRANSPARENCY):
+    if img.info.get(INEXACT_TRANSPARENCY):
         problems.append(
             "a transparent colour in 16 bits a channel, which facegate cannot match "
             "exactly: what viewers show as transparent is not known"
         )
+    if img.info.get(UNSPECIFIED_SAMPLES):
+        problems.append(
+            "an extra sample of unspecified meaning (TIFF ExtraSamples 0), which some "
+            "readers show as alpha: what viewers show is not known"
+        )
+    padded = padded_palette_view(img)
+    if padded is not None:
+        others.append(("palette padded with its last colour", padded))
     transform = colour_transform(img)
     if transform.problem:
         problems.append(transform.problem)
-    others: list[tuple[str, np.ndarray]] = []
     # (name, managed view, the raw view it is kept beside only where it shows more)
     managed: list[tuple[str, np.ndarray, np.ndarray]] = []
     # tRNS gives RGB and L images a transparent colour as it gives palettes a transparent
     # index: viewers show it as transparent either way.
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    if img.info.get(PREMULTIPLIED) and img.mode in ("RGBA", "LA"):
+        # Stored premultiplied: composited as such, and what a program that drops the
+        # alpha channel shows is the stored colour, not PIL's un-premultiplied one.
+        colour, alpha = premultiplied(img)
+        shown = over(colour, alpha, 255)
+        if int(alpha.min()) < 255:
+            others += [("colour under its transparent pixels", colour),
+                       ("over black", over(colour, alpha, 0))]  # fmt: skip
+    elif img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         alpha = np.asarray(rgba.getchannel("A"))
         shown = _rgb_array(_composite(rgba, (255, 255, 255)))

@@ -18,7 +18,7 @@ Manifest fields across a change, in one place (`EDIT_FIELDS`, `RECALIBRATION_DRO
 | field | `index add` / `remove` | `calibrate --save` |
 |---|---|---|
 | calibration (`calibration.json`) | carried, noted as carried | replaced |
-| `edits` (history) | carried as counts and keyed hashes, plus this edit | carried, plus a `calibrate` entry |
+| `edits` (history) | carried (counts, keyed hashes), plus this edit | carried, plus `calibrate` |
 | `built_at`, `compute` (the edit records its own) | carried | carried |
 | `looser_acknowledged` | dropped: it was for one release | dropped, or given anew |
 | everything else | rebuilt from the edited tables | carried |

@@ -120,10 +120,13 @@ def dark_with_gamma(shown: np.ndarray, hidden: np.ndarray, gamma: float = 1.5) -
     )
 
 
-def raw_png(samples: np.ndarray, bits: int, transparent: tuple[int, ...]) -> bytes:
-    """A PNG written sample by sample (PIL writes no 2- or 4-bit grey, nor a tRNS colour
-    in 16 bits): `samples` is HxW (grey) or HxWx3 (colour) at `bits` per sample, and the
-    tRNS chunk makes `transparent` (one value per channel) the transparent colour."""
+def raw_png(
+    samples: np.ndarray, bits: int, transparent: tuple[int, ...] = (), palette: bytes = b""
+) -> bytes:
+    """A PNG written sample by sample (PIL writes no 2- or 4-bit grey, no tRNS colour in
+    16 bits, no PLTE shorter than its indices): `samples` is HxW (grey, or palette indices
+    when `palette` is given) or HxWx3 (colour) at `bits` per sample; the tRNS chunk makes
+    `transparent` (one value per channel) the transparent colour."""
     colour = samples.ndim == 3
     height, width = samples.shape[:2]
     if bits == 16:
@@ -139,7 +142,8 @@ def raw_png(samples: np.ndarray, bits: int, transparent: tuple[int, ...]) -> byt
                 packed[x // per_byte] |= int(value) << (8 - bits * (x % per_byte + 1))
             rows.append(bytes(packed))
     idat = zlib.compress(b"".join(b"\x00" + row for row in rows))
-    header = struct.pack(">IIBBBBB", width, height, bits, 2 if colour else 0, 0, 0, 0)
+    colour_type = 2 if colour else (3 if palette else 0)
+    header = struct.pack(">IIBBBBB", width, height, bits, colour_type, 0, 0, 0)
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return (
@@ -150,7 +154,8 @@ def raw_png(samples: np.ndarray, bits: int, transparent: tuple[int, ...]) -> byt
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
-        + chunk(b"tRNS", trns)
+        + (chunk(b"PLTE", palette) if palette else b"")
+        + (chunk(b"tRNS", trns) if transparent else b"")
         + chunk(b"IDAT", idat)
         + chunk(b"IEND", b"")
     )
