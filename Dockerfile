@@ -8,10 +8,13 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ARG VARIANT=cpu
 ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
+# The pip make setup uses (Makefile PIP_VERSION), not whichever the base image carries.
+ARG PIP_VERSION=26.3
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+RUN pip install "pip==${PIP_VERSION}"
 COPY pyproject.toml README.md constraints.txt ./
 COPY filter ./filter
 COPY service ./service

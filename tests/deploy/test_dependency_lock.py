@@ -61,6 +61,17 @@ def test_the_lock_is_used_by_setup_and_the_image() -> None:
     assert "constraints.txt" not in ignored
 
 
+def test_the_image_installs_with_the_pip_setup_uses() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    pinned = re.search(r"^PIP_VERSION := (\S+)$", makefile, re.M)
+    assert pinned, "the Makefile pins no pip"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert f"ARG PIP_VERSION={pinned.group(1)}" in dockerfile
+    assert 'RUN pip install "pip==${PIP_VERSION}"' in dockerfile
+    # Before anything else is installed with it.
+    assert dockerfile.index("pip==${PIP_VERSION}") < dockerfile.index("-c constraints.txt")
+
+
 def test_the_facegate_package_itself_is_not_locked() -> None:
     # An editable line (-e / file path) would tie a clone to the machine the lock was made on.
     assert "facegate" not in _locked_versions()
