@@ -4,7 +4,8 @@ Every chunk is image data, a field of the size the PNG specification gives it, m
 scanned for embedded images, or unaccounted. Image data is inflated once more here: each
 frame's zlib stream must end with its last chunk and hold exactly the frame's rows, since
 a decoder stops at the rows it needs and never reads what follows. APNG frames count only
-as far as the acTL chunk announces them: a decoder shows no more.
+as far as the acTL chunk announces them: a decoder shows no more. How the frames are
+composed (fcTL's rectangle, dispose_op and blend_op) is checked in filter.container_apng.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from filter.container_apng import Colours, Control, check_composition
 from filter.container_tiff import walk_tiff
 from filter.content_scan import Layout, scan
 
@@ -116,11 +118,14 @@ class _Stream:
 class _Png:
     colour: int = 0
     depth: int = 8
+    size: tuple[int, int] = (0, 0)
+    transparency: bytes | None = None  # tRNS
     interlaced: bool = False
     palette: int = 0  # entries
     seen: set[bytes] = field(default_factory=set)
     frames: int | None = None  # acTL's count, when it comes before IDAT
     controls: int = 0  # fcTL chunks
+    frames_read: list[Control] = field(default_factory=list)  # fcTL chunks within acTL's count
     streams: list[_Stream] = field(default_factory=list)
     idat: _Stream | None = None  # the default image
     last: bytes = b""  # the previous chunk's type
@@ -158,6 +163,8 @@ def walk_png(data: bytes, layout: Layout) -> None:
             break
     for stream in png.streams:
         stream.finish(layout)
+    colours = Colours(png.colour, png.depth, png.transparency)
+    check_composition(png.frames_read, png.size, colours, layout)
     layout.end = pos
 
 
@@ -179,10 +186,13 @@ def _chunk(png: _Png, kind: bytes, body: bytes, at: int, layout: Layout) -> None
         return
     if kind == b"IHDR":
         width, height, png.depth, png.colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
+        png.size = width, height
         png.interlaced = interlace == 1
         png.idat = _Stream("IDAT", png.rows(width, height))
     elif kind == b"PLTE":
         png.palette = len(body) // 3
+    elif kind == b"tRNS":
+        png.transparency = body
     elif kind == b"acTL":
         frames = struct.unpack_from(">I", body)[0]
         if b"IDAT" not in png.seen:  # after IDAT, decoders ignore it
@@ -249,7 +259,10 @@ def _image_data(png: _Png, kind: bytes, body: bytes, at: int, layout: Layout) ->
                 "acTL announces"
             )
             return
-        width, height = struct.unpack_from(">II", body, 4)
+        width, height, x, y = struct.unpack_from(">IIII", body, 4)
+        dispose, blend = body[24], body[25]
+        box = (x, y, x + width, y + height)
+        png.frames_read.append(Control(box, dispose, blend, b"IDAT" in png.seen))
         stream = _Stream(f"APNG frame {png.controls}", png.rows(width, height))
         if b"IDAT" in png.seen:
             png.streams.append(stream)

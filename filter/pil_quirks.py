@@ -11,6 +11,8 @@ libtiff's or a browser's (tests/unit/test_colour_views.py, tests/unit/test_pil_q
   noted, so the file is not passed as if it had none;
 - palette indices past the end of a PNG's PLTE, black in PIL and libpng and the table's
   last colour in Skia (Chrome): both are checked (`padded_palette_view`);
+- a BMP's embedded ICC profile, which PIL does not read: read here, so that its managed
+  view is checked (what else of a BMP PIL does not show: filter/container_bmp.py);
 - float and 32-bit samples with NaN, infinities or a far outlier, which PIL leaves to the
   caller's scaling: scaled over finite values, and float samples also as viewers clamp
   them to 0..1 (`scaled_views`).
@@ -21,10 +23,13 @@ every seek: an APNG's rewind restores the info as read, and a TIFF's next page m
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from filter.container_bmp import embedded_profile
 
 # Set in a frame's info by prepare_frame; read by frame_views.
 INEXACT_TRANSPARENCY = "facegate: 16-bit transparent colour"
@@ -46,6 +51,11 @@ def prepare_frame(img: Image.Image) -> None:
         _png_transparency(img, _rawmode(tile[0].args))
     elif img.format == "TIFF":
         _tiff_alpha(img, tile)
+    elif img.format == "BMP" and "icc_profile" not in img.info:
+        fp = getattr(img, "fp", None)
+        profile = embedded_profile(fp.getvalue()) if isinstance(fp, io.BytesIO) else None
+        if profile is not None:
+            img.info["icc_profile"] = profile
 
 
 def _rawmode(args: object) -> str | None:
