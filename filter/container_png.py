@@ -42,6 +42,9 @@ _ONCE = {
     b"cLLi", b"iCCP", b"bKGD", b"hIST", b"pHYs", b"tIME", b"acTL", b"oFFs", b"pCAL",
     b"sCAL", b"sTER", b"eXIf",
 }  # fmt: skip
+# What the colours and transparency of every frame depend on: before the first IDAT only
+# (PNG 3rd edition, 5.6).
+_BEFORE_IDAT = {b"PLTE", b"tRNS", b"cHRM", b"gAMA", b"iCCP", b"sRGB", b"sBIT", b"cICP", b"mDCv"}
 _SCAL = re.compile(rb"[\x01\x02][0-9.eE+-]{1,32}\x00[0-9.eE+-]{1,32}")
 _PNG_TEXT = {b"tEXt", b"zTXt", b"iTXt", b"iCCP", b"caBX", b"gIFx", b"dSIG"}
 # Variable fields whose values any bytes may fill (suggested palettes, calibration
@@ -170,6 +173,12 @@ def walk_png(data: bytes, layout: Layout) -> None:
 
 def _chunk(png: _Png, kind: bytes, body: bytes, at: int, layout: Layout) -> None:
     where = f"the PNG {_name(kind)} chunk"
+    if kind in _BEFORE_IDAT and b"IDAT" in png.seen:
+        # Out of order: PIL applies a late tRNS to an APNG's later frames, browsers never.
+        layout.unread(
+            f"{where} at byte {at}, after the image data, which decoders apply differently"
+        )
+        return
     if kind in _ONCE:
         if kind in png.seen:
             layout.unread(f"a second {_name(kind)} chunk at byte {at}")

@@ -105,6 +105,9 @@ def test_a_camera_jpeg_is_checked_thumbnail_and_all(shown: np.ndarray) -> None:
         (lambda png: with_chunks(png, chunk(b"prVW", b"\x00" * 4000)), "'prVW'"),
         (lambda png: png + b"\x00" * 64, None),  # zero padding after IEND holds nothing
         (lambda png: png + b"\x00\x01", "2 bytes after the end"),
+        # After the image data: PIL applies a late tRNS to an APNG's later frames only.
+        (lambda png: _before_iend(png, chunk(b"tRNS", bytes(6))), "'tRNS' chunk at byte"),
+        (lambda png: _before_iend(png, chunk(b"gAMA", bytes(4))), "after the image data"),
     ],
 )
 def test_png_chunks_it_does_not_read_are_named(
@@ -115,6 +118,10 @@ def test_png_chunks_it_does_not_read_are_named(
         assert content.complete
     else:
         assert any(named in reason for reason in content.unaccounted), content.unaccounted
+
+
+def _before_iend(png: bytes, *chunks: bytes) -> bytes:
+    return png[:-12] + b"".join(chunks) + png[-12:]
 
 
 @pytest.mark.parametrize(
