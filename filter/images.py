@@ -30,6 +30,7 @@ from filter.pil_quirks import (
     premultiplied,
     prepare_frame,
     scaled_views,
+    straight_colour,
 )
 
 # What PIL's decoders raise on hostile or broken files (fuzzed in tests/loopback/test_fuzz.py): each
@@ -213,14 +214,27 @@ def frame_views(img: Image.Image) -> FrameViews:
     managed: list[tuple[str, np.ndarray, np.ndarray]] = []
     # tRNS gives RGB and L images a transparent colour as it gives palettes a transparent
     # index: viewers show it as transparent either way.
-    if img.info.get(PREMULTIPLIED) and img.mode in ("RGBA", "LA"):
+    if img.info.get(PREMULTIPLIED) and img.mode in ("RGBA", "LA", "La"):
         # Stored premultiplied: composited as such, and what a program that drops the
         # alpha channel shows is the stored colour, not PIL's un-premultiplied one.
         colour, alpha = premultiplied(img)
         shown = over(colour, alpha, 255)
         if int(alpha.min()) < 255:
-            others += [("colour under its transparent pixels", colour),
-                       ("over black", over(colour, alpha, 0))]  # fmt: skip
+            over_black = over(colour, alpha, 0)
+            others += [("colour under its transparent pixels", colour), ("over black", over_black)]
+            if transform.apply is not None:
+                # Viewers manage the straight colour, then composite it.
+                mixed = Image.fromarray(
+                    np.dstack([transform.apply(straight_colour(colour, alpha)), alpha]), "RGBA"
+                )
+                name = transform.name
+                managed += [
+                    (name, _rgb_array(_composite(mixed, (255, 255, 255))), shown),
+                    (f"{name}, colour under its transparent pixels",
+                     transform.apply(colour), colour),
+                    (f"{name}, over black", _rgb_array(_composite(mixed, (0, 0, 0))), over_black),
+                ]  # fmt: skip
+                transform = ColourTransform()  # applied
     elif img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         alpha = np.asarray(rgba.getchannel("A"))

@@ -252,14 +252,17 @@ def changes_undone(
     a recalibration in place) would silently be gone."""
     if new_fingerprint == live_fingerprint or made_from(new, live_fingerprint):
         return None
-    since = _edits_since_branch(_history(live), live_fingerprint, _history(new), new_fingerprint)
+    since, branched = _edits_since_branch(
+        _history(live), live_fingerprint, _history(new), new_fingerprint
+    )
     live_edits = [e for e in since if e.get("op") in IDENTITY_EDITS]
     if not live_edits:
-        # Recalibrations alone are the threshold rule's to judge (accept_looser); with no
-        # history at all, neither was ever edited. Else something changed the live index
-        # that left no record (a recalibration in place, before they left one).
-        if since or not _history(new):
-            return None
+        if branched:
+            return None  # recalibrations since a shared index: the threshold rule's to judge
+        if not _identity_history(new) and not _identity_history(live):
+            return None  # neither ever edited (a rebuild replacing a rebuild, recalibrated or not)
+        # The live index changed in a way its history does not say: a rebuild, or a
+        # recalibration saved before they left a record.
         return "a change made there since this index was made from an earlier one"
     removals = sum(1 for e in live_edits if e.get("op") == "remove")
     additions = sum(1 for e in live_edits if e.get("op") == "add")
@@ -275,16 +278,17 @@ def _edits_since_branch(
     live_fingerprint: str,
     new: list[dict[str, Any]],
     new_fingerprint: str,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], bool]:
     """The live index's edits that `new` does not hold, found by fingerprints (two records
     of one second and count, without a key, are equal dicts): after `new` itself when the
     live index was edited from it (a rollback), else after the latest index both started
-    an edit from; all of them when `new` names none of the live index's ancestors. A
-    recalibration leaves a `calibrate` entry; one made before they did leaves none, and
-    across it this counts from further back (at most the live index's history)."""
+    an edit from; all of them when `new` names none of the live index's ancestors (the
+    second value says whether a shared index was found). A recalibration leaves a
+    `calibrate` entry; one made before they did leaves none, and across it this counts
+    from further back (at most the live index's history)."""
     for position, edit in enumerate(live):
         if edit.get("from_fingerprint") == new_fingerprint:
-            return live[position:]
+            return live[position:], True
     live_after = [e.get("from_fingerprint") for e in live[1:]] + [live_fingerprint]
     new_after = [e.get("from_fingerprint") for e in new[1:]] + [new_fingerprint]
     for index in reversed(range(len(new))):
@@ -292,8 +296,12 @@ def _edits_since_branch(
         for position, edit in enumerate(live):
             if edit.get("from_fingerprint") == branch:
                 shared = live_after[position] == new_after[index]  # the same edit
-                return live[position + 1 :] if shared else live[position:]
-    return [edit for edit in live if edit not in new]
+                return (live[position + 1 :] if shared else live[position:]), True
+    return [edit for edit in live if edit not in new], False
+
+
+def _identity_history(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in _history(manifest) if e.get("op") != CALIBRATE]
 
 
 def _history(manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -37,7 +37,8 @@ PREMULTIPLIED = "facegate: premultiplied alpha"
 UNSPECIFIED_SAMPLES = "facegate: unspecified extra samples"
 _FLAGS = (INEXACT_TRANSPARENCY, PREMULTIPLIED, UNSPECIFIED_SAMPLES)
 # PIL raw modes of associated alpha, decoded instead as stored (no un-premultiplying).
-_AS_STORED = {"RGBa": "RGBA", "La": "LA"}
+# (PIL keeps mode La as stored: its raw mode stays.)
+_AS_STORED = {"RGBa": "RGBA", "RGBa;16L": "RGBA;16L", "RGBa;16B": "RGBA;16B", "La": "La"}
 EXTRA_SAMPLES = 338  # TIFF tag: what samples past the colour ones mean (0: unspecified)
 
 
@@ -99,9 +100,17 @@ def _tiff_alpha(img: Image.Image, tile: list[Any]) -> None:
 def premultiplied(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     """(colour as stored, alpha) of a frame prepare_frame decoded as stored."""
     stored = np.asarray(img, dtype=np.uint8)
-    if img.mode == "LA":
+    if img.mode in ("LA", "La"):
         return np.ascontiguousarray(np.repeat(stored[..., :1], 3, axis=2)), stored[..., 1]
     return np.ascontiguousarray(stored[..., :3]), np.ascontiguousarray(stored[..., 3])
+
+
+def straight_colour(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Premultiplied colour un-premultiplied (C * 255 / a), where alpha is not 0; where it
+    is, the stored colour, which no composite shows."""
+    weight = alpha.astype(np.float64)[..., None]
+    straight = np.where(weight > 0, colour * 255.0 / np.maximum(weight, 1.0), colour)
+    return np.clip(np.round(straight), 0, 255).astype(np.uint8)
 
 
 def over(colour: np.ndarray, alpha: np.ndarray, background: int) -> np.ndarray:

@@ -71,6 +71,13 @@ class GenerationResult:
 
 ImageCallback = Callable[[ReleasedImage], Awaitable[None]]
 
+# What a unary response holds beside the images' bytes, at most: each image's protobuf
+# fields and framing, and the summary's without its request id
+# (tests/unit/test_status_for.py). A result within the bound is never refused as too large
+# after its images were counted released.
+IMAGE_FRAMING_BYTES = 64
+SUMMARY_FRAMING_BYTES = 96
+
 
 class GenerationPipeline:
     """Fills a request's slots with filtered images, resampling rejected candidates."""
@@ -129,7 +136,7 @@ class GenerationPipeline:
         # JPEG candidates are checked as decoded from the very bytes that will leave.
         delivery = quality if request.image_format is ImageFormat.JPEG else LOSSLESS
         released: list[ReleasedImage] = []
-        result_bytes = 0
+        result_bytes = SUMMARY_FRAMING_BYTES + len(request.request_id)
         open_slots = list(range(request.count))
         attempts = dict.fromkeys(open_slots, 0)
         while open_slots:
@@ -172,10 +179,10 @@ class GenerationPipeline:
                         self.observer.released(image.attempts)
                         await on_image(image)
                         continue
-                    result_bytes += len(data)
+                    result_bytes += len(data) + IMAGE_FRAMING_BYTES
                     if self.max_result_bytes is not None and result_bytes > self.max_result_bytes:
                         raise InvalidRequest(
-                            f"{len(released)} images already make {result_bytes} bytes, over "
+                            f"{len(released)} images already need about {result_bytes} bytes, over "
                             f"the {self.max_result_bytes} bytes one response may carry: "
                             "stream them (GenerateStream, one image per message) or ask for "
                             "fewer"

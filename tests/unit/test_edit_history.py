@@ -46,3 +46,15 @@ def test_a_release_made_from_the_recalibrated_index_undoes_nothing() -> None:
     recalibrated = recalibrated_manifest(_edited({}, "fp-built", "add"), "fp-added")
     child = _edited(recalibrated, "fp-recal", "add")
     assert changes_undone(recalibrated, "fp-recal", child, "fp-child") is None
+
+
+def test_a_calibrate_entry_does_not_hide_a_rebuild_without_a_shared_index() -> None:
+    """The live index is a rebuild (its own enrolments, no edit history), recalibrated; the
+    release was edited from another index. Publishing it would drop whoever the rebuild
+    enrolled: refused, as before recalibrations left an entry."""
+    live = recalibrated_manifest({}, "fp-rebuild")
+    release = _edited({}, "fp-older", "add")
+    undone = changes_undone(live, "fp-rebuild-cal", release, "fp-release")
+    assert undone is not None and "a change made there" in undone
+    # A rebuild replacing a recalibrated rebuild, neither ever edited, publishes as before.
+    assert changes_undone(live, "fp-rebuild-cal", {}, "fp-rebuild-2") is None

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from filter.content import read_content
-from tests.colour_probes import raw_png
+from tests.colour_probes import raw_png, stretching_icc_profile
 
 EXTRA_SAMPLES = 338
 
@@ -26,7 +26,11 @@ def _tiff_with_extra_samples(rgba: np.ndarray, meaning: int, compression: str | 
     writes 2, unassociated, whatever it is told): 1 associated, 0 unspecified."""
     buffer = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buffer, "TIFF", compression=compression)
-    data = bytearray(buffer.getvalue())
+    return _patched_extra_samples(buffer.getvalue(), meaning)
+
+
+def _patched_extra_samples(tiff: bytes, meaning: int) -> bytes:
+    data = bytearray(tiff)
     ifd = struct.unpack_from("<I", data, 4)[0]
     for entry in range(struct.unpack_from("<H", data, ifd)[0]):
         at = ifd + 2 + 12 * entry
@@ -58,6 +62,52 @@ def test_associated_alpha_composites_as_premultiplied() -> None:
     views = _views(_tiff_with_extra_samples(stored, 1, None))
     assert (views["image"] == 64 + 127).all()  # C + (255 - a): not un-premultiplied first
     assert (views["image, over black"] == 64).all()
+
+
+def test_16_bit_associated_alpha_keeps_the_colour_stored_under_transparent_pixels() -> None:
+    stored = np.zeros((16, 16, 4), np.uint16)
+    stored[4:12, 4:12, :3] = 200 * 257  # the colour; alpha 0 everywhere
+    data = _tiff_with_extra_samples_16(stored)
+    assert Image.open(io.BytesIO(data)).tile[0].args[0].startswith("RGBa;16")
+    under = _views(data)["image, colour under its transparent pixels"]
+    assert (under[4:12, 4:12] == 200).all() and (under[:4] == 0).all()
+
+
+def _tiff_with_extra_samples_16(samples: np.ndarray) -> bytes:
+    """A 16-bit RGBA TIFF with associated alpha, written tag by tag (PIL writes no
+    16-bit RGBA)."""
+    height, width = samples.shape[:2]
+    pixels = samples.astype("<u2").tobytes()
+    tags = [  # (tag, type, count, value or offset)
+        (256, 3, 1, width), (257, 3, 1, height), (258, 3, 4, 0), (259, 3, 1, 1),
+        (262, 3, 1, 2), (273, 4, 1, 0), (277, 3, 1, 4), (278, 3, 1, height),
+        (279, 4, 1, len(pixels)), (284, 3, 1, 1), (EXTRA_SAMPLES, 3, 1, 1),
+    ]  # fmt: skip
+    ifd_size = 2 + 12 * len(tags) + 4
+    bits_at = 8 + ifd_size
+    pixels_at = bits_at + 8
+    out = bytearray(b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", len(tags)))
+    for tag, kind, count, value in tags:
+        value = bits_at if tag == 258 else pixels_at if tag == 273 else value
+        packed = struct.pack("<H", value) + bytes(2) if kind == 3 else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, kind, count) + packed
+    out += bytes(4) + struct.pack("<4H", 16, 16, 16, 16) + pixels
+    return bytes(out)
+
+
+def test_a_colour_profile_is_applied_to_premultiplied_colour_as_viewers_do() -> None:
+    """Viewers un-premultiply, manage the colour, then composite: a face kept in a narrow
+    band under partial alpha is stretched to full contrast (it was managed as stored)."""
+    band = np.full((16, 16), 120, np.uint8)
+    band[4:12, 4:12] = 136
+    stored = np.zeros((16, 16, 4), np.uint8)
+    stored[..., 3] = 128
+    stored[..., :3] = (band.astype(np.int32) * 128 // 255)[..., None]  # premultiplied
+    buffer = io.BytesIO()
+    Image.fromarray(stored, "RGBA").save(buffer, "TIFF", icc_profile=stretching_icc_profile())
+    data = _patched_extra_samples(buffer.getvalue(), 1)
+    managed = _views(data)["image, as its ICC profile shows it"][..., 0].astype(int)
+    assert managed[4:12, 4:12].mean() - managed[:4].mean() > 60
 
 
 def test_an_extra_sample_of_unspecified_meaning_is_unaccounted() -> None:

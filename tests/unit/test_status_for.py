@@ -127,3 +127,29 @@ def test_a_unary_response_too_large_to_send_is_refused_as_invalid() -> None:
     with pytest.raises(InvalidRequest, match="use GenerateStream") as refused:
         result_to_proto(result(30, per_image))
     assert status_for(refused.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_pipelines_response_bound_holds_for_the_largest_fields() -> None:
+    """The pipeline stops a unary result by its images' bytes plus a framing bound: if the
+    bound were short, a result it kept could still be refused after its images were
+    counted released."""
+    from service.pipeline import (
+        IMAGE_FRAMING_BYTES,
+        SUMMARY_FRAMING_BYTES,
+        GenerationResult,
+        GenerationSummary,
+        ReleasedImage,
+    )
+    from service.servicer import result_to_proto
+
+    top = 2**32 - 1
+    images = [
+        ReleasedImage(top, bytes(size), "image/jpeg", top, top, top)
+        for size in (0, 127, 128, 2**14, 2**21, 2**25)  # varint lengths of 1 to 4 bytes
+    ]
+    request_id = "f" * 64
+    summary = GenerationSummary(top, 2**64 - 1, request_id, released=top)
+    summary.candidates_drawn = summary.candidates_rejected = summary.slots_unfilled = top
+    bound = SUMMARY_FRAMING_BYTES + len(request_id)
+    bound += sum(len(image.data) + IMAGE_FRAMING_BYTES for image in images)
+    assert result_to_proto(GenerationResult(images, summary)).ByteSize() <= bound
