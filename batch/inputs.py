@@ -13,7 +13,7 @@ from typing import cast
 
 from batch.errors import BatchInputError
 from batch.rows import ItemRow
-from batch.targets import refuse_taken_places
+from batch.targets import NameFolding, refuse_taken_places, same_name
 from filter.images import IMAGE_SUFFIXES
 
 PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
@@ -46,11 +46,15 @@ class InputItem:
 
 
 def discover_inputs(
-    specs: Sequence[str], copy_suffix: str | None = None, exclude: Path | None = None
+    specs: Sequence[str],
+    copy_suffix: str | None = None,
+    exclude: Path | None = None,
+    fold: NameFolding = same_name,
 ) -> list[InputItem]:
     """Every image named by the specs, in a stable order, each once. `copy_suffix`: the
     suffix every copy gets (".png" for re-encoded copies; None keeps each file's own).
     `exclude`: a resolved folder whose files are not inputs (OUT, inside an input folder).
+    `fold`: how OUT's file system compares names (batch.targets.name_folding).
     Raises BatchInputError for a spec that names nothing, a Parquet file without an image
     column, or two inputs whose copies would land on the same path."""
     items: list[InputItem] = []
@@ -64,7 +68,7 @@ def discover_inputs(
         items = [item for item in items if not _inside(item.source, exclude, folders)]
     if copy_suffix is not None:
         items = [replace(item, copy_to=with_suffix(item.copy_to, copy_suffix)) for item in items]
-    return _unique(items)
+    return _unique(items, fold)
 
 
 def _inside(source: str, folder: Path, folders: dict[str, Path | None]) -> bool:
@@ -216,7 +220,7 @@ def safe_relative(name: str) -> str:
     return "/".join(parts) or "unnamed"
 
 
-def _unique(items: list[InputItem]) -> list[InputItem]:
+def _unique(items: list[InputItem], fold: NameFolding) -> list[InputItem]:
     """Each image once (a file named twice is checked once); two different images that
     would be recorded under one path, or copied onto one path (batch.targets), are
     refused."""
@@ -230,5 +234,5 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
             raise BatchInputError(f"two inputs are both named {item.key!r}; rename one")
         by_key[item.key] = item
         out.append(item)
-    refuse_taken_places(out)
+    refuse_taken_places(out, fold)
     return out

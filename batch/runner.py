@@ -25,7 +25,7 @@ from batch.manifest import (
     remove_unrecorded_copies,
 )
 from batch.resume import RESUME_CONTENT, resume
-from batch.targets import refuse_recorded_places
+from batch.targets import name_folding, refuse_recorded_places
 
 PNG_SUFFIX = ".png"  # copies of checked pixels are PNGs
 
@@ -53,9 +53,10 @@ def plan_batch(
     # OUT may sit inside an input folder, or be named through a symlink or `..`: its own
     # copies are not inputs.
     suffix = PNG_SUFFIX if spec.copy_mode == COPY_PIXELS else None
-    items = discover_inputs(inputs, suffix, exclude=Path(out).resolve())
+    fold = name_folding(Path(out))  # how the file system holding the copies compares names
+    items = discover_inputs(inputs, suffix, exclude=Path(out).resolve(), fold=fold)
     current = current_rows(out)
-    refuse_recorded_places(items, current, out)
+    refuse_recorded_places(items, current, out, fold)
     resumed = resume(items, current, out, resume_by)
     remove_unrecorded_copies(out)
     return Plan(run, resumed.pending, resumed.skipped, resumed.changed, resumed.unavailable)

@@ -63,6 +63,37 @@ def test_inputs_that_name_nothing_or_collide_are_refused(tmp_path: Path) -> None
         discover_inputs([str(tmp_path / "numbers.parquet")])
 
 
+def test_names_a_case_or_form_blind_out_takes_for_one_are_refused_before_the_run(
+    tmp_path: Path,
+) -> None:
+    """On a file system that ignores case (macOS, Windows) or Unicode form (macOS), two
+    copies whose paths differ only so are one file: the second overwrote the first's
+    copy, or failed at record time. Refused before anything is read."""
+    import unicodedata
+
+    from batch.targets import name_folding
+
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    for name in ("Face.png", "face.png", unicodedata.normalize("NFD", "é.png"), "é.png"):
+        (folder / name).write_bytes(PNG)
+    # This machine's tmp folder tells them apart: four copies, as before.
+    assert name_folding(tmp_path)("Face.png") == "Face.png"
+    assert len(discover_inputs([str(folder)], ".png", fold=name_folding(tmp_path))) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".facegate-names")]
+
+    def case_blind(name: str) -> str:
+        return name.casefold()
+
+    def form_blind(name: str) -> str:
+        return unicodedata.normalize("NFC", name)
+
+    for fold, named in ((case_blind, "Face.png"), (form_blind, "é.png")):
+        with pytest.raises(BatchInputError, match="ignores case or Unicode form") as refused:
+            discover_inputs([str(folder)], ".png", fold=fold)
+        assert named.casefold() in unicodedata.normalize("NFC", str(refused.value)).casefold()
+
+
 def test_parquet_rows_are_read_from_the_row_groups_that_hold_them(tmp_path: Path) -> None:
     images = [PNG + bytes([i]) * 20 for i in range(5)]
     table = pa.table(

@@ -9,6 +9,7 @@ import io
 import os
 import random
 import threading
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -265,6 +266,32 @@ def test_a_copy_path_an_earlier_run_recorded_for_another_input_is_refused(
     assert (out / "pass" / "gen" / "a.png").read_bytes() == b"COPY-X"
     # The same input again is no conflict with its own copy.
     assert plan_batch([str(tmp_path / "X" / "gen")], out, _spec()).skipped == 1
+
+
+def test_a_case_blind_out_refuses_a_recorded_copy_path_differing_only_by_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run 1 from X/gen, run 2 from Y/GEN into an OUT on a case-insensitive file system:
+    pass/GEN/a.png is pass/gen/a.png there. The plan asks OUT's file system."""
+    import batch.runner
+
+    for folder, root in (("X", "gen"), ("Y", "GEN")):
+        (tmp_path / folder / root).mkdir(parents=True)
+        (tmp_path / folder / root / "a.png").write_bytes(PNG + folder.encode())
+    out = tmp_path / "out"
+    (x,) = plan_batch([str(tmp_path / "X" / "gen")], out, _spec()).pending
+    record_rows(out, [manifest_row(x.key, "pass", x.copy_to, b"COPY-X", sha256_hex(PNG + b"X"))])
+    assert plan_batch([str(tmp_path / "Y" / "GEN")], out, _spec()).pending  # tells them apart
+    probed: list[Path] = []
+
+    def case_blind(folder: Path) -> Callable[[str], str]:
+        probed.append(folder)
+        return str.casefold
+
+    monkeypatch.setattr(batch.runner, "name_folding", case_blind)
+    with pytest.raises(BatchInputError, match="already holds the copy") as refused:
+        plan_batch([str(tmp_path / "Y" / "GEN")], out, _spec())
+    assert x.key in str(refused.value) and probed == [out]
 
 
 def test_out_named_through_dot_dot_or_a_symlink_is_not_an_input(tmp_path: Path) -> None:
