@@ -1,13 +1,14 @@
 """A frame as colour-managed viewers show it, where that differs from its raw pixels.
 
 Browsers and photo viewers convert an image's pixels to the display's colour space with
-the profile the file carries (an ICC profile in PNG iCCP, JPEG APP2, WebP ICCP or a TIFF
-tag; or PNG's gAMA and cHRM chunks). A profile can map a narrow band of stored values to
-the full range: a face stored at values 120 to 136 is a flat grey panel to a decoder and a
-normal face to a viewer. So a frame whose managed views differ from its raw ones by more
-than `VISIBLE_DIFFERENCE` is also checked as managed (`filter.images.frame_views`, which
-manages the colour before it composites any transparency, as viewers do); a profile
-facegate cannot apply makes the file's content unaccounted (it is not passed).
+the profile the file carries (an ICC profile in PNG iCCP, JPEG APP2, WebP ICCP, a TIFF
+tag or a BMP V5 header, read by filter.pil_quirks; or PNG's gAMA and cHRM chunks). A
+profile can map a narrow band of stored values to the full range: a face stored at
+values 120 to 136 is a flat grey panel to a decoder and a normal face to a viewer. So a
+frame whose managed views differ from its raw ones by more than `VISIBLE_DIFFERENCE` is
+also checked as managed (`filter.images.frame_views`, which manages the colour before it
+composites any transparency, as viewers do); a profile facegate cannot apply makes the
+file's content unaccounted (it is not passed).
 """
 
 from __future__ import annotations

@@ -5,20 +5,23 @@ known kind (scanned for embedded images where it is free-form), or unaccounted.
 - PNG, APNG (filter.container_png): every chunk of the PNG specification and APNG at its
   specified size, and a few small fixed private chunks; text, ICC, EXIF, C2PA (caBX),
   sPLT and pCAL are scanned; each frame's image data must inflate to exactly its rows.
-  Unaccounted: other chunks, frames beyond acTL's count, bytes after a compressed stream
-  or after IEND, frames PIL composes other than browsers (filter.container_apng).
+  Unaccounted: other chunks, colour or transparency chunks after the image data, frames
+  beyond acTL's count, bytes after a compressed stream or after IEND, frames PIL
+  composes other than browsers (filter.container_apng).
 - JPEG, MPO: markers and entropy-coded data; APP0 JFIF/JFXX (thumbnails), APP1 EXIF and
   XMP, APP2 ICC and MPF (the MPO's other images), APP11 JUMBF (C2PA), APP12, APP13
   Photoshop, APP14 Adobe, COM. Unaccounted: other APP segments (FlashPix, ...), unknown
   markers, bytes after EOI that no MPF entry claims.
 - GIF: image blocks; comment, plain-text, NETSCAPE/ANIMEXTS, XMP and ICC application
-  blocks are scanned. Unaccounted: other extensions, bytes after the trailer, frames PIL
-  composes other than browsers (filter.container_gif).
+  blocks are scanned (filter.container_gif). Unaccounted: other extensions, bytes after
+  the trailer, frames without a colour table or with more than one Graphic Control
+  Extension, frames PIL composes other than browsers.
 - WebP: VP8, VP8L, VP8X, ALPH, ANIM, ANMF; ICCP and XMP scanned, EXIF walked.
   Unaccounted: other chunks, bytes after the RIFF size.
 - TIFF: IFDs, strips, tiles, SubIFDs (decoded), EXIF and GPS IFDs, Photoshop resources.
   Unaccounted: Photoshop layers (tag 37724), bytes after the last structure.
-- BMP: headers, palette, pixel array, ICC profile. Unaccounted: bytes after them.
+- BMP (filter.container_bmp): headers, palette, pixel array, ICC profile. Unaccounted:
+  bytes after them, BMPs PIL decodes other than browsers show.
 - PBM/PGM/PPM (binary): header and raster. Unaccounted: a second image, any byte after.
 """
 

@@ -177,7 +177,10 @@ def frame_views(img: Image.Image) -> FrameViews:
     over black (a dark page or viewer shows white drawn on transparency: a face drawn in
     the alpha channel alone is blank over white). With a colour profile (ICC, or PNG
     gAMA/cHRM) that changes what a viewer shows: also each of those as managed, the colour
-    managed before it is composited, as viewers do."""
+    managed before it is composited, as viewers do. Where PIL decodes other than viewers
+    show (filter.pil_quirks): premultiplied alpha composited as such, float samples also
+    clamped to 0..1, palette indices past a PNG's PLTE also padded as Chrome pads them,
+    and `problems` for what cannot be shown here."""
     # No needless copies: at the pixel limit each is 256 MB (PIL keeps RGB in 4 bytes a
     # pixel), and exif_transpose copies even an image it does not turn.
     if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:

@@ -247,9 +247,10 @@ def changes_undone(
 ) -> str | None:
     """What replacing the live index by `new` would undo, said for the operator (None:
     nothing). `new` must have been made from the live index (its edit history names it),
-    unless neither was ever edited (a rebuild replacing a rebuild): otherwise whatever
-    changed the live index since `new` was made from an older one (an erasure, an opt-out,
-    a recalibration in place) would silently be gone."""
+    or share an index with it since which the live one was only recalibrated (the
+    threshold rule judges that), or neither was ever edited (a rebuild replacing a
+    rebuild): otherwise whatever changed the live index since `new` was made from an
+    older one (an erasure, an opt-out, a rebuild) would silently be gone."""
     if new_fingerprint == live_fingerprint or made_from(new, live_fingerprint):
         return None
     since, branched = _edits_since_branch(
