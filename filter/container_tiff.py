@@ -23,6 +23,10 @@ _IFD_POINTERS = {34665: "EXIF IFD", 34853: "GPS IFD", 40965: "interoperability I
 _SUBIFDS = 330
 _PHOTOSHOP_LAYERS = 37724  # ImageSourceData: Photoshop's layers, images of their own
 _PHOTOSHOP_RESOURCES = 34377
+_JPEG_TABLES = 347  # the tables a JPEG-compressed TIFF's strips share: part of the image
+# Tags read by the rules below (what PIL decodes other than libtiff shows).
+_BITS, _COMPRESSION, _PHOTOMETRIC, _FILL_ORDER, _PLANAR = 258, 259, 262, 266, 284
+_COLOR_MAP, _TILE_OFFSETS, _SAMPLE_FORMAT, _STRIP_OFFSETS = 320, 324, 339, 273
 _MAX_IFDS = 256
 _MAX_ENTRIES = 4096
 
@@ -118,11 +122,16 @@ def _walk_ifds(tiff: _Tiff, where: str, layout: Layout, *, file: bool) -> None:
                     f"{where} holds Photoshop layer data (tag 37724), which facegate does "
                     "not decode"
                 )
+            elif tag == _JPEG_TABLES:
+                size = _TYPE_SIZES.get(entry[1], 1) * entry[2]
+                tiff.data_ranges.append((value_offset, value_offset + size))
             elif tag == _PHOTOSHOP_RESOURCES:
                 size = _TYPE_SIZES.get(entry[1], 1) * entry[2]
                 tiff.data_ranges.append((value_offset, value_offset + size))
                 walk_photoshop(tiff.blob[value_offset : value_offset + size], where, layout)
         _image_data(tiff, tags, offset, entries, kind, where, layout)
+        if kind in ("page", "SubIFD", "thumbnail", "IFD0"):
+            _decoded_otherwise(tiff, tags, where, layout)
         if kind == "SubIFD":
             subifds += 1
             layout.embedded.append(
@@ -189,6 +198,39 @@ def _image_data(
         layout.embedded.append(Embedded(f"{where} thumbnail", jpeg))
     elif 273 in tags or 324 in tags:
         layout.embedded.append(Embedded(f"{where} thumbnail", tiff.patched(ifd), False))
+
+
+def _decoded_otherwise(
+    tiff: _Tiff, tags: dict[int, tuple[int, int, int, int]], where: str, layout: Layout
+) -> None:
+    """Unread where PIL decodes an image other than libtiff (and the viewers built on it)
+    shows it, each found by decoding both: a face in libtiff's could be in none of PIL's."""
+
+    def numbers(tag: int) -> list[int]:
+        entry = tags.get(tag)
+        if entry is None or entry[1] not in (3, 4):
+            return []
+        return tiff.values(entry, _value_offset(tiff, entry))
+
+    bits = numbers(_BITS) or [1]
+    compression, photometric = numbers(_COMPRESSION)[:1] or [1], numbers(_PHOTOMETRIC)[:1]
+    reasons = []
+    if _STRIP_OFFSETS in tags and _TILE_OFFSETS in tags:
+        reasons.append("both strips and tiles (PIL decodes the strips, libtiff the tiles)")
+    planar = numbers(_PLANAR)[:1] == [2] and compression == [1]
+    if planar and (max(bits) > 8 or numbers(_FILL_ORDER)[:1] == [2]):
+        reasons.append(
+            "uncompressed planes of 16 bits or in reversed bit order, which PIL misreads"
+        )
+    if photometric == [0] and max(bits) > 8:
+        reasons.append("WhiteIsZero samples of over 8 bits, which PIL does not invert")
+    if 2 in numbers(_SAMPLE_FORMAT) and max(bits) > 8:
+        reasons.append("signed samples of over 8 bits, which libtiff's readers show unsigned")
+    colours = numbers(_COLOR_MAP)
+    if photometric == [3] and colours and max(colours) < 256:
+        reasons.append("a ColorMap of 8-bit values, which readers take as 8-bit and PIL as 16")
+    for reason in reasons:
+        layout.unread(f"{where} has {reason}")
 
 
 _PHOTOSHOP_THUMBNAILS = {0x0409: True, 0x040C: False}  # resource id: stored as BGR

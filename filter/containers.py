@@ -19,16 +19,20 @@ known kind (scanned for embedded images where it is free-form), or unaccounted.
 - WebP: VP8, VP8L, VP8X, ALPH, ANIM, ANMF; ICCP and XMP scanned, EXIF walked.
   Unaccounted: other chunks, bytes after the RIFF size.
 - TIFF: IFDs, strips, tiles, SubIFDs (decoded), EXIF and GPS IFDs, Photoshop resources.
-  Unaccounted: Photoshop layers (tag 37724), bytes after the last structure.
+  Unaccounted: Photoshop layers (tag 37724), bytes after the last structure, layouts PIL
+  decodes other than libtiff shows.
 - BMP (filter.container_bmp): headers, palette, pixel array, ICC profile. Unaccounted:
   bytes after them, BMPs PIL decodes other than browsers show.
-- PBM/PGM/PPM (binary): header and raster. Unaccounted: a second image, any byte after.
+- PBM/PGM/PPM (binary): header and raster. Unaccounted: a second image, any byte after,
+  samples above maxval.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+
+import numpy as np
 
 from filter.container_bmp import walk_bmp
 from filter.container_gif import walk_gif
@@ -114,7 +118,13 @@ def walk_pnm(data: bytes, layout: Layout) -> None:
         size = (width + 7) // 8 * height
     elif data[:2] in (b"P5", b"P6"):
         channels = 3 if data[:2] == b"P6" else 1
-        size = width * height * channels * (2 if fields[2] > 255 else 1)
+        maxval = fields[2]
+        size = width * height * channels * (2 if maxval > 255 else 1)
+        raster = np.frombuffer(data[pos : pos + size], ">u2" if maxval > 255 else np.uint8)
+        if raster.size and int(raster.max()) > maxval:
+            # PIL clamps such samples to maxval (a blank sheet); readers that take the
+            # raster as it is show them.
+            layout.unread(f"PNM samples above its maxval ({maxval}), which readers show apart")
     else:
         layout.unread("a plain-text PNM, which facegate does not account for")
         return
