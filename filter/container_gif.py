@@ -118,7 +118,8 @@ def _gif_composition(frames: list[_GifFrame], screen: tuple[int, int], layout: L
     first = frames[0]
     # Browsers and PIL widen the logical screen to the first frame.
     width, height = max(screen[0], first.box[2]), max(screen[1], first.box[3])
-    if not first.transparent and first.box != (0, 0, width, height):
+    # Alone, the margin is one flat colour either way; a later frame can show through it.
+    if len(frames) > 1 and not first.transparent and first.box != (0, 0, width, height):
         layout.unread(
             "GIF frame 1 does not cover the logical screen and has no transparent colour: "
             "browsers show transparency around it, PIL palette index 0"

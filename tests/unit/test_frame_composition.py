@@ -95,6 +95,9 @@ def test_gif_first_frame_short_of_the_screen_is_unchecked_without_a_transparent_
     speck = GifFrame(np.full((1, 1), 3, np.uint8), disposal=1)
     _gif_unchecked([speck, _face_through()], "GIF frame 1 does not cover the logical screen")
     _gif_passes([GifFrame(speck.indices, disposal=1, transparency=0), _face_through()])
+    # Alone, its margin is one flat colour in PIL (black) and in a browser (the page): the
+    # picture is the same, so it is checked as PIL shows it.
+    assert read_content(gif((N, N), PALETTE, [speck], background=1)).complete
 
 
 def test_gif_disposal_3_on_the_first_frame_is_unchecked_without_a_transparent_colour() -> None:
