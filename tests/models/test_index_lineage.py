@@ -7,6 +7,7 @@ thresholds of the issue's report: identity 0.565, replica 0.575."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from filter.index import FaissIdentityIndex
+from filter.index_manifest import SALT_BYTES
 from filter.index_release import publish_folder
 from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
 from service.demo import build_demo_index
@@ -30,7 +32,16 @@ KEY = bytes(range(32))
 def calibrated(
     tmp_path_factory: pytest.TempPathFactory, models_dir: Path, pipeline: object
 ) -> Path:
-    index = build_demo_index(load_dcgan_digiface(models_dir), pipeline, identities=40, seed=1)  # type: ignore[arg-type]
+    # A fixed salt: the samples enrolled (and so who has a face to remove) depend on it.
+    salt = hashlib.sha256(b"facegate tests: index lineage").digest()[:SALT_BYTES]
+    index = build_demo_index(
+        load_dcgan_digiface(models_dir),
+        pipeline,
+        identities=40,
+        seed=1,
+        salt=salt,  # type: ignore[arg-type]
+    )
+    assert REMOVED in index.faces.identities
     out = tmp_path_factory.mktemp("lineage") / "calibrated"
     index.with_calibration(CALIBRATION).save(out)
     return out
