@@ -156,7 +156,7 @@ def _jpeg_metadata(
     (absolute start, size) of the images after it."""
     joined: dict[str, bytearray] = {"ICC profile": bytearray(), "Photoshop": bytearray()}
     jumbf: dict[bytes, bytearray] = {}
-    extended_xmp: dict[bytes, bytearray] = {}
+    extended_xmp: dict[bytes, list[tuple[int, int, bytes]]] = {}  # GUID: (length, offset, part)
     claimed: list[tuple[int, int]] = []
     icc_parts: list[bytes] = []  # (sequence number, count) of each ICC_PROFILE segment
     for marker, body, at in segments:
@@ -169,8 +169,13 @@ def _jpeg_metadata(
         elif marker == 0xE1 and body.startswith(_XMP):
             scan(body[len(_XMP) :], "the XMP packet", layout)
         elif marker == 0xE1 and body.startswith(_XMP_EXTENSION):
-            guid = body[len(_XMP_EXTENSION) : len(_XMP_EXTENSION) + 32]
-            extended_xmp.setdefault(guid, bytearray()).extend(body[len(_XMP_EXTENSION) + 40 :])
+            head = len(_XMP_EXTENSION)
+            if len(body) < head + 40:
+                layout.unread("an extended XMP segment shorter than its header")
+            else:
+                length, offset = struct.unpack_from(">II", body, head + 32)
+                part = (length, offset, body[head + 40 :])
+                extended_xmp.setdefault(body[head : head + 32], []).append(part)
         elif marker == 0xE2 and body.startswith(b"ICC_PROFILE\x00"):
             joined["ICC profile"].extend(body[14:])
             icc_parts.append(body[12:14] if len(body) >= 14 else b"")
@@ -206,9 +211,25 @@ def _jpeg_metadata(
     walk_photoshop(bytes(joined["Photoshop"]), "the Photoshop resources", layout)
     for box in jumbf.values():
         scan(bytes(box), "the JUMBF (C2PA) boxes", layout)
-    for part in extended_xmp.values():
-        scan(bytes(part), "the extended XMP packet", layout)
+    for parts in extended_xmp.values():
+        packet = _extended_xmp(parts)
+        if packet is None:
+            layout.unread("extended XMP segments that do not make one packet by their offsets")
+        else:
+            scan(packet, "the extended XMP packet", layout)
     return claimed
+
+
+def _extended_xmp(parts: list[tuple[int, int, bytes]]) -> bytes | None:
+    """An extended XMP packet as readers assemble it, each part at its offset (not in file
+    order); None unless the parts agree on its length and fill it exactly once."""
+    lengths = {length for length, _, _ in parts}
+    packet = bytearray()
+    for _, offset, part in sorted(parts, key=lambda entry: entry[1]):
+        if offset != len(packet):
+            return None
+        packet += part
+    return bytes(packet) if lengths == {len(packet)} else None
 
 
 def _one_icc_profile(parts: list[bytes]) -> bool:

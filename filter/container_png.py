@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from filter.container_apng import Colours, Control, check_composition
-from filter.container_tiff import walk_tiff
+from filter.container_tiff import walk_photoshop, walk_tiff
 from filter.content_scan import Layout, scan
 
 # Compressed metadata (zTXt, iTXt, iCCP) inflates to at most this much before it is scanned.
@@ -216,7 +216,10 @@ def _chunk(png: _Png, kind: bytes, body: bytes, at: int, layout: Layout) -> None
     elif kind == b"eXIf":
         walk_tiff(body, "EXIF", layout, file=False)
     elif kind in _PNG_TEXT:
-        scan(_png_text(kind, body, where, layout), where, layout)
+        text = _png_text(kind, body, where, layout)
+        scan(text, where, layout)
+        if body.startswith(_RAW_PROFILE) and kind in (b"tEXt", b"zTXt", b"iTXt"):
+            _raw_profile(body.partition(b"\x00")[0], text.rpartition(b"\x00")[2], layout)
     elif kind in _PNG_SCANNED:
         scan(body, where, layout)
     elif kind == b"sCAL":
@@ -283,6 +286,37 @@ def _image_data(png: _Png, kind: bytes, body: bytes, at: int, layout: Layout) ->
         layout.unread(f"an APNG fdAT chunk at byte {at} outside a frame")
         return
     current.feed(body[4:], layout)
+
+
+# ImageMagick keeps a file's profiles in PNG text chunks, hex-encoded, and exiftool and
+# ImageMagick read them back (an EXIF thumbnail, a Photoshop thumbnail, XMP).
+_RAW_PROFILE = b"Raw profile type "
+_EXIF_HEADER = b"Exif\x00\x00"
+
+
+def _raw_profile(keyword: bytes, text: bytes, layout: Layout) -> None:
+    """Decode an ImageMagick raw profile ("\\nNAME\\n  LENGTH\\nHEX...") and walk it as its
+    kind of profile; one that does not decode is unaccounted."""
+    name = keyword[len(_RAW_PROFILE) :].decode("latin-1").strip().lower()
+    where = f"the PNG raw {name!r} profile"
+    lines = text.lstrip(b"\n").split(b"\n", 2)
+    try:
+        length = int(lines[1])
+        profile = bytes.fromhex(lines[2].decode("ascii"))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        layout.unread(f"{where}, whose hex text facegate cannot decode")
+        return
+    if len(profile) != length:
+        layout.unread(f"{where}, {len(profile)} bytes where it says {length}")
+        return
+    if profile.startswith(_EXIF_HEADER) and name in ("exif", "app1"):
+        walk_tiff(profile[len(_EXIF_HEADER) :], "EXIF", layout, file=False)
+    elif name == "exif" and profile[:4] in (b"II*\x00", b"MM\x00*"):
+        walk_tiff(profile, "EXIF", layout, file=False)
+    elif name == "8bim":
+        walk_photoshop(profile, where, layout)
+    else:
+        scan(profile, where, layout)
 
 
 def _png_text(kind: bytes, body: bytes, where: str, layout: Layout) -> bytes:

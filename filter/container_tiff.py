@@ -193,11 +193,21 @@ def _image_data(
         if offsets_tag == 513 and offsets:
             jpeg = tiff.blob[offsets[0] : offsets[0] + sizes[0]]
     if kind != "thumbnail":
+        # Tools extract a JPEG that tags 513/514 point to from any IFD (exiftool's
+        # OtherImage): checked too, except as an old-style JPEG page, which is the page.
+        old_style = kind == "page" and _COMPRESSION in tags and _is_old_jpeg(tiff, tags)
+        if jpeg is not None and not old_style:
+            layout.embedded.append(Embedded(f"{where} {kind} JPEG (tag 513)", jpeg))
         return
     if jpeg is not None:
         layout.embedded.append(Embedded(f"{where} thumbnail", jpeg))
     elif 273 in tags or 324 in tags:
         layout.embedded.append(Embedded(f"{where} thumbnail", tiff.patched(ifd), False))
+
+
+def _is_old_jpeg(tiff: _Tiff, tags: dict[int, tuple[int, int, int, int]]) -> bool:
+    entry = tags[_COMPRESSION]
+    return entry[1] == 3 and tiff.values(entry, _value_offset(tiff, entry))[:1] == [6]
 
 
 def _decoded_otherwise(

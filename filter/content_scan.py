@@ -89,10 +89,15 @@ _BASE64_IMAGE = re.compile(
     rb"(?:iVBORw0KGgo|/9j/|R0lGOD|UklGR|SUkqA|TU0AK|OEJQUw|AAAADGpQ|Qk[0-3])"
     rb"[A-Za-z0-9+/]{60,}={0,2}"
 )
-# Line breaks inside base64 text as XMP, JSON and XML write them, then whitespace: removed
-# in two passes (the same result as one) since a regular expression over every whitespace
-# byte of a large payload (a JPEG's scan data) is several times slower.
-_TEXT_BREAKS = re.compile(rb"&#(?:x[aAdD]|1[03]);|\\[nr]?")
+# Escapes inside base64 text as XML and JSON write them (character references, the five
+# named entities, CDATA section markers, backslashes), then whitespace: undone in two
+# passes (the same result as one) since a regular expression over every whitespace byte
+# of a large payload (a JPEG's scan data) is several times slower. Tools decode all of
+# them before base64 (exiftool, exiv2).
+_TEXT_ESCAPES = re.compile(
+    rb"&#(?:[xX]([0-9a-fA-F]{1,6})|([0-9]{1,7}));|&(amp|lt|gt|quot|apos);|<!\[CDATA\[|\]\]>|\\[nr]?"
+)
+_NAMED = {b"amp": b"&", b"lt": b"<", b"gt": b">", b"quot": b'"', b"apos": b"'"}
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 # Images one payload may ask the reader to try, as many as filter.content tries in a whole
 # file (MAX_EMBEDDED): a payload stuffed with signatures rejects the file either way, and
@@ -169,7 +174,15 @@ def _offer(layout: Layout, size: int, where: str, offset: int) -> bool:
 
 
 def _unbroken(text: bytes) -> bytes:
-    return _TEXT_BREAKS.sub(b"", text).translate(None, _WHITESPACE)
+    return _TEXT_ESCAPES.sub(_unescaped, text).translate(None, _WHITESPACE)
+
+
+def _unescaped(match: re.Match[bytes]) -> bytes:
+    hexadecimal, decimal, name = match.groups()
+    if hexadecimal or decimal:
+        code = int(hexadecimal, 16) if hexadecimal else int(decimal)
+        return bytes([code]) if code < 128 else b""  # base64 is ASCII
+    return _NAMED[name] if name else b""  # CDATA markers and backslashes go
 
 
 def _plausible(data: bytes, offset: int) -> bool:
