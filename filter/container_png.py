@@ -202,6 +202,13 @@ def _chunk(png: _Png, kind: bytes, body: bytes, at: int, layout: Layout) -> None
         png.palette = len(body) // 3
     elif kind == b"tRNS":
         png.transparency = body
+        if png.colour == 2 and png.depth == 16:
+            # PIL decodes 16-bit colour to 8 bits a channel, where the transparent colour
+            # cannot be told from its neighbours: what viewers show through is not known.
+            layout.unread(
+                f"{where} at byte {at}: a transparent colour in 16 bits a channel, which "
+                "facegate cannot match exactly"
+            )
     elif kind == b"acTL":
         frames = struct.unpack_from(">I", body)[0]
         if b"IDAT" not in png.seen:  # after IDAT, decoders ignore it

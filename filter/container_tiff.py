@@ -27,6 +27,7 @@ _JPEG_TABLES = 347  # the tables a JPEG-compressed TIFF's strips share: part of 
 # Tags read by the rules below (what PIL decodes other than libtiff shows).
 _BITS, _COMPRESSION, _PHOTOMETRIC, _FILL_ORDER, _PLANAR = 258, 259, 262, 266, 284
 _COLOR_MAP, _TILE_OFFSETS, _SAMPLE_FORMAT, _STRIP_OFFSETS = 320, 324, 339, 273
+_EXTRA_SAMPLES = 338
 _MAX_IFDS = 256
 _MAX_ENTRIES = 4096
 
@@ -122,15 +123,13 @@ def _walk_ifds(tiff: _Tiff, where: str, layout: Layout, *, file: bool) -> None:
                     f"{where} holds Photoshop layer data (tag 37724), which facegate does "
                     "not decode"
                 )
-            elif tag == _JPEG_TABLES:
+            elif tag in (_JPEG_TABLES, _PHOTOSHOP_RESOURCES):
                 size = _TYPE_SIZES.get(entry[1], 1) * entry[2]
                 tiff.data_ranges.append((value_offset, value_offset + size))
-            elif tag == _PHOTOSHOP_RESOURCES:
-                size = _TYPE_SIZES.get(entry[1], 1) * entry[2]
-                tiff.data_ranges.append((value_offset, value_offset + size))
-                walk_photoshop(tiff.blob[value_offset : value_offset + size], where, layout)
+                if tag == _PHOTOSHOP_RESOURCES:
+                    walk_photoshop(tiff.blob[value_offset : value_offset + size], where, layout)
         _image_data(tiff, tags, offset, entries, kind, where, layout)
-        if kind in ("page", "SubIFD", "thumbnail", "IFD0"):
+        if kind in ("page", "SubIFD", "thumbnail"):  # the IFDs PIL decodes as images
             _decoded_otherwise(tiff, tags, where, layout)
         if kind == "SubIFD":
             subifds += 1
@@ -195,7 +194,7 @@ def _image_data(
     if kind != "thumbnail":
         # Tools extract a JPEG that tags 513/514 point to from any IFD (exiftool's
         # OtherImage): checked too, except as an old-style JPEG page, which is the page.
-        old_style = kind == "page" and _COMPRESSION in tags and _is_old_jpeg(tiff, tags)
+        old_style = kind == "page" and _numbers(tiff, tags, _COMPRESSION)[:1] == [6]
         if jpeg is not None and not old_style:
             layout.embedded.append(Embedded(f"{where} {kind} JPEG (tag 513)", jpeg))
         return
@@ -205,9 +204,12 @@ def _image_data(
         layout.embedded.append(Embedded(f"{where} thumbnail", tiff.patched(ifd), False))
 
 
-def _is_old_jpeg(tiff: _Tiff, tags: dict[int, tuple[int, int, int, int]]) -> bool:
-    entry = tags[_COMPRESSION]
-    return entry[1] == 3 and tiff.values(entry, _value_offset(tiff, entry))[:1] == [6]
+def _numbers(tiff: _Tiff, tags: dict[int, tuple[int, int, int, int]], tag: int) -> list[int]:
+    """A SHORT or LONG tag's values ([] when absent or of another type)."""
+    entry = tags.get(tag)
+    if entry is None or entry[1] not in (3, 4):
+        return []
+    return tiff.values(entry, _value_offset(tiff, entry))
 
 
 def _decoded_otherwise(
@@ -217,10 +219,7 @@ def _decoded_otherwise(
     shows it, each found by decoding both: a face in libtiff's could be in none of PIL's."""
 
     def numbers(tag: int) -> list[int]:
-        entry = tags.get(tag)
-        if entry is None or entry[1] not in (3, 4):
-            return []
-        return tiff.values(entry, _value_offset(tiff, entry))
+        return _numbers(tiff, tags, tag)
 
     bits = numbers(_BITS) or [1]
     compression, photometric = numbers(_COMPRESSION)[:1] or [1], numbers(_PHOTOMETRIC)[:1]
@@ -236,6 +235,11 @@ def _decoded_otherwise(
         reasons.append("WhiteIsZero samples of over 8 bits, which PIL does not invert")
     if 2 in numbers(_SAMPLE_FORMAT) and max(bits) > 8:
         reasons.append("signed samples of over 8 bits, which libtiff's readers show unsigned")
+    if 0 in numbers(_EXTRA_SAMPLES):
+        reasons.append(
+            "an extra sample of unspecified meaning (TIFF ExtraSamples 0), which libtiff's "
+            "RGBA reader shows as alpha and PIL drops"
+        )
     colours = numbers(_COLOR_MAP)
     if photometric == [3] and colours and max(colours) < 256:
         reasons.append("a ColorMap of 8-bit values, which readers take as 8-bit and PIL as 16")

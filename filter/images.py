@@ -22,9 +22,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from filter.colour_views import ColourTransform, colour_transform, visible
 from filter.errors import ImageError
 from filter.pil_quirks import (
-    INEXACT_TRANSPARENCY,
     PREMULTIPLIED,
-    UNSPECIFIED_SAMPLES,
     over,
     padded_palette_view,
     premultiplied,
@@ -197,16 +195,6 @@ def frame_views(img: Image.Image) -> FrameViews:
             opaque = np.where(samples == transparent, 0, 255).astype(np.uint8)
             img = Image.merge("LA", (img, Image.fromarray(opaque, mode="L")))
         img.info.update(info)
-    if img.info.get(INEXACT_TRANSPARENCY):
-        problems.append(
-            "a transparent colour in 16 bits a channel, which facegate cannot match "
-            "exactly: what viewers show as transparent is not known"
-        )
-    if img.info.get(UNSPECIFIED_SAMPLES):
-        problems.append(
-            "an extra sample of unspecified meaning (TIFF ExtraSamples 0), which some "
-            "readers show as alpha: what viewers show is not known"
-        )
     padded = padded_palette_view(img)
     if padded is not None:
         others.append(("palette padded with its last colour", padded))

@@ -3,12 +3,13 @@
 Each case was found by building the file and comparing PIL's pixels with libpng's,
 libtiff's or a browser's (tests/unit/test_colour_views.py, tests/unit/test_pil_quirks.py):
 
-- a PNG's transparent colour (tRNS) that PIL never matches: scaled or noted here;
+- a PNG's transparent colour (tRNS) that PIL never matches: scaled here, or dropped
+  where PIL decodes 16-bit colour to 8 bits (such a file is unaccounted by
+  filter.container_png);
 - a TIFF with associated (premultiplied) alpha, which PIL un-premultiplies, losing the
   colour stored under transparent pixels: decoded as stored here, composited as
-  premultiplied by `filter.images.frame_views`; a TIFF with an "unspecified" extra sample
-  (ExtraSamples 0), which PIL drops and libtiff's RGBA reader takes as associated alpha:
-  noted, so the file is not passed as if it had none;
+  premultiplied by `filter.images.frame_views` (TIFF layouts PIL cannot show as viewers
+  do are unaccounted by filter.container_tiff);
 - palette indices past the end of a PNG's PLTE, black in PIL and libpng and the table's
   last colour in Skia (Chrome): both are checked (`padded_palette_view`);
 - a BMP's embedded ICC profile, which PIL does not read: read here, so that its managed
@@ -32,19 +33,14 @@ from PIL import Image
 from filter.container_bmp import embedded_profile
 
 # Set in a frame's info by prepare_frame; read by frame_views.
-INEXACT_TRANSPARENCY = "facegate: 16-bit transparent colour"
 PREMULTIPLIED = "facegate: premultiplied alpha"
-UNSPECIFIED_SAMPLES = "facegate: unspecified extra samples"
-_FLAGS = (INEXACT_TRANSPARENCY, PREMULTIPLIED, UNSPECIFIED_SAMPLES)
 # PIL raw modes of associated alpha, decoded instead as stored (no un-premultiplying).
 # (PIL keeps mode La as stored: its raw mode stays.)
 _AS_STORED = {"RGBa": "RGBA", "RGBa;16L": "RGBA;16L", "RGBa;16B": "RGBA;16B", "La": "La"}
-EXTRA_SAMPLES = 338  # TIFF tag: what samples past the colour ones mean (0: unspecified)
 
 
 def prepare_frame(img: Image.Image) -> None:
-    for flag in _FLAGS:
-        img.info.pop(flag, None)
+    img.info.pop(PREMULTIPLIED, None)
     tile = getattr(img, "tile", None)  # an ImageFile's, before it decodes
     if not tile:
         return
@@ -67,8 +63,8 @@ def _rawmode(args: object) -> str | None:
 def _png_transparency(img: Image.Image, rawmode: str | None) -> None:
     """PIL scales the samples of a 2- or 4-bit grey PNG to 8 bits but leaves the
     transparent grey level as written, so no pixel matches it: scaled here. A 16-bit
-    colour PNG is decoded to 8 bits a channel, where its transparent colour cannot be told
-    from its neighbours: noted (16-bit grey keeps its samples: see frame_views)."""
+    colour PNG is decoded to 8 bits a channel, where its 16-bit transparent colour would
+    match the wrong pixels: dropped (16-bit grey keeps its samples: see frame_views)."""
     transparent = img.info.get("transparency")
     if transparent is None or rawmode is None:
         return
@@ -79,13 +75,9 @@ def _png_transparency(img: Image.Image, rawmode: str | None) -> None:
         img.info["transparency"] = (transparent & levels) * (255 // levels)
     elif rawmode.startswith("RGB;16") and img.mode == "RGB":
         del img.info["transparency"]  # 16-bit values: compared with 8-bit pixels, wrongly
-        img.info[INEXACT_TRANSPARENCY] = True
 
 
 def _tiff_alpha(img: Image.Image, tile: list[Any]) -> None:
-    extra = getattr(img, "tag_v2", {}).get(EXTRA_SAMPLES)
-    if isinstance(extra, (tuple, list)) and 0 in extra:
-        img.info[UNSPECIFIED_SAMPLES] = True
     stored = [_AS_STORED.get(_rawmode(entry.args) or "") for entry in tile]
     if not all(stored):
         return
