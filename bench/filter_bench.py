@@ -1,7 +1,9 @@
 """Filter throughput (faces/s) against a naive baseline and the embedder alone, measured
 side by side, with the batched detector (the default) and facenet-pytorch's, the cost of
 the replica feature against the format-2 one (bench/replica_v1.py, interleaved in the same
-run), and the fast path's agreement with the full path on generated faces."""
+run), and the opt-in fast path against the served full pyramid: its throughput, its
+verdict agreement on generated faces, and whether enrolled outputs still match their own
+enrolment (`fast_path_self_match`: the figure that withdrew it as the default)."""
 
 from __future__ import annotations
 
@@ -15,14 +17,17 @@ from PIL import Image
 from bench.common import MODELS, device_name, emit, generated_faces, timed
 from bench.replica_v1 import V1ReplicaIndex
 from filter.alignment import align_face
-from filter.assembly import build_embedding_pipeline
+from filter.assembly import build_embedding_pipeline, detector_manifest
+from filter.detection_policy import filter_for_generator
 from filter.faces import FaceAligner, MtcnnDetector
+from filter.fast_path_mode import FastPathMode
+from filter.gallery import Enrolment
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageTimes
 from filter.index import FaissIdentityIndex
 from filter.overlap import overlapped
 from filter.thresholds import pinned_thresholds
 from service.demo import build_demo_index
-from service.generators import load_dcgan_digiface
+from service.generators import latents_for, load_dcgan_digiface
 
 THRESHOLD = 0.56  # the demo's calibrated threshold (README)
 
@@ -86,92 +91,96 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
             pipeline.embedder,
         )
 
-    fast_pipeline = scoped(min_face_fraction=0.5)
     thresholds = pinned_thresholds(index, THRESHOLD)
     full = IdentityFilter(pipeline, index, thresholds)
-    fast = IdentityFilter(fast_pipeline, index, thresholds)
-    # The same filter with facenet-pytorch's MTCNN (FACEGATE_DETECTOR=mtcnn), side by side;
-    # it only checks throughput, so it may search the index built by the batched one.
-    fast_mtcnn = IdentityFilter(
-        scoped(min_face_fraction=0.5, implementation="mtcnn"), index, thresholds
-    )
+    # What the server runs on this generator's output under the default policy.
+    served = filter_for_generator(full, generator.name, FastPathMode.AUTO)
+    if served is not full:
+        raise SystemExit("the served policy changed: this bench times the full pyramid")
+    # The operator's opt-in (FACEGATE_GENERATED_FAST_PATH=on), for comparison.
+    fast = IdentityFilter(scoped(min_face_fraction=0.5), index, thresholds)
+    # The served filter with facenet-pytorch's MTCNN (FACEGATE_DETECTOR=mtcnn), side by
+    # side; it only checks throughput, so it may search the index built by the batched one.
+    served_mtcnn = IdentityFilter(scoped(implementation="mtcnn"), index, thresholds)
 
     # The same filter with the format-2 replica feature (one 16x16 view per training image).
-    fast_v1 = IdentityFilter(fast_pipeline, V1ReplicaIndex(index, training_images), thresholds)
+    served_v1 = IdentityFilter(pipeline, V1ReplicaIndex(index, training_images), thresholds)
 
-    _faces_checked(fast, images[:16], 16)  # warm-up
-    _faces_checked(fast_mtcnn, images[:16], 16)
-    _faces_checked(fast_v1, images[:16], 16)
+    _faces_checked(served, images[:16], 16)  # warm-up
+    _faces_checked(fast, images[:16], 16)
+    _faces_checked(served_mtcnn, images[:16], 16)
+    _faces_checked(served_v1, images[:16], 16)
     naive_s, naive_faces = timed(lambda: _naive(images, pipeline, index))
-    full_s, full_faces = timed(lambda: _faces_checked(full, images, 64), repeat=2)
-    mtcnn_s, mtcnn_faces = timed(lambda: _faces_checked(fast_mtcnn, images, 64), repeat=2)
-    detected, crops = fast_pipeline.aligner.faces(images)
+    fast_s, fast_faces = timed(lambda: _faces_checked(fast, images, 64), repeat=2)
+    mtcnn_s, mtcnn_faces = timed(lambda: _faces_checked(served_mtcnn, images, 64), repeat=2)
+    detected, crops = pipeline.aligner.faces(images)
     all_crops = np.concatenate(crops)
-    fast_faces = len(all_crops)
+    served_faces = len(all_crops)
     # The headline ratios: the filter against the embedder alone, and against the same
     # filter with the format-2 replica feature, all taking turns.
     best = _interleaved(
         {
-            "filter": lambda: _faces_checked(fast, images, 64),
-            "filter_replica_v1": lambda: _faces_checked(fast_v1, images, 64),
-            "filter_in_flight_2": lambda: _faces_checked(fast, images, 64, in_flight=2),
+            "filter": lambda: _faces_checked(served, images, 64),
+            "filter_replica_v1": lambda: _faces_checked(served_v1, images, 64),
+            "filter_in_flight_2": lambda: _faces_checked(served, images, 64, in_flight=2),
             "embedder": lambda: [
                 pipeline.embedder.embed(all_crops[i : i + 64]) for i in range(0, len(all_crops), 64)
             ],
         }
     )
-    fast_s, fast2_s, embed_s = best["filter"], best["filter_in_flight_2"], best["embedder"]
+    served_s, served2_s, embed_s = best["filter"], best["filter_in_flight_2"], best["embedder"]
     v1_s = best["filter_replica_v1"]
     # The replica stage alone (feature and search), per image, the same way.
     replica = _interleaved(
         {
             "current": lambda: index.search_replicas(images),
-            "v1": lambda: fast_v1.index.search_replicas(images),
+            "v1": lambda: served_v1.index.search_replicas(images),
         },
         rounds=5,
     )
     replica_s, replica_v1_s = replica["current"], replica["v1"]
     stages = StageTimes()
-    _faces_checked(fast, images, 64, observer=stages)
+    _faces_checked(served, images, 64, observer=stages)
     pairs = [
         (image, face.landmarks)
         for image, faces in zip(images, detected, strict=True)
         for face in faces
     ]
     align_s, _ = timed(lambda: [align_face(i, lm, 112) for i, lm in pairs], repeat=2)
-    detect_s, _ = timed(lambda: fast_pipeline.aligner.faces(images[:64]), repeat=2)
-    detect_mtcnn_s, _ = timed(lambda: fast_mtcnn.embedding.aligner.faces(images[:64]), repeat=2)
+    detect_s, _ = timed(lambda: pipeline.aligner.faces(images[:64]), repeat=2)
+    detect_mtcnn_s, _ = timed(lambda: served_mtcnn.embedding.aligner.faces(images[:64]), repeat=2)
 
     result = {
         "bench": "filter_throughput",
         "device": device_name(),
         "workload": f"{count} generated 64x64 faces (dcgan-digiface), 200-identity index",
         "naive_faces_per_s": round(naive_faces / naive_s, 1),
-        "full_path_batched_faces_per_s": round(full_faces / full_s, 1),
-        "filter_faces_per_s": round(fast_faces / fast_s, 1),
-        "filter_faces_per_s_in_flight_2": round(fast_faces / fast2_s, 1),
+        "detection": "full pyramid (the served default)",
+        "filter_faces_per_s": round(served_faces / served_s, 1),
+        "filter_faces_per_s_in_flight_2": round(served_faces / served2_s, 1),
         "filter_faces_per_s_mtcnn": round(mtcnn_faces / mtcnn_s, 1),
-        "filter_faces_per_s_replica_v1": round(fast_faces / v1_s, 1),
+        "filter_faces_per_s_replica_v1": round(served_faces / v1_s, 1),
+        "fast_path_opt_in_faces_per_s": round(fast_faces / fast_s, 1),
         # Throughput with this replica feature over the format-2 one (issue 23: >= 0.95).
-        "replica_throughput_ratio": round(v1_s / fast_s, 3),
+        "replica_throughput_ratio": round(v1_s / served_s, 3),
         "replica_ms_per_image": round(1000 * replica_s / len(images), 3),
         "replica_ms_per_image_v1": round(1000 * replica_v1_s / len(images), 3),
         "replica_rows_per_training_image": (index.replicas.count if index.replicas else 0) // 200,
         "embedder_alone_faces_per_s": round(len(all_crops) / embed_s, 1),
-        "detect_fast_path_images_per_s": round(64 / detect_s, 1),
-        "detect_fast_path_images_per_s_mtcnn": round(64 / detect_mtcnn_s, 1),
+        "detect_images_per_s": round(64 / detect_s, 1),
+        "detect_images_per_s_mtcnn": round(64 / detect_mtcnn_s, 1),
     }
     # For reference only: the embedder alone caps it (README "Performance numbers").
     result["naive_speedup_reference"] = round(
         result["filter_faces_per_s"] / result["naive_faces_per_s"], 2
     )
-    result["embedder_fraction"] = round(embed_s / fast_s, 3)
-    result["embedder_fraction_in_flight_2"] = round(embed_s / fast2_s, 3)
+    result["embedder_fraction"] = round(embed_s / served_s, 3)
+    result["embedder_fraction_in_flight_2"] = round(embed_s / served2_s, 3)
     # Where a face's time goes (one serial run), and what detection would have to cost for
     # the filter to reach 0.80 of the embedder alone with the other stages as they are.
-    per_face = {k: 1000 * v / fast_faces for k, v in stages.seconds.items()}
+    per_face = {k: 1000 * v / served_faces for k, v in stages.seconds.items()}
     align_ms = 1000 * align_s / len(pairs)
-    embed_ms = 1000 * embed_s / fast_faces
+    embed_ms = 1000 * embed_s / served_faces
     result["ms_per_face"] = {
         "detect_and_align": round(per_face["detect"], 2),
         "of_which_align": round(align_ms, 3),
@@ -206,4 +215,48 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
         "threshold": THRESHOLD,
     }
     emit(agreement)
-    return {**result, "fast_path_agreement": agreement["agreement"]}
+    self_match = fast_path_self_match(pipeline, generator)
+    emit(self_match)
+    return {
+        **result,
+        "fast_path_agreement": agreement["agreement"],
+        "fast_path_self_match_below_threshold": self_match["fast_path_below_threshold"],
+        "served_self_match_below_threshold": self_match["served_below_threshold"],
+    }
+
+
+def fast_path_self_match(
+    pipeline: FaceEmbeddingPipeline, generator: Any, count: int = 2048
+) -> dict[str, Any]:
+    """Generator outputs enrolled as training images (on the full pyramid, as every index
+    is), then checked as served and through the opt-in fast path: how many would the
+    identity signal let through, their best similarity (to their own enrolment, or closer)
+    below the threshold. A generator that reproduces a training image is the case the
+    product exists for, so the served path must leave none."""
+    latents = np.stack([latents_for(1, s, 0, generator.latent_dim) for s in range(count)])
+    images = list(generator.generate(latents))
+    enrolment = Enrolment(pipeline)
+    enrolment.add([(f"out-{s}", f"out-{s}", image) for s, image in enumerate(images)])
+    index = enrolment.build(detector_settings=detector_manifest(pipeline))
+    full = IdentityFilter(pipeline, index, pinned_thresholds(index, THRESHOLD))
+    checkers = {
+        "served": filter_for_generator(full, generator.name, FastPathMode.AUTO),
+        "fast_path": filter_for_generator(full, generator.name, FastPathMode.ON),
+    }
+    faceless = set(enrolment.faceless_identities())
+    best: dict[str, list[float]] = {name: [] for name in checkers}
+    for name, checker in checkers.items():
+        for start in range(0, count, 64):
+            for slot, verdict in enumerate(checker.check(images[start : start + 64]), start):
+                if f"out-{slot}" not in faceless:
+                    best[name].append(verdict.max_similarity or 0.0)
+    result: dict[str, Any] = {
+        "bench": "fast_path_self_match",
+        "enrolled_outputs": count - len(faceless),
+        "threshold": THRESHOLD,
+    }
+    for name, scores in best.items():
+        result[f"{name}_below_threshold"] = sum(s < THRESHOLD for s in scores)
+        result[f"{name}_below_0_40"] = sum(s < 0.40 for s in scores)
+        result[f"{name}_min_similarity"] = round(min(scores), 4)
+    return result

@@ -8,7 +8,7 @@ Sections (JSON lines on stdout, and in `--out`, by default
 `bench/results/gpu-<card>-<date>.jsonl`):
 - `agreement`: the default configuration (SFace, batched MTCNN, built through
   `build_embedding_pipeline`, so with the CUDA numerics policy) on the GPU against the
-  CPU, on generated faces (the served fast path, demo index of 200 identities built on
+  CPU, on generated faces (the served path, demo index of 200 identities built on
   the CPU) at two thresholds and on the test photos (full path, an index of id01-id03):
   verdict flips (near / far from a threshold), face counts, embedding cosine min and
   percentiles; the same with TF32 allowed, to show what the policy buys; and batch
@@ -293,7 +293,7 @@ def _filter_rates(
 
 
 def default_section(results: Results, args: argparse.Namespace) -> None:
-    """The default configuration (SFace, batched MTCNN, fast path for generated output)."""
+    """The default configuration (SFace, batched MTCNN, the served detection scope)."""
     device = args.device
     pipeline = build_embedding_pipeline("sface", MODELS, device)
     images = _device_images(args.images, device)

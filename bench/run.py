@@ -5,7 +5,8 @@
 
 The last line sums up: embedder_fraction (filter; with one and two batches in flight), the
 naive speedup for reference only, service_speedup and service_p99_ratio,
-fast_path_agreement, the largest index's result, and images/s at 512, 1,024 and 2,048 px
+fast_path_agreement and the enrolled outputs below the threshold as served and through the
+opt-in fast path, the largest index's result, and images/s at 512, 1,024 and 2,048 px
 with their cost against the overview-only detector (resolution).
 
 `BENCH_INDEX_SIZES` sizes the index runs (default 100000, so that `make bench` takes
@@ -76,6 +77,8 @@ def main(argv: list[str]) -> int:
                     "naive_faces_per_s",
                     "embedder_alone_faces_per_s",
                     "fast_path_agreement",
+                    "served_self_match_below_threshold",
+                    "fast_path_self_match_below_threshold",
                     "naive_speedup_reference",
                     "embedder_fraction",
                     "embedder_fraction_in_flight_2",

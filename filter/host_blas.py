@@ -5,8 +5,10 @@ keeps its worker threads spinning for a while. In the filter the only such produ
 small (the replica projection of a batch, alignment's 2x2 SVDs), but the spinning threads
 then compete with torch's threads for the next batch's detection: on 2 cores (issue 21,
 side by side) detection ran about 1.3x slower right after a search than alone. One BLAS
-thread removes that and costs nothing on products this small; OpenBLAS splits a product
-across threads by output blocks, so the results are the same bits.
+thread removes that and costs nothing on products this small. Whether the results are the
+same bits as on two threads depends on the CPU's OpenBLAS kernels: they were on the Xeon
+where this was measured; on an AMD EPYC (2026-12-06) products of 16 rows or more differ in
+the last bits (4e-7 of the largest value), far below anything a threshold can see.
 
 Process-wide, like the TF32 policy (`filter.numerics`), so it is applied where the
 embedding pipeline is built (`filter.assembly.build_embedding_pipeline`). Best effort: a

@@ -91,11 +91,12 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
         log.warning("%s", looser)
     metrics.index_loaded(live.facts)
     index = live.index
-    # Detection scope is the filter's policy: the fast path only where it cannot skip a face.
+    # Detection scope is the filter's policy: the full pyramid, as enrolment detects, unless
+    # the operator chose the fast path (preflight warned).
     log.info(
         "detection for %s output: %s",
         generator.name,
-        "generated-output fast path"
+        "generated-output fast path (operator's choice: large faces only)"
         if uses_fast_path(generator.name, settings.generated_fast_path)
         else "full pyramid (every face size)",
     )

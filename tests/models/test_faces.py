@@ -109,8 +109,10 @@ def test_fast_path_finds_the_same_faces_on_generated_images(
     full = detector.detect(images)
     fast = detector.with_settings(GENERATED_FAST_PATH).detect(images)
     assert sum(len(f) for f in full) >= 20
-    # Each face the fast path finds is a full-path face, box and landmarks alike; it only
-    # skips faces far smaller than the frame (min size: half the short side, upscaled).
+    # On these images each face the fast path finds is a full-path face, box and landmarks
+    # alike; it only skips faces far smaller than the frame (min size: half the short side,
+    # upscaled). Not on every image: test_leak_proof's FAST_PATH_MISMATCHED_SLOTS are
+    # outputs where it keeps another box, which is why it is no longer the served default.
     min_face_64px = effective_min_face(GENERATED_FAST_PATH, 160) * 64 / 160
     # The loops below must have something to check: faces the fast path must find, and did.
     assert sum(f.width >= min_face_64px for faces in full for f in faces) >= 10

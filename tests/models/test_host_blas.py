@@ -28,7 +28,11 @@ def test_building_a_pipeline_puts_numpys_blas_on_one_thread(models_dir: Path) ->
     assert host_blas.numpy_blas_threads() == 1
 
 
-def test_one_blas_thread_gives_the_replica_projection_the_same_bits() -> None:
+def test_one_blas_thread_gives_the_replica_projection_within_rounding_and_reproducibly() -> None:
+    """One thread is what every pipeline computes with, so its bits are the ones that count:
+    the same on every call. Against two threads they may differ in the last bits on some
+    CPUs' kernels (an AMD EPYC: 4e-7 of the largest value), never by more than float32
+    rounding of the sums can."""
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((64, 48 * 48 * 3)).astype(np.float32)
     basis = rng.standard_normal((64, 48 * 48 * 3)).astype(np.float32)
@@ -37,6 +41,14 @@ def test_one_blas_thread_gives_the_replica_projection_the_same_bits() -> None:
         two = rows @ basis.T
         _set_threads(1)
         one = rows @ basis.T
+        again = rows @ basis.T
     finally:
         host_blas.single_threaded_numpy_blas()
-    assert np.array_equal(one, two)
+    assert np.array_equal(one, again)
+    # A float32 dot product of K terms is within about K * 2^-24 * |a| |b| of the exact sum;
+    # both products are, so they are within twice that of each other.
+    k = rows.shape[1]
+    bound = 2 * k * 2.0**-24 * np.outer(np.linalg.norm(rows, axis=1), np.linalg.norm(basis, axis=1))
+    assert np.all(np.abs(one - two) <= bound)
+    exact = rows.astype(np.float64) @ basis.T.astype(np.float64)
+    assert np.all(np.abs(one - exact) <= bound / 2)

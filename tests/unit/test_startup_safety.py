@@ -170,11 +170,19 @@ def test_weaker_filter_policies_are_warnings(
     assert any(expected in message for message in warned), caplog.text
 
 
-def test_the_fast_path_on_the_generator_it_was_measured_on_is_no_warning(
+def test_the_fast_path_is_a_warning_on_the_embedded_generator_too(
     index_stub: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """It was verified there once; its boxes then left enrolled outputs below the threshold
+    against their own enrolment (tests/models/test_leak_proof.py), so no generator is
+    exempt. `auto` keeps the full pyramid and says nothing."""
     with caplog.at_level(logging.WARNING):
         preflight(_settings(index_stub, tmp_path, generated_fast_path="on"))
+    assert "FACEGATE_GENERATED_FAST_PATH=on for generator dcgan-digiface" in caplog.text
+    assert "against its own enrolment" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        preflight(_settings(index_stub, tmp_path, generated_fast_path="auto"))
     assert "FACEGATE_GENERATED_FAST_PATH" not in caplog.text
 
 
