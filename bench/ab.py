@@ -1,7 +1,8 @@
 """The 64 px generated workload's filter throughput, this checkout against another one,
-side by side: `make bench`'s `filter_faces_per_s` line (192 DCGAN faces, the generated
-fast path, batches of 64, a 200-identity demo index at 0.56) run alternately by each
-checkout's own code and interpreter, in child processes.
+side by side: `make bench`'s fast-path line (192 DCGAN faces, the generated fast path,
+batches of 64, a 200-identity demo index at 0.56; `filter_faces_per_s` until 2026-12-06,
+when the served path became the full pyramid, now `fast_path_opt_in_faces_per_s`) run
+alternately by each checkout's own code and interpreter, in child processes.
 
     .venv/bin/python -m bench.ab --baseline /work/main [--rounds 2] [--repeats 3]
 

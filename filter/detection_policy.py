@@ -2,12 +2,12 @@
 
 The generated-output fast path searches only for faces of at least half the frame (see
 `DetectorSettings.min_face_fraction`), which halves detection time for face-centred
-crops. It cannot see a small face, so it may only be used where the generator provably
-emits one face-centred crop per image: by default, only for the embedded generator, whose
-agreement with the full path `make bench` measures (`fast_path_agreement`). For any
-other generator the operator must turn it on explicitly (`FACEGATE_GENERATED_FAST_PATH=on`)
-and accept the risk written in the README: a small enrolled face beside a large one would
-be missed.
+crops. It cannot see a small face beside a large one, and for some faces it keeps another
+box and landmarks than the full pyramid every index is enrolled with, so that an enrolled
+image can miss its own enrolment (`make bench`: `fast_path_self_match`). So no generator
+uses it by default (`FAST_PATH_VERIFIED_GENERATORS` is empty); an operator turns it on
+explicitly (`FACEGATE_GENERATED_FAST_PATH=on`, a startup warning) and accepts the risk
+written in the README ("Small faces and the fast path").
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ class Settings(BaseSettings):
         description="filter batches overlapped stage by stage; 0: 2 on a GPU, 1 on the CPU",
     )
     generated_fast_path: FastPathMode = Field(
-        FastPathMode.AUTO, description="auto: only for the embedded generator; on; off"
+        FastPathMode.AUTO,
+        description="auto: only for a verified generator (none: the full pyramid); on; off",
     )
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     jpeg_quality: int = Field(90, ge=1, le=100)
@@ -200,8 +201,9 @@ class Settings(BaseSettings):
     @field_validator("generated_fast_path", mode="before")
     @classmethod
     def _fast_path_booleans(cls, value: object) -> object:
-        # Earlier releases took a boolean meant for the embedded generator; "true" keeps that
-        # meaning (auto), and never widens the fast path to every generator.
+        # Earlier releases took a boolean meant for the embedded generator; "true" maps to
+        # auto, which no longer gives the fast path to any generator (README "Small faces and
+        # the fast path"): the safe direction, and never wider than before.
         aliases = dict.fromkeys(("true", "1", "yes"), "auto") | dict.fromkeys(
             ("false", "0", "no"), "off"
         )

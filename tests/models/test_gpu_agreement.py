@@ -30,13 +30,13 @@ from filter.decide import DecisionThresholds, NoFacePolicy
 from filter.detection_policy import filter_for_generator
 from filter.embedders import SFaceEmbedder
 from filter.fast_path_mode import FastPathMode
-from filter.gallery import build_gallery_index
+from filter.gallery import Enrolment, build_gallery_index
 from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
 from filter.images import decode_image
 from filter.index import FaissIdentityIndex
 from filter.numerics import compute_manifest, tf32_enabled
 from service.generators import latents_for, load_dcgan_digiface
-from tests.conftest import make_gallery
+from tests.conftest import FAST_PATH_MISMATCHED_SLOTS, make_gallery
 
 pytestmark = pytest.mark.gpu
 
@@ -158,6 +158,42 @@ def test_gpu_verdicts_agree_with_the_cpu_on_generated_faces(
     _assert_agrees(agreement, 0.999)
     rejected = sum(not v.passed for v in reference.verdicts(cpu.thresholds))
     assert rejected >= min(40, GENERATED // 2)
+
+
+def test_outputs_enrolled_on_the_cpu_match_themselves_as_the_gpu_serves_them(
+    models_dir: Path,
+    generated: list[np.ndarray],
+    pipeline: FaceEmbeddingPipeline,
+    gpu_pipeline: FaceEmbeddingPipeline,
+) -> None:
+    """An index built on one device serves on the other (README "On a GPU"). Verdict
+    agreement against a demo index is not enough (README "Small faces and the fast path"):
+    a generator output enrolled on the CPU must match itself as the GPU serves it. Every
+    one is an identity match; below 0.99 (another box) on at most 1 image in 500. The
+    fast path's probes are among them: outputs it detects another way than enrolment."""
+    generator = load_dcgan_digiface(models_dir)
+    probes = generator.generate(
+        np.stack([latents_for(1, s, 0, generator.latent_dim) for s in FAST_PATH_MISMATCHED_SLOTS])
+    )
+    images = [*generated[:256], *probes]
+    count = len(images)
+    enrolment = Enrolment(pipeline)
+    enrolment.add([(f"out-{i}", f"out-{i}", image) for i, image in enumerate(images)])
+    index = enrolment.build(detector_settings=detector_manifest(pipeline))
+    index.use_device(_device())
+    thresholds = DecisionThresholds(0.40, 0.90 if index.has_replicas else None)
+    served = filter_for_generator(
+        IdentityFilter(gpu_pipeline, index, thresholds, NoFacePolicy.REJECT),
+        "dcgan-digiface",
+        FastPathMode.AUTO,
+    )
+    faceless = set(enrolment.faceless_identities())
+    verdicts = served.check(images)
+    enrolled = [v for i, v in enumerate(verdicts) if f"out-{i}" not in faceless]
+    assert len(enrolled) >= count * 0.9
+    assert all(not v.passed and v.reason == "identity_match" for v in enrolled)
+    another_box = sum((v.max_similarity or 0.0) < 0.99 for v in enrolled)
+    assert another_box <= max(1, int(count * FLIPS_PER_IMAGE))
 
 
 def test_gpu_verdicts_do_not_depend_on_the_batch(

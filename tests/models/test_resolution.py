@@ -282,7 +282,7 @@ def test_photos_of_640_px_and_less_get_the_faces_they_got_before(
 @pytest.mark.slow
 def test_small_images_detect_as_before(tmp_path: Path) -> None:
     """Faces and verdicts on the test photos and 1,000 generated faces (full path and the
-    served fast path) equal the version-1 detector's: the same faces and verdicts, boxes
+    fast path) equal the version-1 detector's: the same faces and verdicts, boxes
     and scores within what another CPU's kernels move them (the reference was recorded
     on one CPU; `bench.ab --equivalence` compares two checkouts on one machine bit-close)."""
     out = tmp_path / "now.npz"
