@@ -13,6 +13,13 @@ path compares with:
 - `index publish`: the index the link points to now;
 - a reload: the thresholds the server is serving now.
 
+Nor may any of them silently undo an identity edit: `index publish` refuses a release not
+made from the live index when that would undo edits made there (`changes_undone`), and a
+server refuses to reload one, unless the release records that the operator chose the
+rollback against that very index (`index publish --discard-live-changes`:
+`discards_live_changes`). A link flipped by hand to an older release is refused by every
+server watching it, not served.
+
 Manifest fields across a change, in one place (`EDIT_FIELDS`, `RECALIBRATION_DROPS`):
 
 | field | `index add` / `remove` | `calibrate --save` |
@@ -20,7 +27,7 @@ Manifest fields across a change, in one place (`EDIT_FIELDS`, `RECALIBRATION_DRO
 | calibration (`calibration.json`) | carried, noted as carried | replaced |
 | `edits` (history) | carried (counts, keyed hashes), plus this edit | carried, plus `calibrate` |
 | `built_at`, `compute` (the edit records its own) | carried | carried |
-| `looser_acknowledged` | dropped: it was for one release | dropped, or given anew |
+| `looser_acknowledged`, `discards_live_changes` | dropped: for one release | dropped, or anew |
 | everything else | rebuilt from the edited tables | carried |
 
 Edit records name no one: an edit records how many identities it added or removed and,
@@ -38,6 +45,7 @@ from filter.decide import DecisionThresholds
 from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
 
 LOOSER_ACK = "looser_acknowledged"
+DISCARD_ACK = "discards_live_changes"
 EDITS = "edits"
 # The `op` of a recalibration's history entry: it links the recalibrated index to the one
 # it was made from, so that publish finds the branch exactly; it changes no identity.
@@ -48,7 +56,7 @@ IDENTITY_EDITS = ("add", "remove")
 EDIT_FIELDS = ("built_at", "compute")
 EDIT_ROLLED: dict[str, Any] = {}
 # Fields a recalibrated index does not keep (it keeps everything else).
-RECALIBRATION_DROPS = (LOOSER_ACK,)
+RECALIBRATION_DROPS = (LOOSER_ACK, DISCARD_ACK)
 # Thresholds are floats written to JSON and read back: equal within this is equal.
 TOLERANCE = 1e-9
 
@@ -212,7 +220,8 @@ def edited_manifest(
     for name, make in EDIT_ROLLED.items():
         manifest[name] = make()
     manifest[EDITS] = [*scrubbed_history(parent.get(EDITS), key), record]
-    manifest.pop(LOOSER_ACK, None)
+    for name in RECALIBRATION_DROPS:
+        manifest.pop(name, None)
     return manifest
 
 
@@ -272,6 +281,26 @@ def changes_undone(
         f"made from: {removals} removal(s), whose identities would be back, and "
         f"{additions} addition(s), whose identities would be released again"
     )
+
+
+def acknowledge_discard(manifest: dict[str, Any], *, by: str, replaces: str, undone: str) -> None:
+    """Record in `manifest` that this release replaces the index `replaces` knowingly,
+    undoing `undone` (a rollback): who said so and when."""
+    manifest[DISCARD_ACK] = {
+        "by": by,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "replaces_fingerprint": replaces,
+        "undoes": undone,
+    }
+
+
+def discard_acknowledged(manifest: dict[str, Any], replaces: str) -> dict[str, Any] | None:
+    """The release's acknowledgement that it may undo the edits of the index `replaces`
+    (None: it has none for that index; one given against another index covers nothing)."""
+    ack = manifest.get(DISCARD_ACK)
+    if isinstance(ack, dict) and ack.get("replaces_fingerprint") == replaces:
+        return ack
+    return None
 
 
 def _edits_since_branch(

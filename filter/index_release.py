@@ -32,7 +32,13 @@ from typing import Any
 from filter.decide import DecisionThresholds
 from filter.errors import FilterError
 from filter.index import FaissIdentityIndex
-from filter.index_lineage import accept_looser, acknowledgement, changes_undone
+from filter.index_lineage import (
+    accept_looser,
+    acknowledge_discard,
+    acknowledgement,
+    changes_undone,
+    discard_acknowledged,
+)
 from filter.index_store import (
     LABELS_FILE,
     MANIFEST_FILE,
@@ -177,9 +183,11 @@ def publish_folder(
 ) -> Published:
     """Copy a built index folder into `<link's folder>/releases/`, verify the copy
     (manifest, hashes, self-test), then flip `link` to it. The files are copied as they
-    are, so the fingerprint does not change, unless `allow_looser` records an
-    acknowledgement in the copy's manifest. Refuses (LooserIndexError) a release looser
-    than the link's current target that carries no acknowledgement."""
+    are, so the fingerprint does not change, unless an acknowledgement is recorded in the
+    copy's manifest (`allow_looser`, `discard_live_changes`). Refuses (LooserIndexError) a
+    release looser than the link's current target that carries no acknowledgement, and
+    (DivergedIndexError) one that would undo the live index's edits without
+    `discard_live_changes`."""
     source, link = Path(source), Path(link)
     built = FaissIdentityIndex.load(source)  # refuse a broken source early
     fingerprint = built.fingerprint
@@ -213,6 +221,14 @@ def publish_folder(
 
         # A copy: the release keeps its files (and fingerprint) unless acknowledged now.
         candidate = dict(built.manifest)
+        if undone is not None and discard_acknowledged(candidate, live.fingerprint) is None:
+            # Servers watching the link accept the rollback only with this record.
+            acknowledge_discard(
+                candidate,
+                by="index publish --discard-live-changes",
+                replaces=live.fingerprint,
+                undone=undone,
+            )
         looser = accept_looser(
             candidate,
             before=index_thresholds(live),

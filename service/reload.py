@@ -40,13 +40,20 @@ from filter.detection_policy import filter_for_generator
 from filter.embedders import resolve_device
 from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
 from filter.index import MANIFEST_FILE, FaissIdentityIndex, IdentityIndex
-from filter.index_lineage import covering_acknowledgement, describe_acknowledgement, loosenings
+from filter.index_lineage import (
+    changes_undone,
+    covering_acknowledgement,
+    describe_acknowledgement,
+    discard_acknowledged,
+    loosenings,
+)
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
 from filter.thresholds import FilterInForce, Thresholds
 from service.batcher import FilterSnapshot, ImageChecker
 from service.config import Settings
 from service.live_index import (
     RELOAD_FAILURE,
+    RELOAD_REFUSED_DIVERGED,
     RELOAD_REFUSED_LOOSER,
     RELOAD_SUCCESS,
     LiveIndexFacts,
@@ -219,7 +226,7 @@ class _InspectableChecker(Protocol):
 class ReloadObserver(Protocol):
     def index_loaded(self, live: LiveFilter) -> None: ...
     def reload_finished(self, result: str) -> None:
-        """`result` is RELOAD_SUCCESS, RELOAD_FAILURE or RELOAD_REFUSED_LOOSER."""
+        """`result` is one of RELOAD_RESULTS."""
         ...
 
 
@@ -268,6 +275,39 @@ def looser_refusal(serving: LiveFilter, loaded: LiveFilter) -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class Refusal:
+    result: str  # the reload metric's label
+    reason: str
+
+
+def release_refusal(serving: LiveFilter, loaded: LiveFilter) -> Refusal | None:
+    """Why `loaded` must not replace `serving` (None: it may): it would undo identity edits
+    of the index serving without a rollback recorded against that index (a link flipped
+    by hand to an older release), or it is looser without an acknowledgement."""
+    undone = changes_undone(
+        serving.index.manifest, serving.fingerprint, loaded.index.manifest, loaded.fingerprint
+    )
+    if undone is not None:
+        ack = discard_acknowledged(loaded.index.manifest, serving.fingerprint)
+        if ack is None:
+            return Refusal(
+                RELOAD_REFUSED_DIVERGED,
+                f"it was not made from the index serving, and serving it would undo {undone}."
+                " Make it again from the live index, or publish it with `facegate index "
+                "publish --discard-live-changes` if that rollback is intended",
+            )
+        log.warning(
+            "index %s undoes %s, as `%s` recorded at %s",
+            loaded.fingerprint,
+            ack.get("undoes", "changes of the index serving"),
+            ack.get("by", "?"),
+            ack.get("at", "?"),
+        )
+    looser = looser_refusal(serving, loaded)
+    return None if looser is None else Refusal(RELOAD_REFUSED_LOOSER, looser)
+
+
 class IndexReloader:
     """Reloads serialised: a SIGHUP during a reload waits for it, then loads again."""
 
@@ -277,7 +317,7 @@ class IndexReloader:
         target: SwappableChecker,
         live: LiveFilter,
         observer: ReloadObserver,
-        guard: Callable[[LiveFilter, LiveFilter], str | None] = looser_refusal,
+        guard: Callable[[LiveFilter, LiveFilter], Refusal | None] = release_refusal,
     ) -> None:
         self._load = load
         self.target = target
@@ -317,9 +357,9 @@ class IndexReloader:
                     old.path,
                     live.fingerprint,
                     live.path,
-                    refusal,
+                    refusal.reason,
                 )
-                self.observer.reload_finished(RELOAD_REFUSED_LOOSER)
+                self.observer.reload_finished(refusal.result)
                 return False
             self.target.swap(live.checker, live.in_force, live.index.salt)
             self.live = live

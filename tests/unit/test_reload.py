@@ -253,3 +253,55 @@ def test_a_reload_never_loosens_without_an_acknowledgement(
     serving = "B" if result == "success" else "A"
     assert reloader.live.fingerprint == serving
     assert [v.detail for v in swappable.check([np.zeros(1)])] == [serving]
+
+
+def test_a_link_flipped_by_hand_to_an_older_release_is_refused_a_published_rollback_served(
+    tmp_path: Path,
+) -> None:
+    """The edit-history rule `index publish` keeps, kept by the servers too: a link flipped
+    by hand back to the release before an `index remove` (or an opt-out's `index add`)
+    would undo it on every watching server. Only a rollback published knowingly, recorded
+    against the index serving, is served."""
+    from filter.index import FaissIdentityIndex
+    from filter.index_lineage import discard_acknowledged
+    from filter.index_release import flip_link
+    from service.reload import release_refusal
+    from tests.commands import facegate
+    from tests.unit.test_index_atomic import small_index
+
+    release = tmp_path / "releases" / "r1"
+    small_index(1).save(release)
+    link = tmp_path / "current"
+    flip_link(link, release)
+    removed = facegate("index", "remove", str(link), "--identity", "person-1-0")
+    assert removed.returncode == 0, removed.stderr
+    edited = Path(os.path.realpath(link))
+
+    def loaded(path: Path) -> LiveFilter:
+        index = FaissIdentityIndex.load(path)
+        thresholds = Thresholds()
+        return LiveFilter(Named(index.fingerprint), index, thresholds, None, path, None)  # type: ignore[arg-type]
+
+    serving = loaded(edited)
+    swappable = SwappableChecker(serving.checker)
+    observed = Observed()
+    flip_link(link, release)  # by hand
+    refusal = release_refusal(serving, loaded(link))
+    assert refusal is not None and refusal.result == "refused_diverged"
+    assert "1 removal(s), whose identities would be back" in refusal.reason
+    reloader = IndexReloader(lambda: loaded(link), swappable, serving, observed)
+    assert asyncio.run(reloader.reload("test")) is False
+    assert observed.results == ["refused_diverged"]
+    assert reloader.live is serving
+    assert [v.detail for v in swappable.check([np.zeros(1)])] == [serving.fingerprint]
+
+    flip_link(link, edited)
+    published = facegate("index", "publish", str(release), str(link), "--discard-live-changes")
+    assert published.returncode == 0, published.stderr
+    rollback = loaded(link)
+    ack = discard_acknowledged(rollback.index.manifest, serving.fingerprint)
+    assert ack is not None and "1 removal(s)" in ack["undoes"]
+    assert discard_acknowledged(rollback.index.manifest, "another index") is None
+    assert release_refusal(serving, rollback) is None
+    assert asyncio.run(reloader.reload("test")) is True
+    assert reloader.live.fingerprint == rollback.fingerprint != serving.fingerprint
