@@ -17,8 +17,9 @@ Nor may any of them silently undo an identity edit: `index publish` refuses a re
 made from the live index when that would undo edits made there (`changes_undone`), and a
 server refuses to reload one, unless the release records that the operator chose the
 rollback against that very index (`index publish --discard-live-changes`:
-`discards_live_changes`). A link flipped by hand to an older release is refused by every
-server watching it, not served.
+`discards_live_changes`; its copy keeps the lineage of the release it copies). A link
+flipped by hand to an older release is refused by every server that reloads it (a
+restart, which compares with nothing, serves it).
 
 Manifest fields across a change, in one place (`EDIT_FIELDS`, `RECALIBRATION_DROPS`):
 
@@ -260,10 +261,17 @@ def changes_undone(
     threshold rule judges that), or neither was ever edited (a rebuild replacing a
     rebuild): otherwise whatever changed the live index since `new` was made from an
     older one (an erasure, an opt-out, a rebuild) would silently be gone."""
-    if new_fingerprint == live_fingerprint or made_from(new, live_fingerprint):
+    # A rollback's copy is the release it copies plus the record of the rollback (another
+    # fingerprint): for lineage it is that release.
+    live_names = {live_fingerprint, _copy_of(live)} - {None}
+    new_names = {new_fingerprint, _copy_of(new)} - {None}
+    if live_names & new_names or any(made_from(new, name) for name in live_names if name):
         return None
     since, branched = _edits_since_branch(
-        _history(live), live_fingerprint, _history(new), new_fingerprint
+        _history(live),
+        _copy_of(live) or live_fingerprint,
+        _history(new),
+        _copy_of(new) or new_fingerprint,
     )
     live_edits = [e for e in since if e.get("op") in IDENTITY_EDITS]
     if not live_edits:
@@ -283,15 +291,25 @@ def changes_undone(
     )
 
 
-def acknowledge_discard(manifest: dict[str, Any], *, by: str, replaces: str, undone: str) -> None:
+def acknowledge_discard(
+    manifest: dict[str, Any], *, by: str, replaces: str, undone: str, copy_of: str
+) -> None:
     """Record in `manifest` that this release replaces the index `replaces` knowingly,
-    undoing `undone` (a rollback): who said so and when."""
+    undoing `undone` (a rollback): who said so and when, and which release it is a copy of
+    (`copy_of`: the record changes the fingerprint, not the lineage)."""
     manifest[DISCARD_ACK] = {
         "by": by,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "replaces_fingerprint": replaces,
         "undoes": undone,
+        "copy_of": _copy_of(manifest) or copy_of,
     }
+
+
+def _copy_of(manifest: dict[str, Any]) -> str | None:
+    ack = manifest.get(DISCARD_ACK)
+    original = ack.get("copy_of") if isinstance(ack, dict) else None
+    return original if isinstance(original, str) and original else None
 
 
 def discard_acknowledged(manifest: dict[str, Any], replaces: str) -> dict[str, Any] | None:

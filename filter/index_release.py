@@ -4,7 +4,9 @@ or the new one, whole, never a folder half written.
 The layout that makes this atomic is a symlink: FACEGATE_INDEX_PATH names a link (e.g.
 `/index/current`) to a release folder (`/index/releases/<name>`). A new index is written
 to a new release folder, verified, and the link is replaced with one rename(2). The
-server resolves the link at each reload; old releases stay for a rollback (flip back).
+server resolves the link at each reload; old releases stay for a rollback (`index publish
+OLDER LINK --discard-live-changes` where edits are undone: servers refuse a hand flip that
+undoes them).
 A plain folder is replaced by an atomic exchange (filter.index_store.swap_in).
 
 Publishing never loosens silently: a release whose thresholds are looser than those of
@@ -228,6 +230,7 @@ def publish_folder(
                 by="index publish --discard-live-changes",
                 replaces=live.fingerprint,
                 undone=undone,
+                copy_of=fingerprint,
             )
         looser = accept_looser(
             candidate,

@@ -1,8 +1,9 @@
 """MTCNN's three stages as batched tensor programs, with facenet-pytorch's own networks.
 
 The algorithm is facenet-pytorch's `detect_face` (pyramid, PNet, RNet, ONet, the same
-thresholds, regressions and NMS), rewritten so that each stage is one tensor program over
-every box of every image in the batch:
+thresholds, regressions and NMS, except that in the last NMS a box under a third of
+another's area does not suppress it: version 3, `filter.nms`), rewritten so that each
+stage is one tensor program over every box of every image in the batch:
 
 - one summed-area table of the batch serves every resampling. Area resampling (what
   facenet-pytorch's `interpolate(mode="area")` does) is the mean of a rectangle of source
@@ -49,7 +50,10 @@ NAME = "mtcnn-batched"
 # Bump when a change can move a box or a landmark: the index manifest records it, and an
 # index built with another version is refused. 2: images over max_side are also searched
 # at native resolution (filter/tiling.py); images of max_side or less detect as in 1.
-VERSION = "2"
+# 3: in the last NMS a box under a third of another's area no longer suppresses it
+# (filter/nms.py, ENCLOSED_AREA_RATIO), so both are kept (and a box the larger one then
+# suppresses is not); the rest as in 2. No box moved on the equivalence sets.
+VERSION = "3"
 
 ROW_QUANTUM = 16
 # Boxes whose crops are made at once (the bound on the crops' memory).

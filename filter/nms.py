@@ -2,7 +2,8 @@
 
 - `grouped_nms`: greedy IoU NMS within each group (image) for a whole batch in one
   `torchvision.ops.nms` call, groups kept apart by exact offsets;
-- `min_nms`: facenet-pytorch's last NMS ("Min": intersection over the smaller box).
+- `min_nms`: facenet-pytorch's last NMS ("Min": intersection over the smaller box), except
+  that a box under a third of another's area never suppresses it (`ENCLOSED_AREA_RATIO`).
 Neither builds a structure quadratic in a whole batch's boxes: above NMS_MAX_BOXES the
 IoU NMS runs in calls per chunk of groups, above NMS_BLOCK the Min NMS runs per group, a
 block of boxes at a time against those already kept. Both give exactly what one call over
@@ -19,6 +20,12 @@ import torchvision
 # Boxes per IoU NMS call and per block of the Min NMS: memory bounds, not results.
 NMS_MAX_BOXES = 16_384
 NMS_BLOCK = 1024
+# In the last NMS a box suppresses another only if its area is at least this fraction of
+# the other's. MTCNN's "Min" overlap of a box inside a larger one is 1, so a small false
+# detection inside a face (part of it, scored higher) removed the face's own box, and the
+# face was searched through that crop only (1 of 6,144 generated faces, README "The
+# detector"); duplicates of one face are boxes of about one size and are still merged.
+ENCLOSED_AREA_RATIO = 1 / 3
 # NMS coordinates are snapped to this grid (1/65536 px) so that adding a per-image offset
 # is exact in float64; the snap moves a box by at most 2^-17 px, below float32 rounding
 # of the coordinates themselves.
@@ -83,7 +90,8 @@ def _groupchunks(groups: torch.Tensor, limit: int) -> list[torch.Tensor]:
 
 def min_nms(boxes: torch.Tensor, groups: torch.Tensor, threshold: float) -> torch.Tensor:
     """facenet-pytorch's last NMS ("Min": intersection over the smaller box, +1 pixel
-    areas), greedy within each group: indices kept, by decreasing score.
+    areas), greedy within each group: indices kept, by decreasing score. A box under
+    ENCLOSED_AREA_RATIO of another's area does not suppress it (facenet-pytorch's does).
 
     Ties (ONet often scores several boxes of one face 1.0) go to the later box, as in
     facenet-pytorch, whose NumPy NMS takes the last of an ascending stable argsort.
@@ -115,20 +123,22 @@ def _blocked_min_nms(b: torch.Tensor, threshold: float) -> torch.Tensor:
         alive = torch.ones(len(block), dtype=torch.bool, device=b.device)
         kept = keep[:start].nonzero()[:, 0] if start else none
         for i, j in chunks(len(kept), NMS_BLOCK) if len(kept) else []:
-            alive &= ~(_min_overlap(b[kept[i:j]], block) > threshold).any(dim=0)
+            alive &= ~_suppression(b[kept[i:j]], block, threshold).any(dim=0)
         same = torch.zeros(len(block), dtype=torch.int64, device=b.device)
         keep[start:stop] = _greedy_block(block, same, alive, threshold)
     return keep
 
 
-def _min_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Intersection over the smaller box (+1 pixel areas) of every pair (rows a, columns b)."""
+def _suppression(a: torch.Tensor, b: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Whether box a (rows) may suppress box b (columns): intersection over the smaller box
+    (+1 pixel areas) above `threshold`, and a not under ENCLOSED_AREA_RATIO of b's area."""
     area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
     area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
     w = torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])
     h = torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])
     inter = (w + 1).clamp(min=0) * (h + 1).clamp(min=0)
-    return inter / torch.minimum(area_a[:, None], area_b[None, :])
+    overlap = inter / torch.minimum(area_a[:, None], area_b[None, :])
+    return (overlap > threshold) & (area_a[:, None] >= ENCLOSED_AREA_RATIO * area_b[None, :])
 
 
 def _greedy_block(
@@ -137,7 +147,7 @@ def _greedy_block(
     """Greedy NMS among boxes in score order, of which only `alive` ones may be kept (and
     suppress): the keep mask."""
     earlier = torch.ones((len(b), len(b)), dtype=torch.bool, device=b.device).triu(diagonal=1)
-    suppresses = (_min_overlap(b, b) > threshold) & earlier & (g[:, None] == g[None, :])
+    suppresses = _suppression(b, b, threshold) & earlier & (g[:, None] == g[None, :])
     # Greedy NMS is the fixed point of "kept unless a kept earlier box suppresses it"; from
     # all-kept the first k entries are final after k rounds, and it usually takes two.
     keep = alive.clone()

@@ -236,7 +236,9 @@ class ServiceMetrics:
         self.index_reloads = Counter(
             "facegate_index_reloads",
             "Index reloads (SIGHUP or file watch) by result: success, failure (refused: "
-            "corrupt, mismatched...), refused_looser (looser thresholds, no acknowledgement)",
+            "corrupt, mismatched...), refused_looser (looser thresholds, no acknowledgement), "
+            "refused_diverged (would undo identity edits of the index serving, no rollback "
+            "recorded against it)",
             ["result"],
             registry=r,
         )

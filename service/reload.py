@@ -19,6 +19,12 @@ warns where the index's calibration is looser than the defaults, saying whether 
 acknowledgement covers that step (`service.threshold_notices`; it does not refuse: a restart
 cannot know what served before). An explicit threshold setting is the operator's own
 choice and is not refused, but logged as a warning where it is looser.
+
+Nor does a reload undo identity edits silently: an index not made from the one serving,
+that would undo its removals or additions (a link flipped by hand to an older release),
+is refused (`refused_diverged`) unless it records a rollback chosen against the index
+serving (`index publish --discard-live-changes`; `release_refusal`). Startup compares with
+nothing, so a restart serves whatever the path names.
 """
 
 from __future__ import annotations
@@ -294,8 +300,11 @@ def release_refusal(serving: LiveFilter, loaded: LiveFilter) -> Refusal | None:
             return Refusal(
                 RELOAD_REFUSED_DIVERGED,
                 f"it was not made from the index serving, and serving it would undo {undone}."
-                " Make it again from the live index, or publish it with `facegate index "
-                "publish --discard-live-changes` if that rollback is intended",
+                " Make it again from the index serving, or, if the rollback is intended, "
+                f"point the link back at {serving.path} and publish it with `facegate index "
+                "publish OLDER LINK --discard-live-changes`, which records it (where "
+                "FACEGATE_INDEX_PATH is a folder, a restart serves it: startup compares "
+                "with nothing)",
             )
         log.warning(
             "index %s undoes %s, as `%s` recorded at %s",

@@ -305,3 +305,10 @@ def test_a_link_flipped_by_hand_to_an_older_release_is_refused_a_published_rollb
     assert release_refusal(serving, rollback) is None
     assert asyncio.run(reloader.reload("test")) is True
     assert reloader.live.fingerprint == rollback.fingerprint != serving.fingerprint
+    # The rollback's copy has its own fingerprint but the lineage of r1: rolling forward to
+    # the edited index again undoes nothing, for publish and for the servers alike.
+    forward = facegate("index", "publish", str(edited), str(link))
+    assert forward.returncode == 0, forward.stderr
+    assert release_refusal(rollback, loaded(link)) is None
+    assert asyncio.run(reloader.reload("test")) is True
+    assert reloader.live.fingerprint == serving.fingerprint

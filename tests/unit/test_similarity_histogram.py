@@ -58,6 +58,7 @@ def test_the_server_builds_with_any_accepted_threshold(threshold: float) -> None
     text = generate_latest(server.metrics.registry).decode()
     # A refused looser reload has its own result, exported from 0 for the alert's rate.
     assert 'facegate_index_reloads_total{result="refused_looser"} 0.0' in text
+    assert 'facegate_index_reloads_total{result="refused_diverged"} 0.0' in text
 
 
 def test_rejections_are_counted_above_the_threshold() -> None:
