@@ -38,6 +38,7 @@ log's (`filter.keys`), so `facegate audit hash LABEL` finds a person in both.
 
 from __future__ import annotations
 
+import calendar
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -312,13 +313,28 @@ def _copy_of(manifest: dict[str, Any]) -> str | None:
     return original if isinstance(original, str) and original else None
 
 
-def discard_acknowledged(manifest: dict[str, Any], replaces: str) -> dict[str, Any] | None:
+def discard_acknowledged(
+    manifest: dict[str, Any], replaces: str, serving_since: float | None = None
+) -> dict[str, Any] | None:
     """The release's acknowledgement that it may undo the edits of the index `replaces`
-    (None: it has none for that index; one given against another index covers nothing)."""
+    (None: it has none for that index; one given against another index covers nothing).
+    With `serving_since` (when a server began serving `replaces`), one recorded before
+    then covers nothing either: it was given for an earlier time that index served, before
+    a roll forward brought it back (a hand flip to the old rollback would undo it again).
+    The record has whole seconds, hence one second of grace; a clock behind refuses."""
     ack = manifest.get(DISCARD_ACK)
-    if isinstance(ack, dict) and ack.get("replaces_fingerprint") == replaces:
-        return ack
-    return None
+    if not isinstance(ack, dict) or ack.get("replaces_fingerprint") != replaces:
+        return None
+    if serving_since is not None and _recorded_at(ack) + 1 < serving_since:
+        return None
+    return ack
+
+
+def _recorded_at(ack: dict[str, Any]) -> float:
+    try:
+        return float(calendar.timegm(time.strptime(str(ack.get("at")), "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return float("-inf")  # no readable time: as old as can be
 
 
 def _edits_since_branch(

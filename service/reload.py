@@ -23,8 +23,8 @@ choice and is not refused, but logged as a warning where it is looser.
 Nor does a reload undo identity edits silently: an index not made from the one serving,
 that would undo its removals or additions (a link flipped by hand to an older release),
 is refused (`refused_diverged`) unless it records a rollback chosen against the index
-serving (`index publish --discard-live-changes`; `release_refusal`). Startup compares with
-nothing, so a restart serves whatever the path names.
+serving (`index publish --discard-live-changes`; `service.reload_guard`). Startup compares
+with nothing, so a restart serves whatever the path names.
 """
 
 from __future__ import annotations
@@ -46,24 +46,16 @@ from filter.detection_policy import filter_for_generator
 from filter.embedders import resolve_device
 from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
 from filter.index import MANIFEST_FILE, FaissIdentityIndex, IdentityIndex
-from filter.index_lineage import (
-    changes_undone,
-    covering_acknowledgement,
-    describe_acknowledgement,
-    discard_acknowledged,
-    loosenings,
-)
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
 from filter.thresholds import FilterInForce, Thresholds
 from service.batcher import FilterSnapshot, ImageChecker
 from service.config import Settings
 from service.live_index import (
     RELOAD_FAILURE,
-    RELOAD_REFUSED_DIVERGED,
-    RELOAD_REFUSED_LOOSER,
     RELOAD_SUCCESS,
     LiveIndexFacts,
 )
+from service.reload_guard import Refusal, release_refusal
 from service.threshold_notices import override_warnings
 
 log = logging.getLogger("facegate.reload")
@@ -254,67 +246,6 @@ class ReloadFacts:
 
     def reload_finished(self, result: str) -> None:
         self.sink.reload_finished(result)
-
-
-def looser_refusal(serving: LiveFilter, loaded: LiveFilter) -> str | None:
-    """Why `loaded` must not replace `serving`: its thresholds are looser and it carries no
-    acknowledgement covering this step (None: it may)."""
-    before, after = serving.thresholds.decision, loaded.thresholds.decision
-    looser = loosenings(before, after)
-    if not looser:
-        return None
-    ack = covering_acknowledgement(loaded.index.manifest, before, after)
-    if ack is not None:
-        log.warning(
-            "index %s loosens the filter (%s), %s",
-            loaded.fingerprint,
-            "; ".join(looser),
-            describe_acknowledgement(ack),
-        )
-        return None
-    return (
-        f"its thresholds are looser than those serving ({'; '.join(looser)}) and it carries "
-        "no acknowledgement covering this step (one given against a looser predecessor does "
-        "not cover a step from stricter thresholds): publish it with `facegate index "
-        "publish --allow-looser` (or save its calibration with `calibrate --save "
-        "--allow-looser`) if that is intended"
-    )
-
-
-@dataclass(frozen=True)
-class Refusal:
-    result: str  # the reload metric's label
-    reason: str
-
-
-def release_refusal(serving: LiveFilter, loaded: LiveFilter) -> Refusal | None:
-    """Why `loaded` must not replace `serving` (None: it may): it would undo identity edits
-    of the index serving without a rollback recorded against that index (a link flipped
-    by hand to an older release), or it is looser without an acknowledgement."""
-    undone = changes_undone(
-        serving.index.manifest, serving.fingerprint, loaded.index.manifest, loaded.fingerprint
-    )
-    if undone is not None:
-        ack = discard_acknowledged(loaded.index.manifest, serving.fingerprint)
-        if ack is None:
-            return Refusal(
-                RELOAD_REFUSED_DIVERGED,
-                f"it was not made from the index serving, and serving it would undo {undone}."
-                " Make it again from the index serving, or, if the rollback is intended, "
-                f"point the link back at {serving.path} and publish it with `facegate index "
-                "publish OLDER LINK --discard-live-changes`, which records it (where "
-                "FACEGATE_INDEX_PATH is a folder, a restart serves it: startup compares "
-                "with nothing)",
-            )
-        log.warning(
-            "index %s undoes %s, as `%s` recorded at %s",
-            loaded.fingerprint,
-            ack.get("undoes", "changes of the index serving"),
-            ack.get("by", "?"),
-            ack.get("at", "?"),
-        )
-    looser = looser_refusal(serving, loaded)
-    return None if looser is None else Refusal(RELOAD_REFUSED_LOOSER, looser)
 
 
 class IndexReloader:

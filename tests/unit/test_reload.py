@@ -265,7 +265,7 @@ def test_a_link_flipped_by_hand_to_an_older_release_is_refused_a_published_rollb
     from filter.index import FaissIdentityIndex
     from filter.index_lineage import discard_acknowledged
     from filter.index_release import flip_link
-    from service.reload import release_refusal
+    from service.reload_guard import release_refusal
     from tests.commands import facegate
     from tests.unit.test_index_atomic import small_index
 
@@ -299,6 +299,7 @@ def test_a_link_flipped_by_hand_to_an_older_release_is_refused_a_published_rollb
     published = facegate("index", "publish", str(release), str(link), "--discard-live-changes")
     assert published.returncode == 0, published.stderr
     rollback = loaded(link)
+    rollback_folder = Path(os.path.realpath(link))
     ack = discard_acknowledged(rollback.index.manifest, serving.fingerprint)
     assert ack is not None and "1 removal(s)" in ack["undoes"]
     assert discard_acknowledged(rollback.index.manifest, "another index") is None
@@ -312,3 +313,13 @@ def test_a_link_flipped_by_hand_to_an_older_release_is_refused_a_published_rollb
     assert release_refusal(rollback, loaded(link)) is None
     assert asyncio.run(reloader.reload("test")) is True
     assert reloader.live.fingerprint == serving.fingerprint
+    # A hand flip back to that rollback's copy later: its record names the index serving
+    # again, but it was given before this server began serving it (the roll forward), for
+    # an earlier time, so the servers refuse it as any hand flip.
+    import time
+    from dataclasses import replace
+
+    later = replace(reloader.live, loaded_at=time.time() + 5)
+    refusal = release_refusal(later, loaded(rollback_folder))
+    assert refusal is not None and refusal.result == "refused_diverged"
+    assert "predates this server's load" in refusal.reason
