@@ -21,7 +21,7 @@ rollback against that very index (`index publish --discard-live-changes`:
 flipped by hand to an older release is refused by every server that reloads it (a
 restart, which compares with nothing, serves it).
 
-Manifest fields across a change, in one place (`EDIT_FIELDS`, `RECALIBRATION_DROPS`):
+Manifest fields across a change, in one place (`EDIT_FIELDS`, `RELEASE_ONLY_FIELDS`):
 
 | field | `index add` / `remove` | `calibrate --save` |
 |---|---|---|
@@ -57,8 +57,8 @@ IDENTITY_EDITS = ("add", "remove")
 # change must draw anew (a per-release salt, say) go in EDIT_ROLLED with their maker.
 EDIT_FIELDS = ("built_at", "compute")
 EDIT_ROLLED: dict[str, Any] = {}
-# Fields a recalibrated index does not keep (it keeps everything else).
-RECALIBRATION_DROPS = (LOOSER_ACK, DISCARD_ACK)
+# Fields given for one release only: neither an edited nor a recalibrated index keeps them.
+RELEASE_ONLY_FIELDS = (LOOSER_ACK, DISCARD_ACK)
 # Thresholds are floats written to JSON and read back: equal within this is equal.
 TOLERANCE = 1e-9
 
@@ -222,7 +222,7 @@ def edited_manifest(
     for name, make in EDIT_ROLLED.items():
         manifest[name] = make()
     manifest[EDITS] = [*scrubbed_history(parent.get(EDITS), key), record]
-    for name in RECALIBRATION_DROPS:
+    for name in RELEASE_ONLY_FIELDS:
         manifest.pop(name, None)
     return manifest
 
@@ -230,7 +230,7 @@ def edited_manifest(
 def recalibrated_manifest(parent: dict[str, Any], parent_fingerprint: str) -> dict[str, Any]:
     """The manifest a recalibrated index starts from: the parent's, minus what was given
     for the parent release only, plus a history entry naming the parent."""
-    manifest = {k: v for k, v in parent.items() if k not in RECALIBRATION_DROPS}
+    manifest = {k: v for k, v in parent.items() if k not in RELEASE_ONLY_FIELDS}
     manifest[EDITS] = [*_history(parent), edit_record(CALIBRATE, [], parent_fingerprint, None)]
     return manifest
 
@@ -264,9 +264,9 @@ def changes_undone(
     older one (an erasure, an opt-out, a rebuild) would silently be gone."""
     # A rollback's copy is the release it copies plus the record of the rollback (another
     # fingerprint): for lineage it is that release.
-    live_names = {live_fingerprint, _copy_of(live)} - {None}
-    new_names = {new_fingerprint, _copy_of(new)} - {None}
-    if live_names & new_names or any(made_from(new, name) for name in live_names if name):
+    live_names = {name for name in (live_fingerprint, _copy_of(live)) if name}
+    new_names = {name for name in (new_fingerprint, _copy_of(new)) if name}
+    if live_names & new_names or any(made_from(new, name) for name in live_names):
         return None
     since, branched = _edits_since_branch(
         _history(live),
