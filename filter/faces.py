@@ -142,8 +142,9 @@ def effective_min_face(settings: DetectorSettings, short_side: int) -> float:
 
 class Detector(Protocol):
     def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
-        """Faces found in each HxWx3 uint8 RGB image, in input order. An image the detector
-        cannot search (see `searchable`) gets an empty list, never an exception."""
+        """Faces found in each HxWx3 uint8 RGB image, in input order. An image may be a
+        view with any strides (a turned image is one). An image the detector cannot search
+        (see `searchable`) gets an empty list, never an exception."""
         ...
 
     def searchable(self, height: int, width: int) -> bool:
@@ -276,10 +277,12 @@ def _check_rgb(image: np.ndarray) -> None:
 
 # Pixels of the windows in one detection call: the bound on its working memory (about
 # 60 bytes a pixel: the float copy, PNet's activations, the summed-area table), not on
-# its results, which do not depend on the batch. On the CPU 16 overview copies of
-# 512x512, 64 generated faces (160x160) or four full windows make one call; a GPU keeps
-# the batches that fill it (512 generated faces) whole.
-DETECT_BATCH_PIXELS = {"cpu": 4 * 1024 * 1024, "cuda": 32 * 1024 * 1024}
+# its results, which do not depend on the batch. On the CPU 8 overview copies of
+# 512x512, 64 generated faces (160x160) or two full windows make one call (4 MP cost a
+# 64 MP image about 0.1 GiB more at its peak, for no speed: python -m bench.run filter
+# and the slow memory test); a GPU keeps the batches that fill it (512 generated faces)
+# whole.
+DETECT_BATCH_PIXELS = {"cpu": 2 * 1024 * 1024, "cuda": 32 * 1024 * 1024}
 # Faces found by two passes or two windows are one face when their boxes overlap by this
 # much (IoU). Not facenet-pytorch's "Min" overlap: that would let a small detection
 # inside a large face (an eye at native resolution) remove the large face itself. Boxes

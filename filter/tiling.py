@@ -151,12 +151,13 @@ def _bounds(start: int, size: int, length: int, guard: int) -> tuple[float, floa
 
 
 def resized(image: np.ndarray, scale: float) -> np.ndarray:
-    """The image at `scale` (area when shrinking, bilinear when enlarging); itself at 1."""
+    """The image at `scale` (area when shrinking, bilinear when enlarging); the image
+    itself, as given, at 1 (see `Copies`)."""
     if scale == 1.0:
-        return np.ascontiguousarray(image)
+        return image
     height, width = copy_size(image.shape[0], image.shape[1], scale)
     interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    return cv2.resize(image, (width, height), interpolation=interpolation)
+    return cv2.resize(np.ascontiguousarray(image), (width, height), interpolation=interpolation)
 
 
 @dataclass(frozen=True)
@@ -171,22 +172,42 @@ class Unit:
 
 class Copies:
     """Each pass's copy of each image, made on first use and dropped after its last
-    window, so that only the copies of the windows in flight are held."""
+    window, so that only the copies of the windows in flight are held.
+
+    A pass at native resolution searches the image itself, even a view (a turned image,
+    see `filter.turned`): each window is copied when its batch is stacked. A view's
+    smaller copies are all made at once from one contiguous copy of it, which then goes:
+    a 64 MP image is held twice only while they are made, never while it is searched
+    (the turned search held a contiguous copy throughout), and is copied once, not once
+    a pass (a strided copy of 64 MP takes about half a second)."""
 
     def __init__(self, images: Sequence[np.ndarray], units: Sequence[Unit]) -> None:
         self._images = images
         self._copies: dict[tuple[int, int], np.ndarray] = {}
         self._left: dict[tuple[int, int], int] = {}
+        self._scales: dict[tuple[int, int], float] = {}
         for unit in units:
             key = (unit.image, unit.index)
             self._left[key] = self._left.get(key, 0) + 1
+            self._scales[key] = unit.search.scale
 
     def window(self, unit: Unit) -> np.ndarray:
         key = (unit.image, unit.index)
         if key not in self._copies:
-            self._copies[key] = resized(self._images[unit.image], unit.search.scale)
+            self._make(unit.image, key)
         w = unit.window
         return self._copies[key][w.top : w.top + w.height, w.left : w.left + w.width]
+
+    def _make(self, image_index: int, key: tuple[int, int]) -> None:
+        image = self._images[image_index]
+        if self._scales[key] == 1.0 or image.flags.c_contiguous:
+            self._copies[key] = resized(image, self._scales[key])
+            return
+        whole = np.ascontiguousarray(image)
+        for other, scale in self._scales.items():
+            pending = other not in self._copies and self._left[other] > 0
+            if other[0] == image_index and scale != 1.0 and pending:
+                self._copies[other] = resized(whole, scale)
 
     def done(self, unit: Unit) -> None:
         key = (unit.image, unit.index)

@@ -52,8 +52,9 @@ class TurnedDetector:
     def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
         found = [list(faces) for faces in self.inner.detect(images)]
         for turn in self.turns:
-            # One turn at a time: one turned copy of the batch in memory beside it.
-            turned = [np.ascontiguousarray(np.rot90(image, turn)) for image in images]
+            # Views, not copies: the detector copies only the windows it searches (and a
+            # pass's smaller copy), so a 64 MP image is not held twice while it is searched.
+            turned = [np.rot90(image, turn) for image in images]
             for faces, image, extra in zip(found, images, self.inner.detect(turned), strict=True):
                 height, width = image.shape[:2]
                 for face in sorted(extra, key=lambda f: -f.score):

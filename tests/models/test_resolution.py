@@ -116,6 +116,24 @@ def check_in_child(index: Path, images: list[Path]) -> tuple[list[dict[str, obje
     return lines, kib * 1024
 
 
+def test_a_turned_view_of_a_large_image_gets_the_faces_of_its_contiguous_copy(
+    pipeline: FaceEmbeddingPipeline,
+) -> None:
+    """The turned search hands the detector views (no second copy of a 64 MP image); every
+    pass, the native one searched in windows of the view, finds what it finds in a copy.
+    The image is stored a quarter turn away, so that its turned view shows the faces."""
+    stored = np.ascontiguousarray(np.rot90(scenes.composite(1536, 40), -1))
+    view = np.rot90(stored, 1)
+    detector = pipeline.aligner.detector
+    [from_view] = detector.detect([view])
+    [from_copy] = detector.detect([np.ascontiguousarray(view)])
+    assert len(from_view) >= 2  # the member's ~20 px face (the native pass's) and the other
+    assert [f.box for f in from_view] == [f.box for f in from_copy]
+    assert [f.score for f in from_view] == [f.score for f in from_copy]
+    for a, b in zip(from_view, from_copy, strict=True):
+        assert np.array_equal(a.landmarks, b.landmarks)
+
+
 def test_a_small_member_on_a_large_canvas_is_searched_and_the_canvas_alone_passes(
     pipeline: FaceEmbeddingPipeline, held_out: Path
 ) -> None:

@@ -114,3 +114,21 @@ def test_the_turned_search_keeps_what_an_index_requires_of_the_detector() -> Non
     assert isinstance(turned.aligner.detector, TurnedDetector)
     assert turned.aligner.detector.settings is inner.settings  # the manifest's detector
     assert turned.embedder is pipeline.embedder and turned.max_faces == pipeline.max_faces
+
+
+def test_each_turn_is_searched_as_a_view_of_the_image_not_a_copy() -> None:
+    """A turned copy of a 64 MP image is 192 MB held beside it for the whole search; the
+    detector copies only the windows it searches (tests/models/test_resolution.py)."""
+    seen: list[np.ndarray] = []
+
+    class Recording(Scripted):
+        def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
+            seen.extend(images)
+            return super().detect(images)
+
+    image = _marked_image()
+    TurnedDetector(Recording([], {})).detect([image])
+    assert len(seen) == 1 + len(TURNS)
+    for turn, turned in zip(TURNS, seen[1:], strict=True):
+        assert np.shares_memory(turned, image)
+        assert np.array_equal(turned, np.rot90(image, turn))
