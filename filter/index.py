@@ -94,6 +94,12 @@ class IdentityIndex(Protocol):
     def vector_count(self) -> int: ...
 
 
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """The fingerprint of the index whose manifest this is (`FaissIdentityIndex.fingerprint`)."""
+    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
 class FaissIdentityIndex:
     """A loaded (or freshly built) index: face embeddings, replica features of the
     enrolled training images, an optional saved calibration, and the manifest."""
@@ -203,8 +209,7 @@ class FaissIdentityIndex:
     def fingerprint(self) -> str:
         """Short digest of the manifest (which holds the sha256 of every file): names the
         exact index that is live, in logs, metrics and batch manifests."""
-        canonical = json.dumps(self.manifest, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return manifest_fingerprint(self.manifest)
 
     @property
     def salt(self) -> bytes:

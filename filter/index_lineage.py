@@ -18,8 +18,9 @@ made from the live index when that would undo edits made there (`changes_undone`
 server refuses to reload one, unless the release records that the operator chose the
 rollback against that very index (`index publish --discard-live-changes`:
 `discards_live_changes`; its copy keeps the lineage of the release it copies). A link
-flipped by hand to an older release is refused by every server that reloads it (a
-restart, which compares with nothing, serves it).
+flipped by hand to an older release is refused by every server that reloads it, and by
+one that restarts on it, which compares it with the release facegate last published at
+the link (filter.release_record).
 
 Manifest fields across a change, in one place (`EDIT_FIELDS`, `RELEASE_ONLY_FIELDS`):
 
@@ -251,6 +252,12 @@ def carried_calibration(
 def made_from(manifest: dict[str, Any], fingerprint: str) -> bool:
     """Whether the index of `manifest` was edited from (a descendant of) `fingerprint`."""
     return any(entry.get("from_fingerprint") == fingerprint for entry in _history(manifest))
+
+
+def lineage_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """All of a manifest that `changes_undone` reads (its edit history and its rollback
+    record), to judge a release whose folder may be gone: filter.release_record keeps it."""
+    return {key: manifest[key] for key in (EDITS, DISCARD_ACK) if key in manifest}
 
 
 def changes_undone(

@@ -6,7 +6,8 @@ The layout that makes this atomic is a symlink: FACEGATE_INDEX_PATH names a link
 to a new release folder, verified, and the link is replaced with one rename(2). The
 server resolves the link at each reload; old releases stay for a rollback (`index publish
 OLDER LINK --discard-live-changes` where edits are undone: servers refuse a hand flip that
-undoes them).
+undoes them, on reload and, from the record each flip here leaves beside the link
+(filter.release_record), on restart).
 A plain folder is replaced by an atomic exchange (filter.index_store.swap_in).
 
 Publishing never loosens silently: a release whose thresholds are looser than those of
@@ -33,7 +34,7 @@ from typing import Any
 
 from filter.decide import DecisionThresholds
 from filter.errors import FilterError
-from filter.index import FaissIdentityIndex
+from filter.index import FaissIdentityIndex, manifest_fingerprint
 from filter.index_lineage import (
     accept_looser,
     acknowledge_discard,
@@ -48,6 +49,7 @@ from filter.index_store import (
     swap_in,
     write_json,
 )
+from filter.release_record import hand_flip, last_published, recording
 
 RELEASES_DIR = "releases"
 _RELEASE_SUFFIX = re.compile(r"\.\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -114,7 +116,7 @@ def fingerprint_at(path: Path) -> str | None:
     if not manifest.exists():
         return None
     try:
-        return _fingerprint(json.loads(manifest.read_text()))
+        return manifest_fingerprint(json.loads(manifest.read_text()))
     except (OSError, ValueError):
         return "unreadable"
 
@@ -132,6 +134,8 @@ def publish(index: FaissIdentityIndex, path: Path, read: str | None = None) -> P
     result would undo. Call it under `editing(path)`, which keeps other facegate commands
     out; this check also catches a writer that takes no lock (a link flipped by hand)."""
     path = Path(path)
+    if path.is_symlink():
+        refuse_if_hand_flipped(path)
     if read is not None:
         refuse_if_changed(path, read)  # before the work of writing, and again after it
     if not path.is_symlink():
@@ -155,7 +159,9 @@ def publish(index: FaissIdentityIndex, path: Path, read: str | None = None) -> P
         except IndexChangedError:
             shutil.rmtree(release, ignore_errors=True)
             raise
-    flip_link(path, release)
+    refuse_if_hand_flipped(path)  # again: a writer that takes no lock
+    with recording(path, release, index.fingerprint, index.manifest):
+        flip_link(path, release)
     return release
 
 
@@ -198,6 +204,8 @@ def publish_folder(
             f"{link} is a folder, not a symlink; publish needs a link to flip (move the "
             f"folder into {link.parent / RELEASES_DIR} and link to it)"
         )
+    if link.is_symlink():
+        refuse_if_hand_flipped(link)
     live = FaissIdentityIndex.load(link) if link.exists() else None
     undone = None
     if live is not None:
@@ -244,14 +252,15 @@ def publish_folder(
         record = candidate if candidate != built.manifest else None
     releases = link.parent / RELEASES_DIR
     releases.mkdir(parents=True, exist_ok=True)
-    expected = fingerprint if record is None else _fingerprint(record)
+    expected = fingerprint if record is None else manifest_fingerprint(record)
     release = _existing_release(releases, expected)  # a rollback: that very release again
     if release is None:
         release = _free_name(releases, _release_name(name or source.resolve().name, expected))
         _copy_verified(source, release, record, expected)
     # The looser check was made against `live`: flip only if the link still points there.
     refuse_if_changed(link, live.fingerprint if live is not None else None)
-    flip_link(link, release)
+    with recording(link, release, expected, built.manifest if record is None else record):
+        flip_link(link, release)
     ack = None
     if looser:
         ack = acknowledgement(built.manifest if record is None else record)
@@ -298,10 +307,29 @@ def _copy_verified(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _fingerprint(manifest: dict[str, Any]) -> str:
-    twin = object.__new__(FaissIdentityIndex)
-    twin.manifest = manifest
-    return twin.fingerprint
+def refuse_if_hand_flipped(link: Path) -> None:
+    """Refuse (DivergedIndexError) to publish over a link flipped by another hand than
+    facegate's to an index that would undo the edits of the release facegate last put
+    there: the new release would be recorded as published over it, and servers would
+    then start on what the hand flip undid."""
+    current = Path(os.path.realpath(link)) / MANIFEST_FILE
+    try:
+        manifest = json.loads(current.read_text())
+    except (OSError, ValueError):
+        return  # nothing readable there: loading it says why
+    if not isinstance(manifest, dict):
+        return
+    flip = hand_flip(last_published(link), manifest, manifest_fingerprint(manifest))
+    if flip is not None:
+        raise DivergedIndexError(
+            f"{link} names index {manifest_fingerprint(manifest)}, not "
+            f"{flip.published.fingerprint}, which facegate published there last "
+            f"({flip.published.release}): it was flipped by another hand (or a facegate "
+            f"command stopped between recording that release and flipping the link), and "
+            f"serving it undoes {flip.undone}. Point {link} at {flip.published.release} "
+            f"first (then, for a rollback, `facegate index publish OLDER {link} "
+            "--discard-live-changes`)"
+        )
 
 
 def refuse_if_changed(path: Path, read: str | None) -> None:

@@ -23,8 +23,10 @@ choice and is not refused, but logged as a warning where it is looser.
 Nor does a reload undo identity edits silently: an index not made from the one serving,
 that would undo its removals or additions (a link flipped by hand to an older release),
 is refused (`refused_diverged`) unless it records a rollback chosen against the index
-serving (`index publish --discard-live-changes`; `service.reload_guard`). Startup compares
-with nothing, so a restart serves whatever the path names.
+serving (`index publish --discard-live-changes`; `service.reload_guard`). Startup, with
+nothing serving, compares a link's index with the release facegate last published there
+(filter.release_record) and refuses to start on one that would undo its edits; a plain
+folder it serves as it is.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from service.reload import (
     SwappableChecker,
     load_live_filter,
 )
+from service.reload_guard import start_live
 from service.security import (
     check_audit_destination,
     metrics_endpoint,
@@ -84,8 +85,9 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     def load() -> LiveFilter:
         return load_live_filter(settings, embedding, generator.name, metrics)
 
-    live = load()
-    # Reloads compare with the index serving; the first load compares with the defaults.
+    # Reloads compare with the index serving; the first load compares with the release last
+    # published at the link (identity edits) and with the defaults (thresholds).
+    live = start_live(settings.index_path, load)
     looser = startup_looser_warning(live.index, live.thresholds)
     if looser:
         log.warning("%s", looser)

@@ -184,7 +184,12 @@ def test_publish_through_a_symlink_flips_it_and_keeps_the_old_release(
     assert written.parent == releases and written.name.startswith("index-v1.")
     assert FaissIdentityIndex.load(link).fingerprint == edited.fingerprint
     assert FaissIdentityIndex.load(first).fingerprint != edited.fingerprint  # rollback target
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".current")]
+    # No staging left beside the link, only the record of what was published there.
+    from filter.release_record import last_published, record_path
+
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".current")] == [record_path(link)]
+    recorded = last_published(link)
+    assert recorded is not None and recorded.fingerprint == edited.fingerprint
 
 
 def test_publish_folder_copies_verifies_and_flips(base_index: Path, tmp_path: Path) -> None:
