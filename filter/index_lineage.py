@@ -62,6 +62,13 @@ EDIT_ROLLED: dict[str, Any] = {}
 RELEASE_ONLY_FIELDS = (LOOSER_ACK, DISCARD_ACK)
 # Thresholds are floats written to JSON and read back: equal within this is equal.
 TOLERANCE = 1e-9
+# When a record was made (UTC, whole seconds), as every record here and beside a link says.
+RECORD_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def utc_stamp() -> str:
+    """Now, in RECORD_TIME_FORMAT."""
+    return time.strftime(RECORD_TIME_FORMAT, time.gmtime())
 
 
 def loosenings(before: DecisionThresholds, after: DecisionThresholds) -> list[str]:
@@ -117,7 +124,7 @@ def acknowledge(
     when, and against which index and thresholds)."""
     manifest[LOOSER_ACK] = {
         "by": by,
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "at": utc_stamp(),
         "replaces_fingerprint": replaces,
         "before": _thresholds(before),
         "after": _thresholds(after),
@@ -184,7 +191,7 @@ def edit_record(
         "op": operation,
         "identities": len(set(identities)),
         "from_fingerprint": from_fingerprint,
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "at": utc_stamp(),
     }
     hashes = identity_hashes(sorted(set(identities)), key)
     if hashes is not None:
@@ -307,7 +314,7 @@ def acknowledge_discard(
     (`copy_of`: the record changes the fingerprint, not the lineage)."""
     manifest[DISCARD_ACK] = {
         "by": by,
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "at": utc_stamp(),
         "replaces_fingerprint": replaces,
         "undoes": undone,
         "copy_of": _copy_of(manifest) or copy_of,
@@ -339,7 +346,7 @@ def discard_acknowledged(
 
 def _recorded_at(ack: dict[str, Any]) -> float:
     try:
-        return float(calendar.timegm(time.strptime(str(ack.get("at")), "%Y-%m-%dT%H:%M:%SZ")))
+        return float(calendar.timegm(time.strptime(str(ack.get("at")), RECORD_TIME_FORMAT)))
     except ValueError:
         return float("-inf")  # no readable time: as old as can be
 

@@ -28,9 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from filter.errors import FilterError
-from filter.index_lineage import changes_undone, lineage_of
-
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+from filter.index_lineage import RECORD_TIME_FORMAT, changes_undone, lineage_of, utc_stamp
 
 
 class ReleaseRecordError(FilterError):
@@ -71,7 +69,7 @@ def record_published(
     payload = {
         "fingerprint": fingerprint,
         "release": os.path.relpath(Path(release).resolve(), link.parent.resolve()),
-        "at": time.strftime(_TIME_FORMAT, time.gmtime()),
+        "at": utc_stamp(),
         "lineage": lineage_of(manifest),
     }
     try:
@@ -133,7 +131,7 @@ def last_published(link: Path) -> PublishedRelease | None:
             raise TypeError("fingerprint, release and at must be strings")
         if not isinstance(lineage, dict):
             raise TypeError("lineage must be an object")
-        time.strptime(at, _TIME_FORMAT)
+        time.strptime(at, RECORD_TIME_FORMAT)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
