@@ -3,7 +3,9 @@
     .venv/bin/python -m bench.run [filter] [service] [index] [signing] [resolution]
                                                                        # default: all
 
-The last line sums up: embedder_fraction (filter; with one and two batches in flight), the
+The last line sums up: embedder_fraction (filter; one batch at a time, two sharing the
+stages, the server's CPU lanes, and the ceiling the stages' one-core costs set,
+bench/cpu_ceiling.py), the
 naive speedup for reference only, service_speedup and service_p99_ratio,
 fast_path_agreement and the enrolled outputs below the threshold as served and through the
 opt-in fast path, the largest index's result, and images/s at 512, 1,024 and 2,048 px
@@ -73,6 +75,7 @@ def main(argv: list[str]) -> int:
                 for k in (
                     "filter_faces_per_s",
                     "filter_faces_per_s_in_flight_2",
+                    "filter_faces_per_s_lanes",
                     "filter_faces_per_s_mtcnn",
                     "naive_faces_per_s",
                     "embedder_alone_faces_per_s",
@@ -82,6 +85,8 @@ def main(argv: list[str]) -> int:
                     "naive_speedup_reference",
                     "embedder_fraction",
                     "embedder_fraction_in_flight_2",
+                    "embedder_fraction_lanes",
+                    "embedder_fraction_ceiling",
                     "detect_ms_per_face_for_0_80",
                     "replica_throughput_ratio",
                 )

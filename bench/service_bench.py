@@ -1,11 +1,13 @@
 """Service throughput with concurrent callers: cross-request batching against
-per-request batches, each a real server subprocess on loopback, measured in one run.
+per-request batches, each a real server subprocess on loopback, measured in one run, the
+modes taking turns in rounds.
 
     python -m bench.service_bench [--device cpu|cuda] [--seconds S] [--callers N] [--count C]
     python -m bench.service_bench --smoke     # a few seconds, to check the script
 
-On a GPU (`--device cuda`) the callers and batches are larger, and cross-request batching
-is measured with one and with two filter batches in flight (FACEGATE_BATCHES_IN_FLIGHT)."""
+On a GPU (`--device cuda`) the callers and batches are larger. Cross-request batching is
+measured with one filter batch in flight and with the default (FACEGATE_BATCHES_IN_FLIGHT):
+on a GPU two, overlapped stage by stage; on the CPU a lane per core."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,45 +77,57 @@ def _start(
     raise RuntimeError(f"server did not start:\n{log.read_text()}")
 
 
-async def _load(target: str, callers: int, count: int, seconds: float) -> dict[str, Any]:
-    latencies: list[float] = []
-    released = 0
-    errors = 0
+@dataclass
+class _Tally:
+    """What the callers got from one server, over every round of its load."""
+
+    released: int = 0
+    seconds: float = 0.0
+    errors: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies)
+        return {
+            "images_per_s": round(self.released / self.seconds, 1),
+            "requests": len(self.latencies),
+            "errors": self.errors,
+            "p50_s": round(float(np.percentile(lat, 50)), 3),
+            "p99_s": round(float(np.percentile(lat, 99)), 3),
+        }
+
+
+async def _load(target: str, callers: int, count: int, seconds: float, tally: _Tally) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
         await stub.Generate(pb.GenerateRequest(count=count), timeout=120)  # warm-up
         stop = time.monotonic() + seconds
 
         async def caller() -> None:
-            nonlocal released, errors
             while time.monotonic() < stop:
                 start = time.perf_counter()
                 try:
                     response = await stub.Generate(pb.GenerateRequest(count=count), timeout=120)
-                    released += len(response.images)
-                    latencies.append(time.perf_counter() - start)
+                    tally.released += len(response.images)
+                    tally.latencies.append(time.perf_counter() - start)
                 except grpc.aio.AioRpcError:
-                    errors += 1
+                    tally.errors += 1
 
         start = time.monotonic()
         await asyncio.gather(*[caller() for _ in range(callers)])
-        elapsed = time.monotonic() - start
-    lat = np.array(latencies)
-    return {
-        "images_per_s": round(released / elapsed, 1),
-        "requests": len(latencies),
-        "errors": errors,
-        "p50_s": round(float(np.percentile(lat, 50)), 3),
-        "p99_s": round(float(np.percentile(lat, 99)), 3),
-    }
+        tally.seconds += time.monotonic() - start
 
 
 def _modes(device: str, count: int) -> dict[str, dict[str, str]]:
     per_request = {"FACEGATE_MAX_BATCH": str(count), "FACEGATE_MAX_BATCH_DELAY_MS": "0"}
     if device == "cpu":
+        # The default on the CPU: a lane per core (filter.overlap); in_flight_1 is one batch
+        # at a time on every core, the default before lanes.
+        cross_cpu = {"FACEGATE_MAX_BATCH": "128", "FACEGATE_MAX_BATCH_DELAY_MS": "10"}
         return {
             "per_request": per_request,
-            "cross_request": {"FACEGATE_MAX_BATCH": "128", "FACEGATE_MAX_BATCH_DELAY_MS": "10"},
+            "cross_request_in_flight_1": {**cross_cpu, "FACEGATE_BATCHES_IN_FLIGHT": "1"},
+            "cross_request": cross_cpu,
         }
     cross = {"FACEGATE_MAX_BATCH": "512", "FACEGATE_MAX_BATCH_DELAY_MS": "10"}
     return {
@@ -123,8 +138,13 @@ def _modes(device: str, count: int) -> dict[str, dict[str, str]]:
 
 
 def run(
-    callers: int = 16, count: int = 8, seconds: float = 40.0, device: str = "cpu"
+    callers: int = 16,
+    count: int = 8,
+    seconds: float = 40.0,
+    device: str = "cpu",
+    rounds: int = 3,
 ) -> dict[str, Any]:
+    """Each mode's server under `callers` callers for `seconds` in all, in `rounds` turns."""
     with tempfile.TemporaryDirectory(prefix="facegate-bench-") as tmp:
         index = Path(tmp) / "index"
         # Built on the CPU whatever the device it is served on: the GPU gives its verdicts.
@@ -137,14 +157,26 @@ def run(
             seed=1,
             seed_key=key,
         ).save(index)
-        rows: dict[str, dict[str, Any]] = {}
-        for mode, env in _modes(device, count).items():
-            proc, target = _start(index, env, Path(tmp) / f"{mode}.log", device)
-            try:
-                rows[mode] = asyncio.run(_load(target, callers, count, seconds))
-            finally:
+        modes = _modes(device, count)
+        servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+        tallies = {mode: _Tally() for mode in modes}
+        try:
+            for mode, env in modes.items():
+                servers[mode] = _start(index, env, Path(tmp) / f"{mode}.log", device)
+            # Every server is up at once, idle but for its turn: the modes take turns in
+            # each round, so that load that comes and goes on a shared machine weighs on
+            # all of them alike (a mode's figures pool its rounds).
+            for _ in range(rounds):
+                for mode, (_proc, target) in servers.items():
+                    asyncio.run(_load(target, callers, count, seconds / rounds, tallies[mode]))
+        finally:
+            for proc, _target in servers.values():
                 proc.terminate()
+            for proc, _target in servers.values():
                 proc.wait(60)
+        rows: dict[str, dict[str, Any]] = {}
+        for mode, env in modes.items():
+            rows[mode] = tallies[mode].summary()
             emit(
                 {
                     "bench": "service_throughput",
@@ -153,6 +185,7 @@ def run(
                     "callers": callers,
                     "count": count,
                     "seconds": seconds,
+                    "rounds": rounds,
                     **env,
                     **rows[mode],
                 }
@@ -187,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (5.0 if args.smoke else 30.0 if gpu else 40.0)
     callers = args.callers or (2 if args.smoke else 64 if gpu else 16)
     count = args.count or (16 if gpu else 8)
-    run(callers=callers, count=count, seconds=seconds, device=args.device)
+    run(
+        callers=callers,
+        count=count,
+        seconds=seconds,
+        device=args.device,
+        rounds=1 if args.smoke else 3,
+    )
     return 0
 
 

@@ -20,6 +20,7 @@ from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter, StageO
 from filter.index import FaissIdentityIndex
 from filter.models import verify_mtcnn_weights
 from filter.numerics import apply_device_numerics
+from filter.overlap import lanes_for, share_cores
 from filter.thresholds import FilterInForce, Thresholds, in_force_for
 
 log = logging.getLogger(__name__)
@@ -32,24 +33,36 @@ def build_embedding_pipeline(
     facenet_weights: Path | None = None,
     detector_settings: DetectorSettings | None = None,
     detector: str | None = None,
+    lanes: int = 1,
+    threads_per_lane: int | None = None,
 ) -> FaceEmbeddingPipeline:
     """`detector` (FACEGATE_DETECTOR, --detector) picks the MTCNN implementation; None
     keeps the one in `detector_settings`, whose default is the batched one. On a CUDA
     device the process's floating-point policy (TF32 off) is set first, before any model
     loads: every caller, a Ray actor too, builds through here (`filter.numerics`); numpy's
-    BLAS goes to one thread, so that it does not spin against torch (`filter.host_blas`)."""
+    BLAS goes to one thread, so that it does not spin against torch (`filter.host_blas`).
+    `lanes` (CPU only; a GPU gets one) loads the networks and the embedder once per lane
+    and shares the cores among them (`threads_per_lane`, or an equal share)."""
     verify_mtcnn_weights()
     torch_device = resolve_device(device)
     apply_device_numerics(torch_device)
     single_threaded_numpy_blas()
-    model = load_embedder(
-        embedder, models_dir, device=str(torch_device), facenet_weights=facenet_weights
-    )
+    lanes = lanes_for(lanes, torch_device)
+    if lanes > 1:
+        threads = share_cores(lanes, threads_per_lane)
+        log.info("filter lanes: %d, each on %d torch and OpenCV threads", lanes, threads)
     settings = detector_settings or DetectorSettings()
     if detector is not None:
         settings = replace(settings, implementation=detector)
-    mtcnn = MtcnnDetector(settings, device=torch_device)
-    return FaceEmbeddingPipeline(FaceAligner(mtcnn, model.crop_size), model, device=torch_device)
+    built = []
+    for _ in range(lanes):
+        model = load_embedder(
+            embedder, models_dir, device=str(torch_device), facenet_weights=facenet_weights
+        )
+        mtcnn = MtcnnDetector(settings, device=torch_device)
+        built.append((FaceAligner(mtcnn, model.crop_size), model))
+    (aligner, model), *more = built
+    return FaceEmbeddingPipeline(aligner, model, device=torch_device, more_lanes=more)
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,9 @@ class EmbeddingSpec:
     # float sums depend on it: the same count gives bitwise the same landmarks, crops and
     # embeddings; another gives differences around 1e-4.
     torch_threads: int | None = None
+    # Batches checked side by side on the CPU, each in a lane of its own (the server's
+    # batches in flight); with several, `torch_threads` is each lane's.
+    lanes: int = 1
 
     def build(self) -> FaceEmbeddingPipeline:
         if self.torch_threads:
@@ -78,6 +94,8 @@ class EmbeddingSpec:
             device=self.device,
             facenet_weights=self.facenet_weights,
             detector=self.detector,
+            lanes=self.lanes,
+            threads_per_lane=self.torch_threads,
         )
 
 

@@ -24,7 +24,7 @@ from filter.fast_path_mode import (
     FastPathMode,
     uses_fast_path,
 )
-from filter.identity_filter import FaceEmbeddingPipeline, IdentityFilter
+from filter.identity_filter import IdentityFilter
 
 __all__ = [
     "FAST_PATH_VERIFIED_GENERATORS",
@@ -79,13 +79,13 @@ def filter_for_generator(
     settings = generated_output_settings(detector.settings, generator_name, mode)
     if settings == detector.settings:
         return full
-    scoped = FaceEmbeddingPipeline(
-        FaceAligner(
-            FastPathWithFallback(detector.with_settings(settings), detector),
-            full.embedding.aligner.crop_size,
-        ),
-        full.embedding.embedder,
-        full.embedding.max_embed_batch,
-        device=full.embedding.device,
-    )
-    return full.with_embedding(scoped)
+
+    def scope(aligner: FaceAligner) -> FaceAligner:
+        lane_detector = aligner.detector
+        assert isinstance(lane_detector, MtcnnDetector)  # every lane's is the first's kind
+        return FaceAligner(
+            FastPathWithFallback(lane_detector.with_settings(settings), lane_detector),
+            aligner.crop_size,
+        )
+
+    return full.with_embedding(full.embedding.with_aligners(scope))

@@ -215,6 +215,11 @@ class MtcnnDetector:
         """A detector with other settings sharing these networks (no second load)."""
         return MtcnnDetector(settings, networks=self._networks)
 
+    @property
+    def networks(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+        """PNet, RNet and ONet (the benchmarks time them apart from the bookkeeping)."""
+        return self._networks.pnet, self._networks.rnet, self._networks.onet
+
     # The batched implementation's tests run its stages on these networks directly.
     @property
     def _rnet(self) -> torch.nn.Module:

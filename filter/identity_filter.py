@@ -12,9 +12,10 @@ them embedded: it is rejected as `too_many_faces` (the bound on what one image m
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -74,6 +75,17 @@ class ImageFaces:
         return len(self.faces) + self.unsearched_faces
 
 
+@dataclass(frozen=True, eq=False)
+class Lane:
+    """One detector (behind its aligner) and one embedder, with a lock per stage: what a
+    batch computes on."""
+
+    aligner: FaceAligner
+    embedder: Embedder
+    detect_lock: threading.Lock = field(default_factory=threading.Lock)
+    embed_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class FaceEmbeddingPipeline:
     """Detect, align and embed: shared by index building, calibration and checking.
 
@@ -83,6 +95,12 @@ class FaceEmbeddingPipeline:
     stage's time is measured once its lock is held, so it never counts the wait. On a CUDA
     device each calling thread computes on its own stream (`filter.overlap.thread_stream`),
     so one batch's host synchronisations do not wait for the other's kernels.
+
+    Lanes: a pipeline may also hold more lanes, each with its own networks and embedder
+    (the same models). A call then takes a free lane for all its stages, so threads check
+    their batches side by side, each on its own share of the cores: on the CPU, where a
+    stage's threads scale worse than whole batches do (`filter.overlap.share_cores`).
+    Every lane computes what the first does, so the verdicts are the same.
     """
 
     def __init__(
@@ -91,9 +109,15 @@ class FaceEmbeddingPipeline:
         embedder: Embedder,
         max_embed_batch: int = 256,
         device: torch.device | str | None = None,
+        more_lanes: Sequence[tuple[FaceAligner, Embedder]] = (),
     ):
-        if aligner.crop_size != embedder.crop_size:
-            raise ValueError("aligner crop size must match the embedder's input size")
+        self._lanes = tuple(Lane(a, e) for a, e in [(aligner, embedder), *more_lanes])
+        for lane in self._lanes:
+            if lane.aligner.crop_size != lane.embedder.crop_size:
+                raise ValueError("aligner crop size must match the embedder's input size")
+        for lane in self._lanes[1:]:
+            if _model_of(lane) != _model_of(self._lanes[0]):
+                raise ValueError("every lane must run the same detector settings and embedder")
         self.aligner = aligner
         self.embedder = embedder
         self.max_embed_batch = max_embed_batch
@@ -101,8 +125,30 @@ class FaceEmbeddingPipeline:
         self.device = torch.device(
             device if device is not None else getattr(aligner.detector, "device", "cpu")
         )
-        self._detect_lock = threading.Lock()
-        self._embed_lock = threading.Lock()
+        self._free: queue.SimpleQueue[Lane] = queue.SimpleQueue()
+        for lane in self._lanes:
+            self._free.put(lane)
+
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
+    @property
+    def embedders(self) -> tuple[Embedder, ...]:
+        """Every lane's embedder (`embedder` is the first's)."""
+        return tuple(lane.embedder for lane in self._lanes)
+
+    def with_aligners(self, remake: Callable[[FaceAligner], FaceAligner]) -> FaceEmbeddingPipeline:
+        """The same embedders, lanes, batch size and device, each lane's aligner remade from
+        its own (a detection scope, the turned search)."""
+        first, *more = self._lanes
+        return FaceEmbeddingPipeline(
+            remake(first.aligner),
+            first.embedder,
+            self.max_embed_batch,
+            device=self.device,
+            more_lanes=[(remake(lane.aligner), lane.embedder) for lane in more],
+        )
 
     @property
     def max_faces(self) -> int:
@@ -116,30 +162,37 @@ class FaceEmbeddingPipeline:
         self, images: Sequence[np.ndarray], observer: StageObserver | None = None
     ) -> list[ImageFaces]:
         with thread_stream(self.device):
-            return self._embed_images(images, observer)
+            if len(self._lanes) == 1:  # shared stage by stage
+                return self._embed_images(self._lanes[0], images, observer)
+            lane = self._free.get()  # the whole call's, not timed as any stage
+            try:
+                return self._embed_images(lane, images, observer)
+            finally:
+                self._free.put(lane)
 
     def _embed_images(
-        self, images: Sequence[np.ndarray], observer: StageObserver | None
+        self, lane: Lane, images: Sequence[np.ndarray], observer: StageObserver | None
     ) -> list[ImageFaces]:
         # Each stage's lock is taken before its clock starts: the stage metrics count work,
         # not waiting for another batch in flight. Alignment needs no lock (pure, per call).
         times = StageTimes()
-        with self._detect_lock, _timed(times, "detect"):
-            detected = self.aligner.detector.detect(images)
+        detector, embedder = lane.aligner.detector, lane.embedder
+        with lane.detect_lock, _timed(times, "detect"):
+            detected = detector.detect(images)
         limit = self.max_faces
         searched = [faces if len(faces) <= limit else [] for faces in detected]
         # (image, face) of every face to embed, in image order: batches of max_embed_batch
         # over this list are what the embedder sees (as when all crops were made first).
         queue = [(i, face) for i, faces in enumerate(searched) for face in faces]
-        size = self.embedder.crop_size
+        size = embedder.crop_size
         parts: list[np.ndarray] = []
         for start in range(0, len(queue), self.max_embed_batch):
             chunk = queue[start : start + self.max_embed_batch]
             with _timed(times, "detect"):  # alignment has always counted as detection
                 crops = np.stack([align_face(images[i], f.landmarks, size) for i, f in chunk])
-            with self._embed_lock, _timed(times, "embed"):
-                parts.append(self.embedder.embed(crops))
-        vectors = np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)
+            with lane.embed_lock, _timed(times, "embed"):
+                parts.append(embedder.embed(crops))
+        vectors = np.concatenate(parts) if parts else np.zeros((0, embedder.dim), np.float32)
         if observer is not None:
             for stage in ("detect", "embed"):
                 observer.observe_stage(stage, times.seconds[stage])
@@ -152,13 +205,25 @@ class FaceEmbeddingPipeline:
                 ImageFaces(
                     faces=kept,
                     embeddings=vectors[offset : offset + len(kept)],
-                    searchable=self.aligner.detector.searchable(image.shape[0], image.shape[1]),
+                    searchable=detector.searchable(image.shape[0], image.shape[1]),
                     unsearched_faces=len(faces) - len(kept),
                     face_limit=limit,
                 )
             )
             offset += len(kept)
         return out
+
+
+def _model_of(lane: Lane) -> tuple[object, ...]:
+    """What a lane computes: its detector's settings and its embedder's model."""
+    embedder = lane.embedder
+    return (
+        getattr(lane.aligner.detector, "settings", None),
+        type(lane.aligner.detector),
+        embedder.name,
+        getattr(embedder, "model_sha256", None),
+        embedder.dim,
+    )
 
 
 def embedding_problem(embeddings: np.ndarray, faces: int, dim: int) -> str | None:

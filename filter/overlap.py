@@ -1,4 +1,4 @@
-"""Overlap of the filter's stages across batches: a pipeline of threads.
+"""Overlap of the filter's work across batches: a pipeline of threads, or lanes.
 
 The filter's stages (detect and align, embed, search) each serve one batch at a time
 (`filter.identity_filter.FaceEmbeddingPipeline`), so keeping two batches in flight makes a
@@ -7,17 +7,25 @@ whole and alone, by the same code, so its verdicts are those of a serial run.
 
 On a GPU this hides each stage's host work (Python, NMS bookkeeping, alignment, FAISS)
 behind the other stages' kernels; each thread computes on its own CUDA stream, so one
-batch's synchronisations wait only for its own kernels. On 2 CPU cores the stages already
-use every core, so the default there is one batch at a time (README "Performance").
+batch's synchronisations wait only for its own kernels.
+
+On the CPU the batches in flight run in lanes instead: each batch on its own networks and
+embedder, all its stages on its own share of the cores (`share_cores`). Detection's
+small tensor programs scale poorly over threads (1.4x on two, where the embedder gives
+1.8x), so whole batches side by side, one core each, check more faces a second than one
+batch on every core (`make bench`: `filter_faces_per_s_lanes`; README "Performance").
 """
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -25,18 +33,62 @@ import torch
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Batches in flight when the setting is 0 (auto): overlap on a GPU, none on the CPU.
-AUTO_IN_FLIGHT = {"cuda": 2, "cpu": 1}
-
 _local = threading.local()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, bounded by a container's CPU
+    quota (cgroup v2 `cpu.max`, or v1's CFS quota), which affinity does not show (a pod
+    limited to 4 CPUs on a 64-core node)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, quota)) if quota else cores
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The container's CPU limit in whole cores (rounded up), or None where none is set."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.exists():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else math.ceil(int(quota) / int(period))
+        v1_quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        v1_period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return math.ceil(v1_quota / v1_period) if v1_quota > 0 and v1_period > 0 else None
 
 
 def batches_in_flight(setting: int, device: torch.device | str) -> int:
     """The number of filter batches to keep in flight: the setting, or for 0 the default
-    of the device's kind."""
+    of the device's kind: 2 on a GPU (stages overlap), and on the CPU 2 lanes where there
+    are two cores or more."""
     if setting > 0:
         return setting
-    return AUTO_IN_FLIGHT.get(torch.device(device).type, 1)
+    if torch.device(device).type == "cuda":
+        return 2
+    return 2 if usable_cores() >= 2 else 1
+
+
+def lanes_for(in_flight: int, device: torch.device | str) -> int:
+    """Lanes for `in_flight` batches: one each on the CPU; one on a GPU, whose batches
+    share the networks and overlap stage by stage on their own streams."""
+    return in_flight if torch.device(device).type == "cpu" else 1
+
+
+def share_cores(lanes: int, threads_per_lane: int | None = None) -> int:
+    """Give each of `lanes` CPU lanes its share of the cores (or `threads_per_lane`, the
+    operator's FACEGATE_TORCH_THREADS): torch's and OpenCV's threads per calling thread,
+    both process-wide. Returns the threads per lane."""
+    import cv2
+
+    threads = threads_per_lane or max(1, usable_cores() // lanes)
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    return threads
 
 
 def thread_stream(device: torch.device | str) -> AbstractContextManager[Any]:

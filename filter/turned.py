@@ -84,11 +84,8 @@ def turned_back(face: DetectedFace, turn: int, height: int, width: int) -> Detec
 
 def searching_turned(pipeline: FaceEmbeddingPipeline) -> FaceEmbeddingPipeline:
     """The same pipeline (networks, embedder, device), its detector also searching turned."""
-    return FaceEmbeddingPipeline(
-        FaceAligner(TurnedDetector(pipeline.aligner.detector), pipeline.aligner.crop_size),
-        pipeline.embedder,
-        max_embed_batch=pipeline.max_embed_batch,
-        device=pipeline.device,
+    return pipeline.with_aligners(
+        lambda aligner: FaceAligner(TurnedDetector(aligner.detector), aligner.crop_size)
     )
 
 

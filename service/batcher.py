@@ -1,16 +1,11 @@
-"""Candidates across requests, batched: the engine that generates and filters a batch,
-and the dynamic batcher that feeds it from the event loop without blocking it.
+"""Candidates across requests, batched: the dynamic batcher that feeds the engine
+(`service.engine`, which generates and filters a batch) from the event loop without
+blocking it.
 
 The batcher is the one place where requests meet; it keeps a fault in one request's
 candidates from failing its neighbours, and fails every waiting request closed if it
-dies itself.
-
-What travels through the batcher are draws, rows of (seed, slot, attempt, delivery), not
-latents: the engine reads the filter in force once per batch and derives each latent under
-that filter's index salt (service.generators.latents_for), so the candidate drawn and the
-filter that checks it always belong to the same index, also across a hot reload. A JPEG
-delivery is encoded before the check, and both the generated and the decoded pixels are
-checked (service.encoding.deliver).
+dies itself. What travels through it are draws, rows of (seed, slot, attempt, delivery),
+not latents (`service.engine`).
 """
 
 from __future__ import annotations
@@ -18,154 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, cast, runtime_checkable
+from typing import cast
 
 import numpy as np
 
-from filter.decide import ImageVerdict, verdict_rank
-from filter.identity_filter import StageObserver
-from filter.stages import GENERATE
-from filter.thresholds import FilterInForce
-from service.encoding import deliver
+from service.engine import CandidateEngine, CandidateOutcome, filter_images
 from service.errors import FilterFailure
-from service.generators import LOSSLESS, Generator, latents_for_draws
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CandidateOutcome:
-    image: np.ndarray
-    verdict: ImageVerdict
-    # The index and thresholds this candidate was checked against; None when the checker
-    # does not say (a content signer then refuses to vouch for it).
-    filtered_by: FilterInForce | None = None
-    # The lossy bytes whose decoded pixels (`image`) were checked (service.encoding.deliver);
-    # None for a lossless delivery.
-    delivered: bytes | None = None
-
-
-class PipelineObserver(Protocol):
-    def observe_stage(self, stage: str, seconds: float) -> None: ...
-    def candidate(self, verdict: ImageVerdict) -> None: ...
-    def released(self, attempts: int) -> None: ...
-    def unfilled(self, slots: int) -> None: ...
-    def batch(self, size: int) -> None: ...
-
-
-class NullObserver:
-    def observe_stage(self, stage: str, seconds: float) -> None:
-        return None
-
-    def candidate(self, verdict: ImageVerdict) -> None:
-        return None
-
-    def released(self, attempts: int) -> None:
-        return None
-
-    def unfilled(self, slots: int) -> None:
-        return None
-
-    def batch(self, size: int) -> None:
-        return None
-
-
-class ImageChecker(Protocol):
-    """What the engine needs of the identity filter (filter.IdentityFilter implements it).
-    `candidates[i]`: the candidate image i shows (a JPEG candidate's two views share one),
-    for what is counted per candidate (filter.shadow); None: one candidate per image."""
-
-    def check(
-        self,
-        images: Sequence[np.ndarray],
-        observer: StageObserver | None = None,
-        candidates: Sequence[int] | None = None,
-    ) -> list[ImageVerdict]: ...
-
-
-@dataclass(frozen=True)
-class FilterSnapshot:
-    """The filter in force for one batch, read in one step: the checker, what it was loaded
-    from (index fingerprint, thresholds; None when unknown) and its index's salt."""
-
-    checker: ImageChecker
-    in_force: FilterInForce | None = None
-    salt: bytes = b""
-
-
-@runtime_checkable
-class SnapshotSource(Protocol):
-    """A filter that can change between batches (service.reload.SwappableChecker)."""
-
-    def snapshot(self) -> FilterSnapshot: ...
-
-
-class CandidateEngine:
-    """Draws, generates and filters a batch of candidates, synchronously (run off the loop).
-
-    `seed_key` keys the latents (FACEGATE_SEED_KEY_FILE); the salt comes with the filter
-    snapshot taken for the batch."""
-
-    def __init__(
-        self,
-        generator: Generator,
-        identity_filter: ImageChecker,
-        observer: PipelineObserver | None = None,
-        seed_key: bytes | None = None,
-    ) -> None:
-        self.generator = generator
-        self.identity_filter = identity_filter
-        self.observer = observer or NullObserver()
-        self.seed_key = seed_key
-
-    def snapshot(self) -> FilterSnapshot:
-        if isinstance(self.identity_filter, SnapshotSource):
-            return self.identity_filter.snapshot()
-        return FilterSnapshot(self.identity_filter)
-
-    def run(self, draws: np.ndarray) -> list[CandidateOutcome]:
-        """`draws`: (N, 4) rows of (seed, slot, attempt, delivery); one outcome per row, in
-        order. A lossy (JPEG) candidate is checked twice in the same batch, as generated
-        and as its caller will decode it, and passes only if both pass: the decoded pixels
-        are what leaves, and a caller choosing the quality must not blur an enrolled face
-        under the threshold."""
-        snapshot = self.snapshot()  # the whole batch is drawn for, and checked by, one filter
-        latents = latents_for_draws(draws, self.generator.latent_dim, self.seed_key, snapshot.salt)
-        start = time.perf_counter()
-        images = self.generator.generate(latents)
-        if len(images) != len(latents):
-            raise FilterFailure(
-                f"generator returned {len(images)} images for {len(latents)} latents"
-            )
-        deliveries = [
-            deliver(image, int(quality))
-            for image, quality in zip(images, np.asarray(draws)[:, 3].tolist(), strict=True)
-        ]
-        self.observer.observe_stage(GENERATE, time.perf_counter() - start)
-        lossy = [row for row, (_, data) in enumerate(deliveries) if data is not None]
-        batch = [*images, *(deliveries[row][0] for row in lossy)]
-        candidates = [*range(len(images)), *lossy]
-        verdicts = snapshot.checker.check(batch, observer=self.observer, candidates=candidates)
-        if len(verdicts) != len(batch):
-            raise FilterFailure("filter returned a verdict count that differs from its input")
-        final = list(verdicts[: len(images)])
-        for row, as_delivered in zip(lossy, verdicts[len(images) :], strict=True):
-            final[row] = min((final[row], as_delivered), key=verdict_rank)
-        self.observer.batch(len(images))
-        return [
-            CandidateOutcome(image=pixels, verdict=v, filtered_by=snapshot.in_force, delivered=data)
-            for (pixels, data), v in zip(deliveries, final, strict=True)
-        ]
-
-
-def filter_images(draws: np.ndarray) -> int:
-    """How many images the filter checks for these draws: a lossy (JPEG) candidate is
-    checked twice (CandidateEngine.run)."""
-    return len(draws) + int(np.count_nonzero(np.asarray(draws)[:, 3] != LOSSLESS))
 
 
 def _split(draws: np.ndarray, max_images: int) -> list[np.ndarray]:
@@ -173,6 +30,24 @@ def _split(draws: np.ndarray, max_images: int) -> list[np.ndarray]:
     least)."""
     rows_per_part = max(1, max_images // (filter_images(draws[:1]) if len(draws) else 1))
     return [draws[i : i + rows_per_part] for i in range(0, len(draws), rows_per_part)] or [draws]
+
+
+def _balanced(live: list[_Pending], parts: int) -> list[list[_Pending]]:
+    """`live` in `parts` runs of whole requests, in order, each taking requests while they
+    fit its share of the images left (none empty: `parts` is at most len(live))."""
+    sizes = [filter_images(p.draws) for p in live]
+    out: list[list[_Pending]] = []
+    taken = 0
+    for part in range(parts, 0, -1):
+        share = (sum(sizes[taken:]) + part - 1) // part
+        end, held = taken, 0
+        # At least one request each, and one left for each part still to come.
+        while end < len(live) - (part - 1) and (end == taken or held + sizes[end] <= share):
+            held += sizes[end]
+            end += 1
+        out.append(live[taken:end])
+        taken = end
+    return out
 
 
 @dataclass(eq=False)
@@ -189,12 +64,15 @@ class DynamicBatcher:
 
     A batch closes when it holds `max_batch` candidates or `max_delay` seconds have
     passed since its first entry. Worker threads run the engine, so torch and FAISS never
-    block the event loop. With `in_flight` 1 (the CPU's default) one batch runs at a time,
-    never competing with another for cores; with 2 (a GPU's), the next batch is generated
-    and detected while the last is embedded and searched: the filter's stages pipeline
-    (`filter.overlap`), each batch still checked whole, so verdicts are unchanged. A slot
-    is taken before a batch is gathered, so requests keep joining the next batch while
-    the pipeline is full. A request whose future was cancelled (client gone, deadline) is
+    block the event loop. With `in_flight` 1 one batch runs at a time; with 2 (the
+    default) on a GPU the next batch is generated and detected while the last is embedded
+    and searched (the filter's stages pipeline), and on the CPU each batch runs in a lane
+    of its own on its share of the cores (`filter.overlap`); each batch is still checked
+    whole, so verdicts are unchanged. A slot is taken before a batch is gathered, so
+    requests keep joining the next batch while the pipeline is full. With `spread` (lanes),
+    a gathered batch of several requests is shared out, whole requests in order, over the
+    lanes that are free when it closes: callers that all wait on one batch would otherwise
+    leave the other lanes idle. A request whose future was cancelled (client gone, deadline) is
     dropped before its candidates are drawn. When a batch of several requests fails, each
     request is retried alone once, so only the request whose candidate fails is failed
     (closed).
@@ -206,6 +84,7 @@ class DynamicBatcher:
         max_batch: int = 64,
         max_delay: float = 0.005,
         in_flight: int = 1,
+        spread: bool = False,
     ):
         if in_flight < 1:
             raise ValueError("in_flight must be at least 1")
@@ -213,6 +92,7 @@ class DynamicBatcher:
         self.max_batch = max_batch
         self.max_delay = max_delay
         self.in_flight = in_flight
+        self.spread = spread
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(
             max_workers=in_flight, thread_name_prefix="facegate-engine"
@@ -298,9 +178,22 @@ class DynamicBatcher:
                 await self._dispatch(loop, live, draws)
                 continue
             self._gathered = []
-            batch = loop.create_task(self._dispatch(loop, live, draws), name="filter-batch")
-            self._batches.add(batch)
-            batch.add_done_callback(self._batches.discard)
+            for part in await self._shared_out(live) if self.spread else [live]:
+                part_draws = draws if part is live else np.concatenate([p.draws for p in part])
+                batch = loop.create_task(
+                    self._dispatch(loop, part, part_draws), name="filter-batch"
+                )
+                self._batches.add(batch)
+                batch.add_done_callback(self._batches.discard)
+
+    async def _shared_out(self, live: list[_Pending]) -> list[list[_Pending]]:
+        """`live` (whose slot is held) in as many parts as there are free slots besides,
+        each slot taken now: whole requests, in order, of about equal images."""
+        parts = 1
+        while parts < len(live) and not self._slots.locked():
+            await self._slots.acquire()  # free: returns at once
+            parts += 1
+        return _balanced(live, parts)
 
     async def _gather(
         self, loop: asyncio.AbstractEventLoop

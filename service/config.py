@@ -117,7 +117,11 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=8,
-        description="filter batches overlapped stage by stage; 0: 2 on a GPU, 1 on the CPU",
+        description=(
+            "filter batches in flight: on a GPU overlapped stage by stage, on the CPU each in "
+            "a lane of its own (networks and embedder loaded per lane, the cores shared out); "
+            "0: 2 (on the CPU 1 where there is one core)"
+        ),
     )
     generated_fast_path: FastPathMode = Field(
         FastPathMode.AUTO,

@@ -20,9 +20,11 @@ def embedding_spec(
     models_dir: str | Path | None = None,
     device: str | None = None,
     detector: str | None = None,
+    lanes: int = 1,
 ) -> EmbeddingSpec:
     """Embedder, models, device and detector: each given one (a flag) wins over its
-    setting. Paths are absolute, as Ray workers need not share this working folder."""
+    setting. Paths are absolute, as Ray workers need not share this working folder.
+    `lanes`: batches the caller checks side by side on the CPU (the server's in flight)."""
     from filter.assembly import EmbeddingSpec
 
     weights = settings.facenet_weights
@@ -33,4 +35,5 @@ def embedding_spec(
         facenet_weights=None if weights is None else Path(weights).absolute(),
         detector=detector or settings.detector,
         torch_threads=settings.torch_threads or None,
+        lanes=lanes,
     )

@@ -296,7 +296,7 @@ class ServiceMetrics:
         if change in SHADOW_CHANGES:
             self.shadow_candidates.labels(change).inc()
 
-    # PipelineObserver (service.batcher)
+    # PipelineObserver (service.engine)
     def observe_stage(self, stage: str, seconds: float) -> None:
         if stage == GENERATE:
             self.generate_seconds.labels(GENERATE).observe(seconds)

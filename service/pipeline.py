@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 from filter.decide import Reason
 from service.audit import AuditSink, NullAuditLog, Rejection
-from service.batcher import DynamicBatcher, NullObserver, PipelineObserver
+from service.batcher import DynamicBatcher
 from service.encoding import ContentSigner, ImageFormat, encode_released
+from service.engine import NullObserver, PipelineObserver
 from service.errors import DeadlineExceeded, InvalidRequest, NothingPassed
 from service.generators import LOSSLESS, draw_rows
 from service.provenance import ReleaseFacts

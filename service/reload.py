@@ -50,8 +50,8 @@ from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
 from filter.index import MANIFEST_FILE, FaissIdentityIndex, IdentityIndex
 from filter.shadow import ShadowedFilter, ShadowObserver, ShadowThresholds
 from filter.thresholds import FilterInForce, Thresholds
-from service.batcher import FilterSnapshot, ImageChecker
 from service.config import Settings
+from service.engine import FilterSnapshot, ImageChecker
 from service.live_index import (
     RELOAD_FAILURE,
     RELOAD_SUCCESS,

@@ -19,15 +19,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from filter.detection_policy import uses_fast_path
+from filter.embedders import resolve_device
 from filter.errors import FilterError
 from filter.overlap import batches_in_flight
 from filter.thresholds import DEFAULT_IDENTITY_THRESHOLD
 from service.audit import AuditFileError, AuditSink, JsonLinesAuditLog
-from service.batcher import CandidateEngine, DynamicBatcher
+from service.batcher import DynamicBatcher
 from service.client_identity import ClientAllowlist
 from service.config import Settings, unknown_env_warnings
 from service.embedding import embedding_spec
 from service.encoding import ContentSigner
+from service.engine import CandidateEngine
 from service.errors import StartupError
 from service.generators import load_generator
 from service.metrics import ServiceMetrics
@@ -72,8 +74,10 @@ class LoadedService:
 
 def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     """Load models, index and generator (blocking; run off the event loop)."""
-    # The pipeline `facegate check` and batch's actors build for the same settings.
-    embedding = embedding_spec(settings).build()
+    # The pipeline `facegate check` and batch's actors build for the same settings, with a
+    # lane per batch in flight on the CPU (filter.overlap).
+    in_flight = batches_in_flight(settings.batches_in_flight, resolve_device(settings.device))
+    embedding = embedding_spec(settings, lanes=in_flight).build()
     generator = load_generator(
         settings.generator,
         settings.models_dir,
@@ -117,13 +121,14 @@ def load_service(settings: Settings, metrics: ServiceMetrics) -> LoadedService:
     )
     keys = service_keys(settings)
     engine = CandidateEngine(generator, identity_filter, observer=metrics, seed_key=keys.seed_key)
-    in_flight = batches_in_flight(settings.batches_in_flight, embedding.device)
-    log.info("filter batches in flight: %d (stages overlap across batches)", in_flight)
+    # Lanes check batches side by side (CPU); batches sharing one overlap stage by stage.
+    log.info("filter batches in flight: %d, in %d lanes", in_flight, embedding.lanes)
     batcher = DynamicBatcher(
         engine,
         max_batch=settings.max_batch,
         max_delay=settings.max_batch_delay_ms / 1000.0,
         in_flight=in_flight,
+        spread=embedding.lanes > 1,
     )
     try:
         audit = JsonLinesAuditLog.open(

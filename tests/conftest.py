@@ -47,6 +47,19 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _threads_put_back() -> Iterator[None]:
+    """A server built in process shares the cores out among its lanes, setting torch's and
+    OpenCV's threads process-wide (filter.overlap.share_cores): the next test gets the
+    session's back, whatever a test set."""
+    import cv2
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    yield
+    torch.set_num_threads(before[0])
+    cv2.setNumThreads(before[1])
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # FACEGATE_GPU_TESTS_ON_CPU=1 (bench/gpu_suite.sh --smoke): run them on the CPU, to check
     # their code before a GPU is lent.

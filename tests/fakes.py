@@ -12,7 +12,8 @@ import torch
 
 from filter.decide import ImageVerdict, Reason
 from filter.identity_filter import StageObserver
-from service.batcher import CandidateEngine, DynamicBatcher
+from service.batcher import DynamicBatcher
+from service.engine import CandidateEngine
 from service.generators import TorchGenerator
 from service.pipeline import GenerationPipeline
 

@@ -33,20 +33,26 @@ def bounded(
 
 
 def _slow_embedder(server: InProcessServer, seconds: float) -> tuple[object, Callable[[], None]]:
+    """Every lane's embedder slowed (on the CPU a batch may run in any lane)."""
     assert server.server.loaded is not None
-    embedder = server.server.loaded.batcher.engine.identity_filter.embedding.embedder  # type: ignore[attr-defined]
-    original = embedder.embed
+    embedding = server.server.loaded.batcher.engine.identity_filter.embedding  # type: ignore[attr-defined]
+    originals = [(embedder, embedder.embed) for embedder in embedding.embedders]
 
-    def slow(crops: np.ndarray) -> np.ndarray:
-        time.sleep(seconds)
-        return original(crops)
+    def slowed(original: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        def slow(crops: np.ndarray) -> np.ndarray:
+            time.sleep(seconds)
+            return original(crops)
 
-    embedder.embed = slow
+        return slow
+
+    for embedder, original in originals:
+        embedder.embed = slowed(original)
 
     def restore() -> None:
-        embedder.embed = original
+        for embedder, original in originals:
+            embedder.embed = original
 
-    return embedder, restore
+    return embedding, restore
 
 
 def _requests_total(server: InProcessServer, method: str, code: str) -> float:

@@ -25,7 +25,7 @@ from filter.decide import ImageVerdict
 from filter.identity_filter import StageObserver
 from filter.models import DCGAN_DIGIFACE
 from filter.thresholds import FilterInForce, Thresholds
-from service.batcher import CandidateEngine, DynamicBatcher
+from service.batcher import DynamicBatcher
 from service.cli import main as cli_main
 from service.config import ConfigError, Settings, load_settings
 from service.credentials import (
@@ -38,6 +38,7 @@ from service.credentials import (
     manifest_json_of,
 )
 from service.encoding import ContentSigner
+from service.engine import CandidateEngine
 from service.errors import SigningFailure
 from service.generators import TorchGenerator, load_dcgan_digiface
 from service.pipeline import GenerationPipeline, GenerationRequest

@@ -25,7 +25,16 @@ POISON_SEED = 7
 def server(demo_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessServer]:
     tmp = tmp_path_factory.mktemp("isolation")
     running = InProcessServer(
-        settings_for(demo_index, tmp, max_count=8, max_batch_delay_ms=400.0, max_batch=256)
+        # One batch at a time: requests queue while the generator holds an opener's batch,
+        # so the poison provably meets them in the next one (a free lane would take them).
+        settings_for(
+            demo_index,
+            tmp,
+            max_count=8,
+            max_batch_delay_ms=400.0,
+            max_batch=256,
+            batches_in_flight=1,
+        )
     )
     yield running
     running.stop()

@@ -22,7 +22,7 @@ import pytest
 from filter.decide import ImageVerdict
 from filter.errors import IndexCorruptError
 from filter.index import FaissIdentityIndex
-from service.batcher import CandidateEngine
+from service.engine import CandidateEngine
 from service.generators import draw_rows, latents_for, latents_for_draws
 from service.proto.facegate.v1 import generation_pb2 as pb
 from service.proto.facegate.v1 import generation_pb2_grpc as pb_grpc

@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from service import healthcheck
-from service.batcher import CandidateEngine
 from service.config import Settings
+from service.engine import CandidateEngine
 from service.generators import draw_rows
 from service.metrics import ServiceMetrics
 from service.proto.facegate.v1 import generation_pb2 as pb
@@ -74,9 +74,11 @@ class Started:
 def started(demo_index: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
     tmp = tmp_path_factory.mktemp("status")
     loader = HeldLoader()
+    # One batch at a time: requests queue while the generator holds a batch (a free lane
+    # would take them), so the tests know which candidates share a batch.
     settings = settings_for(
         demo_index, tmp, max_attempts=MAX_ATTEMPTS, max_count=8, max_batch_delay_ms=20.0,
-        grace_seconds=1.0,
+        grace_seconds=1.0, batches_in_flight=1,
     )  # fmt: skip
     running = InProcessServer(settings, loader, wait=False)
     labels = {row["identity"] for row in json.loads((demo_index / "labels.json").read_text())}

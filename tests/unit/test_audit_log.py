@@ -18,7 +18,8 @@ import pytest
 from filter.decide import ImageVerdict, Reason
 from filter.keys import AUDIT_IDENTITY, derive_subkey, identity_digest
 from service.audit import JsonLinesAuditLog, Rejection, identity_hasher
-from service.batcher import CandidateEngine, DynamicBatcher
+from service.batcher import DynamicBatcher
+from service.engine import CandidateEngine
 from service.pipeline import GenerationPipeline, GenerationRequest
 from tests.fakes import ScriptedFilter
 

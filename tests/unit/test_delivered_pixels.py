@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.batcher import CandidateEngine, DynamicBatcher, NullObserver
+from service.batcher import DynamicBatcher
 from service.encoding import ImageFormat, deliver, encode_released
+from service.engine import CandidateEngine, NullObserver
 from service.errors import FilterFailure, InvalidRequest
 from service.generators import latents_for
 from service.pipeline import GenerationPipeline, GenerationRequest

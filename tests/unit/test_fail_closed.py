@@ -17,7 +17,8 @@ import pytest
 from filter.decide import ImageVerdict
 from filter.images import decode_image
 from service.audit import Rejection
-from service.batcher import CandidateEngine, DynamicBatcher
+from service.batcher import DynamicBatcher
+from service.engine import CandidateEngine
 from service.errors import FilterFailure, NothingPassed
 from service.generators import DRAW_COLUMNS, latents_for
 from service.pipeline import (

@@ -9,28 +9,72 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from filter import overlap
 from filter.decide import ImageVerdict, Reason
 from filter.faces import DetectedFace, FaceAligner
 from filter.identity_filter import FaceEmbeddingPipeline, StageObserver
-from filter.overlap import batches_in_flight, overlapped, thread_stream
-from service.batcher import CandidateEngine, DynamicBatcher
+from filter.overlap import batches_in_flight, lanes_for, overlapped, share_cores, thread_stream
+from service.batcher import DynamicBatcher
+from service.engine import CandidateEngine
 from service.errors import FilterFailure
 from service.generators import draw_rows, latents_for
 
 WAIT = 10.0  # seconds a test waits for a concurrency it expects; a serial run never gets it
 
 
-def test_in_flight_defaults_overlap_on_a_gpu_only() -> None:
+def test_in_flight_defaults_two_on_a_gpu_and_a_lane_per_core_pair_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert batches_in_flight(0, "cuda") == 2
-    assert batches_in_flight(0, torch.device("cpu")) == 1
     assert batches_in_flight(3, "cpu") == 3
+    monkeypatch.setattr(overlap, "usable_cores", lambda: 2)
+    assert batches_in_flight(0, torch.device("cpu")) == 2
+    monkeypatch.setattr(overlap, "usable_cores", lambda: 1)
+    assert batches_in_flight(0, torch.device("cpu")) == 1
+    # Lanes on the CPU only: a GPU's batches share its networks and overlap by stage.
+    assert lanes_for(2, "cpu") == 2
+    assert lanes_for(2, "cuda") == 1
     with thread_stream("cpu"):  # nothing to enter on the CPU
         pass
+
+
+def test_a_containers_cpu_quota_bounds_the_cores(tmp_path: Path) -> None:
+    """A pod limited to 4 CPUs sees every core of its node in its affinity: the cgroup's
+    quota (v2 `cpu.max`, v1 CFS) is what it may use, rounded up to whole cores."""
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("350000 100000\n")
+    assert overlap._cgroup_cpu_quota(v2) == 4
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert overlap._cgroup_cpu_quota(v2) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert overlap._cgroup_cpu_quota(tmp_path / "v1") == 2
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert overlap._cgroup_cpu_quota(tmp_path / "v1") is None
+    assert overlap._cgroup_cpu_quota(tmp_path / "none") is None
+
+
+def test_lanes_share_the_cores_out_unless_the_operator_set_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import cv2
+
+    # (tests/conftest.py puts the session's threads back after the test.)
+    monkeypatch.setattr(overlap, "usable_cores", lambda: 8)
+    assert share_cores(2) == 4
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == (4, 4)
+    assert share_cores(16) == 1  # never none
+    assert share_cores(2, threads_per_lane=3) == 3
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == (3, 3)
 
 
 def test_overlapped_keeps_order_with_depth_calls_at_once() -> None:
@@ -131,6 +175,75 @@ def test_two_batches_in_flight_pipeline_stage_by_stage() -> None:
     assert probe.most == {"detect": 1, "embed": 1}  # each stage serves one batch at a time
 
 
+class _LaneProbe(_StageProbe):
+    """One lane's detector and embedder: records the batches it detected, and holds each
+    detection until `parties` detections (across lanes) are running at once."""
+
+    def __init__(self, together: threading.Barrier) -> None:
+        super().__init__()
+        self.together = together
+        self.detected: list[int] = []
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[DetectedFace]]:
+        self._enter("detect")
+        self.detected.append(int(images[0][0, 0, 0]))
+        if len(self.detected) == 1:
+            self.together.wait()  # each lane's first batch: both detecting at once
+        self._leave("detect")
+        landmarks = np.array([[2, 3], [6, 3], [4, 4], [2.5, 6], [5.5, 6]], np.float32)
+        return [[DetectedFace((0, 0, 8, 8), 0.99, landmarks)] for _ in images]
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        self._enter("embed")
+        self._leave("embed")
+        out = np.zeros((len(crops), self.dim), np.float32)
+        out[:, int(crops[0].max() > 0)] = 1.0
+        return out
+
+
+def test_lanes_check_batches_side_by_side_each_lane_one_batch_at_a_time() -> None:
+    together = threading.Barrier(2, timeout=WAIT)
+    lanes = [_LaneProbe(together) for _ in range(2)]
+    pipeline = FaceEmbeddingPipeline(
+        FaceAligner(lanes[0], 8), lanes[0], more_lanes=[(FaceAligner(lanes[1], 8), lanes[1])]
+    )
+    assert pipeline.lanes == 2
+    batches = [[np.full((8, 8, 3), value, np.uint8)] * 3 for value in (0, 1, 2, 3, 4, 5)]
+    results = list(overlapped(pipeline.embed_images, batches, depth=2))
+    assert [r[0].embeddings[0].tolist() for r in results[:2]] == [[1, 0, 0, 0], [0, 1, 0, 0]]
+    # Both lanes worked (their first batches detected at once: the barrier), every batch
+    # exactly once, and no lane ever held two batches.
+    assert all(lane.detected for lane in lanes)
+    assert sorted(lanes[0].detected + lanes[1].detected) == [0, 1, 2, 3, 4, 5]
+    assert all(lane.most == {"detect": 1, "embed": 1} for lane in lanes)
+
+
+def test_a_lane_must_compute_what_the_first_does() -> None:
+    first, other = _StageProbe(), _StageProbe()
+    other.name = "another embedder"
+    with pytest.raises(ValueError, match="same detector settings and embedder"):
+        FaceEmbeddingPipeline(
+            FaceAligner(first, 8), first, more_lanes=[(FaceAligner(other, 8), other)]
+        )
+
+
+def test_a_remade_aligner_keeps_every_lane() -> None:
+    """The detection scope (fast path) and the turned search rebuild the aligners: each
+    lane keeps its own detector under them, and its own embedder."""
+    from filter.turned import TurnedDetector, searching_turned
+
+    probes = [_StageProbe(), _StageProbe()]
+    pipeline = FaceEmbeddingPipeline(
+        FaceAligner(probes[0], 8), probes[0], more_lanes=[(FaceAligner(probes[1], 8), probes[1])]
+    )
+    turned = searching_turned(pipeline)
+    assert turned.lanes == 2
+    inner = [lane.aligner.detector for lane in turned._lanes]
+    assert all(isinstance(d, TurnedDetector) for d in inner)
+    assert [d.inner for d in inner] == probes  # type: ignore[attr-defined]
+    assert [lane.embedder for lane in turned._lanes] == probes
+
+
 # The dynamic batcher with batches in flight: small stand-ins for the generator and the
 # filter (no models).
 
@@ -218,6 +331,34 @@ def test_the_batcher_keeps_two_batches_in_flight_and_answers_each_request() -> N
         assert isinstance(result, list)
         assert [int(o.image[0, 0, 0]) for o in result] == list(values)
         assert [o.verdict.passed for o in result] == [v % 2 == 0 for v in values]
+
+
+def test_lanes_share_a_gathered_batch_out_over_the_free_lanes() -> None:
+    """Callers that all wait on one batch: with lanes (`spread`), its requests are shared
+    out over the lanes free when it closes, whole and in order, both parts in the filter
+    at once; each caller gets its own outcomes."""
+    checker = _Filter(parties=2)  # both parts must be in the filter at once
+    requests = [(2, 3), (4,), (6, 8, 10), (12,)]
+
+    async def run() -> list[object]:
+        batcher = DynamicBatcher(
+            CandidateEngine(_Generator(), checker),
+            max_batch=8,
+            max_delay=0.05,
+            in_flight=2,
+            spread=True,
+        )
+        try:
+            return await _submit_all(batcher, [_draws(*values) for values in requests])
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(run())
+    # Seven images in two parts of whole requests: three and four.
+    assert sorted(checker.batches) == [[2, 3, 4], [6, 8, 10, 12]]
+    for result, values in zip(results, requests, strict=True):
+        assert isinstance(result, list), result
+        assert [int(o.image[0, 0, 0]) for o in result] == list(values)
 
 
 def test_a_poison_batch_in_flight_fails_only_its_own_request() -> None:
