@@ -125,9 +125,11 @@ class FaceEmbeddingPipeline:
         self.device = torch.device(
             device if device is not None else getattr(aligner.detector, "device", "cpu")
         )
-        self._free: queue.SimpleQueue[Lane] = queue.SimpleQueue()
-        for lane in self._lanes:
-            self._free.put(lane)
+        # Free lanes, by position: shared with the pipelines derived from this one
+        # (`with_aligners`), whose lanes run on the same networks and embedders.
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for position in range(len(self._lanes)):
+            self._free.put(position)
 
     @property
     def lanes(self) -> int:
@@ -142,13 +144,17 @@ class FaceEmbeddingPipeline:
         """The same embedders, lanes, batch size and device, each lane's aligner remade from
         its own (a detection scope, the turned search)."""
         first, *more = self._lanes
-        return FaceEmbeddingPipeline(
+        derived = FaceEmbeddingPipeline(
             remake(first.aligner),
             first.embedder,
             self.max_embed_batch,
             device=self.device,
             more_lanes=[(remake(lane.aligner), lane.embedder) for lane in more],
         )
+        # One pool of free lanes for both: a batch through either (a filter swapped in by
+        # a reload while the last one's batches finish) never waits on a lane in use.
+        derived._free = self._free
+        return derived
 
     @property
     def max_faces(self) -> int:
@@ -164,11 +170,11 @@ class FaceEmbeddingPipeline:
         with thread_stream(self.device):
             if len(self._lanes) == 1:  # shared stage by stage
                 return self._embed_images(self._lanes[0], images, observer)
-            lane = self._free.get()  # the whole call's, not timed as any stage
+            position = self._free.get()  # the whole call's, not timed as any stage
             try:
-                return self._embed_images(lane, images, observer)
+                return self._embed_images(self._lanes[position], images, observer)
             finally:
-                self._free.put(lane)
+                self._free.put(position)
 
     def _embed_images(
         self, lane: Lane, images: Sequence[np.ndarray], observer: StageObserver | None

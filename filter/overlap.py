@@ -91,6 +91,13 @@ def share_cores(lanes: int, threads_per_lane: int | None = None) -> int:
     return threads
 
 
+def keep_thread_count() -> None:
+    """Run first in each worker thread (a pool's initializer): torch computes there on the
+    process's threads per lane, which `share_cores` set from another thread, not on what
+    OpenMP gives a fresh thread."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
 def thread_stream(device: torch.device | str) -> AbstractContextManager[Any]:
     """This thread's own CUDA stream on `device` (made once per thread), or nothing for the
     CPU. Tensors never cross streams here: each batch is uploaded, computed and read back
@@ -119,7 +126,9 @@ def overlapped(fn: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator
             yield fn(item)
         return
     pending: deque[Future[R]] = deque()
-    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="facegate-overlap") as pool:
+    with ThreadPoolExecutor(
+        max_workers=depth, thread_name_prefix="facegate-overlap", initializer=keep_thread_count
+    ) as pool:
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))

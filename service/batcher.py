@@ -19,6 +19,7 @@ from typing import cast
 
 import numpy as np
 
+from filter.overlap import keep_thread_count
 from service.engine import CandidateEngine, CandidateOutcome, filter_images
 from service.errors import FilterFailure
 
@@ -95,7 +96,9 @@ class DynamicBatcher:
         self.spread = spread
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(
-            max_workers=in_flight, thread_name_prefix="facegate-engine"
+            max_workers=in_flight,
+            thread_name_prefix="facegate-engine",
+            initializer=keep_thread_count,
         )
         self._slots = asyncio.Semaphore(in_flight)
         self._worker: asyncio.Task[None] | None = None
@@ -177,23 +180,36 @@ class DynamicBatcher:
             if self.in_flight == 1:
                 await self._dispatch(loop, live, draws)
                 continue
+            extra = await self._free_slots(len(live) - 1) if self.spread else 0
+            try:
+                parts = [(live, draws)]
+                if extra:
+                    parts = [
+                        (part, np.concatenate([p.draws for p in part]))
+                        for part in _balanced(live, 1 + extra)
+                    ]
+            except BaseException:
+                # The worker dies; its requests, still gathered, are failed closed
+                # (_worker_ended) and no slot stays taken.
+                for _ in range(1 + extra):
+                    self._slots.release()
+                raise
             self._gathered = []
-            for part in await self._shared_out(live) if self.spread else [live]:
-                part_draws = draws if part is live else np.concatenate([p.draws for p in part])
+            for part, part_draws in parts:
                 batch = loop.create_task(
                     self._dispatch(loop, part, part_draws), name="filter-batch"
                 )
                 self._batches.add(batch)
                 batch.add_done_callback(self._batches.discard)
 
-    async def _shared_out(self, live: list[_Pending]) -> list[list[_Pending]]:
-        """`live` (whose slot is held) in as many parts as there are free slots besides,
-        each slot taken now: whole requests, in order, of about equal images."""
-        parts = 1
-        while parts < len(live) and not self._slots.locked():
+    async def _free_slots(self, most: int) -> int:
+        """Take up to `most` slots that are free now (never waiting): the lanes a closed
+        batch is shared out over, besides its own (`spread`)."""
+        taken = 0
+        while taken < most and not self._slots.locked():
             await self._slots.acquire()  # free: returns at once
-            parts += 1
-        return _balanced(live, parts)
+            taken += 1
+        return taken
 
     async def _gather(
         self, loop: asyncio.AbstractEventLoop

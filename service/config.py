@@ -118,9 +118,10 @@ class Settings(BaseSettings):
         ge=0,
         le=8,
         description=(
-            "filter batches in flight: on a GPU overlapped stage by stage, on the CPU each in "
-            "a lane of its own (networks and embedder loaded per lane, the cores shared out); "
-            "0: 2 (on the CPU 1 where there is one core)"
+            "the server's filter batches in flight: on a GPU overlapped stage by stage, on "
+            "the CPU each in a lane of its own (networks and embedder loaded per lane, the "
+            "cores shared out); 0: 2 (1 on a one-core CPU). facegate batch: blocks per "
+            "actor, sharing its stages; 0: 2 on a GPU, 1 on the CPU"
         ),
     )
     generated_fast_path: FastPathMode = Field(

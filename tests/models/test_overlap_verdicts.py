@@ -51,6 +51,11 @@ def test_two_lanes_give_the_verdicts_of_one(models_dir: Path, demo_index: Path) 
     latents = np.stack([latents_for(1, slot, 0, generator.latent_dim) for slot in range(24)])
     batches = [list(generator.generate(latents[i : i + 6])) for i in range(0, 24, 6)]
     serial = [IdentityFilter(one_lane, index, thresholds).check(b) for b in batches]
+    # The second lane's own networks and embedder, alone, give the first's verdicts.
+    second = laned._lanes[1]
+    second_lane = FaceEmbeddingPipeline(second.aligner, second.embedder)
+    assert second.embedder is not laned.embedder
+    assert [IdentityFilter(second_lane, index, thresholds).check(b) for b in batches] == serial
     checker = IdentityFilter(laned, index, thresholds)
     side_by_side = list(overlapped(checker.check, batches, depth=2))
     assert side_by_side == serial

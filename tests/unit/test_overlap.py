@@ -9,6 +9,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,25 @@ def test_a_remade_aligner_keeps_every_lane() -> None:
     assert [lane.embedder for lane in turned._lanes] == probes
 
 
+def test_a_derived_pipeline_takes_its_lanes_from_the_same_pool() -> None:
+    """A filter swapped in by a reload (a pipeline derived with `with_aligners`) while a
+    batch of the old one holds lane 0 takes lane 1, not a second hold of lane 0's
+    networks and embedder."""
+    together = threading.Barrier(2, timeout=WAIT)
+    lanes = [_LaneProbe(together) for _ in range(2)]
+    old = FaceEmbeddingPipeline(
+        FaceAligner(lanes[0], 8), lanes[0], more_lanes=[(FaceAligner(lanes[1], 8), lanes[1])]
+    )
+    new = old.with_aligners(lambda aligner: FaceAligner(aligner.detector, aligner.crop_size))
+    batch = [np.zeros((8, 8, 3), np.uint8)] * 2
+    with ThreadPoolExecutor(2) as pool:
+        calls = [pool.submit(old.embed_images, batch), pool.submit(new.embed_images, batch)]
+        assert all(len(call.result(WAIT)) == 2 for call in calls)
+    # Both lanes ran, each once, at the same time (the barrier), never one lane twice.
+    assert [len(lane.detected) for lane in lanes] == [1, 1]
+    assert all(lane.most["detect"] == 1 for lane in lanes)
+
+
 # The dynamic batcher with batches in flight: small stand-ins for the generator and the
 # filter (no models).
 
@@ -361,12 +381,17 @@ def test_lanes_share_a_gathered_batch_out_over_the_free_lanes() -> None:
         assert [int(o.image[0, 0, 0]) for o in result] == list(values)
 
 
-def test_a_poison_batch_in_flight_fails_only_its_own_request() -> None:
+@pytest.mark.parametrize("spread", [False, True], ids=["stages", "lanes"])
+def test_a_poison_batch_in_flight_fails_only_its_own_request(spread: bool) -> None:
     checker = _Filter()
 
     async def run() -> list[object]:
         batcher = DynamicBatcher(
-            CandidateEngine(_Generator(), checker), max_batch=4, max_delay=0.05, in_flight=2
+            CandidateEngine(_Generator(), checker),
+            max_batch=4,
+            max_delay=0.05,
+            in_flight=2,
+            spread=spread,
         )
         try:
             return await _submit_all(batcher, [_draws(2), _draws(13), _draws(4, 6), _draws(8)])
@@ -379,6 +404,42 @@ def test_a_poison_batch_in_flight_fails_only_its_own_request() -> None:
         result = results[i]
         assert isinstance(result, list) and all(o.verdict.passed for o in result)
     assert [13] in checker.batches  # retried alone once
+
+
+def test_a_batch_that_cannot_be_shared_out_fails_its_requests_closed_and_frees_its_slots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug while sharing a closed batch out over the lanes kills the worker: its requests
+    fail closed at once (none left waiting), no lane stays taken, and the next requests
+    are served by a fresh worker."""
+    from service import batcher as batcher_module
+
+    checker = _Filter()
+
+    def broken(live: object, parts: int) -> object:
+        raise RuntimeError("a bug while sharing out")
+
+    async def run() -> tuple[list[object], list[object]]:
+        batcher = DynamicBatcher(
+            CandidateEngine(_Generator(), checker),
+            max_batch=8,
+            max_delay=0.05,
+            in_flight=2,
+            spread=True,
+        )
+        try:
+            monkeypatch.setattr(batcher_module, "_balanced", broken)
+            failed = await _submit_all(batcher, [_draws(2, 3), _draws(4)])
+            monkeypatch.undo()
+            served = await _submit_all(batcher, [_draws(6), _draws(8)])
+            return failed, served
+        finally:
+            await batcher.close()
+
+    failed, served = asyncio.run(run())
+    assert all(isinstance(r, FilterFailure) for r in failed), failed
+    assert checker.batches[0] in ([6], [8], [6, 8])  # nothing of the failed ones was checked
+    assert [[int(o.image[0, 0, 0]) for o in r] for r in served] == [[6], [8]]  # type: ignore[attr-defined]
 
 
 class _HeldFilter(_Filter):
