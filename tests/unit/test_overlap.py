@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -332,19 +333,24 @@ async def _submit_all(batcher: DynamicBatcher, requests: list[np.ndarray]) -> li
     return list(await asyncio.wait_for(asyncio.gather(*submits, return_exceptions=True), WAIT))
 
 
-def test_the_batcher_keeps_two_batches_in_flight_and_answers_each_request() -> None:
-    checker = _Filter(parties=2)  # both batches must be in the filter at once
+def _batched(checker: _Filter, requests: list[np.ndarray], **options: Any) -> list[object]:
+    """Each request's result (outcomes, or the exception) from one batcher over `checker`,
+    all submitted at once; the batcher closed after."""
 
     async def run() -> list[object]:
-        batcher = DynamicBatcher(
-            CandidateEngine(_Generator(), checker), max_batch=2, max_delay=0.05, in_flight=2
-        )
+        batcher = DynamicBatcher(CandidateEngine(_Generator(), checker), **options)
         try:
-            return await _submit_all(batcher, [_draws(2, 3), _draws(4, 5), _draws(6)])
+            return await _submit_all(batcher, requests)
         finally:
             await batcher.close()
 
-    results = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_the_batcher_keeps_two_batches_in_flight_and_answers_each_request() -> None:
+    checker = _Filter(parties=2)  # both batches must be in the filter at once
+    requests = [_draws(2, 3), _draws(4, 5), _draws(6)]
+    results = _batched(checker, requests, max_batch=2, max_delay=0.05, in_flight=2)
     assert sorted(map(sorted, checker.batches[:2])) == [[2, 3], [4, 5]]
     for result, values in zip(results, [(2, 3), (4, 5), (6,)], strict=True):
         assert not isinstance(result, BaseException), result
@@ -359,21 +365,14 @@ def test_lanes_share_a_gathered_batch_out_over_the_free_lanes() -> None:
     at once; each caller gets its own outcomes."""
     checker = _Filter(parties=2)  # both parts must be in the filter at once
     requests = [(2, 3), (4,), (6, 8, 10), (12,)]
-
-    async def run() -> list[object]:
-        batcher = DynamicBatcher(
-            CandidateEngine(_Generator(), checker),
-            max_batch=8,
-            max_delay=0.05,
-            in_flight=2,
-            spread=True,
-        )
-        try:
-            return await _submit_all(batcher, [_draws(*values) for values in requests])
-        finally:
-            await batcher.close()
-
-    results = asyncio.run(run())
+    results = _batched(
+        checker,
+        [_draws(*values) for values in requests],
+        max_batch=8,
+        max_delay=0.05,
+        in_flight=2,
+        spread=True,
+    )
     # Seven images in two parts of whole requests: three and four.
     assert sorted(checker.batches) == [[2, 3, 4], [6, 8, 10, 12]]
     for result, values in zip(results, requests, strict=True):
@@ -384,21 +383,8 @@ def test_lanes_share_a_gathered_batch_out_over_the_free_lanes() -> None:
 @pytest.mark.parametrize("spread", [False, True], ids=["stages", "lanes"])
 def test_a_poison_batch_in_flight_fails_only_its_own_request(spread: bool) -> None:
     checker = _Filter()
-
-    async def run() -> list[object]:
-        batcher = DynamicBatcher(
-            CandidateEngine(_Generator(), checker),
-            max_batch=4,
-            max_delay=0.05,
-            in_flight=2,
-            spread=spread,
-        )
-        try:
-            return await _submit_all(batcher, [_draws(2), _draws(13), _draws(4, 6), _draws(8)])
-        finally:
-            await batcher.close()
-
-    results = asyncio.run(run())
+    requests = [_draws(2), _draws(13), _draws(4, 6), _draws(8)]
+    results = _batched(checker, requests, max_batch=4, max_delay=0.05, in_flight=2, spread=spread)
     assert isinstance(results[1], FilterFailure)
     for i in (0, 2, 3):
         result = results[i]
