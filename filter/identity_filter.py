@@ -189,11 +189,11 @@ class FaceEmbeddingPipeline:
         searched = [faces if len(faces) <= limit else [] for faces in detected]
         # (image, face) of every face to embed, in image order: batches of max_embed_batch
         # over this list are what the embedder sees (as when all crops were made first).
-        queue = [(i, face) for i, faces in enumerate(searched) for face in faces]
+        to_embed = [(i, face) for i, faces in enumerate(searched) for face in faces]
         size = embedder.crop_size
         parts: list[np.ndarray] = []
-        for start in range(0, len(queue), self.max_embed_batch):
-            chunk = queue[start : start + self.max_embed_batch]
+        for start in range(0, len(to_embed), self.max_embed_batch):
+            chunk = to_embed[start : start + self.max_embed_batch]
             with _timed(times, "detect"):  # alignment has always counted as detection
                 crops = np.stack([align_face(images[i], f.landmarks, size) for i, f in chunk])
             with lane.embed_lock, _timed(times, "embed"):
@@ -202,8 +202,10 @@ class FaceEmbeddingPipeline:
         if observer is not None:
             for stage in ("detect", "embed"):
                 observer.observe_stage(stage, times.seconds[stage])
-        if len(vectors) != len(queue):
-            raise FilterError(f"embedder returned {len(vectors)} embeddings for {len(queue)} faces")
+        if len(vectors) != len(to_embed):
+            raise FilterError(
+                f"embedder returned {len(vectors)} embeddings for {len(to_embed)} faces"
+            )
         out: list[ImageFaces] = []
         offset = 0
         for image, faces, kept in zip(images, detected, searched, strict=True):
