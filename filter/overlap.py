@@ -9,11 +9,12 @@ On a GPU this hides each stage's host work (Python, NMS bookkeeping, alignment, 
 behind the other stages' kernels; each thread computes on its own CUDA stream, so one
 batch's synchronisations wait only for its own kernels.
 
-On the CPU the batches in flight run in lanes instead: each batch on its own networks and
-embedder, all its stages on its own share of the cores (`share_cores`). Detection's
-small tensor programs scale poorly over threads (1.4x on two, where the embedder gives
-1.8x), so whole batches side by side, one core each, check more faces a second than one
-batch on every core (`make bench`: `filter_faces_per_s_lanes`; README "Performance").
+On the CPU the batches in flight run in lanes instead: each batch detected and embedded
+on its own networks and embedder, on its own share of the cores (`share_cores`).
+Detection's small tensor programs scale poorly over threads (about 1.2x on two cores,
+where the embedder gives 2x), so whole batches side by side, one core each, check more
+faces a second than one batch on every core (`make bench`: `filter_faces_per_s_lanes`;
+README "Lanes (CPU)").
 """
 
 from __future__ import annotations

@@ -233,18 +233,21 @@ def test_fail_closed_when_the_embedder_raises(
 ) -> None:
     assert server.server.loaded is not None
     engine = server.server.loaded.batcher.engine
-    embedder = engine.identity_filter.embedding.embedder  # type: ignore[attr-defined]
+    # Every lane's (on the CPU a batch may run in any lane).
+    embedders = engine.identity_filter.embedding.embedders  # type: ignore[attr-defined]
 
     def explode(crops: np.ndarray) -> np.ndarray:
         raise RuntimeError("embedder crashed")
 
-    original = embedder.embed
-    embedder.embed = explode
+    originals = [embedder.embed for embedder in embedders]
+    for embedder in embedders:
+        embedder.embed = explode
     try:
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(pb.GenerateRequest(count=4), timeout=60)
     finally:
-        embedder.embed = original
+        for embedder, original in zip(embedders, originals, strict=True):
+            embedder.embed = original
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "no image was released" in (info.value.details() or "")
     assert stub.Generate(pb.GenerateRequest(count=1), timeout=60).images  # recovers
