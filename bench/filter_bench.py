@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -110,14 +109,12 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
     served_v1 = IdentityFilter(pipeline, V1ReplicaIndex(index, training_images), thresholds)
 
     # The server's default on the CPU: a lane per core, each batch on one core of its own
-    # (filter.overlap). Building it shares the cores out process-wide: put back for the
-    # other runs, set again around its own.
+    # (filter.overlap). Building it shares the cores out process-wide: one_core puts the
+    # other runs' threads back after, and sets the lanes' again around their own runs.
     cores = torch.get_num_threads()
-    served_lanes = IdentityFilter(
-        build_embedding_pipeline("sface", MODELS, device="cpu", lanes=cores), index, thresholds
-    )
-    torch.set_num_threads(cores)
-    cv2.setNumThreads(cores)
+    with cpu_ceiling.one_core():
+        laned = build_embedding_pipeline("sface", MODELS, device="cpu", lanes=cores)
+    served_lanes = IdentityFilter(laned, index, thresholds)
 
     def lanes_run() -> int:
         # Batches of 32: six for two lanes, where 64 would leave one lane a batch idle.
@@ -216,9 +213,7 @@ def run(count: int = 192, agreement_count: int = 1000) -> dict[str, Any]:
         0.25 * embed_ms - align_ms - per_face["search"], 2
     )
     # However the stages were scheduled: the ceiling their one-core costs set.
-    ceiling = cpu_ceiling.run(
-        served, images, result["embedder_alone_faces_per_s"], cores=torch.get_num_threads()
-    )
+    ceiling = cpu_ceiling.run(served, images, result["embedder_alone_faces_per_s"], cores=cores)
     result["cpu_ceiling"] = ceiling
     result["embedder_fraction_ceiling"] = ceiling["embedder_fraction_ceiling"]
     emit(result)
